@@ -1,10 +1,57 @@
-"""The `qwen3repro` command line (placeholder while the foundation lands)."""
+"""The `qwen3repro` command line: one click group, `--help` on every command."""
+from __future__ import annotations
+
+import json
+
 import click
 
+from .config import ConfigError
 
-@click.group()
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwen3repro")
 def main() -> None:
-    """qwen3repro: the Qwen3 pipeline at tiny and full scale."""
+    """qwen3repro: the Qwen3 training pipeline at tiny and full scale."""
+
+
+# ----------------------------------------------------------------------------- model
+@main.group()
+def model() -> None:
+    """Named model sizes: the 8 released Qwen3 models and the tiny proxies."""
+
+
+@model.command("list")
+def model_list() -> None:
+    """List the registered model names with their parameter counts."""
+    from .models.registry import MODELS, count_parameters
+
+    for name, cfg in MODELS.items():
+        n = count_parameters(cfg)
+        kind = f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}" if cfg.is_moe else "dense"
+        click.echo(f"{name:18s} {kind:16s} total {n['total']:>15,}  active {n['active']:>15,}")
+
+
+@model.command("info")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print only the parameter counts as JSON.")
+def model_info(name: str, as_json: bool) -> None:
+    """Parameter counts of NAME (computed from its config, no weights allocated)."""
+    from .models.registry import count_parameters, get_model_config
+
+    try:
+        cfg = get_model_config(name)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="NAME") from None
+    counts = count_parameters(cfg)
+    if as_json:
+        click.echo(json.dumps(counts))
+        return
+    click.echo(f"{name}")
+    for key, value in counts.items():
+        click.echo(f"  {key:14s} {value:>16,}")
+    click.echo("  config:")
+    for key, value in cfg.to_dict().items():
+        click.echo(f"    {key}: {value}")
 
 
 if __name__ == "__main__":

@@ -262,6 +262,13 @@ class ModelConfig:
         for key, expected in HF_FIXED_KEYS.items():
             if key in d and d[key] != expected and not (key == "sliding_window" and not d.get("use_sliding_window")):
                 raise ConfigError(f"config.json: {key}={d[key]!r} is not supported (Qwen3 uses {expected!r})")
+        # transformers 5 writes Qwen3MoeConfig.num_experts under its attribute-map name.
+        if "num_local_experts" in d:
+            local = d.pop("num_local_experts")
+            if d.setdefault("num_experts", local) != local:
+                raise ConfigError(
+                    f"config.json: num_experts={d['num_experts']!r} and num_local_experts={local!r} disagree"
+                )
         # transformers 5 spelling: everything RoPE-related inside rope_parameters.
         rope_parameters = d.pop("rope_parameters", None)
         if rope_parameters:

@@ -1,0 +1,1 @@
+"""Data: synthetic generators, real-dataset adapters, mixtures, packing and resumable loaders."""

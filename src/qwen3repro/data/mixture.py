@@ -1,0 +1,222 @@
+"""Real-data adapters: weighted, deterministic mixtures of `datasets` sources per stage.
+
+At full scale each pre-training stage reads a mixture of corpora (hub datasets, local parquet or
+JSON-lines shards, optionally streamed); at tiny scale a mixture may also hold the synthetic
+corpora. Both go through one interface:
+
+* :class:`SourceSpec` names one source: its kind ("hub", "parquet", "jsonl", "synthetic"), where
+  it is, the split, which field holds the text, its weight and whether to stream it.
+* :class:`StageMixture` loads every source, reduces each to ``{"text", "source"}`` and interleaves
+  them with ``datasets.interleave_datasets`` (probabilities = normalised weights, a seed, a
+  stopping strategy), so the same seed gives the same sequence of documents.
+
+``STAGE_CATEGORY_WEIGHTS`` gives the report's qualitative mix per stage as category weights
+(§3.2: S1 broad general and multilingual text; S2 a higher share of STEM, code, reasoning and
+synthetic data; S3 long documents); :func:`stage_mixture` turns a category → sources table into
+a mixture with those weights. Hub datasets are loaded with ``datasets.load_dataset(id)`` and
+are never touched by the tests, which use local stand-ins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import datasets
+
+SOURCE_KINDS = ("hub", "parquet", "jsonl", "synthetic")
+STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
+
+
+class MixtureError(ValueError):
+    """A source or mixture is misconfigured (unknown kind, missing text field, bad weight...)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One corpus in a stage mixture.
+
+    ``path_or_id``: a hub id ("hub"), a file, directory or glob of files ("parquet", "jsonl"), or
+    a stage name "s1"/"s2"/"s3" ("synthetic": built with :func:`.synthetic.build_corpus`).
+    ``config_name`` is the hub dataset's configuration (e.g. a language subset).
+    """
+
+    kind: str
+    path_or_id: str
+    split: str = "train"
+    text_field: str = "text"
+    weight: float = 1.0
+    streaming: bool = False
+    name: str | None = None
+    config_name: str | None = None
+    # Synthetic sources only: how many documents to generate.
+    n_docs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise MixtureError(f"unknown source kind {self.kind!r} for {self.path_or_id!r}; known kinds: {', '.join(SOURCE_KINDS)}")
+        if not (isinstance(self.weight, (int, float)) and self.weight > 0):
+            raise MixtureError(f"source {self.label}: weight must be > 0, got {self.weight!r}")
+        if self.kind == "synthetic" and self.streaming:
+            raise MixtureError(f"source {self.label}: synthetic corpora are built locally; stream the mixture instead")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind}:{self.path_or_id}"
+
+
+def _data_files(spec: SourceSpec, ext: tuple[str, ...]) -> list[str] | str:
+    path = spec.path_or_id
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith(ext))
+        if not files:
+            raise MixtureError(f"source {spec.label}: no {'/'.join(ext)} files under {path}")
+        return files
+    if not any(ch in path for ch in "*?[") and not os.path.exists(path):
+        raise MixtureError(f"source {spec.label}: file {path} does not exist")
+    return path
+
+
+def load_source(spec: SourceSpec, *, seed: int = 0, cache_dir: str | os.PathLike | None = None, count_tokens=None):
+    """The raw dataset of one source (a `Dataset`, or an `IterableDataset` when streaming).
+
+    With a `cache_dir`, `datasets`' own Arrow cache for hub/local files goes to
+    ``cache_dir/hf`` (else to its default, ``HF_DATASETS_CACHE``)."""
+    hf_cache = str(Path(cache_dir) / "hf") if cache_dir is not None else None
+    if spec.kind == "hub":
+        return datasets.load_dataset(spec.path_or_id, spec.config_name, split=spec.split, streaming=spec.streaming, cache_dir=hf_cache)
+    if spec.kind in ("parquet", "jsonl"):
+        builder = "parquet" if spec.kind == "parquet" else "json"
+        ext = (".parquet",) if spec.kind == "parquet" else (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+        files = _data_files(spec, ext)
+        return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split, streaming=spec.streaming, cache_dir=hf_cache)
+    # synthetic
+    from .synthetic import STAGES, build_corpus
+
+    if spec.path_or_id not in STAGES:
+        raise MixtureError(f"source {spec.label}: synthetic path_or_id must be a stage ({', '.join(STAGES)}), got {spec.path_or_id!r}")
+    if cache_dir is None or spec.n_docs is None:
+        raise MixtureError(f"source {spec.label}: synthetic sources need n_docs in the spec and a cache_dir")
+    return build_corpus(spec.path_or_id, seed=seed, n_docs=spec.n_docs, cache_dir=cache_dir, count_tokens=count_tokens)
+
+
+def _column_names(ds) -> list[str] | None:
+    names = getattr(ds, "column_names", None)
+    if names is None and getattr(ds, "features", None) is not None:
+        names = list(ds.features)
+    return names
+
+
+def to_text_dataset(ds, spec: SourceSpec):
+    """Reduce a source to the two columns every mixture member has: text and source."""
+    names = _column_names(ds)
+    if names is None:  # streaming without known features: look at the first row
+        first = next(iter(ds), None)
+        names = list(first) if first is not None else []
+    if spec.text_field not in names:
+        raise MixtureError(f"source {spec.label}: text field {spec.text_field!r} not found; columns are {names}")
+    ds = ds.select_columns([spec.text_field])
+    if spec.text_field != "text":
+        ds = ds.rename_column(spec.text_field, "text")
+    label = spec.label
+    if isinstance(ds, datasets.Dataset):
+        ds = ds.add_column("source", [label] * len(ds))
+    else:
+        ds = ds.map(lambda ex: {"source": label})
+    return ds.cast(datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string")}))
+
+
+@dataclass
+class StageMixture:
+    """Sources interleaved by weight, deterministic in `seed`.
+
+    ``stopping_strategy`` is passed to ``datasets.interleave_datasets``: "first_exhausted" (stop
+    when the first source runs out: every prefix keeps the weights, the default), "all_exhausted"
+    (oversample until all have run out) or "all_exhausted_without_replacement".
+
+    Note: `datasets` sleeps 5 s when an interleaved iterator over *streamed parquet* is closed
+    (its workaround for apache/arrow#45214); it is a fixed cost per pass, not per row.
+    """
+
+    stage: str
+    sources: Sequence[SourceSpec]
+    seed: int = 0
+    stopping_strategy: str = "first_exhausted"
+    cache_dir: str | os.PathLike | None = None
+    count_tokens: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise MixtureError(f"stage {self.stage!r}: a mixture needs at least one source")
+        if self.stopping_strategy not in STOPPING_STRATEGIES:
+            raise MixtureError(f"unknown stopping_strategy {self.stopping_strategy!r}; known: {', '.join(STOPPING_STRATEGIES)}")
+        labels = [s.label for s in self.sources]
+        dup = {l for l in labels if labels.count(l) > 1}
+        if dup:
+            raise MixtureError(f"stage {self.stage!r}: duplicate source names {sorted(dup)}; set SourceSpec.name")
+
+    @property
+    def streaming(self) -> bool:
+        return any(s.streaming for s in self.sources)
+
+    @property
+    def probabilities(self) -> list[float]:
+        total = sum(s.weight for s in self.sources)
+        return [s.weight / total for s in self.sources]
+
+    def load(self):
+        """The interleaved dataset: a `Dataset`, or an `IterableDataset` if any source streams
+        (the others are then converted with ``to_iterable_dataset``)."""
+        parts = [
+            to_text_dataset(load_source(s, seed=self.seed, cache_dir=self.cache_dir, count_tokens=self.count_tokens), s)
+            for s in self.sources
+        ]
+        if self.streaming:
+            parts = [p.to_iterable_dataset() if isinstance(p, datasets.Dataset) else p for p in parts]
+        if len(parts) == 1:
+            return parts[0]
+        return datasets.interleave_datasets(
+            parts, probabilities=self.probabilities, seed=self.seed, stopping_strategy=self.stopping_strategy
+        )
+
+
+# ---------------------------------------------------------------------------- per-stage weights
+# Category weights per stage, from the report's qualitative description (§3.2); the report gives
+# no numbers, so these are our choices, tuned to keep the direction of each statement:
+# S1 is broad general and multilingual text with some code/math; S2 "increas[es] the proportion
+# of STEM, coding, reasoning, and synthetic data"; S3 is long documents (75/25 length mix applied
+# when the long corpus is built). The tiny synthetic kinds in `synthetic.STAGE_KIND_WEIGHTS`
+# follow the same split.
+STAGE_CATEGORY_WEIGHTS: Mapping[str, Mapping[str, float]] = {
+    "s1": {"web": 0.55, "multilingual": 0.20, "code": 0.10, "math": 0.05, "stem": 0.05, "synthetic": 0.05},
+    "s2": {"web": 0.20, "multilingual": 0.10, "code": 0.25, "math": 0.20, "stem": 0.10, "synthetic": 0.15},
+    "s3": {"long": 0.80, "web": 0.10, "code": 0.05, "math": 0.05},
+}
+REASONING_CATEGORIES = frozenset({"code", "math", "stem", "synthetic"})
+
+
+def stage_mixture(
+    stage: str,
+    sources_by_category: Mapping[str, Sequence[SourceSpec]],
+    *,
+    seed: int = 0,
+    stopping_strategy: str = "first_exhausted",
+    category_weights: Mapping[str, float] | None = None,
+    **kwargs: Any,
+) -> StageMixture:
+    """A stage's mixture: each category gets its stage weight, split among its sources by their
+    own weights. Categories without sources are dropped (their weight is redistributed)."""
+    weights = category_weights or STAGE_CATEGORY_WEIGHTS.get(stage)
+    if weights is None:
+        raise MixtureError(f"unknown stage {stage!r}; known: {', '.join(STAGE_CATEGORY_WEIGHTS)}")
+    unknown = set(sources_by_category) - set(weights)
+    if unknown:
+        raise MixtureError(f"stage {stage!r}: unknown categories {sorted(unknown)}; known: {', '.join(weights)}")
+    specs: list[SourceSpec] = []
+    for cat, srcs in sources_by_category.items():
+        inner = sum(s.weight for s in srcs)
+        for s in srcs:
+            specs.append(dataclasses.replace(s, weight=weights[cat] * s.weight / inner, name=s.name or f"{cat}:{s.path_or_id}"))
+    return StageMixture(stage, specs, seed=seed, stopping_strategy=stopping_strategy, **kwargs)

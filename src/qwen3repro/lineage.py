@@ -1,0 +1,87 @@
+"""Run lineage: which stage made a checkpoint directory, from what config and which parent.
+
+Every stage writes `lineage.json` into its output directory *last*, after the model, tokenizer and
+metrics are in place, so its presence with `"complete": true` means the directory is whole. The
+lineage hash chains the stage's own config hash with its parent's lineage hash: changing S1's
+recipe changes S1's hash and therefore S2's and S3's, so the pipeline reruns exactly what depends
+on the change and skips the rest.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import config_hash
+
+LINEAGE_FILE = "lineage.json"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    stage: str
+    config_hash: str
+    parent: str | None = None
+    parent_hash: str | None = None
+    data_hashes: dict[str, str] = field(default_factory=dict)
+    complete: bool = True
+    created: str = ""
+
+    @property
+    def hash(self) -> str:
+        """The lineage hash: this stage's config chained with its parent's lineage."""
+        return chain_hash(self.config_hash, self.parent_hash)
+
+
+def chain_hash(stage_config_hash: str, parent_hash: str | None) -> str:
+    return hashlib.sha256(f"{stage_config_hash}:{parent_hash or ''}".encode()).hexdigest()[:16]
+
+
+def make_lineage(stage: str, config: Any, parent_dir: str | os.PathLike | None = None,
+                 data_hashes: dict[str, str] | None = None) -> Lineage:
+    parent_hash = None
+    if parent_dir is not None:
+        parent = read_lineage(parent_dir)
+        if parent is None or not parent.complete:
+            raise FileNotFoundError(f"parent checkpoint {parent_dir} has no complete {LINEAGE_FILE}")
+        parent_hash = parent.hash
+    return Lineage(
+        stage=stage,
+        config_hash=config_hash(config),
+        parent=str(parent_dir) if parent_dir is not None else None,
+        parent_hash=parent_hash,
+        data_hashes=dict(data_hashes or {}),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def write_lineage(directory: str | os.PathLike, lineage: Lineage) -> None:
+    """Atomically write lineage.json (with the derived lineage hash for readers)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {**asdict(lineage), "lineage_hash": lineage.hash}
+    tmp = directory / f".{LINEAGE_FILE}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / LINEAGE_FILE)
+
+
+def read_lineage(directory: str | os.PathLike) -> Lineage | None:
+    path = Path(directory) / LINEAGE_FILE
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt lineage file ({e})") from e
+    d.pop("lineage_hash", None)
+    return Lineage(**d)
+
+
+def is_up_to_date(directory: str | os.PathLike, expected: Lineage) -> bool:
+    """True when `directory` holds a complete output of the same stage config and parent lineage."""
+    found = read_lineage(directory)
+    return found is not None and found.complete and found.hash == expected.hash and found.stage == expected.stage

@@ -1,0 +1,64 @@
+"""Throughput and efficiency measurements shared by the benchmarks and the training loop.
+
+* `matmul_peak_flops`: the CPU/GPU's measured dense-matmul rate (not a datasheet number), so a
+  training step can be reported as a fraction of what this machine actually sustains.
+* `train_step_flops`: model FLOPs of one forward+backward (the PaLM appendix B convention:
+  6 × matmul parameters × tokens, plus 12 × layers × heads·head_dim × seq per token for attention
+  scores and values, counting the causal mask as full).
+* `cpu_has_bf16`: whether the CPU advertises native bf16 arithmetic (AVX512-BF16 or AMX-BF16).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import ModelConfig
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """Best sustained FLOP/s of an n×n @ n×n matmul over `repeats` runs."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def matmul_parameters(config: ModelConfig) -> int:
+    """Parameters that take part in matmuls for one token (active experts only, lm_head included)."""
+    h, d = config.hidden_size, config.head_dim
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    per_layer_attn = h * nq * d + 2 * h * nkv * d + nq * d * h
+    total = 0
+    for i in range(config.num_hidden_layers):
+        total += per_layer_attn
+        if config.is_sparse_layer(i):
+            total += config.num_experts_per_tok * 3 * h * config.moe_intermediate_size + config.num_experts * h
+        else:
+            total += 3 * h * config.intermediate_size
+    return total + config.vocab_size * h  # lm_head (the embedding lookup is not a matmul)
+
+
+def train_step_flops(config: ModelConfig, batch_size: int, seq_len: int) -> float:
+    tokens = batch_size * seq_len
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return tokens * (6 * matmul_parameters(config) + attention)
