@@ -54,5 +54,32 @@ def model_info(name: str, as_json: bool) -> None:
         click.echo(f"    {key}: {value}")
 
 
+# ----------------------------------------------------------------------------- pipeline
+@main.command()
+@click.argument("scale", default="tiny")
+@click.option("--out", "out_root", default="runs", show_default=True, type=click.Path(), help="Root of run directories.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a scale value, e.g. --set stages.s1.tokens=200000 (TOML value syntax).")
+@click.option("--only", multiple=True, metavar="STAGE", help="Run only these stages (e.g. tokenizer, s1, flagship/s2).")
+@click.option("--no-claims", is_flag=True, help="Train the stages but skip the claims and the report.")
+@click.option("--dry-run", is_flag=True, help="Print every resolved stage config and exit.")
+def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[str, ...], no_claims: bool,
+             dry_run: bool) -> None:
+    """Run the SCALE pipeline (tiny, micro): tokenizer -> S1 -> S2 -> S3 per role, claims, REPORT.md.
+
+    Up-to-date stages are skipped and cut stages resume; see runs/SCALE/REPORT.md afterwards.
+    """
+    from .pipeline import build_plan, describe, run_pipeline
+
+    try:
+        if dry_run:
+            click.echo(describe(build_plan(scale, out_root=out_root, overrides=list(overrides))))
+            return
+        run_pipeline(scale, out_root=out_root, overrides=list(overrides), only=set(only) or None,
+                     claims=not no_claims)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
 if __name__ == "__main__":
     main()

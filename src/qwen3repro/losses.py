@@ -221,3 +221,131 @@ def masked_cross_entropy(
 
 
 __all__.append("masked_cross_entropy")
+
+
+# ----------------------------------------------------------------------------- GRPO
+# Group-relative policy optimisation (DeepSeekMath; Qwen3 report §4.2), with the conventions of
+# TRL's `GRPOTrainer` (v1.16), which the peer tests compare against value for value and gradient
+# for gradient.
+#
+# Advantages. Rewards come in groups of G completions of one prompt, laid out group after group
+# ([n_groups·G]). A_i = r_i − mean_g; with scale="group" A_i /= (std_g + 1e-4), with "batch"
+# A_i /= (std_batch + 1e-4), with "none" no division (Dr. GRPO). std applies Bessel's correction.
+# A NaN reward ("no reward": a verifier's infrastructure failure) is left out of the means and
+# stds and gets advantage 0.
+#
+# Per-token objective, with ρ_t = exp(logπθ − logπ_old):
+#     L_t = −min(ρ_t·A, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A) + β·k3_t·ρ_t
+#     k3_t = exp(Δ) − Δ − 1,  Δ = logπ_ref − logπθ
+# (the ·ρ_t on the KL term is TRL's default bias correction: unbiased reverse-KL gradient
+# off-policy, no change in value on-policy). Aggregation over the completion mask M:
+#     grpo     mean_i [Σ_t M·L / Σ_t M]                 (per-sequence mean: length-biased)
+#     bnpo     Σ M·L / Σ M                              (token mean over this batch)
+#     dr_grpo  Σ M·L / (B · max_completion_length)      (a constant normaliser)
+#     dapo     Σ M·L / num_items                        (token mean; num_items = active tokens of the
+#                                                        whole batch the step is built from, default Σ M)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+ADVANTAGE_EPS = 1e-4
+
+
+def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Standard deviation ignoring NaNs, with Bessel's correction (n − 1)."""
+    keep = dim is not None
+    mean = torch.nanmean(x, dim=dim, keepdim=True) if keep else torch.nanmean(x)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=keep) if keep else torch.nanmean((x - mean) ** 2)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=keep) if keep else (~torch.isnan(x)).sum()
+    return torch.sqrt(var * count / (count - 1))
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """Group-relative advantages: rewards [n_groups·group_size] → advantages of the same shape.
+
+    `scale` is "group" (divide by the group's std + 1e-4, the default), "batch" (by the whole
+    batch's std + 1e-4) or "none" (Dr. GRPO: centring only). A group of size 1 has std 0. NaN
+    rewards are ignored in the statistics and get advantage 0; a group whose rewards are all equal
+    gets all-zero advantages (no learning signal: dynamic sampling drops such groups).
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
+        )
+    rewards = rewards.float() if not rewards.is_floating_point() else rewards
+    grouped = rewards.view(-1, group_size)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
+    advantages = rewards - mean
+    if scale == "group":
+        std = _nanstd(grouped, dim=1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(rewards)
+        advantages = advantages / (std + ADVANTAGE_EPS)
+    elif scale == "batch":
+        std = _nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = advantages / (std + ADVANTAGE_EPS)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+    kl_bias_correction: bool = True,
+) -> torch.Tensor:
+    """The clipped GRPO surrogate (+ β·KL) over one batch, as a scalar.
+
+    logps [B, T]: log-probs of the sampled tokens under the policy being trained (differentiable);
+    old_logps [B, T]: under the policy that sampled them (None = `logps.detach()`, on-policy: ρ ≡ 1
+    in value); advantages [B] (or [B, T]); mask [B, T] (1 = completion token that counts);
+    ref_logps [B, T]: reference-model log-probs, needed when beta != 0. `max_completion_length`
+    is dr_grpo's constant (default T); `num_items` is dapo's normaliser (default the mask's sum;
+    pass the active-token count of the whole generation batch when it is split into micro-batches).
+    Gradient-accumulation scaling is the caller's.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+    if logps.dim() != 2 or mask.shape != logps.shape:
+        raise ValueError(f"logps and mask must both be [B, T]; got {tuple(logps.shape)} and {tuple(mask.shape)}")
+    if old_logps is None:
+        old_logps = logps.detach()
+    mask = mask.to(logps.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    advantages = advantages.to(logps.dtype)
+
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs ref_logps")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        if kl_bias_correction:
+            kl = kl * ratio
+        per_token = per_token + beta * kl
+
+    masked = per_token * mask
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        length = logps.shape[1] if max_completion_length is None else max_completion_length
+        return masked.sum() / (logps.shape[0] * length)
+    normaliser = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logps.dtype)
+    return masked.sum() / normaliser.clamp(min=1.0)
+
+
+__all__ += ["group_advantages", "grpo_loss", "GRPO_LOSS_TYPES", "ADVANTAGE_SCALES"]

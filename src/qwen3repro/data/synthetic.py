@@ -76,7 +76,7 @@ INFERENCE_LEN = 4 * S3_SEQ_LEN
 S3_LONG_SHARE = 0.75
 
 # Bumped whenever generation changes, so cached corpora built by older code are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # The world (languages, entities) is shared by every stage and seed of a run unless changed.
 WORLD_SEED = 0
 
@@ -110,7 +110,8 @@ GENERAL_KINDS = frozenset({"prose", "knowledge", "parallel"})
 # S1 (report §3.2 "general stage": broad web/multilingual knowledge, some code and math).
 # Reasoning share 0.25.
 S1_KIND_WEIGHTS: Mapping[str, float] = {
-    "prose": 0.50,      # multilingual general text: language identity and modelling
+    "prose": 0.45,      # multilingual general text: language identity and modelling
+    "passkey": 0.05,    # short in-context retrieval (see SHORT_RETRIEVAL_TOKENS)
     "knowledge": 0.18,  # entity facts (world knowledge)
     "parallel": 0.07,   # translation pairs, so later translation SFT has something to build on
     "code": 0.10,       # programs with their printed output
@@ -123,7 +124,8 @@ S2_KIND_WEIGHTS: Mapping[str, float] = {
     "problem": 0.55,
     "code": 0.10,
     "arith": 0.05,
-    "prose": 0.18,
+    "prose": 0.15,
+    "passkey": 0.03,
     "knowledge": 0.08,
     "parallel": 0.04,
 }
@@ -270,6 +272,19 @@ def _gen_problem(world: World, rng: random.Random) -> dict:
     return _doc(render_problem(item), "problem", item_uids=[item.uid], uid=item.uid)
 
 
+# Short retrieval documents (a pass key somewhere in a paragraph, asked for at the end). General web
+# text is full of such copy-from-context patterns; at tiny scale they let the short-context stages
+# learn *what* retrieval is, so S3 only has to extend it to long range (the tiny long-context study
+# trained retrieval from S1 on, with a length curriculum).
+SHORT_RETRIEVAL_TOKENS = (48, S1_SEQ_LEN - 16)
+
+
+def _gen_short_passkey(world: World, rng: random.Random) -> dict:
+    doc = long_context_doc(world, rng, variant="passkey", length_range=SHORT_RETRIEVAL_TOKENS,
+                           count_tokens=approx_count_tokens)
+    return _doc(doc["text"], "passkey", doc["lang"], doc["item_uids"], uid=doc["uid"])
+
+
 SHORT_KIND_GENERATORS: dict[str, Callable[[World, random.Random], dict]] = {
     "prose": _gen_prose,
     "knowledge": _gen_knowledge,
@@ -277,6 +292,7 @@ SHORT_KIND_GENERATORS: dict[str, Callable[[World, random.Random], dict]] = {
     "code": _gen_code,
     "arith": _gen_arith,
     "problem": _gen_problem,
+    "passkey": _gen_short_passkey,
 }
 
 

@@ -117,7 +117,7 @@ TINY_MODELS: dict[str, ModelConfig] = {
     ),
     # The flagship that goes through all four post-training stages and teaches the student.
     "tiny-flagship": ModelConfig(
-        hidden_size=192, intermediate_size=512, num_hidden_layers=6,
+        hidden_size=192, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
         **_TINY_COMMON,
     ),

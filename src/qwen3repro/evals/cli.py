@@ -1,0 +1,92 @@
+"""`qwen3repro eval ...`: run an evaluation suite with its pinned settings.
+
+`eval_group` is a click group registered on the top-level command (`qwen3repro.cli.main`).
+Heavy imports (torch, the models) happen inside the commands, so `--help` stays fast.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+def _int_list(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
+
+
+def _name_list(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+@click.group("eval", context_settings={"help_option_names": ["-h", "--help"]})
+def eval_group() -> None:
+    """Evaluation suites (settings pinned in the repository's evals/ folder)."""
+
+
+@eval_group.command("longcontext")
+@click.option("--s2", type=_DIR, help="S2 checkpoint directory (condition S2).")
+@click.option("--s3", type=_DIR, help="S3 checkpoint directory (conditions S3, S3+YaRN, S3+YaRN+DCA).")
+@click.option("--tokenizer", type=_DIR, help="Tokenizer directory (default: the S3 checkpoint directory).")
+@click.option("--out", type=_DIR, help="Output directory for longcontext.json and the plots.")
+@click.option("--suite", type=click.Path(dir_okay=False, path_type=Path),
+              help="Suite file (default: evals/longcontext.toml).")
+@click.option("--lengths", help="Override the lengths, e.g. 256,2048,8192.")
+@click.option("--n-per-length", type=click.IntRange(min=1), help="Override the items per (length, variant).")
+@click.option("--variants", help="Override the variants, e.g. passkey,order.")
+@click.option("--conditions", help="Override the conditions, e.g. S3,S3+YaRN+DCA.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torch intra-op threads (0: torch's default).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")
+def longcontext(s2, s3, tokenizer, out, suite, lengths, n_per_length, variants, conditions, threads, dry_run) -> None:
+    """Retrieval by (length, depth) and loss by position for S2, S3, S3+YaRN, S3+YaRN+DCA."""
+    from ..config import ConfigError
+    from . import longcontext as lc
+
+    try:
+        settings = lc.load_suite(suite) if suite else lc.default_settings()
+        overrides = {
+            "lengths": _int_list(lengths),
+            "n_per_length": n_per_length,
+            "variants": _name_list(variants),
+            "conditions": _name_list(conditions),
+        }
+        settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    checkpoints = {k: v for k, v in (("S2", s2), ("S3", s3)) if v is not None}
+    needed = sorted({lc.CONDITIONS[c].checkpoint for c in settings.conditions})
+    if dry_run:
+        click.echo(json.dumps({
+            "suite": str(suite or lc.DEFAULT_SUITE),
+            "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+            "tokenizer": str(tokenizer or s3) if (tokenizer or s3) else None,
+            "out": str(out) if out else None,
+            "items_per_condition": len(settings.lengths) * settings.n_per_length * len(settings.variants),
+            "settings": settings.resolved(),
+        }, indent=2))
+        return
+    missing = [f"--{k.lower()}" for k in needed if k not in checkpoints]
+    if missing:
+        raise click.UsageError(f"conditions {', '.join(settings.conditions)} need {' and '.join(missing)}")
+    if out is None:
+        raise click.UsageError("--out is required (except with --dry-run)")
+    for k in needed:
+        if not checkpoints[k].is_dir():
+            raise click.BadParameter(f"{checkpoints[k]} is not a directory", param_hint=f"--{k.lower()}")
+    try:
+        results = lc.run_longcontext_eval(checkpoints, out, settings, tokenizer=tokenizer, num_threads=threads)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    for variant, rows in results["summary"].items():
+        for cond, s in rows.items():
+            cells = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k.startswith("at_") and v is not None)
+            click.echo(f"{variant:8s} {cond:12s} {cells}")
+    click.echo(f"wrote {Path(out) / lc.RESULT_FILE}")

@@ -1,0 +1,131 @@
+"""`REPORT.md`: the claims table, the stages that ran, and plots (PNG, matplotlib's Agg backend).
+
+The report is rebuilt from files on disk (`claims/*.json`, each stage's `metrics.jsonl`,
+`eval.json` and `lineage.json`), so it can be regenerated without rerunning anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(stage_dirs: dict[str, Path], out: Path) -> str | None:
+    """Training loss of every stage against cumulative tokens (stages laid end to end per role)."""
+    roles: dict[str, list[tuple[str, Path]]] = {}
+    for key, d in stage_dirs.items():
+        role = key.split("/")[0]
+        roles.setdefault(role, []).append((key.split("/")[-1], d))
+    if not roles:
+        return None
+    fig, axes = plt.subplots(1, len(roles), figsize=(6 * len(roles), 4), squeeze=False)
+    for ax, (role, stages) in zip(axes[0], roles.items()):
+        offset = {}
+        for stage, d in stages:
+            rows = read_metrics(d / "metrics.jsonl")
+            if not rows:
+                continue
+            base = 0
+            if stage in ("s2", "s1-control"):
+                base = offset.get("s1", 0)
+            elif stage == "s3":
+                base = offset.get("s2", offset.get("s1", 0))
+            xs = [base + r.get("tokens_seen", 0) for r in rows]
+            ax.plot(xs, [r["loss"] for r in rows], label=stage, linestyle="--" if "control" in stage else "-")
+            offset[stage] = xs[-1]
+        ax.set_title(f"{role}: training loss by stage")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return str(out)
+
+
+def plot_reasoning_by_family(results: dict[str, dict], out: Path) -> str:
+    families = sorted({f for r in results.values() for f in r["by_family"]})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(results), 1)
+    for i, (stage, r) in enumerate(results.items()):
+        ax.bar([j + i * width for j in range(len(families))], [r["by_family"].get(f, 0) for f in families],
+               width=width, label=f"{stage} ({r['accuracy']:.0%})")
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(families))], families)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Reasoning after S1, S2 and the S1 control (greedy)")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return str(out)
+
+
+def _rel(path: str, root: Path) -> str:
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:
+        return path
+
+
+def write_report(plan, rows: Iterable) -> Path:
+    root: Path = plan.root
+    rows = list(rows)
+    stage_dirs = {n.key: n.out_dir for n in plan.nodes if n.kind == "pretrain"}
+    loss_plot = plot_loss_curves(stage_dirs, root / "plots" / "loss_curves.png")
+    pipeline = {}
+    if (root / "pipeline.json").exists():
+        pipeline = json.loads((root / "pipeline.json").read_text())
+
+    lines = [f"# qwen3repro — {plan.scale} scale report", ""]
+    lines.append("Every number below was measured by `make tiny-pipeline` (or `qwen3repro pipeline "
+                 f"{plan.scale}`) on this scale's checkpoints; the settings of each measurement are pinned "
+                 "in the JSON file next to it under `claims/`.")
+    lines += ["", "## Claims", "", "| claim | report | measured here | reproduced |", "|---|---|---|---|"]
+    for r in rows:
+        verdict = "not measured" if r.reproduced is None else ("**yes**" if r.reproduced else "**no**")
+        lines.append(f"| {r.claim} | {r.report_figure} | {r.measured} | {verdict} |")
+    diagnoses = [r for r in rows if r.diagnosis]
+    if diagnoses:
+        lines += ["", "### Diagnoses", ""]
+        lines += [f"- **{r.name}**: {r.diagnosis}" for r in diagnoses]
+    lines += ["", "## Stages", "", "| stage | steps | tokens | final loss | held-out loss | time |", "|---|---|---|---|---|---|"]
+    for n in plan.nodes:
+        if n.kind != "pretrain":
+            continue
+        ev = {}
+        if (n.out_dir / "eval.json").exists():
+            ev = json.loads((n.out_dir / "eval.json").read_text())
+        secs = ev.get("elapsed_s")
+        lines.append(f"| {n.key} | {n.config.steps} | {ev.get('tokens_seen', '-'):,} | "
+                     f"{ev.get('final_loss', float('nan')):.3f} | {ev.get('heldout_loss', float('nan')):.3f} | "
+                     f"{f'{secs:.0f} s' if secs is not None else '-'} |" if ev else f"| {n.key} | - | - | - | - | - |")
+    if pipeline.get("total_seconds"):
+        lines += ["", f"Total pipeline wall time: {pipeline['total_seconds'] / 60:.1f} minutes."]
+    lines += ["", "## Plots", ""]
+    if loss_plot:
+        lines.append(f"![loss curves]({_rel(loss_plot, root)})")
+    for r in rows:
+        for p in r.plots:
+            lines.append(f"\n**{r.name}**\n\n![{r.name}]({_rel(p, root)})")
+    out = root / "REPORT.md"
+    tmp = out.with_name(".REPORT.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return out

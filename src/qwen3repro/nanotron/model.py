@@ -1,0 +1,555 @@
+"""Qwen3 (dense and MoE) on nanotron 0.4's parallel layers: `Qwen3ForTraining(NanotronModel)`.
+
+Built as nanotron's own Llama is built, but for Qwen3, and with the math imported from the modules the tiny
+model uses (`models.attention.RMSNorm`/`rotate`/`rope_tables`/`build_attention_mask`/`_attend`,
+`models.rope.rope_parameters`/`rope_cos_sin`, `models.moe.route`/`Experts`, `losses.router_statistics`):
+
+* token embedding: `TensorParallelEmbedding` (vocabulary split over TP);
+* attention: one fused column-parallel `qkv_proj` with `contiguous_chunks=(nq·d, nkv·d, nkv·d)` and an
+  explicit `head_dim` d (heads·d may differ from hidden, e.g. 0.6B), so each TP rank holds nq/tp query heads
+  and nkv/tp KV heads (requires nkv % tp == 0: KV heads are never replicated, the generated layouts keep
+  tp <= nkv); per-head QK-RMSNorm (replicated), RoPE with the stage's base (ABF) and optional YaRN;
+  row-parallel `o_proj`;
+* attention kernel: flash-attn (varlen, imported lazily, only on CUDA when installed) or torch SDPA
+  otherwise, so the same class runs on CPU under gloo. Packed documents are separated by `position_ids`
+  restarting at 0 (document masking on both paths);
+* dense MLP: fused column-parallel `gate_up_proj` (chunks (I, I)), SwiGLU, row-parallel `down_proj`;
+* MoE MLP: replicated router `gate` (softmax over all experts, top-k, renormalised); the experts are
+  *tensor-parallel inside each expert*: every TP rank holds all E experts with 1/tp of each expert's
+  intermediate size (gate/up split by rows, down by columns) and the outputs are summed over TP. nanotron 0.4
+  has no expert parallelism (no all-to-all dispatch), so experts are never split *between* ranks;
+* loss: `sharded_cross_entropy` over vocabulary-sharded logits, masked mean over `label_mask`; for MoE plus
+  `router_aux_loss_coef` x the global-batch load-balancing loss (below);
+* one `PipelineBlock` per decoder layer (plus embedding, final norm, LM head, loss), balanced by FLOPs.
+
+Global-batch load balancing (Qiu et al. 2025; `losses.GlobalBatchLoadBalancer` is the same math for the plain
+model). f̄ (expert selection frequencies over the whole optimizer step, all layers pooled) must be known before
+the first backward, so a trainer first calls `count_experts(model, micro_batches)`: a forward without autograd
+that counts top-k selections and all-reduces them over the pipeline (layers live on different stages) and the
+data-parallel group (not TP: its ranks hold identical routers and inputs). Each sparse layer then adds
+E·Σ_i f̄_i·Σ_t p_{t,i} / (L_sparse·T) to a running `aux_loss` tensor that travels with the hidden states
+through the pipeline; the engine's division by the number of micro-batches makes the step's sum equal to the
+balancer's loss.
+
+Parallel layout per model (see full/README.md): dense models use TP within a node (ALL_REDUCE mode) + DP with
+ZeRO-1, PP only for 32B; 30B-A3B uses TP=4; 235B-A22B uses TP=4 x PP=16 (no expert parallelism in 0.4).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..losses import router_statistics
+from ..models.attention import RMSNorm, _attend, build_attention_mask, rope_tables, rotate
+from ..models.moe import Experts, route
+from ..models.rope import rope_cos_sin, rope_parameters
+from .compat import import_nanotron, normalise_sharded_metadata
+
+import_nanotron()
+
+from nanotron import distributed as dist  # noqa: E402
+from nanotron.models.base import NanotronModel  # noqa: E402
+from nanotron.parallel import ParallelContext  # noqa: E402
+from nanotron.parallel.parameters import NanotronParameter  # noqa: E402
+from nanotron.parallel.pipeline_parallel.block import PipelineBlock  # noqa: E402
+from nanotron.parallel.pipeline_parallel.p2p import P2P  # noqa: E402
+from nanotron.parallel.pipeline_parallel.tensor_pointer import TensorPointer  # noqa: E402
+from nanotron.parallel.sharded_parameters import SplitConfig, create_sharded_parameter_from_config  # noqa: E402
+from nanotron.parallel.tensor_parallel.distributed_differentiable_primitives import (  # noqa: E402
+    differentiable_all_reduce_sum,
+    differentiable_identity,
+)
+from nanotron.parallel.tensor_parallel.enum import TensorParallelLinearMode  # noqa: E402
+from nanotron.parallel.tensor_parallel.functional import sharded_cross_entropy  # noqa: E402
+from nanotron.parallel.tensor_parallel.nn import (  # noqa: E402
+    TensorParallelColumnLinear,
+    TensorParallelEmbedding,
+    TensorParallelRowLinear,
+)
+from nanotron.parallel.tied_parameters import create_pg_for_tied_weights, tie_parameters  # noqa: E402
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2")
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class Qwen3NTConfig:
+    """The `model.model_config` section of a generated YAML: our `ModelConfig` fields + the attention kernel.
+
+    nanotron's loader builds it with `get_config_from_file(path, model_config_class=Qwen3NTConfig)`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    is_qwen3_config: bool = True
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = 151643
+    eos_token_id: Optional[int] = 151645
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+    attn_implementation: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+        self.to_model_config()  # validates every field with ModelConfig's checks
+
+    def to_model_config(self) -> ModelConfig:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.pop("is_qwen3_config"), d.pop("attn_implementation")
+        return ModelConfig.from_dict(d)
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig, **overrides: Any) -> "Qwen3NTConfig":
+        d = config.to_dict()
+        if d.pop("dual_chunk_attention_config", None) is not None:
+            raise ValueError("dual chunk attention is an inference feature; it is not trained through nanotron")
+        d["mlp_only_layers"] = list(d["mlp_only_layers"])
+        d.update(overrides)
+        return cls(**d)
+
+
+def _as_model_config(config: Union[Qwen3NTConfig, ModelConfig]) -> ModelConfig:
+    return config.to_model_config() if isinstance(config, Qwen3NTConfig) else config
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def check_tp(config: ModelConfig, tp: int) -> None:
+    """The TP degrees this model supports: heads, KV heads, MLP/expert widths and vocabulary divisible by tp."""
+    problems = []
+    if config.num_attention_heads % tp:
+        problems.append(f"num_attention_heads {config.num_attention_heads}")
+    if config.num_key_value_heads % tp:
+        problems.append(f"num_key_value_heads {config.num_key_value_heads} (KV heads are not replicated: tp <= KV heads)")
+    if config.intermediate_size % tp and any(not config.is_sparse_layer(i) for i in range(config.num_hidden_layers)):
+        problems.append(f"intermediate_size {config.intermediate_size}")
+    if config.is_moe and config.moe_intermediate_size % tp:
+        problems.append(f"moe_intermediate_size {config.moe_intermediate_size}")
+    if config.vocab_size % tp:
+        problems.append(f"vocab_size {config.vocab_size}")
+    if problems:
+        raise ValueError(f"tp={tp} does not divide: " + ", ".join(problems))
+
+
+def segment_ids_from_positions(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """Document ids [B, S] of packed sequences (a document starts where the position restarts at 0), or None
+    when every row is one document (then the causal fast path applies)."""
+    starts = position_ids == 0
+    if bool(starts[:, 1:].any()):
+        return starts.long().cumsum(-1)
+    return None
+
+
+def _flash_attention(q, k, v, segment_ids):
+    """q [B, S, H, D], k/v [B, S, Hk, D] (post-RoPE) -> [B, S, H, D] with flash-attn's varlen kernel."""
+    from flash_attn import flash_attn_varlen_func  # GPU only; imported on first use
+
+    b, s = q.shape[:2]
+    if segment_ids is None:
+        seqlens = torch.full((b,), s, dtype=torch.int32, device=q.device)
+    else:
+        ids = segment_ids + (torch.arange(b, device=q.device) * (s + 1))[:, None]
+        seqlens = torch.unique_consecutive(ids.reshape(-1), return_counts=True)[1].to(torch.int32)
+    cu = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+    out = flash_attn_varlen_func(
+        q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]),
+        cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(seqlens.max()), max_seqlen_k=int(seqlens.max()),
+        causal=True,
+    )
+    return out.view(b, s, *q.shape[2:])
+
+
+def _use_flash(impl: str, x: torch.Tensor) -> bool:
+    if impl == "sdpa":
+        return False
+    if impl == "flash_attention_2":
+        return True
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------- modules
+class Qwen3NTAttention(nn.Module):
+    def __init__(self, config: ModelConfig, tp_pg, tp_mode, async_comm: bool, attn_implementation: str) -> None:
+        super().__init__()
+        tp = tp_pg.size()
+        self.n_q, self.n_kv, self.d = config.num_attention_heads // tp, config.num_key_value_heads // tp, config.head_dim
+        nq, nkv, d, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+        self.qkv_proj = TensorParallelColumnLinear(
+            h, (nq + 2 * nkv) * d, pg=tp_pg, mode=tp_mode, bias=False, async_communication=async_comm,
+            contiguous_chunks=(nq * d, nkv * d, nkv * d),
+        )
+        self.o_proj = TensorParallelRowLinear(nq * d, h, pg=tp_pg, mode=tp_mode, bias=False, async_communication=async_comm)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.attn_implementation = attn_implementation
+
+    def forward(self, x, cos, sin, segment_ids):
+        b, s, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.n_q * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
+        q = rotate(self.q_norm(q.view(b, s, self.n_q, self.d)), cos, sin)
+        k = rotate(self.k_norm(k.view(b, s, self.n_kv, self.d)), cos, sin)
+        v = v.view(b, s, self.n_kv, self.d)
+        if _use_flash(self.attn_implementation, x):
+            out = _flash_attention(q, k, v, segment_ids)
+        else:
+            mask = build_attention_mask(b, s, 0, segment_ids=segment_ids, device=x.device)
+            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, mask).transpose(1, 2)
+        return self.o_proj(out.reshape(b, s, self.n_q * self.d))
+
+
+class Qwen3NTMLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp_pg, tp_mode, async_comm: bool) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = TensorParallelColumnLinear(
+            h, 2 * i, pg=tp_pg, mode=tp_mode, bias=False, async_communication=async_comm, contiguous_chunks=(i, i)
+        )
+        self.down_proj = TensorParallelRowLinear(i, h, pg=tp_pg, mode=tp_mode, bias=False, async_communication=async_comm)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Qwen3NTMoE(nn.Module):
+    """Router + experts, each expert split over TP along its intermediate dimension (module doc)."""
+
+    def __init__(self, config: ModelConfig, tp_pg, num_sparse_layers: int) -> None:
+        super().__init__()
+        tp, i = tp_pg.size(), config.moe_intermediate_size
+        self.tp_pg = tp_pg
+        self.num_experts, self.top_k, self.norm_topk_prob = config.num_experts, config.num_experts_per_tok, config.norm_topk_prob
+        self.num_sparse_layers = num_sparse_layers
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, config.hidden_size, i // tp)
+        for name, split in (("gate_up_proj", SplitConfig(split_dim=1, contiguous_chunks=(i, i))),
+                            ("down_proj", SplitConfig(split_dim=2))):
+            setattr(self.experts, name, create_sharded_parameter_from_config(getattr(self.experts, name), tp_pg, split))
+        # Set by `count_experts` for the current optimizer step (f̄, [E], identical on every rank).
+        self.register_buffer("expert_frequencies", None, persistent=False)
+        self.counting = False
+        self.counts: Optional[torch.Tensor] = None
+        self.rows = 0.0
+
+    def forward(self, x, aux_loss):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router_logits = self.gate(x)
+        if self.counting:  # phase 1 of the global-batch LBL: selection counts only
+            counts, _, rows = router_statistics([router_logits.detach()], self.num_experts, self.top_k)
+            self.counts = counts if self.counts is None else self.counts + counts
+            self.rows += float(rows)
+        weights, experts = route(router_logits, self.top_k, self.norm_topk_prob)
+        # Inputs are replicated over TP and each rank computes a partial sum over its slice of every expert:
+        # identity forward / all-reduce backward on the inputs, all-reduce forward on the output.
+        y = self.experts(differentiable_identity(x, self.tp_pg), differentiable_identity(weights, self.tp_pg), experts)
+        y = differentiable_all_reduce_sum(y, self.tp_pg).view(shape)
+        if self.expert_frequencies is not None:
+            _, prob_sum, rows = router_statistics([router_logits], self.num_experts, self.top_k, with_counts=False)
+            term = self.num_experts * torch.sum(self.expert_frequencies * prob_sum) / (rows * self.num_sparse_layers)
+            aux_loss = aux_loss + term.reshape(1)
+        return y, aux_loss
+
+
+class Qwen3NTDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, tp_pg, tp_mode, async_comm: bool, attn_implementation: str,
+                 layer_idx: int, inv_freq: torch.Tensor, attention_factor: float) -> None:
+        super().__init__()
+        self.is_sparse = config.is_sparse_layer(layer_idx)
+        self.is_moe_model = config.is_moe
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen3NTAttention(config, tp_pg, tp_mode, async_comm, attn_implementation)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        n_sparse = sum(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
+        self.mlp = Qwen3NTMoE(config, tp_pg, n_sparse) if self.is_sparse else Qwen3NTMLP(config, tp_pg, tp_mode, async_comm)
+        self.inv_freq, self.attention_factor = inv_freq, attention_factor  # float32, not parameters
+
+    def forward(self, hidden_states, position_ids, aux_loss=None):
+        x = hidden_states
+        inv_freq = self.inv_freq.to(x.device)
+        cos, sin = rope_tables(*rope_cos_sin(inv_freq, position_ids, self.attention_factor, dtype=x.dtype))
+        segment_ids = segment_ids_from_positions(position_ids)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+        h = self.post_attention_layernorm(x)
+        if self.is_sparse:
+            h, aux_loss = self.mlp(h, aux_loss)
+        else:
+            h = self.mlp(h)
+        out = {"hidden_states": x + h, "position_ids": position_ids}
+        if self.is_moe_model:
+            out["aux_loss"] = aux_loss
+        return out
+
+
+class _Embedding(nn.Module):
+    def __init__(self, config: ModelConfig, tp_pg, tp_mode) -> None:
+        super().__init__()
+        self.token_embedding = TensorParallelEmbedding(config.vocab_size, config.hidden_size, pg=tp_pg, mode=tp_mode)
+        self.is_moe = config.is_moe
+
+    def forward(self, input_ids, position_ids):
+        out = {"hidden_states": self.token_embedding(input_ids), "position_ids": position_ids}
+        if self.is_moe:
+            out["aux_loss"] = torch.zeros(1, dtype=torch.float32, device=input_ids.device)
+        return out
+
+
+class _FinalNorm(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states):
+        return {"hidden_states": self.norm(hidden_states)}
+
+
+class _LMHead(nn.Module):
+    def __init__(self, config: ModelConfig, tp_pg, tp_mode, async_comm: bool) -> None:
+        super().__init__()
+        self.linear = TensorParallelColumnLinear(
+            config.hidden_size, config.vocab_size, pg=tp_pg, mode=tp_mode, bias=False, async_communication=async_comm
+        )
+
+    def forward(self, hidden_states):
+        return {"sharded_logits": self.linear(hidden_states).float()}
+
+
+class _Loss(nn.Module):
+    def __init__(self, tp_pg, aux_coef: Optional[float]) -> None:
+        super().__init__()
+        self.tp_pg = tp_pg
+        self.aux_coef = aux_coef
+
+    def forward(self, sharded_logits, label_ids, label_mask, aux_loss=None):
+        per_token = sharded_cross_entropy(sharded_logits, label_ids, group=self.tp_pg, dtype=torch.float)
+        mask = label_mask.to(per_token.dtype)
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        if aux_loss is not None and self.aux_coef:
+            loss = loss + self.aux_coef * aux_loss.sum()
+        return {"loss": loss}
+
+
+# ------------------------------------------------------------------------------------------- model
+class Qwen3ForTraining(NanotronModel):
+    """nanotron training model. forward(input_ids, position_ids, label_ids, label_mask) -> {"loss"}.
+
+    Signature as nanotron's trainer calls model classes: (config, parallel_context, parallel_config, random_states).
+    Tensors are [batch, seq]; label_ids[t] is the target of position t (already shifted).
+    """
+
+    def __init__(self, config: Union[Qwen3NTConfig, ModelConfig], parallel_context: ParallelContext,
+                 parallel_config=None, random_states=None, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        attn_impl = config.attn_implementation if isinstance(config, Qwen3NTConfig) else "auto"
+        mc = _as_model_config(config)
+        self.config, self.model_config = config, mc
+        self.parallel_context, self.parallel_config = parallel_context, parallel_config
+        tp_pg = parallel_context.tp_pg
+        check_tp(mc, tp_pg.size())
+        tp_mode = parallel_config.tp_mode if parallel_config is not None else TensorParallelLinearMode.ALL_REDUCE
+        if tp_mode is not TensorParallelLinearMode.ALL_REDUCE:
+            raise ValueError("Qwen3ForTraining supports tp_mode ALL_REDUCE only (sequence-parallel REDUCE_SCATTER is not implemented)")
+        async_comm = bool(parallel_config.tp_linear_async_communication) if parallel_config is not None else False
+        if device is None:
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.p2p = P2P(parallel_context.pp_pg, device=device)
+        with torch.device("cpu"):
+            inv_freq, attention_factor = rope_parameters(mc)
+        moe = mc.is_moe
+        stream = {"hidden_states", "position_ids"} | ({"aux_loss"} if moe else set())
+
+        self.embedding = PipelineBlock(
+            p2p=self.p2p, module_builder=_Embedding, module_kwargs=dict(config=mc, tp_pg=tp_pg, tp_mode=tp_mode),
+            module_input_keys={"input_ids", "position_ids"}, module_output_keys=stream,
+        )
+        self.decoder = nn.ModuleList(
+            PipelineBlock(
+                p2p=self.p2p, module_builder=Qwen3NTDecoderLayer,
+                module_kwargs=dict(config=mc, tp_pg=tp_pg, tp_mode=tp_mode, async_comm=async_comm,
+                                   attn_implementation=attn_impl, layer_idx=i, inv_freq=inv_freq,
+                                   attention_factor=attention_factor),
+                module_input_keys=stream, module_output_keys=stream,
+            )
+            for i in range(mc.num_hidden_layers)
+        )
+        self.final_norm = PipelineBlock(
+            p2p=self.p2p, module_builder=_FinalNorm, module_kwargs=dict(config=mc),
+            module_input_keys={"hidden_states"}, module_output_keys={"hidden_states"},
+        )
+        self.lm_head = PipelineBlock(
+            p2p=self.p2p, module_builder=_LMHead,
+            module_kwargs=dict(config=mc, tp_pg=tp_pg, tp_mode=tp_mode, async_comm=async_comm),
+            module_input_keys={"hidden_states"}, module_output_keys={"sharded_logits"},
+        )
+        self.loss = PipelineBlock(
+            p2p=self.p2p, module_builder=_Loss,
+            module_kwargs=dict(tp_pg=tp_pg, aux_coef=mc.router_aux_loss_coef if moe else None),
+            module_input_keys={"sharded_logits", "label_ids", "label_mask"} | ({"aux_loss"} if moe else set()),
+            module_output_keys={"loss"},
+        )
+
+    def forward(self, input_ids, position_ids, label_ids, label_mask):
+        out = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        for block in self.decoder:
+            out = block(**out)
+        hidden = self.final_norm(hidden_states=out["hidden_states"])["hidden_states"]
+        logits = self.lm_head(hidden_states=hidden)["sharded_logits"]
+        extra = {"aux_loss": out["aux_loss"]} if self.model_config.is_moe else {}
+        return self.loss(sharded_logits=logits, label_ids=label_ids, label_mask=label_mask, **extra)
+
+    # --------------------------------------------------------------------------------- nanotron hooks
+    def get_block_compute_costs(self):
+        c = self.model_config
+        h, d = c.hidden_size, c.head_dim
+        attn = h * (c.num_attention_heads + 2 * c.num_key_value_heads) * d + c.num_attention_heads * d * h
+        mlp = 3 * h * (c.num_experts_per_tok * c.moe_intermediate_size if c.is_moe else c.intermediate_size)
+        return {Qwen3NTDecoderLayer: attn + mlp, _LMHead: c.vocab_size * h}
+
+    def get_flops_per_sec(self, iteration_time_in_sec, sequence_length, global_batch_size):
+        from ..perf import train_step_flops
+
+        flops = train_step_flops(self.model_config, global_batch_size, sequence_length)
+        per_gpu = flops / (iteration_time_in_sec * self.parallel_context.world_pg.size() * 1e12)
+        return per_gpu, per_gpu
+
+    def get_embeddings_lm_head_tied_names(self):
+        if self.model_config.tie_word_embeddings:
+            return ["embedding.pp_block.token_embedding.weight", "lm_head.pp_block.linear.weight"]
+        return []
+
+    @torch.no_grad()
+    def init_model_randomly(self, config=None):
+        """transformers' init (normal(0, initializer_range), norms at 1), as the plain model."""
+        std = self.model_config.initializer_range
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+
+
+# ------------------------------------------------------------------------------------- building
+def build_qwen3(config: Union[Qwen3NTConfig, ModelConfig], parallel_context: ParallelContext, parallel_config=None,
+                dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Qwen3ForTraining:
+    """Build, place blocks on pipeline ranks and tie parameters, as nanotron's trainer does (without its CUDA calls)."""
+    from nanotron.models.base import build_model
+
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = build_model(
+        model_builder=lambda: Qwen3ForTraining(config, parallel_context, parallel_config, device=device),
+        parallel_context=parallel_context, dtype=dtype, device=device,
+    )
+    tie_model_parameters(model, parallel_context)
+    normalise_sharded_metadata(model)
+    return model
+
+
+def tie_model_parameters(model: Qwen3ForTraining, parallel_context: ParallelContext) -> None:
+    """Tie embedding/LM head across pipeline ranks (gradients summed) and mark every replicated parameter as
+    tied across TP, as nanotron's `mark_tied_parameters` does. `sync_tied_weights_gradients` (called by the
+    trainer after backward) then sums the gradients that must be summed."""
+    pc = parallel_context
+    names = model.get_embeddings_lm_head_tied_names()
+    if names:
+
+        ties = []
+        for target in names:
+            block = model.get_submodule(target.split(".pp_block")[0])
+            ties.append((target, (int(pc.world_rank_matrix[dist.get_rank(pc.expert_pg), block.rank,
+                                                          dist.get_rank(pc.dp_pg), dist.get_rank(pc.tp_pg)]),)))
+        tie_parameters(root_module=model, ties=ties, parallel_context=pc, reduce_op=dist.ReduceOp.SUM)
+    tp_ranks = tuple(sorted(dist.get_process_group_ranks(pc.tp_pg)))
+    for module_name, module in model.named_modules():
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, NanotronParameter) and (param.is_sharded or param.is_tied):
+                continue
+            # QK-norm weights are shared by all heads, but each TP rank holds only its heads: their gradients are
+            # partial sums (summed over TP). Every other replicated parameter sees replicated inputs.
+            per_head = isinstance(module, RMSNorm) and module_name.endswith(("q_norm", "k_norm"))
+            tie_parameters(root_module=model, ties=[(f"{module_name}.{param_name}", tp_ranks)],
+                           parallel_context=pc, reduce_op=dist.ReduceOp.SUM if per_head else None)
+    create_pg_for_tied_weights(root_module=model, parallel_context=pc)
+
+
+def pipeline_inputs(model: Qwen3ForTraining, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """A micro-batch as each pipeline rank must pass it: real tensors where they are consumed, pointers elsewhere."""
+    pp_rank = dist.get_rank(model.parallel_context.pp_pg)
+    first, last = model.embedding.rank, model.loss.rank
+    out = {}
+    for key in ("input_ids", "position_ids"):
+        out[key] = batch[key] if pp_rank == first else TensorPointer(group_rank=first)
+    for key in ("label_ids", "label_mask"):
+        out[key] = batch[key] if pp_rank == last else TensorPointer(group_rank=last)
+    return out
+
+
+def sparse_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, Qwen3NTMoE)]
+
+
+@torch.no_grad()
+def count_experts(model: Qwen3ForTraining, micro_batches) -> Optional[torch.Tensor]:
+    """Phase 1 of the global-batch LBL for one optimizer step: count top-k selections over every micro-batch,
+    all-reduce over the pipeline and data-parallel groups, and give f̄ to every sparse layer. Returns f̄."""
+    if not model.model_config.is_moe:
+        return None
+    layers = sparse_layers(model)
+    for m in layers:
+        m.counting, m.counts, m.rows, m.expert_frequencies = True, None, 0.0, None
+    try:
+        for mb in micro_batches:
+            model(**pipeline_inputs(model, mb))
+    finally:
+        for m in layers:
+            m.counting = False
+    pc = model.parallel_context
+    e = model.model_config.num_experts
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    buf = torch.zeros(e + 1, dtype=torch.float32, device=device)
+    for m in layers:
+        if m.counts is not None:
+            buf[:e] += m.counts.to(device)
+            buf[e] += m.rows
+    dist.all_reduce(buf, group=pc.pp_pg)
+    dist.all_reduce(buf, group=pc.dp_pg)
+    f_bar = buf[:e] / buf[e]
+    for m in layers:
+        m.expert_frequencies = f_bar
+    return f_bar
+
+
+__all__ = [
+    "Qwen3NTConfig", "Qwen3ForTraining", "build_qwen3", "tie_model_parameters", "pipeline_inputs",
+    "count_experts", "check_tp", "segment_ids_from_positions", "ATTN_IMPLEMENTATIONS",
+]

@@ -1,0 +1,214 @@
+"""The pipeline: walk the stage DAG of a scale, skip what is up to date, resume what was cut.
+
+    qwen3repro pipeline tiny            # = make tiny-pipeline
+    qwen3repro pipeline micro --dry-run # print every resolved stage config and exit
+
+A scale file (`tiny/<scale>.toml`) names the roles (the flagship and the student), the chain of
+pretraining stages each role goes through, the control runs, and the sizes. Every stage's config
+is its recipe (`recipes/<stage>.toml`) deep-merged with the scale's `[stages.<stage>]` table, then
+the role's `[roles.<role>.stages.<stage>]` table, then `--set` overrides.
+
+Skipping and resuming. Each stage directory gets `stage.json` (its resolved config and lineage
+hash) when it starts and `lineage.json` when it is complete. A complete directory whose lineage
+hash matches is skipped; a directory started with the same hash resumes from its last checkpoint;
+a directory made by a different config is moved aside (`<dir>.old-<hash>`), never deleted.
+
+After the stages come the claims (`evals/` suites: S2 reasoning vs the control, long-context
+retrieval, the MoE load-balancing experiment) and `REPORT.md`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import datasets
+import torch
+
+from .config import ConfigError, config_hash, strict_fields
+from .lineage import LINEAGE_FILE, chain_hash, is_up_to_date, make_lineage, read_lineage
+from .recipes import deep_merge, load_recipe, load_scale, parse_override
+from .stages import pretrain as pretrain_stage
+from .stages import tokenizer as tokenizer_stage
+from .stages.common import StageContext, write_json_atomic
+from .train.metrics import default_printer, format_duration
+
+STAGE_FILE = "stage.json"
+PARENTS = {"s1": "tokenizer", "s2": "s1", "s1-control": "s1", "s3": "s2"}
+SCALE_SECTIONS = ("pipeline", "tokenizer", "roles", "stages", "evals", "experiments")
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    roles: tuple[str, ...]
+    chain: tuple[str, ...]
+    controls: tuple[str, ...] = ()
+    control_roles: tuple[str, ...] = ()
+    threads: int = 2
+
+
+@dataclass
+class StageNode:
+    key: str                      # "tokenizer", "flagship/s1", ...
+    kind: str                     # "tokenizer" | "pretrain"
+    config: Any
+    out_dir: Path
+    parent: "StageNode | None" = None
+    status: str = "pending"
+    seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    scale: str
+    root: Path
+    settings: PipelineSettings
+    nodes: list[StageNode]
+    scale_config: dict[str, Any] = field(default_factory=dict)
+
+    def node(self, key: str) -> StageNode:
+        for n in self.nodes:
+            if n.key == key:
+                return n
+        raise KeyError(key)
+
+
+# ----------------------------------------------------------------------------- planning
+def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = ()) -> Plan:
+    """Resolve every stage config of `scale` (strictly) without running anything."""
+    raw = load_scale(scale)
+    unknown = set(raw) - set(SCALE_SECTIONS)
+    if unknown:
+        raise ConfigError(f"tiny/{scale}.toml: unknown section(s) {sorted(unknown)}; valid: {list(SCALE_SECTIONS)}")
+    for text in overrides:
+        raw = deep_merge(raw, parse_override(text))
+    settings = PipelineSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in strict_fields(PipelineSettings, raw.get("pipeline", {}),
+                                                             f"tiny/{scale}.toml [pipeline]").items()})
+    root = Path(out_root) / scale
+    roles = raw.get("roles", {})
+    for role in settings.roles:
+        if role not in roles:
+            raise ConfigError(f"tiny/{scale}.toml: role {role!r} has no [roles.{role}] table")
+    tok_cfg = tokenizer_stage.TokenizerConfig.from_dict(deep_merge(load_recipe("tokenizer"), raw.get("tokenizer", {})))
+    tok_node = StageNode("tokenizer", "tokenizer", tok_cfg, root / "tokenizer")
+    nodes = [tok_node]
+    for role in settings.roles:
+        role_raw = dict(roles[role])
+        role_stages = role_raw.pop("stages", {})
+        strict_fields(_RoleFields, role_raw, f"tiny/{scale}.toml [roles.{role}]")
+        stage_names = list(settings.chain) + (list(settings.controls) if role in settings.control_roles else [])
+        by_name: dict[str, StageNode] = {}
+        for stage in stage_names:
+            merged = deep_merge(load_recipe(stage), raw.get("stages", {}).get(stage, {}), f"{stage}.")
+            merged = deep_merge(merged, role_stages.get(stage, {}), f"{role}.{stage}.")
+            merged["name"] = stage
+            if PARENTS.get(stage) == "tokenizer":
+                merged.setdefault("model", role_raw["model"])
+            cfg = pretrain_stage.PretrainConfig.from_dict(merged)
+            parent_name = PARENTS.get(stage)
+            if parent_name is None:
+                raise ConfigError(f"stage {stage!r} has no known parent; known stages: {sorted(PARENTS)}")
+            parent = tok_node if parent_name == "tokenizer" else by_name.get(parent_name)
+            if parent is None:
+                raise ConfigError(f"stage {stage!r} of role {role!r} needs {parent_name!r} earlier in the chain")
+            node = StageNode(f"{role}/{stage}", "pretrain", cfg, root / role / stage, parent)
+            by_name[stage] = node
+            nodes.append(node)
+    return Plan(scale, root, settings, nodes, raw)
+
+
+@dataclass(frozen=True)
+class _RoleFields:
+    model: str
+
+
+def expected_hash(node: StageNode) -> str:
+    """The lineage hash the node's output will have: its config chained with its parents'."""
+    parent_hash = expected_hash(node.parent) if node.parent is not None else None
+    return chain_hash(config_hash(node.config), parent_hash)
+
+
+def describe(plan: Plan) -> str:
+    lines = [f"pipeline {plan.scale}: {len(plan.nodes)} stages under {plan.root}"]
+    for node in plan.nodes:
+        d = node.config.__dict__ if hasattr(node.config, "__dict__") else node.config
+        lines.append(f"\n[{node.key}] -> {node.out_dir} (parent: {node.parent.key if node.parent else '-'}, "
+                     f"lineage {expected_hash(node)})")
+        if node.kind == "pretrain":
+            lines.append(f"  steps = {node.config.steps}")
+        for k, v in d.items():
+            lines.append(f"  {k} = {json.dumps(v, default=str)}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running
+def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
+    """'skip' when complete and matching; otherwise make the directory ready to (re)start or resume."""
+    out = node.out_dir
+    want = expected_hash(node)
+    lineage = read_lineage(out) if out.exists() else None
+    if lineage is not None and lineage.complete and lineage.hash == want:
+        return "skip"
+    started = out / STAGE_FILE
+    if out.exists():
+        same_run = started.exists() and json.loads(started.read_text()).get("lineage_hash") == want and lineage is None
+        if not same_run:
+            aside = out.with_name(f"{out.name}.old-{(lineage.hash if lineage else 'partial')}-{int(time.time())}")
+            say(f"{node.key}: {out} was made by another config; moved aside to {aside.name}")
+            os.rename(out, aside)
+        else:
+            say(f"{node.key}: resuming a cut run")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / STAGE_FILE, {"key": node.key, "lineage_hash": want,
+                                         "config": node.config.__dict__})
+    return "run"
+
+
+def run_stages(plan: Plan, *, only: set[str] | None = None, printer: Callable[[str], None] | None = None) -> Plan:
+    say = printer or default_printer()
+    torch.set_num_threads(plan.settings.threads)
+    datasets.disable_progress_bars()  # the stages print their own progress lines
+    cache_dir = plan.root / "data"
+    for node in plan.nodes:
+        if only and node.key not in only and node.key.split("/")[-1] not in only:
+            node.status = "not selected"
+            continue
+        t0 = time.perf_counter()
+        action = _prepare_dir(node, say)
+        if action == "skip":
+            node.status = "skipped (up to date)"
+            say(f"{node.key}: up to date, skipped")
+            continue
+        ctx = StageContext(out_dir=node.out_dir, cache_dir=cache_dir, printer=say)
+        say(f"=== {node.key}")
+        if node.kind == "tokenizer":
+            tokenizer_stage.run(node.config, None, ctx)
+        else:
+            pretrain_stage.run(node.config, node.parent.out_dir, ctx)
+        node.seconds = time.perf_counter() - t0
+        node.status = f"trained in {format_duration(node.seconds)}"
+    return plan
+
+
+def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = (),
+                 only: set[str] | None = None, claims: bool = True, printer=None) -> Plan:
+    say = printer or default_printer()
+    t0 = time.perf_counter()
+    plan = build_plan(scale, out_root=out_root, overrides=list(overrides))
+    run_stages(plan, only=only, printer=say)
+    if claims:
+        from .evals.claims import run_claims
+
+        run_claims(plan, printer=say)
+    total = time.perf_counter() - t0
+    write_json_atomic(plan.root / "pipeline.json", {
+        "scale": scale, "total_seconds": total,
+        "stages": {n.key: {"status": n.status, "seconds": n.seconds} for n in plan.nodes},
+    })
+    say(f"pipeline {scale}: done in {format_duration(total)}")
+    return plan

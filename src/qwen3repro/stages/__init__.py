@@ -1,0 +1,1 @@
+"""Pipeline stages. Each is `run(cfg, parent, ctx) -> Path` over checkpoint directories."""

@@ -1,0 +1,52 @@
+"""What every stage shares: its run context and the checkpoint-directory contract.
+
+A stage is `run(cfg, parent, ctx) -> Path`: it reads the parent checkpoint directory (model,
+tokenizer), writes its own directory under `ctx.out_dir`, and returns it. The directory is the
+contract between stages (DESIGN.md): Hugging Face model files, tokenizer files, `state/`,
+`metrics.jsonl`, `eval.json` and, written last, `lineage.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..train.metrics import default_printer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class StageContext:
+    """Where a stage writes, where cached data lives, and how it reports progress.
+
+    None of these fields changes what the stage computes, so none enters its config hash.
+    """
+
+    out_dir: Path
+    cache_dir: Path
+    printer: Callable[[str], None] = field(default_factory=default_printer)
+    device: str = "cpu"
+
+    def say(self, msg: str) -> None:
+        self.printer(msg)
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Carry the tokenizer files from a parent checkpoint to a child, so every directory is loadable alone."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if not (src / name).exists():
+            raise FileNotFoundError(f"{src} has no {name}: not a stage output with a tokenizer")
+        shutil.copyfile(src / name, dst / name)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,216 @@
+"""Pretraining stages S1 (general), S2 (reasoning), S3 (long context) — one function, three recipes.
+
+Qwen3 report §3.2: S1 trains every model on general data at 4,096 tokens; S2 raises the share of
+STEM/code/reasoning/synthetic data with an accelerated LR decay; S3 trains at 32,768 tokens on a
+75/25 mix of long and medium documents with the RoPE base raised from 10,000 to 1,000,000 (ABF).
+What differs between the stages is data only in the recipes (`recipes/s1.toml` …) plus two model
+changes this stage applies when the recipe asks: a new `rope_theta` and a longer
+`max_position_embeddings`.
+
+MoE models add the load-balancing loss. `load_balancing = "micro"` computes it per micro-batch of
+`lbl_micro_batch` sequences (what transformers does per forward), `"global"` pools the expert
+selection frequencies over the whole step (Qiu et al. 2025, used for Qwen3-MoE). Within one
+process and one optimizer step the global form is the micro-batch formula on the concatenation of
+all micro-batches (`losses.GlobalBatchLoadBalancer` does the same across gradient accumulation and
+data-parallel ranks at scale).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ConfigError, ModelConfig, strict_fields
+from ..data.packing import PackingLoader
+from ..data.synthetic import build_corpus, heldout_text
+from ..lineage import make_lineage, write_lineage
+from ..losses import load_balancing_loss, masked_cross_entropy
+from ..models.qwen3 import Qwen3
+from ..models.registry import get_model_config
+from ..tokenizer import Tokenizer
+from ..train.loop import TrainConfig, train
+from .common import StageContext, copy_tokenizer, write_json_atomic
+
+LBL_MODES = ("micro", "global")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    name: str
+    """Stage name (s1, s2, s3, s1-control, ...): the output directory's name."""
+    corpus: str
+    """Synthetic corpus: 's1', 's2' or 's3' (`data.synthetic`)."""
+    tokens: int
+    """Training tokens; steps = tokens // (seq_len · batch_size · grad_accum)."""
+    seq_len: int
+    batch_size: int
+    n_docs: int
+    """Documents generated for the corpus (the loader loops over them if tokens exceed one epoch)."""
+    model: str | None = None
+    """Registry name of the model to build when there is no parent model (S1)."""
+    corpus_offset: int = 0
+    """Skip the first N documents of the corpus stream (a control run continuing S1 with unseen data)."""
+    rope_theta: float | None = None
+    """Set the RoPE base (S3's ABF: 1e4 -> 1e6); None keeps the parent's."""
+    document_masking: bool = False
+    """Attention stays inside each packed document (positions restart per document)."""
+    load_balancing: str = "global"
+    """MoE only: 'micro' or 'global' load-balancing loss."""
+    lbl_micro_batch: int = 1
+    """MoE only: sequences per micro-batch for the 'micro' loss."""
+    router_aux_loss_coef: float | None = None
+    """MoE only: overrides the model's coefficient."""
+    eval_docs_per_language: int = 8
+    """Held-out prose documents per language for the eval loss (0: no eval)."""
+    seed: int = 0
+    train: Mapping[str, Any] = field(default_factory=dict)
+    """TrainConfig fields except `steps` (derived from `tokens`)."""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.load_balancing not in LBL_MODES:
+            raise ConfigError(f"load_balancing must be one of {LBL_MODES}, got {self.load_balancing!r}")
+        if "steps" in self.train:
+            raise ConfigError("train.steps is derived from `tokens`; set tokens instead")
+        self.train_config()  # validate now, naming unknown keys
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PretrainConfig":
+        return cls(**strict_fields(cls, d, "pretrain stage"))
+
+    @property
+    def steps(self) -> int:
+        accum = int(self.train.get("grad_accum", 1))
+        return max(1, self.tokens // (self.seq_len * self.batch_size * accum))
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict({**self.train, "steps": self.steps, "seed": self.train.get("seed", self.seed)})
+
+
+# ----------------------------------------------------------------------------- pieces
+def build_model(cfg: PretrainConfig, parent: Path | None, tokenizer: Tokenizer) -> Qwen3:
+    """The parent's model (S2, S3) or a fresh one from the registry (S1), with the stage's changes."""
+    has_parent_model = parent is not None and (Path(parent) / "config.json").exists()
+    if has_parent_model:
+        base = Qwen3.from_pretrained(parent)
+        model_cfg = base.config
+    else:
+        if cfg.model is None:
+            raise ConfigError(f"stage {cfg.name}: no parent model and no `model` to build")
+        base = None
+        model_cfg = get_model_config(cfg.model).replace(eos_token_id=tokenizer.endoftext_id, bos_token_id=None)
+        if len(tokenizer) > model_cfg.vocab_size:
+            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but model {cfg.model} only {model_cfg.vocab_size} rows")
+    changes: dict[str, Any] = {"max_position_embeddings": max(model_cfg.max_position_embeddings, cfg.seq_len)}
+    if cfg.rope_theta is not None:
+        changes["rope_theta"] = float(cfg.rope_theta)
+    if cfg.router_aux_loss_coef is not None:
+        changes["router_aux_loss_coef"] = float(cfg.router_aux_loss_coef)
+    model_cfg = model_cfg.replace(**changes)
+    if base is None:
+        torch.manual_seed(cfg.seed)
+        return Qwen3(model_cfg)
+    model = Qwen3(model_cfg)
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def tokenized_corpus(cfg: PretrainConfig, tokenizer: Tokenizer, cache_dir: Path):
+    """The stage's corpus (cached by `build_corpus`) with an `input_ids` column."""
+    count = (lambda s: len(tokenizer.encode(s))) if cfg.corpus == "s3" else None
+    ds = build_corpus(cfg.corpus, seed=cfg.seed, n_docs=cfg.n_docs, offset=cfg.corpus_offset,
+                      cache_dir=cache_dir, count_tokens=count)
+    backend = tokenizer.backend
+
+    def encode(batch):
+        return {"input_ids": [e.ids for e in backend.encode_batch(batch["text"], add_special_tokens=False)]}
+
+    return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc=f"tokenize {cfg.name}")
+
+
+def pretrain_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, document_masking: bool,
+                  load_balancing: str, lbl_micro_batch: int):
+    """Next-token CE (+ the MoE load-balancing loss), token-weighted for the trainer."""
+    kwargs: dict[str, Any] = {}
+    if document_masking:
+        kwargs.update(position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+    is_moe = model.config.is_moe
+    out = model(batch["input_ids"], output_router_logits=is_moe, **kwargs)
+    labels = batch["labels"]
+    ce = masked_cross_entropy(out.logits, labels)
+    metrics: dict[str, Any] = {"num_tokens": int((labels != -100).sum()), "ce": ce.detach()}
+    loss = ce
+    if is_moe:
+        cfg = model.config
+        b, s = batch["input_ids"].shape
+        if load_balancing == "global":
+            aux = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+        else:  # mean over micro-batches of `lbl_micro_batch` sequences, each balanced on its own
+            per_layer = [r.view(b, s, -1) for r in out.router_logits]
+            groups = range(0, b, lbl_micro_batch)
+            aux = sum(load_balancing_loss([r[g:g + lbl_micro_batch].reshape(-1, r.shape[-1]) for r in per_layer],
+                                          cfg.num_experts, cfg.num_experts_per_tok) for g in groups) / len(groups)
+        loss = ce + cfg.router_aux_loss_coef * aux
+        metrics["lbl"] = aux.detach()
+    return loss, metrics
+
+
+def heldout_loss_fn(tokenizer: Tokenizer, seq_len: int, docs_per_language: int):
+    """eval_fn: mean next-token loss on held-out prose of every language (never in training)."""
+    docs = heldout_text(n_per_language=docs_per_language)
+    encoded = [tokenizer.encode(d["text"])[: seq_len + 1] for d in docs]
+
+    def eval_fn(model: Qwen3) -> dict[str, float]:
+        total, count = 0.0, 0
+        device = next(model.parameters()).device
+        for ids in encoded:
+            x = torch.tensor([ids], device=device)
+            logits = model(x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum")
+            total += float(loss)
+            count += x.shape[1] - 1
+        return {"heldout_loss": total / max(count, 1)}
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------- the stage
+def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext, *, lineage_parent: Path | None = None) -> Path:
+    """Train one pretraining stage from `parent` (a checkpoint dir with a tokenizer, and a model
+    except for S1) into `ctx.out_dir`; resumes a cut run of the same config."""
+    out = Path(ctx.out_dir)
+    if parent is None:
+        raise ConfigError(f"stage {cfg.name}: needs a parent directory holding at least the tokenizer")
+    tokenizer = Tokenizer.load(parent)
+    model = build_model(cfg, parent, tokenizer)
+    docs = tokenized_corpus(cfg, tokenizer, Path(ctx.cache_dir))
+    loader = PackingLoader(docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, eot_id=tokenizer.endoftext_id,
+                           pad_id=tokenizer.pad_token_id, seed=cfg.seed, document_masking=cfg.document_masking)
+    tcfg = cfg.train_config()
+    ctx.say(f"{cfg.name}: {cfg.tokens:,} tokens = {tcfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}"
+            f" (corpus {cfg.corpus}, {len(docs):,} documents, {loader.tokens_per_epoch:,} tokens/epoch)"
+            f", rope_theta {model.config.rope_theta:g}")
+    loss_fn = functools.partial(pretrain_loss, document_masking=cfg.document_masking,
+                                load_balancing=cfg.load_balancing, lbl_micro_batch=cfg.lbl_micro_batch)
+    eval_fn = heldout_loss_fn(tokenizer, min(cfg.seq_len, 256), cfg.eval_docs_per_language) \
+        if cfg.eval_docs_per_language else None
+    summary = train(model, loader, loss_fn, tcfg, out, resume="auto", eval_fn=eval_fn,
+                    eval_every=max(1, tcfg.steps // 4), printer=ctx.printer,
+                    run_extra={"stage": cfg.name, "corpus": cfg.corpus, "corpus_offset": cfg.corpus_offset,
+                               "n_docs": cfg.n_docs, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size})
+    copy_tokenizer(parent, out)
+    final_eval = {k.removeprefix("eval/"): v for k, v in summary["eval"].items()}
+    write_json_atomic(out / "eval.json", {"stage": cfg.name, "final_loss": summary["loss"], **final_eval,
+                                          "tokens_seen": summary["tokens_seen"], "elapsed_s": summary["elapsed_s"]})
+    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent))
+    return out
+
+
+def tokens_per_step(cfg: PretrainConfig) -> int:
+    return cfg.seq_len * cfg.batch_size * int(cfg.train.get("grad_accum", 1))
+
+
+__all__ = ["PretrainConfig", "run", "pretrain_loss", "build_model", "tokenized_corpus", "tokens_per_step"]
