@@ -6,13 +6,15 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv test test-all bench tiny-pipeline micro-pipeline clean
+.PHONY: help venv test test-all bench tiny-pipeline micro-pipeline scaling-laws clean
 
 help:
 	@echo "make tiny-pipeline   run the tiny replication end to end (writes runs/tiny/)"
 	@echo "make test            CPU test suite (what CI runs)"
 	@echo "make bench           benchmarks (pytest-benchmark), ratios against transformers"
 	@echo "make clean           remove runs/ and caches (keeps .venv)"
+	@echo "make full STAGE=s2 MODEL=qwen3-0.6b [NODES=4 GPUS_PER_NODE=8] [DRY_RUN=1] [DATA=shards]"
+	@echo "                     full-scale stage through nanotron: write its config, launch or print the plan"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,5 +40,22 @@ tiny-pipeline: $(STAMP)
 micro-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline micro
 
+# LR x batch x model-size sweep and power-law fits for the optimal LR and batch (~15 min on 2 cores).
+scaling-laws: $(STAMP)
+	$(PY) -m qwen3repro.experiments.cli --out runs/scaling_laws
+
 clean:
 	rm -rf runs .pytest_cache .hypothesis
+
+# Full scale through nanotron (full/README.md). STAGE: s1 s2 s3 cold-start fusion distill; MODEL: qwen3-0.6b ...
+STAGE ?=
+MODEL ?=
+NODES ?=
+GPUS_PER_NODE ?=
+DRY_RUN ?=
+DATA ?=
+.PHONY: full
+full: $(STAMP)
+	$(PY) -m qwen3repro.nanotron.cli --stage "$(STAGE)" --model "$(MODEL)" \
+		$(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
+		$(if $(DRY_RUN),--dry-run) $(if $(DATA),--data $(DATA))

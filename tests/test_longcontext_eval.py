@@ -85,6 +85,10 @@ def test_suite_rejects_unknown_keys(tmp_path):
         lc.LongContextSettings(conditions=("S3", "S3+NTK"))
     with pytest.raises(ConfigError, match="DCA"):
         lc.LongContextSettings(dca_chunk_size=4096)
+    with pytest.raises(ConfigError, match="yarn_only_beyond_trained must be true or false"):
+        lc.LongContextSettings.from_dict({"yarn_only_beyond_trained": "yes"})
+    with pytest.raises(ConfigError, match="n_per_length must be an integer"):
+        lc.LongContextSettings.from_dict({"n_per_length": "40"})
 
 
 # ----------------------------------------------------------------------------- conditions
@@ -244,3 +248,42 @@ def test_cli_dry_run_prints_resolved_settings(tmp_path):
     assert bad.exit_code != 0 and "S9" in bad.output
     missing = CliRunner().invoke(eval_group, ["longcontext", "--out", str(tmp_path / "o")])
     assert missing.exit_code != 0 and "--s2" in missing.output
+
+
+# ----------------------------------------------------------------------------- the claims table
+def test_scale_settings_follow_the_trained_length():
+    s = lc.scale_settings({"lengths": [128, 512, 2048], "n_per_length": 2}, 512)
+    assert s.trained_length == 512 and s.dca_sizes == (384, 32) and s.loss_length == 2048
+    assert s.lengths == (128, 512, 2048) and s.n_per_length == 2
+    assert lc.scale_settings({}, 2048).resolved() == lc.default_settings().resolved()
+    with pytest.raises(ConfigError, match="bogus"):
+        lc.scale_settings({"bogus": 1}, 512)
+
+
+def test_claim_rows_from_a_pipeline_plan(checkpoints, tokenizer, tmp_path):
+    from qwen3repro.evals.claims import claim_longcontext
+
+    root = tmp_path / "runs"
+    plan = SimpleNamespace(
+        root=root,
+        scale_config={"evals": {"longcontext": {"role": "flagship", "lengths": [160, 640], "n_per_length": 2,
+                                                "variants": ["passkey"], "depth_bins": 2, "loss_docs": 1,
+                                                "loss_bucket": 128}}},
+        settings=SimpleNamespace(roles=("flagship",), threads=1),
+        node=lambda key: SimpleNamespace(config=SimpleNamespace(seq_len=160)),
+    )
+    (row,) = claim_longcontext(plan, lambda line: None)
+    assert row.reproduced is None and row.measured == "not measured" and "s2" in row.diagnosis
+    for stage in ("S2", "S3"):
+        d = root / "flagship" / stage.lower()
+        Qwen3.from_pretrained(checkpoints[stage]).save_pretrained(d)
+        (d / "lineage.json").write_text("{}")
+    tokenizer.save(root / "tokenizer")
+    abf, ext = claim_longcontext(plan, lambda line: None)
+    assert abf.name == "s3_abf[flagship/passkey]" and abf.reproduced is False  # a random model
+    assert ext.name == "yarn_dca[flagship/passkey]" and ext.reproduced is False
+    assert "at 160: S3" in abf.measured and "S2" in abf.measured
+    assert "S3+YaRN+DCA" in ext.measured and "@640" in ext.measured and "@160" in ext.measured
+    assert abf.plots and all(p.endswith(".png") for p in abf.plots)
+    saved = json.loads((root / "claims" / "longcontext" / lc.RESULT_FILE).read_text())
+    assert saved["settings"]["trained_length"] == 160 and saved["settings"]["dca_chunk_size"] == 120

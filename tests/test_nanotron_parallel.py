@@ -1,10 +1,11 @@
 """The nanotron Qwen3 model against our plain model on CPU, 2 gloo processes (tiny configs).
 
-For TP=2 (our loop on nanotron's parallel context) and PP=2 (nanotron's AllForwardAllBackward pipeline engine),
-dense and MoE, with two micro-batches per step, a packed document boundary and a loss mask: the step's loss and
-every parameter gradient (each rank's shard) equal those of `Qwen3` with the same weights, where the reference
-adds the same global-batch load-balancing loss through `losses.GlobalBatchLoadBalancer`. Tolerance: fp32,
-rtol 1e-4 / atol 1e-6 (the only differences are summation order across shards).
+For TP=2 (our loop on nanotron's parallel context) and PP=2 (nanotron's AllForwardAllBackward pipeline engine,
+with per-layer activation recomputation on), dense (RoPE base 1e4) and MoE (base 1e6 with YaRN), with two
+micro-batches per step, a packed document boundary and a loss mask: the step's loss and every parameter gradient
+(each rank's shard) equal those of `Qwen3` with the same weights, where the reference adds the same global-batch
+load-balancing loss through `losses.GlobalBatchLoadBalancer`. Tolerance: fp32, rtol 1e-4 / atol 1e-6
+(the only differences are summation order across shards).
 
 Also: nanotron `save_weights` at TP=2 or PP=2 -> `nanotron_to_hf` -> `Qwen3.from_pretrained` gives the reference
 logits, and `hf_to_nanotron` -> nanotron `load_weights` gives back every rank's shards.
@@ -97,16 +98,24 @@ def _check(pc, mode, cfg_name, tmpdir):
     from nanotron.parallel.tied_parameters import sync_tied_weights_gradients
     from nanotron.serialize import load_weights, save_weights
 
-    from qwen3repro.nanotron.model import build_qwen3, count_experts, pipeline_inputs
+    from qwen3repro.nanotron.model import Qwen3NTConfig, build_qwen3, count_experts, pipeline_inputs
 
     rank = dist.get_rank(pc.world_pg)
     cfg = get_model_config(cfg_name)
-    if cfg.is_moe:  # a large coefficient, so that a wrong load-balancing gradient could not hide in the tolerance
-        cfg = cfg.replace(router_aux_loss_coef=0.5)
+    if cfg.is_moe:  # a large LBL coefficient (a wrong gradient cannot hide in the tolerance), and YaRN RoPE
+        cfg = cfg.replace(router_aux_loss_coef=0.5, rope_theta=1e6,
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})
     mbs = _batches(cfg)
     ref, ref_loss = _reference(cfg, mbs)
 
-    model = build_qwen3(cfg, pc, device=torch.device("cpu"))
+    # PP runs with per-layer activation recomputation, TP without: both must give the same gradients.
+    nt_cfg = Qwen3NTConfig.from_model_config(cfg, recompute_layers=(mode == "pp"), attn_implementation="sdpa")
+    model = build_qwen3(nt_cfg, pc, device=torch.device("cpu"))
+    # the plan's pipeline placement is nanotron's
+    from qwen3repro.nanotron.plan import pipeline_assignment
+
+    blocks = [model.embedding, *model.decoder, model.final_norm, model.lm_head, model.loss]
+    assert [b.rank for b in blocks] == pipeline_assignment(cfg, pc.pp_pg.size())
     load_state_dict_into(model, {k: v.detach() for k, v in ref.state_dict().items()}, cfg)
     count_experts(model, mbs)
     inputs = [pipeline_inputs(model, mb) for mb in mbs]

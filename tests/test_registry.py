@@ -92,3 +92,29 @@ def test_cli_help_everywhere():
     for args in (["--help"], ["model", "--help"], ["model", "info", "--help"], ["model", "list", "--help"]):
         result = runner.invoke(main, args)
         assert result.exit_code == 0 and "Usage" in result.output, args
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_formula_equals_instantiated_model(name):
+    """The formula counts exactly the parameters our model class creates (on the meta device: no memory)."""
+    import torch
+
+    from qwen3repro.models.qwen3 import Qwen3
+
+    cfg = get_model_config(name)
+    with torch.device("meta"):
+        model = Qwen3(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b"])
+def test_formula_equals_transformers_model(name):
+    """And what transformers' Qwen3/Qwen3-MoE classes create for the released configs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = get_model_config(name)
+    hf_cfg = AutoConfig.for_model(**cfg.to_hf_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]

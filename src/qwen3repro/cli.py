@@ -81,5 +81,14 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
         raise click.ClickException(str(e)) from None
 
 
+def _register_subcommands() -> None:
+    """Command groups that live next to their code (imported lazily: heavy modules load on use)."""
+    from .evals.cli import eval_group
+
+    main.add_command(eval_group)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ How a batch is decoded
   make up half of it.
 * `return_logprobs=True` gives, for every generated token, log softmax(logits / T) of that token
   over the whole vocabulary — the model's own distribution at the sampling temperature T (1 for
-  greedy), before penalties and filters. This is the convention of TRL's GRPO (the temperature
+  greedy), before penalties, filters and masks (forced tokens get theirs too). This is the convention of TRL's GRPO (the temperature
   divides the logits before the log-softmax), so rollout log-probs can serve as π_old directly;
   the tests check them against a full forward of prompt + completion.
 
@@ -36,7 +36,9 @@ budget B while its thinking is still open, the next tokens are not sampled but f
 stop-thinking directive (`chat.STOP_THINKING_DIRECTIVE`, "Considering the limited time by the user,
 I have to give the solution based on the thinking directly now.\\n</think>.\\n\\n", tokenised once
 per call), after which the row samples its answer as usual. A row is forced at most once, and never
-when the model closes its thinking by itself first. Budget 0 forces "\\n\\n</think>\\n\\n" right after
+when the model closes its thinking by itself first; the count runs over the whole completion (a
+think block re-opened after a natural close keeps counting), and after the directive a row may not
+open another think block, so a row never thinks more than B sampled tokens in all. Budget 0 forces "\\n\\n</think>\\n\\n" right after
 `<think>`, i.e. the empty think block of non-thinking mode. Forced tokens are part of the output
 (they count towards `max_new_tokens`) and are flagged in `Generation.forced`, so an RL loss can mask
 them out. A prompt that already ends inside an open think block (an assistant prefill) starts in the
@@ -239,11 +241,111 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seen, generator) -> to
     return index.gather(-1, _race(values, generator)[:, None])[:, 0]
 
 
+# ------------------------------------------------------------------------ fast decode step
+class _DenseDecodeStep:
+    """One decode step (one new token per row) of a dense `Qwen3`, written for speed.
+
+    The same arithmetic as `Qwen3.forward` with a KV cache, layer by layer (RMSNorm → q/k/v → QK-norm
+    → RoPE → cache write → attention → o_proj; RMSNorm → SwiGLU), with less dispatch per token: the
+    q/k/v and gate/up projections are fused into one matmul each (weights concatenated once per
+    `generate` call), RMSNorm is `F.rms_norm` (one kernel; the q and k heads share one call), RoPE
+    rotates q and k together, activations stay [B, hidden], and grouped-query attention runs as one SDPA
+    call per layer with each KV head's G query heads as its G queries (all at the same position, so
+    no causal mask; padding is an additive bias built once per step and shared by the layers). The
+    prompt prefill and every other model (MoE layers, dual chunk attention, stub models) use
+    `model.forward`; the tests check that log-probs still equal a full forward.
+    """
+
+    def __init__(self, model) -> None:
+        from .models.attention import rope_tables, rotate
+        from .models.rope import rope_cos_sin
+
+        self._rope_cos_sin, self._rope_tables, self._rotate = rope_cos_sin, rope_tables, rotate
+        c = model.config
+        self.model = model
+        self.h, self.hk, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            # QK-norm of the q and k heads in one rms_norm: the per-head weights side by side.
+            qk_weight = torch.cat([a.q_norm.weight.expand(self.h, -1), a.k_norm.weight.expand(self.hk, -1)])
+            self.layers.append((  # matmul weights transposed once to [in, out], contiguous
+                layer.input_layernorm.weight, layer.input_layernorm.eps,
+                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t().contiguous(),
+                qk_weight, a.q_norm.eps, a.o_proj.weight.t().contiguous(),
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps,
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().contiguous(),
+                m.down_proj.weight.t().contiguous(), m.gate_proj.weight.shape[0],
+            ))
+        self.lm_head = model.lm_head.weight.t().contiguous()
+
+    @staticmethod
+    def supports(model) -> bool:
+        from .models.qwen3 import Qwen3
+
+        if not isinstance(model, Qwen3):
+            return False
+        c = model.config
+        return c.dual_chunk_attention_config is None and not any(
+            c.is_sparse_layer(i) for i in range(c.num_hidden_layers)
+        )
+
+    def __call__(self, token: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """token, positions [B] -> last logits [B, V]; writes the token's keys/values at the next slot."""
+        import torch.nn.functional as F
+
+        model, b, h, hk, d = self.model, token.shape[0], self.h, self.hk, self.d
+        slot = cache.length
+        cache.record(positions[:, None], None)
+        bias = None
+        if cache.has_padding:
+            bias = torch.zeros(b, 1, 1, slot + 1, dtype=cache.k.dtype, device=token.device)
+            bias.masked_fill_(~cache.valid[:, None, None, : slot + 1], float("-inf"))
+        x = model.model.embed_tokens(token)
+        cos, sin = self._rope_tables(*self._rope_cos_sin(
+            model.inv_freq, positions[:, None], model.attention_factor, dtype=x.dtype
+        ))
+        qd, kd = h * d, hk * d
+        hidden = x.shape[-1]
+        for i, (w1, eps1, w_qkv, w_qk, eps_qk, w_o, w2, eps2, w_gu, w_down, inter) in enumerate(self.layers):
+            qkv = torch.mm(F.rms_norm(x, (hidden,), w1, eps1), w_qkv)
+            qk = F.rms_norm(qkv[:, : qd + kd].view(b, 1, h + hk, d), (d,), None, eps_qk) * w_qk
+            qk = self._rotate(qk, cos, sin)  # [B, 1, H + Hk, D]
+            cache.k[i, :, :, slot] = qk[:, 0, h:]
+            cache.v[i, :, :, slot] = qkv[:, qd + kd:].view(b, hk, d)
+            keys, values = cache.k[i, :, :, : slot + 1], cache.v[i, :, :, : slot + 1]
+            out = F.scaled_dot_product_attention(qk[:, 0, :h].view(b, hk, h // hk, d), keys, values, attn_mask=bias)
+            x = torch.addmm(x, out.reshape(b, qd), w_o)
+            gu = torch.mm(F.rms_norm(x, (hidden,), w2, eps2), w_gu)
+            x = torch.addmm(x, F.silu(gu[:, :inter]) * gu[:, inter:], w_down)
+        cache.advance(1)
+        norm = model.model.norm
+        return torch.mm(F.rms_norm(x, (hidden,), norm.weight, norm.eps), self.lm_head).float()
+
+
 # ---------------------------------------------------------------------------------- the engine
 def _resolve_params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     params = params or SamplingParams()
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(params, **given) if given else params
+
+
+def _prefill(model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+    """The prompt's forward into the cache; returns the last position's logits [B, V] (float32).
+
+    For a `Qwen3`, a forward hook on the final norm keeps only the last position, so the LM head
+    does not compute logits for every prompt token (a [B·S, V] matmul that nothing reads)."""
+    from .models.qwen3 import Qwen3
+
+    handle = None
+    if isinstance(model, Qwen3):
+        handle = model.model.norm.register_forward_hook(lambda module, args, out: out[:, -1:])
+    try:
+        out = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out.logits[:, -1].float()
 
 
 def _thinking_open(prompt: Sequence[int], start_id: int, end_id: int) -> bool:
@@ -346,11 +448,10 @@ def _generate_batch(
     padded = not bool(attention_mask.all())
 
     cache = model.new_kv_cache(n, width + max_new)
-    logits = model(
-        input_ids, position_ids=position_ids, attention_mask=attention_mask if padded else None, kv_cache=cache
-    ).logits[:, -1].float()
+    logits = _prefill(model, input_ids, position_ids, attention_mask if padded else None, cache)
     next_pos = torch.tensor(lengths, dtype=torch.long, device=device)
 
+    fast_step = _DenseDecodeStep(model) if _DenseDecodeStep.supports(model) else None
     vocab = logits.shape[-1]
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     rows = torch.arange(n, device=device)  # batch slot -> original row
@@ -380,8 +481,14 @@ def _generate_batch(
         out_hit = torch.zeros(n, dtype=torch.bool, device=device)
 
     for t in range(max_new):
+        raw = logits
         if vocab_mask is not None:
             logits = logits.masked_fill(vocab_mask, float("-inf"))
+        if budget is not None and bool(budget_used.any()):
+            # Once forced, a row's thinking stays closed: it may not open a second think block.
+            start_col = logits[:, budget.think_start_id]
+            logits = logits.clone() if logits is raw else logits
+            logits[:, budget.think_start_id] = start_col.masked_fill(budget_used, float("-inf"))
         token = _sample(logits, params, seen, generator)
         forcing = None
         if budget is not None:
@@ -397,7 +504,7 @@ def _generate_batch(
             out_forced[rows, t] = forcing
         out_tokens[rows, t] = token
         if return_logprobs:
-            lp = torch.log_softmax(logits / lp_temperature, dim=-1).gather(-1, token[:, None])[:, 0]
+            lp = torch.log_softmax(raw / lp_temperature, dim=-1).gather(-1, token[:, None])[:, 0]
             out_logps[rows, t] = lp
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
@@ -430,7 +537,10 @@ def _generate_batch(
                     in_think[keep], think_count[keep], budget_used[keep], forced_pos[keep]
                 )
 
-        logits = model(token[:, None], position_ids=next_pos[:, None], kv_cache=cache).logits[:, -1].float()
+        if fast_step is not None:
+            logits = fast_step(token, next_pos, cache)
+        else:
+            logits = model(token[:, None], position_ids=next_pos[:, None], kv_cache=cache).logits[:, -1].float()
         next_pos += 1
 
     tokens_cpu = out_tokens.cpu()

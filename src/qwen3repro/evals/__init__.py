@@ -1,8 +1,8 @@
 """Evaluation logic for the claim-by-claim report.
 
-Each module here holds the logic of one evaluation; the pinned settings of a suite (lengths,
-items per cell, conditions, ...) live in the repository's top-level `evals/` folder, read by the
-module. The command line is `qwen3repro eval <suite>` (see `cli.py`).
+The logic of each evaluation suite lives in a module here; the pinned settings of a suite
+(lengths, items per cell, conditions, ...) live in the repository's top-level `evals/` folder, read
+by the module. The command line is `qwen3repro eval <suite>` (see `cli.py`).
 
 * `longcontext` — Qwen3 report §3.2: YaRN + Dual Chunk Attention give "a four-fold increase in
   sequence length capacity during inference"; retrieval by (length, depth) and loss by position for

@@ -109,6 +109,8 @@ class Qwen3NTConfig:
     mlp_only_layers: list = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
     attn_implementation: str = "auto"
+    # Activation recomputation per decoder layer (torch.utils.checkpoint; nanotron 0.4 has none of its own).
+    recompute_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -117,7 +119,8 @@ class Qwen3NTConfig:
 
     def to_model_config(self) -> ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.pop("is_qwen3_config"), d.pop("attn_implementation")
+        for key in ("is_qwen3_config", "attn_implementation", "recompute_layers"):
+            d.pop(key)
         return ModelConfig.from_dict(d)
 
     @classmethod
@@ -280,8 +283,9 @@ class Qwen3NTMoE(nn.Module):
 
 class Qwen3NTDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, tp_pg, tp_mode, async_comm: bool, attn_implementation: str,
-                 layer_idx: int, inv_freq: torch.Tensor, attention_factor: float) -> None:
+                 layer_idx: int, inv_freq: torch.Tensor, attention_factor: float, recompute: bool = False) -> None:
         super().__init__()
+        self.recompute = recompute
         self.is_sparse = config.is_sparse_layer(layer_idx)
         self.is_moe_model = config.is_moe
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -292,6 +296,14 @@ class Qwen3NTDecoderLayer(nn.Module):
         self.inv_freq, self.attention_factor = inv_freq, attention_factor  # float32, not parameters
 
     def forward(self, hidden_states, position_ids, aux_loss=None):
+        if self.recompute and torch.is_grad_enabled():
+            # Keep only the layer's inputs; the backward re-runs the layer (its TP collectives included).
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, hidden_states, position_ids, aux_loss, use_reentrant=False)
+        return self._forward(hidden_states, position_ids, aux_loss)
+
+    def _forward(self, hidden_states, position_ids, aux_loss=None):
         x = hidden_states
         inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_tables(*rope_cos_sin(inv_freq, position_ids, self.attention_factor, dtype=x.dtype))
@@ -368,6 +380,7 @@ class Qwen3ForTraining(NanotronModel):
                  parallel_config=None, random_states=None, device: Optional[torch.device] = None) -> None:
         super().__init__()
         attn_impl = config.attn_implementation if isinstance(config, Qwen3NTConfig) else "auto"
+        recompute = config.recompute_layers if isinstance(config, Qwen3NTConfig) else False
         mc = _as_model_config(config)
         self.config, self.model_config = config, mc
         self.parallel_context, self.parallel_config = parallel_context, parallel_config
@@ -394,7 +407,7 @@ class Qwen3ForTraining(NanotronModel):
                 p2p=self.p2p, module_builder=Qwen3NTDecoderLayer,
                 module_kwargs=dict(config=mc, tp_pg=tp_pg, tp_mode=tp_mode, async_comm=async_comm,
                                    attn_implementation=attn_impl, layer_idx=i, inv_freq=inv_freq,
-                                   attention_factor=attention_factor),
+                                   attention_factor=attention_factor, recompute=recompute),
                 module_input_keys=stream, module_output_keys=stream,
             )
             for i in range(mc.num_hidden_layers)
@@ -439,6 +452,16 @@ class Qwen3ForTraining(NanotronModel):
         per_gpu = flops / (iteration_time_in_sec * self.parallel_context.world_pg.size() * 1e12)
         return per_gpu, per_gpu
 
+    def tie_custom_params(self) -> None:
+        """Called by nanotron's trainer (and `tie_model_parameters`) once the blocks are built.
+
+        QK-norm weights are shared by all heads, but each TP rank holds only its own heads, so their gradients
+        are partial sums: tie them across TP with a SUM reduction (the trainer would otherwise tie every
+        replicated parameter without reduction). Also normalises the shard metadata (compat, numpy 2)."""
+        _tie_replicated(self, self.parallel_context, reduce_op=dist.ReduceOp.SUM,
+                        only=lambda name, m: isinstance(m, RMSNorm) and name.endswith((".q_norm", ".k_norm")))
+        normalise_sharded_metadata(self)
+
     def get_embeddings_lm_head_tied_names(self):
         if self.model_config.tie_word_embeddings:
             return ["embedding.pp_block.token_embedding.weight", "lm_head.pp_block.linear.weight"]
@@ -471,35 +494,38 @@ def build_qwen3(config: Union[Qwen3NTConfig, ModelConfig], parallel_context: Par
         parallel_context=parallel_context, dtype=dtype, device=device,
     )
     tie_model_parameters(model, parallel_context)
-    normalise_sharded_metadata(model)
     return model
 
 
 def tie_model_parameters(model: Qwen3ForTraining, parallel_context: ParallelContext) -> None:
-    """Tie embedding/LM head across pipeline ranks (gradients summed) and mark every replicated parameter as
-    tied across TP, as nanotron's `mark_tied_parameters` does. `sync_tied_weights_gradients` (called by the
-    trainer after backward) then sums the gradients that must be summed."""
+    """What nanotron's trainer does after building (`trainer.mark_tied_parameters`), for use without the trainer:
+    tie embedding/LM head across pipeline ranks (gradients summed), call `tie_custom_params`, then mark every
+    other replicated parameter as tied across TP (identical by construction in ALL_REDUCE mode).
+    `sync_tied_weights_gradients` (after backward) then sums the gradients that must be summed."""
     pc = parallel_context
     names = model.get_embeddings_lm_head_tied_names()
     if names:
-
         ties = []
         for target in names:
             block = model.get_submodule(target.split(".pp_block")[0])
             ties.append((target, (int(pc.world_rank_matrix[dist.get_rank(pc.expert_pg), block.rank,
                                                           dist.get_rank(pc.dp_pg), dist.get_rank(pc.tp_pg)]),)))
         tie_parameters(root_module=model, ties=ties, parallel_context=pc, reduce_op=dist.ReduceOp.SUM)
+    model.tie_custom_params()
+    _tie_replicated(model, pc, reduce_op=None)
+    create_pg_for_tied_weights(root_module=model, parallel_context=pc)
+
+
+def _tie_replicated(model: nn.Module, pc: ParallelContext, reduce_op, only=None) -> None:
     tp_ranks = tuple(sorted(dist.get_process_group_ranks(pc.tp_pg)))
     for module_name, module in model.named_modules():
+        if only is not None and not only(module_name, module):
+            continue
         for param_name, param in list(module.named_parameters(recurse=False)):
             if isinstance(param, NanotronParameter) and (param.is_sharded or param.is_tied):
                 continue
-            # QK-norm weights are shared by all heads, but each TP rank holds only its heads: their gradients are
-            # partial sums (summed over TP). Every other replicated parameter sees replicated inputs.
-            per_head = isinstance(module, RMSNorm) and module_name.endswith(("q_norm", "k_norm"))
             tie_parameters(root_module=model, ties=[(f"{module_name}.{param_name}", tp_ranks)],
-                           parallel_context=pc, reduce_op=dist.ReduceOp.SUM if per_head else None)
-    create_pg_for_tied_weights(root_module=model, parallel_context=pc)
+                           parallel_context=pc, reduce_op=reduce_op)
 
 
 def pipeline_inputs(model: Qwen3ForTraining, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:

@@ -1,0 +1,189 @@
+"""Experiments: the scaling-law fits and optimum finder, the MoE routing measures, and smoke runs of
+the MoE experiment and the sweep on toy sizes."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qwen3repro.experiments import moe_balance as mb
+from qwen3repro.experiments import scaling_laws as sl
+from qwen3repro.experiments.cli import scaling_laws_command
+
+
+# ----------------------------------------------------------------------------- scaling-law fitting
+@given(a=st.floats(1e-4, 1e3), b=st.floats(-1.5, 1.5),
+       n=st.lists(st.floats(1e3, 1e9), min_size=2, max_size=8, unique=True))
+def test_power_law_fit_recovers_coefficients(a, b, n):
+    n = sorted(n)
+    if n[-1] / n[0] < 1.5:  # need some spread in log N to pin the exponent
+        n = [n[0], n[0] * 10]
+    fit = sl.fit_power_law(n, [a * x ** b for x in n])
+    assert fit["b"] == pytest.approx(b, abs=1e-6)
+    assert fit["a"] == pytest.approx(a, rel=1e-5)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-9) or abs(b) < 1e-9
+    assert sl.power_law(fit, n[0]) == pytest.approx(a * n[0] ** b, rel=1e-5)
+
+
+def test_power_law_fit_with_noise_is_close():
+    rng = np.random.default_rng(0)
+    n = np.geomspace(1e5, 1e8, 12)
+    y = 0.5 * n ** -0.3 * np.exp(rng.normal(0, 0.02, n.size))
+    fit = sl.fit_power_law(n, y)
+    assert fit["b"] == pytest.approx(-0.3, abs=0.03)
+    assert fit["r2"] > 0.95
+
+
+@given(center=st.floats(-8.0, -4.0), curv=st.floats(0.05, 2.0), offset=st.floats(1.0, 6.0))
+def test_optimum_finder_picks_parabola_minimum(center, curv, offset):
+    lrs = [2.0 ** u for u in np.arange(-10, -1.5, 1.0)]  # grid wide enough to bracket the centre
+    losses = [offset + curv * (math.log2(x) - center) ** 2 for x in lrs]
+    opt = sl.optimum_log_parabola(lrs, losses)
+    assert opt["method"] == "parabola"
+    assert math.log2(opt["x"]) == pytest.approx(center, abs=1e-6)
+    assert opt["loss"] == pytest.approx(offset, abs=1e-6)
+
+
+def test_optimum_finder_falls_back_to_grid_at_the_edge_and_skips_divergence():
+    lrs = [1e-3, 2e-3, 4e-3, 8e-3]
+    opt = sl.optimum_log_parabola(lrs, [4.0, 3.0, 2.0, 1.0])  # monotone: the optimum is off the grid
+    assert opt == {"x": 8e-3, "loss": 1.0, "method": "grid"}
+    opt = sl.optimum_log_parabola(lrs, [3.0, 2.0, 2.5, float("inf")])  # diverged point dropped
+    assert opt["method"] == "parabola" and 2e-3 < opt["x"] < 4e-3
+    opt = sl.optimum_log_parabola(lrs, [3.0, 2.0, float("inf"), float("nan")])  # too few points left
+    assert opt == {"x": 2e-3, "loss": 2.0, "method": "grid"}
+
+
+def test_optima_per_size():
+    rows = []
+    for size, n, centre_lr, centre_b in (("a", 1e5, 8e-3, 8), ("b", 1e6, 2e-3, 16)):
+        for b in (4, 8, 16, 32):
+            for lr in (5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2):
+                loss = 3 + 0.1 * math.log2(lr / centre_lr) ** 2 + 0.05 * math.log2(b / centre_b) ** 2
+                rows.append({"size": size, "n_params": n, "batch_size": b, "lr": lr, "eval_loss": loss})
+    opt = sl.optima(rows, seq_len=128)
+    assert opt["a"]["lr_opt"] == pytest.approx(8e-3, rel=1e-6)
+    assert opt["b"]["lr_opt"] == pytest.approx(2e-3, rel=1e-6)
+    assert opt["a"]["batch_opt_sequences"] == pytest.approx(8, rel=1e-6)
+    assert opt["b"]["batch_opt_tokens"] == pytest.approx(16 * 128, rel=1e-6)
+
+
+def test_sweep_sizes_are_ordered_and_tiny_student_is_the_largest():
+    ns = [sl.non_embedding_params(c) for c in sl.SWEEP_SIZES.values()]
+    assert ns == sorted(ns) and len(ns) >= 3
+    assert sl.SWEEP_SIZES["sl-128x4"] == sl.get_model_config("tiny-student")
+
+
+# ----------------------------------------------------------------------------- MoE routing measures
+def test_uniform_routing_is_balanced_and_unspecialised():
+    d, layers, e, k = 4, 3, 16, 4
+    counts = np.full((d, layers, e), 10.0)
+    gi = mb.global_imbalance(counts)
+    assert gi["max_over_mean"] == pytest.approx(1.0) and gi["cv"] == pytest.approx(0.0)
+    assert mb.micro_imbalance(counts)["max_over_mean"] == pytest.approx(1.0)
+    spec = mb.domain_specialisation(counts, k)
+    assert spec["top_k_share"] == pytest.approx(k / e) == pytest.approx(spec["top_k_share_floor"])
+    assert spec["kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_one_expert_group_per_domain_is_maximally_specialised_and_globally_balanced():
+    d, layers, e, k = 4, 2, 16, 4  # each domain routes only to its own k experts; domains cover all E
+    counts = np.zeros((d, layers, e))
+    for i in range(d):
+        counts[i, :, i * k:(i + 1) * k] = 25.0
+    spec = mb.domain_specialisation(counts, k, ["a", "b", "c", "d"])
+    assert spec["top_k_share"] == pytest.approx(1.0)
+    assert spec["kl"] == pytest.approx(math.log(d))  # the maximum for d equal-sized domains
+    assert set(spec["top_k_share_per_domain"]) == {"a", "b", "c", "d"}
+    gi = mb.global_imbalance(counts)
+    assert gi["max_over_mean"] == pytest.approx(1.0)
+    # ... while every domain alone is as unbalanced as k-of-E routing allows: max/mean = E/k.
+    assert mb.micro_imbalance(counts)["max_over_mean"] == pytest.approx(e / k)
+
+
+def test_collapsed_routing_is_maximally_imbalanced():
+    counts = np.zeros((1, 2, 8))
+    counts[..., :2] = 50.0  # all selections on 2 of 8 experts (k = 2)
+    assert mb.global_imbalance(counts)["max_over_mean"] == pytest.approx(4.0)
+    assert mb.domain_specialisation(counts, 2)["top_k_share"] == pytest.approx(1.0)
+
+
+def test_judge_names_each_part():
+    def res(gi, loss, share):
+        return {"global_imbalance": {"max_over_mean": gi}, "heldout_loss": loss,
+                "specialisation": {"top_k_share": share, "top_k_share_floor": 0.25},
+                "micro_imbalance": {"max_over_mean": 2.0}}
+
+    ok, parts, text = mb.judge(res(1.5, 3.0, 0.4), res(1.3, 3.005, 0.5), loss_tolerance=0.01)
+    assert ok and all(parts.values()) and "lower" in text
+    ok, parts, text = mb.judge(res(1.5, 3.0, 0.4), res(1.6, 3.1, 0.3), loss_tolerance=0.01)
+    assert not ok and not any(parts.values()) and "not reproduced" in text
+
+
+def test_settings_reject_unknown_keys():
+    with pytest.raises(Exception, match="unknown key"):
+        mb.MoEExperimentSettings.from_mapping({"model": "micro-moe", "epochs": 3})
+    s = mb.MoEExperimentSettings.from_mapping({"model": "micro-moe", "tokens": 1000, "seq_len": 32, "batch_size": 4})
+    micro, glob = s.stage_config("micro"), s.stage_config("global")
+    assert micro.load_balancing == "micro" and glob.load_balancing == "global"
+    assert {**vars(micro), "load_balancing": None, "name": None, "description": None} == \
+        {**vars(glob), "load_balancing": None, "name": None, "description": None}
+
+
+# ----------------------------------------------------------------------------- smoke runs
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from qwen3repro.stages import tokenizer as tokenizer_stage
+    from qwen3repro.stages.common import StageContext
+
+    out = tmp_path_factory.mktemp("tok")
+    tokenizer_stage.run(tokenizer_stage.TokenizerConfig(vocab_size=512, n_docs=300), None,
+                        StageContext(out, out / "cache", printer=lambda _m: None))
+    return out
+
+
+def test_moe_experiment_smoke(tokenizer_dir, tmp_path):
+    settings = {"model": "micro-moe", "tokens": 1024, "seq_len": 32, "batch_size": 4, "lbl_micro_batch": 1,
+                "router_aux_loss_coef": 0.01, "lr": 3e-3, "n_docs": 100, "eval_docs_per_domain": 2,
+                "warmup_steps": 1, "log_every": 2}
+    result = mb.run_moe_experiment(settings, tokenizer_dir, tmp_path / "moe", tmp_path / "cache", printer=lambda _m: None)
+    assert set(result) >= {"claim", "micro", "global", "reproduced", "diagnosis"}
+    assert isinstance(result["reproduced"], bool)
+    for mode in ("micro", "global"):
+        r = result[mode]
+        assert math.isfinite(r["heldout_loss"]) and r["global_imbalance"]["max_over_mean"] >= 1.0
+        assert r["specialisation"]["top_k_share"] >= r["specialisation"]["top_k_share_floor"] - 1e-9
+    written = json.loads((tmp_path / "moe" / "moe_balance.json").read_text())
+    assert written["settings"]["model"] == "micro-moe" and written["steps"] == 8
+    for name in result["files"]:
+        assert (tmp_path / "moe" / name).stat().st_size > 0
+
+
+def test_scaling_laws_dry_run_and_tiny_sweep(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(scaling_laws_command, ["--dry-run", "--out", str(tmp_path / "dry")])
+    assert res.exit_code == 0, res.output
+    assert "45 runs" in res.output and "sl-128x4" in res.output
+    assert not (tmp_path / "dry").exists()
+    res = runner.invoke(scaling_laws_command, ["--dry-run", "--quick"])
+    assert res.exit_code == 0 and "sl-32x1" in res.output
+
+    # The --quick grid, cut further so the test stays fast: one batch size, three LRs.
+    s = sl.SweepSettings.quick_settings()
+    s = sl.SweepSettings(**{**s.__dict__, "lrs": (1e-3, 4e-3, 1.6e-2), "batch_sizes": (2,), "tokens": 256,
+                            "tokenizer_docs": 300, "n_docs": 60})
+    result = sl.run_sweep(tmp_path / "sweep", s, printer=lambda _m: None)
+    assert len(result["runs"]) == 6
+    assert set(result["predictions"]) == {"tiny-student", "tiny-flagship"}
+    for key in ("lr_opt", "batch_opt_tokens"):
+        assert {"a", "b", "r2"} <= set(result["fits"][key])
+    assert json.loads((tmp_path / "sweep" / "scaling_laws.json").read_text())["settings"]["quick"] is True
+    for name in result["files"]:
+        assert (tmp_path / "sweep" / name).exists()
+    again = sl.run_sweep(tmp_path / "sweep", s, printer=lambda _m: None)  # resumes: nothing retrained
+    assert [r["eval_loss"] for r in again["runs"]] == [r["eval_loss"] for r in result["runs"]]
