@@ -24,9 +24,10 @@ How a batch is decoded
   make up half of it.
 * `return_logprobs=True` gives, for every generated token, log softmax(logits / T) of that token
   over the whole vocabulary — the model's own distribution at the sampling temperature T (1 for
-  greedy), before penalties, filters and masks (forced tokens get theirs too). This is the convention of TRL's GRPO (the temperature
-  divides the logits before the log-softmax), so rollout log-probs can serve as π_old directly;
-  the tests check them against a full forward of prompt + completion.
+  greedy), before penalties, filters and masks (forced tokens get theirs too). This is the
+  convention of TRL's GRPO (the temperature divides the logits before the log-softmax), so rollout
+  log-probs can serve as π_old directly; the tests check them against a full forward of
+  prompt + completion.
 
 Thinking budget (Qwen3 technical report §4.3, "Thinking budget")
 ----------------------------------------------------------------
@@ -38,11 +39,11 @@ I have to give the solution based on the thinking directly now.\\n</think>.\\n\\
 per call), after which the row samples its answer as usual. A row is forced at most once, and never
 when the model closes its thinking by itself first; the count runs over the whole completion (a
 think block re-opened after a natural close keeps counting), and after the directive a row may not
-open another think block, so a row never thinks more than B sampled tokens in all. Budget 0 forces "\\n\\n</think>\\n\\n" right after
-`<think>`, i.e. the empty think block of non-thinking mode. Forced tokens are part of the output
-(they count towards `max_new_tokens`) and are flagged in `Generation.forced`, so an RL loss can mask
-them out. A prompt that already ends inside an open think block (an assistant prefill) starts in the
-thinking state.
+open another think block, so a row never thinks more than B sampled tokens in all. Budget 0 forces
+"\\n\\n</think>\\n\\n" right after `<think>`, i.e. the empty think block of non-thinking mode.
+Forced tokens are part of the output (they count towards `max_new_tokens`) and are flagged in
+`Generation.forced`, so an RL loss can mask them out. A prompt that already ends inside an open
+think block (an assistant prefill) starts in the thinking state.
 """
 from __future__ import annotations
 
@@ -252,8 +253,8 @@ class _DenseDecodeStep:
     rotates q and k together, activations stay [B, hidden], and grouped-query attention runs as one SDPA
     call per layer with each KV head's G query heads as its G queries (all at the same position, so
     no causal mask; padding is an additive bias built once per step and shared by the layers). The
-    prompt prefill and every other model (MoE layers, dual chunk attention, stub models) use
-    `model.forward`; the tests check that log-probs still equal a full forward.
+    prompt prefill and every other model (MoE layers, dual chunk attention, bf16/fp16 weights, stub
+    models) use `model.forward`; the tests check that log-probs still equal a full forward.
     """
 
     def __init__(self, model) -> None:
@@ -286,7 +287,8 @@ class _DenseDecodeStep:
         if not isinstance(model, Qwen3):
             return False
         c = model.config
-        return c.dual_chunk_attention_config is None and not any(
+        full_precision = model.lm_head.weight.dtype in (torch.float32, torch.float64)  # RMSNorm casts differ below
+        return full_precision and c.dual_chunk_attention_config is None and not any(
             c.is_sparse_layer(i) for i in range(c.num_hidden_layers)
         )
 
@@ -314,7 +316,7 @@ class _DenseDecodeStep:
             cache.k[i, :, :, slot] = qk[:, 0, h:]
             cache.v[i, :, :, slot] = qkv[:, qd + kd:].view(b, hk, d)
             keys, values = cache.k[i, :, :, : slot + 1], cache.v[i, :, :, : slot + 1]
-            out = F.scaled_dot_product_attention(qk[:, 0, :h].view(b, hk, h // hk, d), keys, values, attn_mask=bias)
+            out = F.scaled_dot_product_attention(qk[:, 0, :h].reshape(b, hk, h // hk, d), keys, values, attn_mask=bias)
             x = torch.addmm(x, out.reshape(b, qd), w_o)
             gu = torch.mm(F.rms_norm(x, (hidden,), w2, eps2), w_gu)
             x = torch.addmm(x, F.silu(gu[:, :inter]) * gu[:, inter:], w_down)

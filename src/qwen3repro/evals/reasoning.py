@@ -65,9 +65,31 @@ def extract_answer(completion: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+@torch.inference_mode()
+def solution_step_accuracy(model: Qwen3, tok: Tokenizer, items: Sequence[tasks.TaskItem]) -> dict[str, float]:
+    """Teacher-forced view of the same problems: given the question and the reference solution so far,
+    how often is the model's most likely next token the reference one (over the solution and answer
+    tokens), and the mean NLL of the reference solution. A graded measure that still moves when
+    exact-match accuracy of whole generated solutions sits at its floor."""
+    model.eval()
+    hits = total = 0
+    nll = 0.0
+    for item in items:
+        prompt = tok.encode(problem_prompt(item))
+        solution = tok.encode("\n".join(item.trace_steps) + f"\nAnswer: {item.answer}") + [tok.endoftext_id]
+        ids = torch.tensor([prompt + solution])
+        logits = model(ids[:, :-1]).logits[0, len(prompt) - 1:]
+        target = ids[0, len(prompt):]
+        hits += int((logits.argmax(-1) == target).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        total += len(target)
+    return {"step_token_accuracy": hits / max(total, 1), "solution_nll": nll / max(total, 1)}
+
+
 def reasoning_accuracy(model_dir: str | Path, *, n_per_cell: int, max_new_tokens: int, batch_size: int = 32,
                        seed: int = 0) -> dict[str, Any]:
-    """Accuracy on held-out S2 problems, overall and by family and difficulty."""
+    """Accuracy on held-out S2 problems, overall and by family and difficulty (greedy generation),
+    plus the teacher-forced step accuracy and solution NLL on the same items."""
     model = Qwen3.from_pretrained(model_dir)
     tok = Tokenizer.load(model_dir)
     items = s2_eval_items(seed=seed, n_per_cell=n_per_cell)
@@ -87,6 +109,7 @@ def reasoning_accuracy(model_dir: str | Path, *, n_per_cell: int, max_new_tokens
         by_difficulty[f"{item.family}/{item.difficulty}"].append(ok)
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     return {
+        **solution_step_accuracy(model, tok, items),
         "accuracy": mean(correct),
         "n": len(correct),
         "by_family": {k: mean(v) for k, v in sorted(by_family.items())},

@@ -94,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = trainer.config
     pc = trainer.parallel_context
     mc = cfg.model.model_config
+    # Each data-parallel rank packs its own shard of the documents (TP/PP ranks of a replica see the same data).
+    docs = load_documents(args.data).shard(num_shards=pc.dp_pg.size(), index=dist.get_rank(pc.dp_pg), contiguous=False)
     loader = PackingLoader(
-        load_documents(args.data), seq_len=cfg.tokens.sequence_length, batch_size=cfg.tokens.micro_batch_size,
-        eot_id=mc.bos_token_id, seed=cfg.data.seed + dist.get_rank(pc.dp_pg), document_masking=True,
-        too_long="split", drop_last=True,
+        docs, seq_len=cfg.tokens.sequence_length, batch_size=cfg.tokens.micro_batch_size,
+        eot_id=mc.bos_token_id, seed=cfg.data.seed, document_masking=True, too_long="split", drop_last=True,
     )
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model  # DDP-wrapped or not
     trainer.train(_batches(loader, model))

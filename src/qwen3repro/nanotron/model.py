@@ -31,8 +31,10 @@ E·Σ_i f̄_i·Σ_t p_{t,i} / (L_sparse·T) to a running `aux_loss` tensor that 
 through the pipeline; the engine's division by the number of micro-batches makes the step's sum equal to the
 balancer's loss.
 
-Parallel layout per model (see full/README.md): dense models use TP within a node (ALL_REDUCE mode) + DP with
-ZeRO-1, PP only for 32B; 30B-A3B uses TP=4; 235B-A22B uses TP=4 x PP=16 (no expert parallelism in 0.4).
+Parallel layout per model (full/models.toml, full/README.md): TP inside a node (ALL_REDUCE mode) + DP with ZeRO-1
+for every model: TP 1 (0.6B, 1.7B), 2 (4B), 4 (8B), 8 (14B) at 4k tokens, twice that (max 8) at 32k; 32B TP 8 x
+PP 2; 30B-A3B TP 4 x PP 2 (PP 4 at 32k); 235B-A22B TP 4 x PP 16 (no expert parallelism in 0.4). Optional per-layer
+activation recomputation (`recompute_layers`), which 0.4 lacks, fits the 32k stages.
 """
 from __future__ import annotations
 

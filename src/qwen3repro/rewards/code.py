@@ -108,7 +108,9 @@ def network_isolation() -> str:
         return "none"
     for name, flags in _NAMESPACE_FLAGS.items():
         try:
-            probe = subprocess.run([exe, *flags, "true"], capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
+            probe = subprocess.run(
+                [exe, *flags, "true"], capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"}
+            )
         except (OSError, subprocess.SubprocessError):
             continue
         if probe.returncode == 0:
@@ -247,6 +249,11 @@ def run_sandboxed(source: str, *, stdin_text: str = "", limits: SandboxLimits | 
             _remove_cgroup(cgroup)
 
 
+# unshare's own failures (before the interpreter runs). Other "unshare: ..." lines, such as the one it
+# prints when the interpreter was killed by a signal, are the sandboxed program's outcome.
+_UNSHARE_FAILED = re.compile(r"unshare: (unshare failed|failed to execute|cannot|write failed|setgroups failed)")
+
+
 def _run(argv, workdir, stdin_text, limits: SandboxLimits, cgroup) -> SandboxResult:
     env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
     start = time.monotonic()
@@ -292,6 +299,9 @@ def _run(argv, workdir, stdin_text, limits: SandboxLimits, cgroup) -> SandboxRes
             except subprocess.TimeoutExpired:
                 timed_out = True
     finally:
+        # Close our end of the pipe first: a writer blocked on a full pipe (the program, or unshare
+        # reporting how its child died) gets EPIPE/SIGPIPE instead of waiting for us forever.
+        proc.stdout.close()
         if argv[0].endswith("unshare"):
             # Kill the namespace's init (unshare's one child) first: the kernel then kills and reaps
             # everything in the namespace, and unshare reaps its child and exits by itself.
@@ -312,13 +322,12 @@ def _run(argv, workdir, stdin_text, limits: SandboxLimits, cgroup) -> SandboxRes
                 except ProcessLookupError:
                     pass
         proc.wait()
-        proc.stdout.close()
     output = b"".join(chunks).decode("utf-8", errors="replace")
     result = SandboxResult(
         proc.returncode, output, timed_out=timed_out, output_truncated=truncated,
         elapsed=time.monotonic() - start, pid=proc.pid,
     )
-    if argv[0].endswith("unshare") and proc.returncode not in (None, 0) and output.startswith("unshare:"):
+    if argv[0].endswith("unshare") and proc.returncode not in (None, 0) and _UNSHARE_FAILED.match(output):
         result.infra_error = output.strip().splitlines()[0]
     return result
 
@@ -358,11 +367,16 @@ def run_tests(solution: str, tests: str, limits: SandboxLimits | None = None) ->
     if result.timed_out:
         return RewardResult(0.0, f"wall-clock limit ({limits.wall_seconds} s) exceeded")
     rc = result.returncode
-    if rc is not None and rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-        why = "CPU limit" if -rc == signal.SIGXCPU else f"killed by {name}"
-        return RewardResult(0.0, why)
-    last = result.output.strip().splitlines()[-1:] or ["exited before the tests finished"]
+    lines = result.output.strip().splitlines()
+    program_lines = [line for line in lines if not line.startswith("unshare: ")]
+    if (rc is not None and rc < 0) or len(program_lines) < len(lines):
+        # Killed by a signal: directly, or (in the namespaces) reported by unshare for its child.
+        if rc is not None and rc < 0 and -rc in signal.Signals._value2member_map_:
+            name = signal.Signals(-rc).name
+        else:
+            name = "a signal (CPU limit or SIGKILL)"
+        return RewardResult(0.0, f"killed by {name}")
+    last = program_lines[-1:] or ["exited before the tests finished"]
     return RewardResult(0.0, f"failed (exit {rc}): {last[0][:200]}")
 
 

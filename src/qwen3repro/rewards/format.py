@@ -2,8 +2,8 @@
 
 * "think_format": 1.0 when the completion is exactly one `<think>...</think>` block followed by the
   answer (TRL's `think_format_reward` pattern `^<think>(?!.*<think>)(.*?)</think>.*$`, with the
-  answer required to be non-empty and free of malformed tool calls here). A completion whose prompt already ended with `<think>`
-  (an assistant prefill) can pass `prefilled_think=True`.
+  answer required to be non-empty and free of malformed tool calls here). A completion whose
+  prompt already ended with `<think>` (an assistant prefill) can pass `prefilled_think=True`.
 * "think_mode": 1.0 when the think block follows the requested mode: `thinking=True` needs a
   non-empty reasoning, `thinking=False` the empty block `<think>\\n\\n</think>` (or none at all,
   when the prompt pre-filled it); both need an answer (or a tool call) and no malformed tool call.
