@@ -106,7 +106,8 @@ def _show(parsed: dict, show_thinking: bool) -> None:
 @click.option("--budget", type=click.IntRange(min=0), default=None, help="Thinking budget in tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=None,
               help="Override the mode's pinned temperature (0 = greedy).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most tokens per reply (thinking, forced directive and answer).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory with tokenizer.json (default: the checkpoint or its parents).")
 @click.option("--prompt", default=None, help="Answer this one message and exit (non-interactive).")

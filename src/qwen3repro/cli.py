@@ -83,11 +83,13 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
 
 def _register_subcommands() -> None:
     """Command groups that live next to their code (imported lazily: heavy modules load on use)."""
+    from .chat_cli import chat_command
     from .evals.cli import eval_group
     from .nanotron.cli import full_command
 
     main.add_command(eval_group)
     main.add_command(full_command)
+    main.add_command(chat_command)
 
 
 _register_subcommands()

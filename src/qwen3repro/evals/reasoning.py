@@ -17,6 +17,7 @@ import torch
 
 from ..data import tasks
 from ..data.synthetic import s2_eval_items
+from ..generate import GREEDY, generate
 from ..models.qwen3 import Qwen3
 from ..tokenizer import Tokenizer
 
@@ -25,39 +26,6 @@ ANSWER = re.compile(r"Answer:\s*([^\n]*)")
 
 def problem_prompt(item: tasks.TaskItem) -> str:
     return f"Problem: {item.question}\nSolution:\n"
-
-
-@torch.inference_mode()
-def greedy_complete(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop_ids: Sequence[int] = ()) -> list[list[int]]:
-    """Greedy continuation of a batch of token prompts (left-padded, KV-cached)."""
-    model.eval()
-    device = next(model.parameters()).device
-    b, longest = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(b, longest, dtype=torch.long, device=device)
-    mask = torch.zeros(b, longest, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p, device=device)
-        mask[i, longest - len(p):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = model.new_kv_cache(b, longest + max_new_tokens)
-    logits = model(ids, position_ids=positions, attention_mask=mask, kv_cache=cache).logits[:, -1]
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    stop = torch.tensor(list(stop_ids), device=device) if stop_ids else None
-    next_pos = positions[:, -1] + 1
-    for _ in range(max_new_tokens):
-        tok = logits.argmax(-1)
-        for i in torch.nonzero(~done).flatten().tolist():
-            out[i].append(int(tok[i]))
-        if stop is not None:
-            done |= torch.isin(tok, stop)
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(tok[:, None], position_ids=next_pos[:, None], attention_mask=mask, kv_cache=cache).logits[:, -1]
-        next_pos = next_pos + 1
-    return out
 
 
 def extract_answer(completion: str) -> str | None:
@@ -98,9 +66,10 @@ def reasoning_accuracy(model_dir: str | Path, *, n_per_cell: int, max_new_tokens
     correct: list[bool] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        outs = greedy_complete(model, [tok.encode(problem_prompt(it)) for it in chunk], max_new_tokens, stop)
-        for item, ids in zip(chunk, outs):
-            answer = extract_answer(tok.decode(ids))
+        outs = generate(model, [tok.encode(problem_prompt(it)) for it in chunk], GREEDY,
+                        max_new_tokens=max_new_tokens, stop_token_ids=stop, tokenizer=tok)
+        for item, out in zip(chunk, outs):
+            answer = extract_answer(tok.decode(out.token_ids))
             correct.append(answer is not None and tasks.check_answer(item, answer))
     by_family: dict[str, list[bool]] = defaultdict(list)
     by_difficulty: dict[str, list[bool]] = defaultdict(list)

@@ -31,6 +31,10 @@ Design (see the project reference on safe execution of generated code):
 * An infrastructure failure (the interpreter or the sandbox cannot start) returns score None — "no
   reward", ignored by the trainer — never 0.
 
+Limits are set through `preexec_fn`, which Python documents as unsafe when the calling process runs
+other threads (a lock held at fork time can deadlock the child before exec): call the sandbox from
+the main thread or from worker processes, not from a thread pool.
+
 This is a defence against accidents and naive exploits (infinite loops, memory and fork bombs,
 early exits, output floods, network access), not a security boundary against adversarial code: code
 in the same interpreter as the harness could, for instance, read the token from the harness's frame.
@@ -229,7 +233,8 @@ def _kill_group(pid: int) -> None:
 
 # ------------------------------------------------------------------------------------ running
 def run_sandboxed(source: str, *, stdin_text: str = "", limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run Python `source` in the sandbox; `stdin_text` is written to its stdin, then closed."""
+    """Run Python `source` in the sandbox; `stdin_text` (small: it must fit the pipe buffer, 64 KiB)
+    is written to its stdin, which is then closed."""
     limits = limits or SandboxLimits()
     if not (os.path.isfile(limits.python) and os.access(limits.python, os.X_OK)):
         return SandboxResult(None, "", infra_error=f"interpreter {limits.python!r} is not executable")
