@@ -71,6 +71,13 @@ def test_optima_per_size():
     assert opt["b"]["lr_opt"] == pytest.approx(2e-3, rel=1e-6)
     assert opt["a"]["batch_opt_sequences"] == pytest.approx(8, rel=1e-6)
     assert opt["b"]["batch_opt_tokens"] == pytest.approx(16 * 128, rel=1e-6)
+    assert not opt["a"]["lr_at_grid_edge"] and not opt["b"]["batch_at_grid_edge"]
+    def concave(r):  # falls towards the smallest LR and batch: both optima on the grid's lower edge
+        return -math.log2(r["lr"]) ** 2 - 0.1 * (math.log2(r["batch_size"]) - 10) ** 2
+
+    edge = sl.optima([{**r, "eval_loss": concave(r)} for r in rows], seq_len=128)
+    assert edge["a"]["lr_at_grid_edge"] and edge["a"]["batch_at_grid_edge"] and edge["a"]["lr_opt"] == 5e-4
+    assert edge["a"]["batch_opt_sequences"] == 4
 
 
 def test_sweep_sizes_are_ordered_and_tiny_student_is_the_largest():
@@ -168,7 +175,7 @@ def test_scaling_laws_dry_run_and_tiny_sweep(tmp_path):
     runner = CliRunner()
     res = runner.invoke(scaling_laws_command, ["--dry-run", "--out", str(tmp_path / "dry")])
     assert res.exit_code == 0, res.output
-    assert "45 runs" in res.output and "sl-128x4" in res.output
+    assert "60 runs" in res.output and "sl-128x4" in res.output
     assert not (tmp_path / "dry").exists()
     res = runner.invoke(scaling_laws_command, ["--dry-run", "--quick"])
     assert res.exit_code == 0 and "sl-32x1" in res.output

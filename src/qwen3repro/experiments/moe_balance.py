@@ -43,7 +43,6 @@ higher by more than `loss_tolerance`, and top-k share higher.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -83,8 +83,8 @@ class SweepSettings:
     """The grid and budget of one sweep."""
 
     sizes: tuple[str, ...] = tuple(SWEEP_SIZES)
-    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
-    batch_sizes: tuple[int, ...] = (4, 8, 16)
+    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
+    batch_sizes: tuple[int, ...] = (2, 4, 8, 16)
     """Sequences per step (tokens per step = batch · seq_len)."""
     seq_len: int = 128
     tokens: int = 40_960
@@ -111,6 +111,11 @@ class SweepSettings:
 
     def runs(self) -> list[tuple[str, int, float]]:
         return [(s, b, lr) for s in self.sizes for b in self.batch_sizes for lr in self.lrs]
+
+    def run_name(self, size: str, batch: int, lr: float) -> str:
+        """A grid point's directory: everything that defines the run, so a resumed sweep with other
+        settings never reuses a stale result."""
+        return f"{size}-b{batch}-lr{lr:g}-t{self.tokens}-L{self.seq_len}-w{self.warmup_fraction:g}-s{self.seed}"
 
 
 # ============================================================================ fitting (pure)
@@ -165,14 +170,18 @@ def optima(results: Sequence[Mapping[str, Any]], seq_len: int) -> dict[str, dict
         batches = sorted(per_batch)
         b_opt = optimum_log_parabola(batches, [per_batch[b]["loss"] for b in batches])
         nearest = min(batches, key=lambda b: abs(math.log(b / b_opt["x"])))
+        lrs = sorted({r["lr"] for r in rows})
         out[size] = {
             "n_params": rows[0]["n_params"],
             "lr_opt_per_batch": {str(b): per_batch[b] for b in batches},
             "batch_opt_sequences": b_opt["x"],
             "batch_opt_tokens": b_opt["x"] * seq_len,
             "batch_method": b_opt["method"],
+            # An optimum on the edge of the grid is only a bound: the true one may lie beyond it.
+            "batch_at_grid_edge": b_opt["method"] == "grid" and b_opt["x"] in (batches[0], batches[-1]),
             "lr_opt": per_batch[nearest]["x"],
             "lr_method": per_batch[nearest]["method"],
+            "lr_at_grid_edge": per_batch[nearest]["method"] == "grid" and per_batch[nearest]["x"] in (lrs[0], lrs[-1]),
             "best_loss": min(r["eval_loss"] for r in rows if math.isfinite(r["eval_loss"])),
         }
     return out
@@ -261,12 +270,21 @@ def _plot(results: Sequence[Mapping[str, Any]], opt: Mapping[str, Any], fits: Ma
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, fkey, label in ((axes[0], "lr_opt", "lr", "optimal LR"),
                                  (axes[1], "batch_opt_tokens", "batch_tokens", "optimal batch (tokens/step)")):
-        ax.plot(n, [opt[s][key] for s in sizes], "o", label="sweep optimum")
+        edge_key = "lr_at_grid_edge" if fkey == "lr" else "batch_at_grid_edge"
+        inner = [s for s in sizes if not opt[s][edge_key]]
+        edge = [s for s in sizes if opt[s][edge_key]]
+        if inner:
+            ax.plot([opt[s]["n_params"] for s in inner], [opt[s][key] for s in inner], "o", label="sweep optimum")
+        if edge:
+            ax.plot([opt[s]["n_params"] for s in edge], [opt[s][key] for s in edge], "o", mfc="none",
+                    label="on the grid edge (a bound)")
         f = fits[fkey]
         ax.plot(grid, [power_law(f, g) for g in grid], "-", label=f"{f['a']:.3g}·N^{f['b']:.3f} (R² {f['r2']:.2f})")
         for m, p in fits["predictions"].items():
             ax.plot([p["n_params"]], [p[fkey]], "s", label=f"{m} (predicted)")
-        ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label)
+        values = [opt[s][key] for s in sizes] + [p[fkey] for p in fits["predictions"].values()]
+        ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label,
+               ylim=(min(values) / 2, max(values) * 2))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -306,7 +324,7 @@ def run_sweep(out_dir: Path, settings: SweepSettings | None = None, cache_dir: P
                                 n_docs=s.n_docs, seed=s.seed)
     docs = tokenized_corpus(corpus_cfg, tokenizer, cache_dir)
     windows = _eval_batches(tokenizer, s)
-    results = [run_one(size, b, lr, s, tokenizer, docs, windows, out_dir / "runs" / f"{size}-b{b}-lr{lr:g}", printer)
+    results = [run_one(size, b, lr, s, tokenizer, docs, windows, out_dir / "runs" / s.run_name(size, b, lr), printer)
                for size, b, lr in s.runs()]
     opt = optima(results, s.seq_len)
     n = [opt[z]["n_params"] for z in opt]
@@ -327,6 +345,8 @@ def run_sweep(out_dir: Path, settings: SweepSettings | None = None, cache_dir: P
         "optima": opt,
         "runs": results,
         "wall_s": time.time() - t0,
+        "optima_at_grid_edge": {"lr": [z for z in opt if opt[z]["lr_at_grid_edge"]],
+                                "batch": [z for z in opt if opt[z]["batch_at_grid_edge"]]},
         "caveats": ("short fixed-token runs (tens of steps): the optimum reflects early training and favours small "
                     "batches; few sizes over < 1 decade of N, so exponents are rough; tiny-flagship is an extrapolation"),
         "files": ["scaling_laws.json", "loss_vs_lr.png", "power_law_fits.png"],
@@ -335,6 +355,9 @@ def run_sweep(out_dir: Path, settings: SweepSettings | None = None, cache_dir: P
     for name, p in fits["predictions"].items():
         printer(f"predicted for {name} (N={p['n_params']:,}): lr {p['lr']:.2e}, batch {p['batch_tokens']:,.0f} tokens/step"
                 f" (= {p['batch_sequences_at_256']:.1f} x 256)")
+    for key, sizes in result["optima_at_grid_edge"].items():
+        if sizes:
+            printer(f"warning: the {key} optimum of {', '.join(sizes)} is on the edge of the grid (a bound, not a fit)")
     printer(f"scaling-law sweep done in {result['wall_s']:.0f}s -> {out_dir / 'scaling_laws.json'}")
     return result
 

@@ -1,0 +1,584 @@
+"""Reasoning RL with GRPO (Qwen3 report §4.2): the second post-training stage.
+
+    run(GRPOConfig.from_dict(recipe ⊕ scale), parent=<cold-start checkpoint>, ctx) -> <out_dir>
+
+What one run does:
+
+1. **Query selection** (`rl.selection`): a pool of training-partition task items (`n_candidates`
+   from `families`) is screened and measured against the cold-start model (k samples each), and
+   `n_queries` query–verifier pairs are chosen by the report's four criteria. The cold start's used
+   queries come from `used_queries_file`, or from `used_queries.json` in the parent directory when
+   that exists (a JSON list of uids: the interface the cold-start stage writes). The result, with
+   the pass-rate table and the counted drop reasons, is `selection.json` (reused on resume).
+2. **The loop**, for `steps` generation steps:
+   rollouts (`rl.rollout.collect_rollouts`: `queries_per_step` queries × `group_size` samples in
+   thinking mode, verifier rewards, dynamic sampling that drops equal-accuracy groups and refills)
+   → old log-probs and entropies from one no-grad forward (π_old = the sampling policy; reference
+   log-probs from the frozen starting model for the k3 KL) → `mu` optimisation passes over the
+   batch, each split into `mini_batches` shuffled mini-batches, one AdamW step per mini-batch, with
+   `losses.grpo_loss` (asymmetric clipping ε_low/ε_high, `loss_type` dapo | grpo | dr_grpo | bnpo,
+   optional β·k3 KL) minus the entropy bonus (`rl.entropy.EntropyController`). The very first
+   mini-batch of each step is on-policy: ratio 1 and clip fraction 0.
+3. **Metrics** every step in `metrics.jsonl`: reward, accuracy, entropy (mean token entropy of the
+   rollouts at the sampling temperature), response length, clip fraction, KL (k3 to the starting
+   model, always logged), share of zero-variance groups, groups kept and generation rounds, loss,
+   grad norm, entropy coefficient; held-out pass@1 / pass@k every `eval_every` steps (and at
+   steps 0 and the end) on `eval_items` held-out items (`data.tasks.is_heldout`), k samples each at
+   pinned settings (written into eval.json). A progress line with ETA, and `grpo_curves.png`.
+4. **Checkpoints** every `ckpt_every` steps (model, optimizer, step, query cursor, entropy
+   controller, RNG; atomic, via `train.checkpoint`); a cut run resumes exactly: rollouts draw from a
+   generator seeded by (seed, step), so a resumed run logs the same next-step metrics as an
+   uninterrupted one. The stage directory gets the final model, tokenizer, eval.json and, last,
+   lineage.json.
+
+The claim it feeds (measured by the pipeline): held-out pass@1 rises by ≥ 10 points over the cold
+start (report: AIME'24 70.1 → 85.1 in 170 steps, §4.2) with entropy never below half its start.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..config import ConfigError, config_hash, strict_fields
+from ..data import tasks
+from ..generate import SamplingParams
+from ..lineage import make_lineage, write_lineage
+from ..losses import ADVANTAGE_SCALES, GRPO_LOSS_TYPES, grpo_loss
+from ..models.qwen3 import Qwen3
+from ..rl.entropy import ENTROPY_CONTROLS, EntropyController, masked_mean
+from ..rl.rollout import (
+    ACCURACY_THRESHOLD, Query, QueryStream, RolloutBatch, ScoreFn, build_batch, collect_rollouts, policy_logprobs,
+    sample_groups, verifier_score,
+)
+from ..rl.selection import SelectionResult, load_used_uids, screen, select_queries
+from ..tokenizer import Tokenizer
+from ..train import checkpoint as ckpt
+from ..train.loop import build_optimizer, run_identity, TrainConfig
+from ..train.metrics import MetricsLog, ProgressClock, format_duration
+from .common import StageContext, copy_tokenizer, write_json_atomic
+
+# The report's headline for this stage (§4.2): Qwen3-235B-A22B's AIME'24 over 170 RL steps.
+REPORT_AIME24_BEFORE = 70.1
+REPORT_AIME24_AFTER = 85.1
+REPORT_RL_STEPS = 170
+# The claim's thresholds: pass@1 +10 points absolute; entropy never below half its starting value.
+CLAIM_PASS1_GAIN = 0.10
+CLAIM_ENTROPY_FLOOR = 0.5
+
+USED_QUERIES_FILE = "used_queries.json"  # what the cold-start stage writes into its directory
+SELECTION_FILE = "selection.json"
+PLOT_FILE = "grpo_curves.png"
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """One reasoning-RL run. Field groups: queries, rollouts, loss, optimisation, entropy, eval, bookkeeping."""
+
+    name: str = "reasoning-rl"
+    # ---- query selection (§4.2's four criteria)
+    families: tuple[str, ...] = ("add", "mul", "expr", "code", "order")
+    """Task families (sub-domains) of the candidate pool."""
+    difficulties: tuple[int, int] | None = None
+    """(min, max) difficulty of candidates and held-out items (default: each family's training range)."""
+    n_candidates: int = 256
+    """Training-partition items drawn as candidates."""
+    n_queries: int = 64
+    """Query–verifier pairs to select (report: 3,995)."""
+    selection_k: int = 8
+    """Samples of the cold-start model per candidate to measure its pass rate."""
+    pass_rate_ceiling: float = 0.9
+    """Learnable iff 0 < pass rate < ceiling."""
+    used_queries_file: str | None = None
+    """Cold-start used query uids (default: <parent>/used_queries.json when it exists)."""
+    fallback_to_screened: bool = False
+    """When no candidate is learnable, train on the screened candidates anyway instead of failing
+    (for wiring runs such as the micro scale, whose cold start solves nothing; every group then has
+    equal rewards and nothing is learned)."""
+    # ---- rollouts
+    steps: int = 50
+    """Generation steps."""
+    queries_per_step: int = 8
+    group_size: int = 8
+    """G: rollouts per query."""
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    """Rollout temperature (no top-k/top-p: the sampler is the policy)."""
+    dynamic_sampling: bool = True
+    """Drop groups whose accuracy is all equal and refill (DAPO)."""
+    max_gen_rounds: int = 3
+    """Generation rounds per step with dynamic sampling."""
+    scale_rewards: str = "group"
+    """Advantage scaling: 'group' | 'batch' | 'none' (Dr. GRPO)."""
+    # ---- loss
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    """ε_high > ε_low is DAPO's clip-higher."""
+    beta: float = 0.0
+    """k3 KL coefficient to the starting model (the KL is logged either way)."""
+    # ---- optimisation
+    mu: int = 2
+    """Optimisation passes over each rollout batch (off-policy after the first mini-batch)."""
+    mini_batches: int = 1
+    """Mini-batches (= optimizer steps) per pass."""
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    """Linear warm-up over optimizer steps; then constant."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    clip_grad_norm: float = 1.0
+    # ---- entropy control (rl.entropy)
+    entropy_control: str = "adaptive"
+    """'none' | 'bonus' | 'adaptive'."""
+    entropy_coef: float = 0.0
+    """Fixed coefficient ('bonus'), or the starting one ('adaptive')."""
+    entropy_coef_delta: float = 0.005
+    entropy_coef_max: float = 1.0
+    entropy_target_ratio: float = 1.0
+    """Adaptive target = ratio × the first step's entropy."""
+    # ---- evaluation
+    eval_every: int = 10
+    eval_items: int = 64
+    """Held-out items (pass@1 is the mean over eval_k samples each)."""
+    eval_k: int = 8
+    eval_temperature: float = 1.0
+    eval_top_p: float = 1.0
+    eval_top_k: int = 0
+    eval_families: tuple[str, ...] | None = None
+    """Default: `families`."""
+    # ---- bookkeeping
+    ckpt_every: int = 10
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "families", tuple(self.families))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.difficulties is not None:
+            object.__setattr__(self, "difficulties", tuple(int(d) for d in self.difficulties))
+            if len(self.difficulties) != 2 or not 1 <= self.difficulties[0] <= self.difficulties[1]:
+                raise ConfigError(f"{self.name}: difficulties must be [min, max] with 1 <= min <= max")
+        if self.eval_families is not None:
+            object.__setattr__(self, "eval_families", tuple(self.eval_families))
+        unknown = [f for f in self.families + (self.eval_families or ()) if f not in tasks.FAMILIES]
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown task families {unknown}; known: {sorted(tasks.FAMILIES)}")
+        for name in ("n_candidates", "n_queries", "selection_k", "steps", "queries_per_step", "group_size",
+                     "max_new_tokens", "max_gen_rounds", "mu", "mini_batches", "eval_every", "eval_items",
+                     "eval_k", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{self.name}: {name} must be an integer >= 1, got {v!r}")
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ConfigError(f"{self.name}: loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in ADVANTAGE_SCALES:
+            raise ConfigError(f"{self.name}: scale_rewards must be one of {ADVANTAGE_SCALES}")
+        if self.entropy_control not in ENTROPY_CONTROLS:
+            raise ConfigError(f"{self.name}: entropy_control must be one of {ENTROPY_CONTROLS}")
+        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ConfigError(f"{self.name}: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
+        if self.group_size < 2:
+            raise ConfigError(f"{self.name}: group_size must be >= 2 (advantages are relative within a group)")
+        if self.mini_batches > self.queries_per_step * self.group_size:
+            raise ConfigError(f"{self.name}: more mini_batches than rollouts per step")
+        if not 0.0 < self.pass_rate_ceiling <= 1.0:
+            raise ConfigError(f"{self.name}: pass_rate_ceiling must be in (0, 1]")
+        if self.temperature <= 0 or self.eval_temperature < 0 or self.lr <= 0 or self.beta < 0:
+            raise ConfigError(f"{self.name}: temperature and lr must be > 0, beta >= 0")
+        if self.eval_k < 1 or self.ckpt_every < 0:
+            raise ConfigError(f"{self.name}: eval_k >= 1 and ckpt_every >= 0 required")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GRPOConfig":
+        return cls(**strict_fields(cls, d, "reasoning-rl stage"))
+
+    @property
+    def eval_sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.eval_temperature, top_p=self.eval_top_p, top_k=self.eval_top_k)
+
+    def train_config(self) -> TrainConfig:
+        """The optimiser settings as a TrainConfig (for `build_optimizer` and the run identity)."""
+        return TrainConfig(steps=self.steps * self.mu * self.mini_batches, lr=self.lr, betas=self.betas,
+                           weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, decay_fraction=0.0,
+                           clip_grad_norm=self.clip_grad_norm, seed=self.seed, device=self.device)
+
+
+# ----------------------------------------------------------------------------- queries and eval
+def sample_task_items(rng: random.Random, n: int, *, heldout: bool, families: Sequence[str],
+                      difficulties: tuple[int, int] | None = None, max_tries: int = 100_000) -> list[tasks.TaskItem]:
+    """`n` items of the training (heldout=False) or evaluation partition, family and difficulty
+    uniform (difficulty within `difficulties`, else each family's training range)."""
+    items: list[tasks.TaskItem] = []
+    for _ in range(max_tries):
+        if len(items) == n:
+            return items
+        fam = tasks.FAMILIES[rng.choice(list(families))]
+        lo, hi = difficulties or (fam.min_difficulty, fam.max_difficulty)
+        item = fam.generate(rng.getrandbits(48), rng.randint(lo, hi))
+        if tasks.is_heldout(item.uid) == heldout:
+            items.append(item)
+    raise RuntimeError(f"only {len(items)}/{n} {'held-out' if heldout else 'training'} items in {max_tries} tries")
+
+
+def candidate_queries(cfg: GRPOConfig) -> list[Query]:
+    """The candidate pool: `n_candidates` training-partition items of `families` (seeded)."""
+    rng = random.Random(f"grpo-candidates|{cfg.seed}")
+    return [Query.from_task(it) for it in sample_task_items(rng, cfg.n_candidates, heldout=False,
+                                                            families=cfg.families, difficulties=cfg.difficulties)]
+
+
+def eval_queries(cfg: GRPOConfig) -> list[Query]:
+    """The held-out items pass@k is measured on (never trainable: `is_heldout`)."""
+    rng = random.Random(f"grpo-eval|{cfg.seed}")
+    return [Query.from_task(it) for it in sample_task_items(rng, cfg.eval_items, heldout=True,
+                                                            families=cfg.eval_families or cfg.families,
+                                                            difficulties=cfg.difficulties)]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(model, tokenizer, queries: Sequence[Query], *, k: int, sampling: SamplingParams,
+                       max_new_tokens: int, seed: int, score_fn: ScoreFn = verifier_score) -> dict[str, float]:
+    """Held-out pass@1 (mean accuracy over k samples) and pass@k, overall and per family (seeded)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    per: dict[str, list[tuple[float, float]]] = {}
+    results = []
+    for start in range(0, len(queries), 16):
+        for g in sample_groups(model, tokenizer, queries[start:start + 16], k, max_new_tokens=max_new_tokens,
+                               generator=generator, score_fn=score_fn, sampling=sampling):
+            correct = sum(not math.isnan(r) and r >= ACCURACY_THRESHOLD for r in g.rewards)
+            row = (correct / k, pass_at_k(k, correct, k))
+            results.append(row)
+            per.setdefault(g.query.domain, []).append(row)
+    mean = lambda rows, i: sum(r[i] for r in rows) / max(len(rows), 1)  # noqa: E731
+    out = {"pass@1": mean(results, 0), f"pass@{k}": mean(results, 1)}
+    for fam, rows in sorted(per.items()):
+        out[f"pass@1/{fam}"] = mean(rows, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------- one update
+def _clip_fraction(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float):
+    """Share of counted tokens whose clipped branch is active (TRL's low/high clip ratios summed)."""
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    return masked_mean(clipped.float(), mask)
+
+
+def optimisation_passes(model, optimizer, batch: RolloutBatch, old_logps: torch.Tensor,
+                        ref_logps: torch.Tensor | None, cfg: GRPOConfig, controller: EntropyController,
+                        entropy_now: float, generator: torch.Generator, lr_at) -> list[dict[str, float]]:
+    """`mu` passes over `batch` in `mini_batches` shuffled mini-batches; one AdamW step each.
+
+    Returns one record per optimizer step: loss, clip fraction, KL, ratio mean/max, grad norm,
+    entropy (differentiable one of this mini-batch) and the entropy coefficient used.
+    """
+    n = len(batch)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    coef = controller.active_coef(entropy_now)
+    records = []
+    for _ in range(cfg.mu):
+        order = torch.randperm(n, generator=generator)
+        for rows in torch.tensor_split(order, cfg.mini_batches):
+            mb = batch.select(rows)
+            mask = mb.completion_mask
+            logps, entropy = policy_logprobs(model, mb, cfg.temperature, with_entropy=True)
+            ref = ref_logps[rows] if ref_logps is not None else None
+            loss = grpo_loss(logps, old_logps[rows], mb.advantages, mask, loss_type=cfg.loss_type,
+                             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                             ref_logps=ref if cfg.beta > 0 else None, max_completion_length=cfg.max_new_tokens)
+            mean_entropy = masked_mean(entropy, mask)
+            total = loss - coef * mean_entropy if coef > 0 else loss
+            lr = lr_at(len(records))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm or float("inf")))
+            if not math.isfinite(grad_norm) or not math.isfinite(float(total.detach())):
+                raise FloatingPointError(f"non-finite GRPO loss or gradient (loss {float(total.detach())}, grad {grad_norm})")
+            optimizer.step()
+            with torch.no_grad():
+                ratio = torch.exp(logps.detach() - old_logps[rows])
+                rec = {"loss": float(loss), "grad_norm": grad_norm, "entropy_bonus_coef": coef, "lr": lr,
+                       "clip_fraction": float(_clip_fraction(ratio, mb.advantages, mask, cfg.epsilon_low,
+                                                             cfg.epsilon_high)),
+                       "ratio_mean": float(masked_mean(ratio, mask)),
+                       "ratio_max": float((ratio * mask).max()) if mask.any() else 1.0,
+                       "train_entropy": float(mean_entropy)}
+                if ref is not None:
+                    delta = ref - logps.detach()
+                    rec["kl"] = float(masked_mean(torch.exp(delta) - delta - 1, mask))
+            records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "GRPO") -> Path | None:
+    """reward, entropy, response length, clip fraction, KL, zero-variance share and held-out pass@k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "reward" in r]
+    evals = [r for r in records if "eval/pass@1" in r]
+    if not steps and not evals:
+        return None
+    panels = [("reward", "reward"), ("entropy", "entropy (nats/token)"), ("response_length", "response length"),
+              ("clip_fraction", "clip fraction"), ("kl", "KL to start (k3)"),
+              ("zero_variance_share", "zero-variance groups")]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for ax, (key, label) in zip(axes.flat, panels):
+        xs = [r["step"] for r in steps if isinstance(r.get(key), (int, float))]
+        ax.plot(xs, [r[key] for r in steps if isinstance(r.get(key), (int, float))], lw=1.2)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        if key == "entropy" and xs:
+            start = steps[0].get("entropy")
+            if isinstance(start, (int, float)):
+                ax.axhline(CLAIM_ENTROPY_FLOOR * start, color="red", ls="--", lw=0.8, label="half of start")
+                ax.legend(fontsize=7)
+    ax = axes.flat[6]
+    for key in sorted({k for r in evals for k in r if k.startswith("eval/pass@") and "/" not in k[5:]}):
+        ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key[5:])
+    ax.set_title("held-out")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    ax = axes.flat[7]
+    ax.plot([r["step"] for r in steps], [r.get("entropy_coef", 0.0) for r in steps])
+    ax.set_title("entropy coefficient")
+    ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the stage
+def _select(cfg: GRPOConfig, parent: Path, out: Path, model, tokenizer, ctx: StageContext,
+            score_fn: ScoreFn) -> tuple[SelectionResult, set[str]]:
+    """Run (or reuse, when this run already did it) the query selection; write selection.json.
+    Returns the selection and the cold start's used uids."""
+    used_file = cfg.used_queries_file or (parent / USED_QUERIES_FILE if (parent / USED_QUERIES_FILE).exists() else None)
+    used = load_used_uids(used_file)
+    fields = ("families", "difficulties", "n_candidates", "n_queries", "selection_k", "pass_rate_ceiling",
+              "max_new_tokens", "temperature", "seed")
+    key = config_hash({"cfg": {k: getattr(cfg, k) for k in fields}, "used": sorted(used)})
+    path = out / SELECTION_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return SelectionResult.from_dict(saved), used
+    t0 = time.perf_counter()
+    result = select_queries(candidate_queries(cfg), model, tokenizer, n_select=cfg.n_queries, k=cfg.selection_k,
+                            ceiling=cfg.pass_rate_ceiling, used_uids=used, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, seed=cfg.seed, score_fn=score_fn)
+    write_json_atomic(path, {"key": key, "used_queries_file": str(used_file) if used_file else None,
+                             **result.to_dict()})
+    ctx.say(f"{cfg.name}: selected {len(result.selected)}/{result.n_candidates} queries in "
+            f"{format_duration(time.perf_counter() - t0)}\n{result.to_markdown()}")
+    return result, used
+
+
+def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Path | None = None,
+        score_fn: ScoreFn = verifier_score) -> Path:
+    """Train reasoning RL from the cold-start checkpoint `parent` into `ctx.out_dir` (resumes a cut run).
+
+    `score_fn` replaces the verifier registry (tests use toy rewards); the default scores every
+    completion with its query's registered verifier.
+    """
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parent = Path(parent)
+    torch_device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = Tokenizer.load(parent)
+    model = Qwen3.from_pretrained(parent).to(torch_device)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)  # the starting model: KL anchor
+
+    selection, used = _select(cfg, parent, out, reference, tokenizer, ctx, score_fn)
+    queries = selection.selected
+    if not queries:
+        reason = f"no learnable queries were selected ({dict(selection.reasons)}): the cold-start model solves none or all"
+        if not cfg.fallback_to_screened:
+            raise RuntimeError(f"{cfg.name}: {reason}; set fallback_to_screened for a wiring run")
+        queries = screen(candidate_queries(cfg), used)[0][:cfg.n_queries]
+        ctx.say(f"{cfg.name}: WARNING {reason}; training on {len(queries)} screened candidates (fallback_to_screened)")
+    stream = QueryStream(queries, cfg.seed)
+    heldout = eval_queries(cfg)
+
+    tcfg = cfg.train_config()
+    optimizer = build_optimizer(model, tcfg)
+    controller = EntropyController(cfg.entropy_control, cfg.entropy_coef, cfg.entropy_coef_delta,
+                                   cfg.entropy_coef_max, cfg.entropy_target_ratio)
+    identity = run_identity(model, tcfg, {"stage": cfg.name, "grpo": config_hash(_identity_fields(cfg)),
+                                          "selection": config_hash([q.uid for q in queries])})
+    metrics = MetricsLog(str(out / "metrics.jsonl"))
+    ckpt.clean_stale(str(out))
+    step, opt_steps, elapsed_before = 0, 0, 0.0
+    latest = ckpt.find_latest(str(out))
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, expected_identity=identity)
+        step, opt_steps = int(state["step"]), int(state["opt_steps"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        stream.load_state_dict(state["loader"])
+        controller.load_state_dict(state["entropy_controller"])
+        ctx.say(f"{cfg.name}: resumed from {latest} at step {step}/{cfg.steps}")
+    else:
+        torch.manual_seed(cfg.seed)
+        ctx.say(f"{cfg.name}: {cfg.steps} steps x {cfg.queries_per_step} queries x {cfg.group_size} rollouts, "
+                f"{len(selection.selected)} queries, loss {cfg.loss_type}, eps {cfg.epsilon_low}/{cfg.epsilon_high}, "
+                f"beta {cfg.beta}, mu {cfg.mu}, entropy control {cfg.entropy_control}")
+    metrics.truncate_to(step if step > 0 else -1)  # a fresh run starts a fresh log
+    clock = ProgressClock(step, cfg.steps, elapsed_before)
+    model.train()
+
+    def lr_at(offset: int) -> float:
+        k = opt_steps + offset
+        return cfg.lr * min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        res = evaluate_pass_at_k(model, tokenizer, heldout, k=cfg.eval_k, sampling=cfg.eval_sampling,
+                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919, score_fn=score_fn)
+        model.train()
+        return {f"eval/{k}": v for k, v in res.items()}
+
+    def save(at_step: int) -> str:
+        return ckpt.save_step_checkpoint(
+            str(out), at_step, keep_last=cfg.keep_last, model=model, optimizer=optimizer,
+            trainer_state={"step": at_step, "opt_steps": opt_steps, "run_identity": identity,
+                           "run_hash": config_hash(identity), "elapsed_s": clock.elapsed(),
+                           "entropy_controller": controller.state_dict(), "grpo_config": asdict(cfg)},
+            loader_state=stream.state_dict(), rng_state=ckpt.capture_rng_state())
+
+    if step == 0:
+        metrics.append({"step": 0, **run_eval(0)})
+    while step < cfg.steps:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        groups, stats = collect_rollouts(model, tokenizer, stream, n_groups=cfg.queries_per_step,
+                                         group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                         temperature=cfg.temperature, generator=generator,
+                                         dynamic_sampling=cfg.dynamic_sampling, max_rounds=cfg.max_gen_rounds,
+                                         score_fn=score_fn)
+        record: dict[str, Any] = {
+            "step": step + 1, "reward": stats.mean_reward, "response_length": stats.mean_length,
+            "zero_variance_share": stats.zero_variance_share, "groups_generated": stats.groups_generated,
+            "groups_kept": len(groups), "gen_rounds": stats.rounds, "truncated_share":
+                stats.truncated / max(len(stats.lengths), 1), "no_reward_groups": stats.groups_no_reward,
+        }
+        if groups:
+            batch = build_batch(groups, pad_id=tokenizer.pad_token_id, scale_rewards=cfg.scale_rewards)
+            with torch.no_grad():
+                old_logps, entropy = policy_logprobs(model, batch, cfg.temperature)
+                ref_logps, _ = policy_logprobs(reference, batch, cfg.temperature, with_entropy=False)
+            mask = batch.completion_mask
+            entropy_now = float(masked_mean(entropy, mask))
+            delta = ref_logps - old_logps
+            record.update(entropy=entropy_now, kl=float(masked_mean(torch.exp(delta) - delta - 1, mask)),
+                          sampler_logp_gap=float(masked_mean((old_logps - batch.sampler_logps).abs(), mask)))
+            updates = optimisation_passes(model, optimizer, batch, old_logps, ref_logps, cfg, controller,
+                                          entropy_now, generator, lr_at)
+            opt_steps += len(updates)
+            for key in ("loss", "grad_norm", "clip_fraction", "ratio_mean", "lr"):
+                record[key] = sum(u[key] for u in updates) / len(updates)
+            record["ratio_max"] = max(u["ratio_max"] for u in updates)
+            record["first_pass_clip_fraction"] = updates[0]["clip_fraction"]
+            record["first_pass_ratio_max"] = updates[0]["ratio_max"]
+            record["entropy_coef"] = updates[0]["entropy_bonus_coef"]
+            controller.update(entropy_now)
+        else:
+            record["entropy_coef"] = controller.coef
+        step += 1
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            record.update(run_eval(step))
+        record["elapsed_s"] = clock.elapsed()
+        metrics.append({k: v for k, v in record.items() if v is not None})
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            line = (f"{cfg.name} step {step:>{len(str(cfg.steps))}d}/{cfg.steps} ({100.0 * step / cfg.steps:5.1f}%) | "
+                    f"reward {record['reward']:.3f} | entropy {record.get('entropy', float('nan')):.4f} | "
+                    f"len {record['response_length']:.1f} | clip {record.get('clip_fraction', 0.0):.3f} | "
+                    f"kl {record.get('kl', 0.0):.4f} | zero-var {record['zero_variance_share']:.2f} | "
+                    f"elapsed {format_duration(clock.elapsed())} | eta {format_duration(clock.eta(step) or float('nan'))}")
+            if "eval/pass@1" in record:
+                line += f" | pass@1 {record['eval/pass@1']:.3f} pass@{cfg.eval_k} {record[f'eval/pass@{cfg.eval_k}']:.3f}"
+            ctx.say(line)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            save(step)
+
+    final = ckpt.find_latest(str(out))
+    if final is None or ckpt.read_trainer_state(final)["step"] != cfg.steps:
+        final = save(step)
+    ckpt.publish(final, str(out))
+    copy_tokenizer(parent, out)
+    records = metrics.read()
+    plot_curves(records, out / PLOT_FILE, title=f"{cfg.name}: GRPO ({cfg.entropy_control} entropy control)")
+    write_json_atomic(out / "eval.json", summarize(cfg, records, selection))
+    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent))
+    return out
+
+
+def _identity_fields(cfg: GRPOConfig) -> dict[str, Any]:
+    """Everything that changes what the run computes (not logging/checkpoint cadence nor device)."""
+    d = asdict(cfg)
+    for k in ("ckpt_every", "keep_last", "log_every", "device", "description"):
+        d.pop(k)
+    return d
+
+
+def summarize(cfg: GRPOConfig, records: Sequence[Mapping[str, Any]], selection: SelectionResult) -> dict[str, Any]:
+    """eval.json: pass@1/pass@k before and after, the entropy trajectory's floor, pinned settings."""
+    evals = [r for r in records if "eval/pass@1" in r]
+    steps = [r for r in records if isinstance(r.get("entropy"), (int, float))]
+    before, after = (evals[0], evals[-1]) if evals else ({}, {})
+    pk = f"eval/pass@{cfg.eval_k}"
+    entropy_start = steps[0]["entropy"] if steps else None
+    entropy_min = min(r["entropy"] for r in steps) if steps else None
+    return {
+        "stage": cfg.name,
+        "steps": cfg.steps,
+        "pass@1_before": before.get("eval/pass@1"), "pass@1_after": after.get("eval/pass@1"),
+        f"pass@{cfg.eval_k}_before": before.get(pk), f"pass@{cfg.eval_k}_after": after.get(pk),
+        "pass@1_gain": (after["eval/pass@1"] - before["eval/pass@1"]) if evals else None,
+        "pass@1_by_family_after": {k.split("/", 2)[2]: v for k, v in after.items() if k.startswith("eval/pass@1/")},
+        "entropy_start": entropy_start, "entropy_min": entropy_min,
+        "entropy_end": steps[-1]["entropy"] if steps else None,
+        "entropy_min_ratio": (entropy_min / entropy_start) if steps and entropy_start else None,
+        "eval_settings": {"items": cfg.eval_items, "families": list(cfg.eval_families or cfg.families),
+                          "difficulties": list(cfg.difficulties) if cfg.difficulties else "family training ranges",
+                          "samples_per_item": cfg.eval_k, "temperature": cfg.eval_temperature,
+                          "top_p": cfg.eval_top_p, "top_k": cfg.eval_top_k, "max_new_tokens": cfg.max_new_tokens,
+                          "template": "chat template, thinking mode", "heldout": "data.tasks.is_heldout",
+                          "seed": cfg.seed + 7919},
+        "selection": {"n_candidates": selection.n_candidates, "n_selected": len(selection.selected),
+                      "dropped": dict(selection.reasons), "k": selection.k, "ceiling": selection.ceiling},
+        "report": {"aime24_before": REPORT_AIME24_BEFORE, "aime24_after": REPORT_AIME24_AFTER,
+                   "rl_steps": REPORT_RL_STEPS},
+        "claim": {"pass1_gain_min": CLAIM_PASS1_GAIN, "entropy_floor_ratio": CLAIM_ENTROPY_FLOOR},
+        "elapsed_s": records[-1].get("elapsed_s") if records else None,
+    }
+
+
+__all__ = ["GRPOConfig", "run", "candidate_queries", "eval_queries", "evaluate_pass_at_k", "optimisation_passes",
+           "pass_at_k", "plot_curves", "summarize"]

@@ -1,0 +1,320 @@
+"""Supervised fine-tuning on chats: the stage shared by the long-CoT cold start (Qwen3 report
+§4.1), thinking-mode fusion (§4.3) and off-policy strong-to-weak distillation (§4.5).
+
+Input: conversations (lists of messages) from the cold-start pipeline (`data = "coldstart"` or
+`"coldstart-unfiltered"`, built from the `coldstart` table), from a JSONL file
+({"messages": [...]} per line), or handed to `run` directly by a later stage. Each conversation is
+rendered with the Qwen3 chat template and tokenised by `chat.tokenize_conversation`, whose mask is 1
+exactly on what the assistant produces; the loss is next-token cross-entropy on those tokens only
+(labels of every other position are -100), averaged over assistant tokens across the whole
+optimizer step (`num_tokens` weighting of `train.loop`).
+
+Batching: ``pad`` puts `batch_size` conversations in a batch padded to the longest one (right
+padding; causal attention never looks at the pads), ``pack`` concatenates conversations into rows
+of `seq_len` tokens with `segment_ids` and restarting `position_ids`, so attention stays inside
+each conversation and no compute goes to padding. A conversation longer than `seq_len + 1` tokens
+is dropped and counted, never truncated (truncation would cut off the answer it is trained on).
+
+`n_eval` conversations are held out before training; their assistant-token loss is the stage's
+eval metric. The stage resumes a cut run (`train.loop`), writes `eval.json`, and `lineage.json`
+last, with the hash of its training data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from ..chat import tokenize_conversation
+from ..config import ConfigError, strict_fields
+from ..data.packing import IGNORE_INDEX
+from ..lineage import make_lineage, write_lineage
+from ..losses import masked_cross_entropy
+from ..models.qwen3 import Qwen3
+from ..tokenizer import Tokenizer
+from ..train.loop import TrainConfig, train
+from .common import StageContext, copy_tokenizer, write_json_atomic
+
+BATCHING = ("pad", "pack")
+COLDSTART_SOURCES = ("coldstart", "coldstart-unfiltered")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    name: str
+    """Stage name (the output directory's name): cold-start, cold-start-unfiltered, fusion, ..."""
+    data: str
+    """'coldstart', 'coldstart-unfiltered', or the path of a JSONL file of conversations."""
+    seq_len: int
+    """Longest conversation in tokens (longer ones are dropped and counted) and the packed row length."""
+    batch_size: int
+    """Conversations per micro-batch ('pad') or rows of seq_len tokens per micro-batch ('pack')."""
+    steps: int | None = None
+    """Optimizer steps; give this or `epochs`."""
+    epochs: float | None = None
+    """Passes over the training conversations (steps = ceil(epochs · batches per epoch / grad_accum))."""
+    batching: str = "pad"
+    """'pad' (pad to the longest in the batch) or 'pack' (rows of seq_len with segment ids)."""
+    coldstart: Mapping[str, Any] = field(default_factory=dict)
+    """`coldstart.ColdStartConfig` fields when `data` is a cold-start source."""
+    n_eval: int = 32
+    """Conversations held out for the eval loss (0: none)."""
+    enable_thinking: bool = True
+    """Passed to the chat template (only matters for a final assistant turn without reasoning)."""
+    seed: int = 0
+    train: Mapping[str, Any] = field(default_factory=dict)
+    """TrainConfig fields except `steps`."""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise ConfigError(f"sft.batching must be one of {BATCHING}, got {self.batching!r}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("sft: give exactly one of `steps` and `epochs`")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"sft.epochs must be > 0, got {self.epochs!r}")
+        for name in ("seq_len", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"sft.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.n_eval, int) or self.n_eval < 0:
+            raise ConfigError(f"sft.n_eval must be an integer >= 0, got {self.n_eval!r}")
+        if "steps" in self.train:
+            raise ConfigError("sft: set `steps` (or `epochs`) at the stage level, not in train")
+        TrainConfig.from_dict({**self.train, "steps": 1})  # validate now, naming unknown keys
+        if self.data in COLDSTART_SOURCES:
+            from ..coldstart.pipeline import ColdStartConfig
+
+            ColdStartConfig.from_dict(self.coldstart)
+        elif self.coldstart:
+            raise ConfigError(f"sft: a `coldstart` table needs data in {COLDSTART_SOURCES}, got {self.data!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SFTConfig":
+        return cls(**strict_fields(cls, d, "sft stage"))
+
+    def train_config(self, batches_per_epoch: int) -> TrainConfig:
+        accum = int(self.train.get("grad_accum", 1))
+        steps = self.steps if self.steps is not None else max(1, math.ceil(self.epochs * batches_per_epoch / accum))
+        return TrainConfig.from_dict({**self.train, "steps": steps, "seed": self.train.get("seed", self.seed)})
+
+
+# ----------------------------------------------------------------------------- examples
+@dataclass(frozen=True)
+class Example:
+    """One tokenised conversation as (inputs, labels): labels[t] is the target of inputs[t], or -100."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def make_example(ids: Sequence[int], mask: Sequence[int]) -> Example:
+    """Shift the rendered ids by one: the target of position t is token t+1, counted when the
+    chat mask marks token t+1 as produced by the assistant."""
+    return Example(tuple(ids[:-1]), tuple(int(t) if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])))
+
+
+def tokenize_conversations(tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping]], seq_len: int,
+                           enable_thinking: bool = True) -> tuple[list[Example], int]:
+    """(examples, number dropped for being longer than seq_len + 1 tokens or training nothing)."""
+    out, dropped = [], 0
+    for messages in conversations:
+        ids, mask = tokenize_conversation(tokenizer, messages, enable_thinking=enable_thinking)
+        if len(ids) > seq_len + 1 or not any(mask[1:]):
+            dropped += 1
+            continue
+        out.append(make_example(ids, mask))
+    return out, dropped
+
+
+class SFTLoader:
+    """Re-iterable batches of examples, reshuffled each epoch (a function of seed and epoch), with a
+    checkpointable cursor (`state_dict`) so a resumed run sees exactly the batches it would have."""
+
+    def __init__(self, examples: Sequence[Example], *, batch_size: int, seq_len: int, pad_id: int, seed: int = 0,
+                 batching: str = "pad") -> None:
+        if not examples:
+            raise ValueError("no training conversations (all dropped or none given)")
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}")
+        self.examples, self.batch_size, self.seq_len = list(examples), batch_size, seq_len
+        self.pad_id, self.seed, self.batching = pad_id, seed, batching
+        self.epoch = self.batch = 0
+        self._layout: tuple[int, list[list[list[int]]]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(f"sft|{self.seed}|{epoch}").shuffle(order)
+        return order
+
+    def _batches(self, epoch: int) -> list[list[list[int]]]:
+        """Per batch, per row, the example indices it holds (one per row when padding)."""
+        if self._layout is not None and self._layout[0] == epoch:
+            return self._layout[1]
+        order = self._order(epoch)
+        if self.batching == "pad":
+            rows = [[i] for i in order]
+        else:  # greedy first-fit in shuffled order
+            rows, fill = [], []
+            for i in order:
+                n = len(self.examples[i].input_ids)
+                for r, used in enumerate(fill):
+                    if used + n <= self.seq_len:
+                        rows[r].append(i)
+                        fill[r] += n
+                        break
+                else:
+                    rows.append([i])
+                    fill.append(n)
+        batches = [rows[k:k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+        self._layout = (epoch, batches)
+        return batches
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return len(self._batches(epoch))
+
+    def collate(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        width = self.seq_len if self.batching == "pack" else max(
+            sum(len(self.examples[i].input_ids) for i in row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for s, i in enumerate(row):
+                ex = self.examples[i]
+                n = len(ex.input_ids)
+                ids[r, at:at + n] = torch.tensor(ex.input_ids)
+                labels[r, at:at + n] = torch.tensor(ex.labels)
+                segments[r, at:at + n] = s
+                positions[r, at:at + n] = torch.arange(n)
+                at += n
+        batch = {"input_ids": ids, "labels": labels}
+        if self.batching == "pack":
+            batch.update(segment_ids=segments, position_ids=positions)
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            epoch, b = self.epoch, self.batch
+            batches = self._batches(epoch)
+            if b >= len(batches):
+                self.epoch, self.batch = epoch + 1, 0
+                return
+            self.batch = b + 1
+            yield self.collate(batches[b])
+
+    def _fingerprint(self) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps([e.input_ids for e in self.examples]).encode()).hexdigest()[:16]
+        return {"examples": digest, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "batching": self.batching, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("fingerprint") not in (None, self._fingerprint()):
+            raise ValueError("SFT loader cursor was written for other data or settings")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+# ----------------------------------------------------------------------------- loss and eval
+def sft_loss(model: Qwen3, batch: Mapping[str, torch.Tensor]):
+    """Assistant-token cross-entropy (labels are -100 elsewhere), weighted by assistant tokens."""
+    kwargs = {k: batch[k] for k in ("segment_ids", "position_ids") if k in batch}
+    logits = model(batch["input_ids"], **kwargs).logits
+    labels = batch["labels"]
+    return masked_cross_entropy(logits, labels), {"num_tokens": int((labels != IGNORE_INDEX).sum())}
+
+
+def heldout_loss_fn(examples: Sequence[Example], pad_id: int, batch_size: int = 16):
+    """eval_fn: mean assistant-token loss on held-out conversations."""
+    loader = SFTLoader(examples, batch_size=batch_size, seq_len=max(len(e.input_ids) for e in examples),
+                       pad_id=pad_id, batching="pad")
+    batches = [loader.collate(rows) for rows in loader._batches(0)]
+
+    def eval_fn(model: Qwen3) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for batch in batches:
+            logits = model(batch["input_ids"].to(device)).logits
+            labels = batch["labels"].to(device)
+            n = int((labels != IGNORE_INDEX).sum())
+            total += float(masked_cross_entropy(logits, labels)) * n
+            count += n
+        return {"heldout_assistant_loss": total / max(count, 1)}
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------- the stage
+def load_conversations(cfg: SFTConfig, out: Path) -> list[list[dict]]:
+    if cfg.data in COLDSTART_SOURCES:
+        from ..coldstart.pipeline import ColdStartConfig, build_coldstart_dataset
+
+        filtered, unfiltered, _ = build_coldstart_dataset(ColdStartConfig.from_dict(cfg.coldstart), out_dir=out)
+        return filtered if cfg.data == "coldstart" else unfiltered
+    from ..coldstart.pipeline import read_jsonl
+
+    path = Path(cfg.data)
+    if not path.exists():
+        raise ConfigError(f"sft stage {cfg.name}: data file {path} does not exist")
+    return read_jsonl(path)
+
+
+def conversations_hash(conversations: Sequence[Sequence[Mapping]]) -> str:
+    return hashlib.sha256(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def run(cfg: SFTConfig, parent: Path, ctx: StageContext, *, conversations: Sequence[Sequence[Mapping]] | None = None,
+        lineage_parent: Path | None = None) -> Path:
+    """Fine-tune the parent checkpoint on conversations (given, or from `cfg.data`) into
+    `ctx.out_dir`; resumes a cut run of the same config and data."""
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if parent is None or not (Path(parent) / "config.json").exists():
+        raise ConfigError(f"sft stage {cfg.name}: needs a parent checkpoint with a model, got {parent}")
+    tokenizer = Tokenizer.load(parent)
+    model = Qwen3.from_pretrained(parent)
+    if model.config.max_position_embeddings < cfg.seq_len:
+        longer = Qwen3(model.config.replace(max_position_embeddings=cfg.seq_len))
+        longer.load_state_dict(model.state_dict())
+        model = longer
+    convs = [list(c) for c in (conversations if conversations is not None else load_conversations(cfg, out))]
+    data_hash = conversations_hash(convs)
+    random.Random(f"sft-split|{cfg.seed}").shuffle(convs)
+    n_eval = min(cfg.n_eval, len(convs) // 2)
+    eval_examples, dropped_eval = tokenize_conversations(tokenizer, convs[:n_eval], cfg.seq_len, cfg.enable_thinking)
+    examples, dropped = tokenize_conversations(tokenizer, convs[n_eval:], cfg.seq_len, cfg.enable_thinking)
+    loader = SFTLoader(examples, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=tokenizer.pad_token_id,
+                       seed=cfg.seed, batching=cfg.batching)
+    tcfg = cfg.train_config(loader.batches_per_epoch(0))
+    n_assistant = sum(sum(t != IGNORE_INDEX for t in e.labels) for e in examples)
+    n_tokens = sum(len(e.input_ids) for e in examples)
+    ctx.say(f"{cfg.name}: {len(examples):,} conversations ({dropped} dropped as longer than {cfg.seq_len} tokens),"
+            f" {n_assistant:,} of {n_tokens:,} tokens trained (assistant), {tcfg.steps} steps x {cfg.batch_size}"
+            f" ({cfg.batching}, {loader.batches_per_epoch(0)} batches/epoch), {len(eval_examples)} held out")
+    eval_fn = heldout_loss_fn(eval_examples, tokenizer.pad_token_id) if eval_examples else None
+    summary = train(model, loader, sft_loss, tcfg, out, resume="auto", eval_fn=eval_fn,
+                    eval_every=max(1, tcfg.steps // 4), printer=ctx.printer,
+                    run_extra={"stage": cfg.name, "data_hash": data_hash, "seq_len": cfg.seq_len,
+                               "batch_size": cfg.batch_size, "batching": cfg.batching})
+    copy_tokenizer(parent, out)
+    final_eval = {k.removeprefix("eval/"): v for k, v in summary["eval"].items()}
+    write_json_atomic(out / "eval.json", {
+        "stage": cfg.name, "final_loss": summary["loss"], **final_eval, "n_train": len(examples),
+        "n_eval": len(eval_examples), "dropped_too_long": dropped + dropped_eval,
+        "assistant_token_share": n_assistant / max(n_tokens, 1), "tokens_seen": summary["tokens_seen"],
+        "elapsed_s": summary["elapsed_s"]})
+    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent, data_hashes={"conversations": data_hash}))
+    return out
+
+
+__all__ = ["BATCHING", "Example", "SFTConfig", "SFTLoader", "heldout_loss_fn", "load_conversations", "make_example",
+           "run", "sft_loss", "tokenize_conversations"]
