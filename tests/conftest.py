@@ -5,6 +5,7 @@ per-example deadline (CI machines are noisy; speed lives in benchmarks, not in u
 """
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -18,4 +19,13 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The tests run tiny models: one intra-op thread is both faster and steadier than two on a shared
+# 2-core machine (multi-threaded tiny ops wait on the busiest core). Code that sets its own thread
+# count (the pipeline) restores it; this fixture re-asserts it for every test regardless.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+    yield

@@ -16,13 +16,6 @@ from qwen3repro.data import tasks
 from qwen3repro.data.world import build_world
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 WORLD = build_world(0)
 ITEM = tasks.generate("add", 3, 4)  # a 4-digit addition: 4-5 digit steps + the result line

@@ -23,8 +23,6 @@ from qwen3repro.stages.common import StageContext
 from qwen3repro.tokenizer import train_tokenizer
 from qwen3repro.train.loop import build_optimizer
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tok():
@@ -300,3 +298,13 @@ def test_stage_reads_cold_start_uids_and_refuses_an_unlearnable_set(tmp_path, pa
     rec = _records(out)[-1]
     assert rec["zero_variance_share"] == 1.0 and rec["groups_kept"] == 0
     assert json.loads((out / "eval.json").read_text())["pass@1_after"] == 0.0
+
+
+def test_recipe_resolves_strictly_with_a_scale_table():
+    from qwen3repro.recipes import deep_merge, load_recipe
+
+    recipe = load_recipe("reasoning-rl")
+    scale = {"steps": 60, "n_queries": 96, "lr": 5e-5, "max_new_tokens": 160, "eval_items": 96}
+    cfg = grpo.GRPOConfig.from_dict({**deep_merge(recipe, scale), "name": "reasoning-rl"})
+    assert (cfg.epsilon_low, cfg.epsilon_high, cfg.loss_type, cfg.mu) == (0.2, 0.28, "dapo", 2)
+    assert cfg.betas == (0.9, 0.99) and cfg.entropy_control == "adaptive" and cfg.steps == 60

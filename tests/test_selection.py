@@ -16,8 +16,6 @@ from qwen3repro.rl import selection as sel
 from qwen3repro.rl.rollout import Query
 from qwen3repro.tokenizer import train_tokenizer
 
-torch.set_num_threads(1)
-
 
 def _train_items(n: int, seed: int = 0, families=("add", "mul")) -> list[tasks.TaskItem]:
     rng = random.Random(seed)

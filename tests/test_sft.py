@@ -19,13 +19,6 @@ from qwen3repro.tokenizer import train_tokenizer
 QUIET = dict(printer=lambda line: None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def conversation(family, seed, difficulty=2):
     item = tasks.generate(family, seed, difficulty)

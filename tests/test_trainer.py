@@ -24,14 +24,6 @@ MICRO = ModelConfig(
 QUIET = dict(printer=lambda line: None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared machine: one intra-op thread is both faster and steadier.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def micro_model(seed=0):
     torch.manual_seed(seed)

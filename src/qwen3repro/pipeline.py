@@ -171,8 +171,17 @@ def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
 
 def run_stages(plan: Plan, *, only: set[str] | None = None, printer: Callable[[str], None] | None = None) -> Plan:
     say = printer or default_printer()
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(plan.settings.threads)
     datasets.disable_progress_bars()  # the stages print their own progress lines
+    try:
+        _run_nodes(plan, only, say)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return plan
+
+
+def _run_nodes(plan: Plan, only: set[str] | None, say: Callable[[str], None]) -> None:
     cache_dir = plan.root / "data"
     for node in plan.nodes:
         if only and node.key not in only and node.key.split("/")[-1] not in only:
@@ -192,7 +201,6 @@ def run_stages(plan: Plan, *, only: set[str] | None = None, printer: Callable[[s
             pretrain_stage.run(node.config, node.parent.out_dir, ctx)
         node.seconds = time.perf_counter() - t0
         node.status = f"trained in {format_duration(node.seconds)}"
-    return plan
 
 
 def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = (),

@@ -295,8 +295,14 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(*(getattr(self, f).to(device) for f in ("input_ids", "attention_mask", "position_ids",
+                                                                     "completion_mask", "advantages", "rewards",
+                                                                     "sampler_logps")), self.prompt_width)
+
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
         """A mini-batch of rows (tensors indexed along the first dimension)."""
+        rows = rows.to(self.input_ids.device)
         return RolloutBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
                             self.completion_mask[rows], self.advantages[rows], self.rewards[rows],
                             self.sampler_logps[rows], self.prompt_width)

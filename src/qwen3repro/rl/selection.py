@@ -144,7 +144,7 @@ def measure_pass_rates(model, tokenizer, queries: Sequence[Query], k: int, *, ma
                        temperature: float = 1.0, seed: int = 0, score_fn: ScoreFn = verifier_score,
                        queries_per_batch: int = 16) -> dict[str, float | None]:
     """Pass rate of each query over k samples of `model` (None when no sample got a reward)."""
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
     rates: dict[str, float | None] = {}
     for start in range(0, len(queries), queries_per_batch):
         chunk = queries[start:start + queries_per_batch]

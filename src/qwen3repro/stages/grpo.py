@@ -10,6 +10,9 @@ What one run does:
    queries come from `used_queries_file`, or from `used_queries.json` in the parent directory when
    that exists (a JSON list of uids: the interface the cold-start stage writes). The result, with
    the pass-rate table and the counted drop reasons, is `selection.json` (reused on resume).
+   `difficulties` narrows candidates and held-out items to a difficulty range. With nothing
+   learnable the stage stops with the counted reasons (`fallback_to_screened` lets a wiring run,
+   such as the micro scale, go on with the screened candidates).
 2. **The loop**, for `steps` generation steps:
    rollouts (`rl.rollout.collect_rollouts`: `queries_per_step` queries × `group_size` samples in
    thinking mode, verifier rewards, dynamic sampling that drops equal-accuracy groups and refills)
@@ -42,7 +45,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -62,7 +65,7 @@ from ..rl.rollout import (
 from ..rl.selection import SelectionResult, load_used_uids, screen, select_queries
 from ..tokenizer import Tokenizer
 from ..train import checkpoint as ckpt
-from ..train.loop import build_optimizer, run_identity, TrainConfig
+from ..train.loop import TrainConfig, build_optimizer, resolve_device, run_identity
 from ..train.metrics import MetricsLog, ProgressClock, format_duration
 from .common import StageContext, copy_tokenizer, write_json_atomic
 
@@ -258,7 +261,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate_pass_at_k(model, tokenizer, queries: Sequence[Query], *, k: int, sampling: SamplingParams,
                        max_new_tokens: int, seed: int, score_fn: ScoreFn = verifier_score) -> dict[str, float]:
     """Held-out pass@1 (mean accuracy over k samples) and pass@k, overall and per family (seeded)."""
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
     per: dict[str, list[tuple[float, float]]] = {}
     results = []
     for start in range(0, len(queries), 16):
@@ -298,6 +301,7 @@ def optimisation_passes(model, optimizer, batch: RolloutBatch, old_logps: torch.
     for _ in range(cfg.mu):
         order = torch.randperm(n, generator=generator)
         for rows in torch.tensor_split(order, cfg.mini_batches):
+            rows = rows.to(old_logps.device)
             mb = batch.select(rows)
             mask = mb.completion_mask
             logps, entropy = policy_logprobs(model, mb, cfg.temperature, with_entropy=True)
@@ -314,7 +318,8 @@ def optimisation_passes(model, optimizer, batch: RolloutBatch, old_logps: torch.
             total.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm or float("inf")))
             if not math.isfinite(grad_norm) or not math.isfinite(float(total.detach())):
-                raise FloatingPointError(f"non-finite GRPO loss or gradient (loss {float(total.detach())}, grad {grad_norm})")
+                raise FloatingPointError(
+                    f"non-finite GRPO loss or gradient (loss {float(total.detach())}, grad {grad_norm})")
             optimizer.step()
             with torch.no_grad():
                 ratio = torch.exp(logps.detach() - old_logps[rows])
@@ -413,7 +418,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parent = Path(parent)
-    torch_device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(parent)
     model = Qwen3.from_pretrained(parent).to(torch_device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # the starting model: KL anchor
@@ -421,7 +426,8 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     selection, used = _select(cfg, parent, out, reference, tokenizer, ctx, score_fn)
     queries = selection.selected
     if not queries:
-        reason = f"no learnable queries were selected ({dict(selection.reasons)}): the cold-start model solves none or all"
+        reason = (f"no learnable queries were selected ({dict(selection.reasons)}): "
+                  "the cold-start model solves none or all of the candidates")
         if not cfg.fallback_to_screened:
             raise RuntimeError(f"{cfg.name}: {reason}; set fallback_to_screened for a wiring run")
         queries = screen(candidate_queries(cfg), used)[0][:cfg.n_queries]
@@ -449,7 +455,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     else:
         torch.manual_seed(cfg.seed)
         ctx.say(f"{cfg.name}: {cfg.steps} steps x {cfg.queries_per_step} queries x {cfg.group_size} rollouts, "
-                f"{len(selection.selected)} queries, loss {cfg.loss_type}, eps {cfg.epsilon_low}/{cfg.epsilon_high}, "
+                f"{len(queries)} queries, loss {cfg.loss_type}, eps {cfg.epsilon_low}/{cfg.epsilon_high}, "
                 f"beta {cfg.beta}, mu {cfg.mu}, entropy control {cfg.entropy_control}")
     metrics.truncate_to(step if step > 0 else -1)  # a fresh run starts a fresh log
     clock = ProgressClock(step, cfg.steps, elapsed_before)
@@ -459,7 +465,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
         k = opt_steps + offset
         return cfg.lr * min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
-    def run_eval(at_step: int) -> dict[str, float]:
+    def run_eval() -> dict[str, float]:
         res = evaluate_pass_at_k(model, tokenizer, heldout, k=cfg.eval_k, sampling=cfg.eval_sampling,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919, score_fn=score_fn)
         model.train()
@@ -474,9 +480,11 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
             loader_state=stream.state_dict(), rng_state=ckpt.capture_rng_state())
 
     if step == 0:
-        metrics.append({"step": 0, **run_eval(0)})
+        metrics.append({"step": 0, **run_eval()})
     while step < cfg.steps:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        step_seed = cfg.seed * 1_000_003 + step
+        generator = torch.Generator(device=torch_device).manual_seed(step_seed)  # sampling
+        shuffler = torch.Generator().manual_seed(step_seed)  # mini-batch order (CPU indices)
         groups, stats = collect_rollouts(model, tokenizer, stream, n_groups=cfg.queries_per_step,
                                          group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                          temperature=cfg.temperature, generator=generator,
@@ -489,7 +497,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
                 stats.truncated / max(len(stats.lengths), 1), "no_reward_groups": stats.groups_no_reward,
         }
         if groups:
-            batch = build_batch(groups, pad_id=tokenizer.pad_token_id, scale_rewards=cfg.scale_rewards)
+            batch = build_batch(groups, pad_id=tokenizer.pad_token_id, scale_rewards=cfg.scale_rewards).to(torch_device)
             with torch.no_grad():
                 old_logps, entropy = policy_logprobs(model, batch, cfg.temperature)
                 ref_logps, _ = policy_logprobs(reference, batch, cfg.temperature, with_entropy=False)
@@ -499,7 +507,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
             record.update(entropy=entropy_now, kl=float(masked_mean(torch.exp(delta) - delta - 1, mask)),
                           sampler_logp_gap=float(masked_mean((old_logps - batch.sampler_logps).abs(), mask)))
             updates = optimisation_passes(model, optimizer, batch, old_logps, ref_logps, cfg, controller,
-                                          entropy_now, generator, lr_at)
+                                          entropy_now, shuffler, lr_at)
             opt_steps += len(updates)
             for key in ("loss", "grad_norm", "clip_fraction", "ratio_mean", "lr"):
                 record[key] = sum(u[key] for u in updates) / len(updates)
@@ -512,7 +520,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
             record["entropy_coef"] = controller.coef
         step += 1
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            record.update(run_eval(step))
+            record.update(run_eval())
         record["elapsed_s"] = clock.elapsed()
         metrics.append({k: v for k, v in record.items() if v is not None})
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -520,9 +528,11 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
                     f"reward {record['reward']:.3f} | entropy {record.get('entropy', float('nan')):.4f} | "
                     f"len {record['response_length']:.1f} | clip {record.get('clip_fraction', 0.0):.3f} | "
                     f"kl {record.get('kl', 0.0):.4f} | zero-var {record['zero_variance_share']:.2f} | "
-                    f"elapsed {format_duration(clock.elapsed())} | eta {format_duration(clock.eta(step) or float('nan'))}")
+                    f"elapsed {format_duration(clock.elapsed())} | "
+                    f"eta {format_duration(clock.eta(step) or float('nan'))}")
             if "eval/pass@1" in record:
-                line += f" | pass@1 {record['eval/pass@1']:.3f} pass@{cfg.eval_k} {record[f'eval/pass@{cfg.eval_k}']:.3f}"
+                pk = f"pass@{cfg.eval_k}"
+                line += f" | pass@1 {record['eval/pass@1']:.3f} {pk} {record['eval/' + pk]:.3f}"
             ctx.say(line)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
             save(step)
