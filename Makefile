@@ -42,7 +42,7 @@ micro-pipeline: $(STAMP)
 
 # LR x batch x model-size sweep and power-law fits for the optimal LR and batch (~15 min on 2 cores).
 scaling-laws: $(STAMP)
-	$(PY) -m qwen3repro.experiments.cli --out runs/scaling_laws
+	$(VENV)/bin/qwen3repro scaling-laws --out runs/scaling_laws
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

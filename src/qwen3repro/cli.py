@@ -85,11 +85,13 @@ def _register_subcommands() -> None:
     """Command groups that live next to their code (imported lazily: heavy modules load on use)."""
     from .chat_cli import chat_command
     from .evals.cli import eval_group
+    from .experiments.cli import scaling_laws_command
     from .nanotron.cli import full_command
 
     main.add_command(eval_group)
     main.add_command(full_command)
     main.add_command(chat_command)
+    main.add_command(scaling_laws_command)
 
 
 _register_subcommands()

@@ -802,7 +802,7 @@ def _notes(settings: LongContextSettings) -> list[str]:
 
 
 def summarize(results: Mapping[str, Any], settings: LongContextSettings) -> dict[str, Any]:
-    """Accuracy at the trained length and at the largest evaluated length, per variant and condition."""
+    """Accuracy at every evaluated length (`at_<n>`), at the trained length, per variant and condition."""
     out: dict[str, Any] = {}
     for variant, grids in results["retrieval"].items():
         out[variant] = {}
@@ -810,8 +810,8 @@ def summarize(results: Mapping[str, Any], settings: LongContextSettings) -> dict
             by_len = dict(zip(g["lengths"], g["accuracy_by_length"]))
             longest = max(g["lengths"])
             out[variant][cond] = {
+                **{f"at_{n}": acc for n, acc in by_len.items()},
                 "at_trained_length": by_len.get(settings.trained_length),
-                f"at_{longest}": by_len[longest],
                 "extension": longest / settings.trained_length,
             }
     return out
