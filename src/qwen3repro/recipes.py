@@ -74,19 +74,19 @@ def parse_override(text: str) -> dict[str, Any]:
     return node
 
 
-def load_recipe(stage: str, root: Path | None = None) -> dict[str, Any]:
-    root = root or repo_root()
-    path = root / "recipes" / f"{stage}.toml"
+def _load_named(folder: str, name: str, kind: str, root: Path | None) -> dict[str, Any]:
+    """`<root>/<folder>/<name>.toml`; an unknown name lists the valid ones."""
+    directory = (root or repo_root()) / folder
+    path = directory / f"{name}.toml"
     if not path.exists():
-        valid = sorted(p.stem for p in (root / "recipes").glob("*.toml"))
-        raise ConfigError(f"unknown recipe {stage!r}; valid recipes: {', '.join(valid)}")
+        valid = sorted(p.stem for p in directory.glob("*.toml"))
+        raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
     return load_toml(path)
+
+
+def load_recipe(stage: str, root: Path | None = None) -> dict[str, Any]:
+    return _load_named("recipes", stage, "recipe", root)
 
 
 def load_scale(scale: str, root: Path | None = None) -> dict[str, Any]:
-    root = root or repo_root()
-    path = root / "tiny" / f"{scale}.toml"
-    if not path.exists():
-        valid = sorted(p.stem for p in (root / "tiny").glob("*.toml"))
-        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(valid)}")
-    return load_toml(path)
+    return _load_named("tiny", scale, "scale", root)
