@@ -169,8 +169,9 @@ class AnswerStub(nn.Module):
         super().__init__()
         self.answers = {tuple(tokenizer.encode(it["prompt"])): tokenizer.encode(f" {pick(it)}.") for it in items}
         self.pad_id, self.vocab_size = tokenizer.pad_token_id, vocab_size
+        self.device_anchor = nn.Parameter(torch.zeros(1))  # the engine reads the device from a parameter
 
-    def new_kv_cache(self, batch_size, max_len):
+    def new_kv_cache(self, batch_size, max_len, **_):
         return {"rows": None, "step": 0}
 
     def forward(self, input_ids, *, position_ids=None, attention_mask=None, kv_cache=None):

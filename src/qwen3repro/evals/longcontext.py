@@ -70,6 +70,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig, strict_fields
 from ..data import synthetic
+from ..generate import GREEDY, generate
 from ..tokenizer import Tokenizer
 
 try:  # Python >= 3.11
@@ -449,7 +450,6 @@ def _first_word_complete(text: str) -> bool:
     return bool(t) and (any(c.isspace() for c in t) or t[-1] in _PUNCTUATION)
 
 
-@torch.inference_mode()
 def greedy_decode(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -458,34 +458,22 @@ def greedy_decode(
     pad_id: int = 0,
     stop: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation of a batch of prompts with the KV cache: one prefill, then one token per step.
+    """Greedy continuation of a batch of prompts through the shared engine (`qwen3repro.generate`).
 
-    Prompts of different lengths are left-padded (attention mask + per-row positions starting at 0);
-    equal lengths need no mask (SDPA's causal fast path, and the only form DCA accepts). Stops after
-    `max_new_tokens` or once `stop(generated_ids)` holds for every row. A minimal loop for
-    evaluation, not a general sampler.
+    Prompts of equal length are decoded without a padding mask (the only form DCA accepts), which
+    the engine does by itself; different lengths are left-padded. Each row is cut just after the
+    first point where `stop(generated_ids)` holds.
     """
-    b, lengths = len(prompts), [len(p) for p in prompts]
-    s = max(lengths)
-    ids = torch.full((b, s), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, s), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, s - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, s - len(p):] = True
-    padded = min(lengths) != s
-    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    cache = model.new_kv_cache(b, s + max_new_tokens)
-    out = model(ids, position_ids=positions, attention_mask=mask if padded else None, kv_cache=cache)
-    logits, next_pos = out.logits[:, -1], positions[:, -1:] + 1
-    generated: list[list[int]] = [[] for _ in range(b)]
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)
-        for row, t in zip(generated, token.tolist()):
-            row.append(t)
-        if step == max_new_tokens - 1 or (stop is not None and all(stop(g) for g in generated)):
-            break
-        logits = model(token[:, None], position_ids=next_pos, kv_cache=cache).logits[:, -1]
-        next_pos = next_pos + 1
+    outs = generate(model, prompts, GREEDY, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+    generated = []
+    for out in outs:
+        ids = list(out.token_ids)
+        if stop is not None:
+            for n in range(1, len(ids) + 1):
+                if stop(ids[:n]):
+                    ids = ids[:n]
+                    break
+        generated.append(ids)
     return generated
 
 
