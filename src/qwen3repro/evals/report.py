@@ -15,12 +15,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..train.metrics import MetricsLog  # noqa: E402
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return MetricsLog(os.fspath(path)).read()
 
 
 def plot_loss_curves(stage_dirs: dict[str, Path], out: Path) -> str | None:

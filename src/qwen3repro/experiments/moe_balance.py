@@ -42,7 +42,6 @@ higher by more than `loss_tolerance`, and top-k share higher.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,6 +56,7 @@ from ..models.qwen3 import Qwen3
 from ..stages import pretrain
 from ..stages.common import StageContext, write_json_atomic
 from ..tokenizer import Tokenizer
+from ..train.metrics import MetricsLog
 
 CLAIM = ("Global-batch LBL: lower global expert-load imbalance than micro-batch LBL at equal or lower "
          "loss, and higher expert specialisation by data domain (Qiu et al. 2025, used for Qwen3-MoE).")
@@ -268,7 +268,7 @@ def measure_run(run_dir: Path, docs: Sequence[Mapping[str, Any]], tokenizer: Tok
     per_domain_loss = {name: float(loss_sum[[i for i, kd in enumerate(kinds) if kd == name]].sum()
                                    / max(n_tok[[i for i, kd in enumerate(kinds) if kd == name]].sum(), 1))
                        for name in kind_names}
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = MetricsLog(str(run_dir / "metrics.jsonl")).read()
     last = metrics[-1] if metrics else {}
     k = cfg.num_experts_per_tok
     return {
@@ -376,7 +376,7 @@ def _plot_loss_curves(run_dirs: Mapping[str, Path], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for mode, d in run_dirs.items():
-        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = MetricsLog(str(d / "metrics.jsonl")).read()
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [r.get("ce", r["loss"]) for r in rows], label=f"{mode} LBL")
         axes[1].plot(steps, [r.get("lbl", float("nan")) for r in rows], label=f"{mode} LBL")
