@@ -22,7 +22,8 @@ from ..config import ConfigError
 @click.option("--nodes", type=int, default=None, help="number of nodes (default: the model's entry in full/models.toml)")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default 8)")
 @click.option("--dry-run", is_flag=True, help="write and validate the config, print the plan, launch nothing")
-@click.option("--data", default=None, help="tokenised shards for the run (needed to launch)")
+@click.option("--data", default=None, help="tokenised shards for the run (needed to launch; SFT stages default to "
+              "their masked shards, runs/full/<model>/<stage>/sft-shards)")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="where to write the config "
               "(default runs/full/<model>/<stage>/)")
 def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir):
@@ -47,11 +48,15 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
     if not spec.in_report_pipeline:
         click.echo(f"  note: the report runs {stage} only for the "
                    f"{'flagship' if spec.facts.get('models') == 'flagship' else 'student'} models")
+    for line in spec.data_lines():
+        click.echo(line)
     click.echo(f"  config      {yaml_path} (nanotron, loads with get_config_from_file)")
     click.echo(f"  sidecar     {side_path} (stage facts, data mixture)")
 
     from .launch import launch_command, slurm_script
 
+    if spec.is_sft and not data:
+        data = str(spec.shards_path)  # SFT stages read their masked shards from the stage folder by default
     if spec.layout.nodes == 1:
         cmd = launch_command(spec, yaml_path, data or "<tokenised shards>")
         click.echo("  launch      " + " ".join(cmd))
@@ -71,6 +76,12 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
         sys.exit(2)
     if not data:
         raise click.UsageError("--data (tokenised shards of the stage's mixture) is needed to launch")
+    if spec.is_sft:
+        from .sft_data import is_masked_shards
+
+        if not is_masked_shards(data):
+            raise click.UsageError(f"{stage} trains on masked conversation shards and {data} has none; write them "
+                                   f"with: python -m qwen3repro.nanotron.sft_data --stage {stage} --model {model_name}")
     if spec.layout.nodes == 1:
         sys.exit(subprocess.call(launch_command(spec, yaml_path, data)))
     if shutil.which("sbatch") is None:

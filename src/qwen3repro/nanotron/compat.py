@@ -65,6 +65,8 @@ def import_nanotron() -> types.ModuleType:
             module = types.ModuleType("nanotron.logging")
             module.__file__ = origin
             module.__package__ = "nanotron"
+            # A spec, so that importlib.util.find_spec("nanotron.logging") keeps working once it is loaded.
+            module.__spec__ = importlib.util.spec_from_file_location("nanotron.logging", origin)
             sys.modules["nanotron.logging"] = module
             try:
                 exec(compile(source.replace(_BUGGY_LINE, _REPLACEMENT), origin, "exec"), module.__dict__)

@@ -21,7 +21,10 @@ Where each value comes from:
   only, fresh optimizer and schedule, as SmolLM3's long-context runs did); restarts of the same stage resume
   from its own `checkpoints_path` (`checkpoints.resume_checkpoint_path`, set by the launcher when one exists);
 * data: real `datasets` sources (`full/stages.toml` [data.<stage>]) as `data.mixture.SourceSpec`s, written into
-  the sidecar JSON; batches reach nanotron through our loader, so the YAML's `data` section has no HF dataset.
+  the sidecar JSON; batches reach nanotron through our loader, so the YAML's `data` section has no HF dataset
+  (0.4's loader is strict: it accepts no keys of ours there). The SFT stages (cold start, fusion, off-policy
+  distillation) train on masked conversation shards written by `sft_data` to `StageSpec.shards_path`; the
+  sidecar's `shards` entry says which kind of `--data` the launcher must get.
 
 Generated files are never edited by hand: change the recipe, full/*.toml or this module and regenerate. They go
 to `runs/full/<model>/<stage>/` (relative to the repository root, where make and the launchers run; runs/ is
@@ -161,6 +164,41 @@ class StageSpec:
         return self.run_dir / self.model / self.parent / "checkpoints" / str(self.parent_steps)
 
     @property
+    def is_sft(self) -> bool:
+        """Cold start, fusion and off-policy distillation: conversations, loss on assistant tokens only."""
+        return self.facts["kind"] == "sft"
+
+    @property
+    def shards_path(self) -> Path:
+        """Where `sft_data` writes this stage's masked shards (and where the launcher reads them by default)."""
+        from .sft_data import SHARDS_DIRNAME
+
+        return self.run_dir / self.model / self.stage / SHARDS_DIRNAME
+
+    def data_lines(self) -> list[str]:
+        """What the stage trains on and which tokens carry the loss, for the printed plan."""
+        def where(s: dict) -> str:
+            extra = f", config {s['config_name']}" if s.get("config_name") else ""
+            return (f"{s['kind']} {s['path_or_id']} ({s['text_field']} column{extra}, split {s['split']}, "
+                    f"weight {s['weight']:g})")
+
+        lines = [f"  data        {'conversations (SFT)' if self.is_sft else 'pretraining mixture'}: "
+                 f"{len(self.data['sources'])} source(s)"]
+        lines += [f"    source    {where(s)}" for s in self.data["sources"]]
+        if self.is_sft:
+            lines += [
+                "  mask        loss on assistant tokens only (chat.tokenize_conversation on our Qwen3 template):",
+                "              labels -100 on system/user/tool tokens, assistant headers and padding",
+                f"  packing     conversations packed into rows of {self.seq_len} tokens, position ids restarting "
+                "per conversation; longer ones dropped and counted",
+                f"  shards      {self.shards_path} (write: python -m qwen3repro.nanotron.sft_data --stage "
+                f"{self.stage} --model {self.model})",
+            ]
+        else:
+            lines.append("  mask        every token counts (documents packed with document masking)")
+        return lines
+
+    @property
     def in_report_pipeline(self) -> bool:
         who = self.facts.get("models")
         if who == "flagship":
@@ -234,6 +272,10 @@ class StageSpec:
             "schedule": dataclasses.asdict(self.schedule),
             "layout": {**dataclasses.asdict(self.layout), "dp": self.layout.dp, "world": self.layout.world},
             "data": self.data,
+            # What `launch.py --data` must be: masked conversation shards for the SFT stages (checked there).
+            "shards": ({"format": "sft-masked", "path": str(self.shards_path),
+                        "loss": "assistant tokens only (labels -100 elsewhere)"} if self.is_sft
+                       else {"format": "tokens", "path": None, "loss": "every token"}),
         }
 
 

@@ -2,7 +2,9 @@
 
 * `python -m qwen3repro.nanotron.launch --config-file runs/full/<model>/<stage>/<stage>.yaml --data <shards>`
   is what torchrun starts on each GPU: nanotron's `DistributedTrainer` with our model class and model-config
-  class, fed by our packing loader (pre-tokenised shards with an `input_ids` column, from the stage's mixture).
+  class, fed by our loaders: pretraining stages pack pre-tokenised shards (an `input_ids` column, from the
+  stage's mixture); the SFT stages (cold start, fusion, off-policy distillation) read the masked conversation
+  shards of `sft_data`, so the loss counts assistant tokens only. The sidecar next to the YAML says which.
   For MoE models each optimizer step first counts expert selections over its micro-batches (the global-batch
   load-balancing loss, see model.py).
 * `launch_command(spec, yaml)` builds the torchrun line for one node; `slurm_script(spec, yaml)` fills
@@ -14,6 +16,7 @@ flash-attn installed; the CPU test suite checks everything up to it (configs, mo
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from pathlib import Path
 
@@ -53,25 +56,65 @@ def slurm_script(spec: StageSpec, yaml_path: Path, data: str | None = None, temp
 
 
 # ------------------------------------------------------------------------------ entry point (GPU)
-def _batches(loader, model):
-    """PackingLoader batches -> the dicts our nanotron model takes (labels -100 become masked 0s)."""
+def nanotron_batches(loader, model, device):
+    """Loader batches -> the dicts our nanotron model takes, forever (epoch after epoch).
+
+    Both loaders give `labels` (the next token, or -100 where nothing is trained: padding, document ends, and
+    for the SFT shards everything that is not the assistant's). The model's loss block takes the target and a
+    mask instead: label_mask = labels != -100 and label_ids = labels with the -100s made valid ids (masked
+    out). Packed documents or conversations are told apart by `position_ids` restarting at 0."""
     from .model import pipeline_inputs
 
     while True:
         for batch in loader:
             labels = batch["labels"]
-            mask = labels != -100
             yield pipeline_inputs(model, {
-                "input_ids": batch["input_ids"].cuda(), "position_ids": batch["position_ids"].cuda(),
-                "label_ids": labels.clamp(min=0).cuda(), "label_mask": mask.cuda(),
+                "input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+                "label_ids": labels.clamp(min=0).to(device), "label_mask": (labels != -100).to(device),
             })
+
+
+def stage_kind(yaml_path: str | Path) -> str:
+    """'pretrain' or 'sft', from the sidecar that config_gen writes next to the YAML."""
+    side = Path(yaml_path).with_name(Path(yaml_path).stem + ".qwen3repro.json")
+    if not side.is_file():
+        raise FileNotFoundError(f"{side} not found: generate the stage's config with `make full ... DRY_RUN=1`")
+    return json.loads(side.read_text())["kind"]
+
+
+def make_loader(kind: str, data: str, *, seq_len: int, micro_batch_size: int, seed: int, dp_rank: int,
+                dp_size: int, eot_id: int, vocab_size: int | None = None):
+    """This data-parallel rank's loader: masked conversation shards for SFT stages, packed documents otherwise.
+
+    The kind of data must match the stage: SFT on unmasked token shards would train on the prompts too, and
+    pretraining on SFT shards would train on assistant tokens only."""
+    from ..data.packing import DataError, PackingLoader, load_documents
+    from .sft_data import MaskedShardLoader, is_masked_shards
+
+    masked = is_masked_shards(data)
+    if kind == "sft":
+        if not masked:
+            raise DataError(f"this stage trains on assistant tokens only, and {data} holds no masked conversation "
+                            "shards (manifest.json); write them with `python -m qwen3repro.nanotron.sft_data`")
+        return MaskedShardLoader(data, seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                                 dp_size=dp_size, seed=seed, vocab_size=vocab_size)
+    if masked:
+        raise DataError(f"{data} holds SFT conversation shards, but this is a pretraining stage (every token counts)")
+    # Each data-parallel rank packs its own shard of the documents (TP/PP ranks of a replica see the same data).
+    docs = load_documents(data).shard(num_shards=dp_size, index=dp_rank, contiguous=False)
+    return PackingLoader(docs, seq_len=seq_len, batch_size=micro_batch_size, eot_id=eot_id, seed=seed,
+                         document_masking=True, too_long="split", drop_last=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train one full-scale stage with nanotron (run under torchrun).")
     parser.add_argument("--config-file", required=True, help="generated <stage>.yaml")
-    parser.add_argument("--data", required=True, help="tokenised shards (parquet/arrow with an input_ids column)")
+    parser.add_argument("--data", required=True, help="pretraining: token shards (parquet/arrow with an input_ids "
+                        "column); SFT stages: the masked shard folder written by qwen3repro.nanotron.sft_data")
     args = parser.parse_args(argv)
+    kind = stage_kind(args.config_file)  # before the (slow) trainer start, so a wrong --data fails fast
+
+    import torch
 
     from .compat import import_nanotron
 
@@ -79,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     import nanotron.distributed as dist
     from nanotron.trainer import DistributedTrainer
 
-    from ..data.packing import PackingLoader, load_documents
     from .model import Qwen3ForTraining, Qwen3NTConfig, count_experts
 
     class Qwen3Trainer(DistributedTrainer):
@@ -94,14 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = trainer.config
     pc = trainer.parallel_context
     mc = cfg.model.model_config
-    # Each data-parallel rank packs its own shard of the documents (TP/PP ranks of a replica see the same data).
-    docs = load_documents(args.data).shard(num_shards=pc.dp_pg.size(), index=dist.get_rank(pc.dp_pg), contiguous=False)
-    loader = PackingLoader(
-        docs, seq_len=cfg.tokens.sequence_length, batch_size=cfg.tokens.micro_batch_size,
-        eot_id=mc.bos_token_id, seed=cfg.data.seed, document_masking=True, too_long="split", drop_last=True,
-    )
+    loader = make_loader(kind, args.data, seq_len=cfg.tokens.sequence_length, micro_batch_size=cfg.tokens.micro_batch_size,
+                         seed=cfg.data.seed, dp_rank=dist.get_rank(pc.dp_pg), dp_size=pc.dp_pg.size(),
+                         eot_id=mc.bos_token_id, vocab_size=mc.vocab_size)
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model  # DDP-wrapped or not
-    trainer.train(_batches(loader, model))
+    trainer.train(nanotron_batches(loader, model, torch.device("cuda")))
 
 
 if __name__ == "__main__":

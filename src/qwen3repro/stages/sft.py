@@ -35,6 +35,7 @@ from ..chat import tokenize_conversation
 from ..config import ConfigError, strict_fields
 from ..data.packing import IGNORE_INDEX
 from ..lineage import make_lineage, write_lineage
+from ..rl.selection import USED_QUERIES_FILE
 from ..losses import masked_cross_entropy
 from ..models.qwen3 import Qwen3
 from ..tokenizer import Tokenizer
@@ -119,16 +120,31 @@ def make_example(ids: Sequence[int], mask: Sequence[int]) -> Example:
     return Example(tuple(ids[:-1]), tuple(int(t) if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])))
 
 
+DROP_TOO_LONG, DROP_NO_ASSISTANT = "too_long", "no_assistant_tokens"
+
+
+def tokenize_example(tokenizer: Tokenizer, messages: Sequence[Mapping], seq_len: int,
+                     enable_thinking: bool = True) -> tuple[Example | None, str | None]:
+    """(example, None), or (None, why it is dropped): DROP_TOO_LONG when the rendered chat is longer
+    than seq_len + 1 tokens, DROP_NO_ASSISTANT when no token after the first is the assistant's."""
+    ids, mask = tokenize_conversation(tokenizer, messages, enable_thinking=enable_thinking)
+    if len(ids) > seq_len + 1:
+        return None, DROP_TOO_LONG
+    if not any(mask[1:]):
+        return None, DROP_NO_ASSISTANT
+    return make_example(ids, mask), None
+
+
 def tokenize_conversations(tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping]], seq_len: int,
                            enable_thinking: bool = True) -> tuple[list[Example], int]:
     """(examples, number dropped for being longer than seq_len + 1 tokens or training nothing)."""
     out, dropped = [], 0
     for messages in conversations:
-        ids, mask = tokenize_conversation(tokenizer, messages, enable_thinking=enable_thinking)
-        if len(ids) > seq_len + 1 or not any(mask[1:]):
+        example, _ = tokenize_example(tokenizer, messages, seq_len, enable_thinking)
+        if example is None:
             dropped += 1
             continue
-        out.append(make_example(ids, mask))
+        out.append(example)
     return out, dropped
 
 
@@ -258,8 +274,11 @@ def load_conversations(cfg: SFTConfig, out: Path) -> list[list[dict]]:
     if cfg.data in COLDSTART_SOURCES:
         from ..coldstart.pipeline import ColdStartConfig, build_coldstart_dataset
 
-        filtered, unfiltered, _ = build_coldstart_dataset(ColdStartConfig.from_dict(cfg.coldstart), out_dir=out)
-        return filtered if cfg.data == "coldstart" else unfiltered
+        filtered, unfiltered, report = build_coldstart_dataset(ColdStartConfig.from_dict(cfg.coldstart), out_dir=out)
+        which = "filtered" if cfg.data == "coldstart" else "unfiltered"
+        # The queries this cold start trains on: reasoning RL must not reuse them (§4.2, criterion 1).
+        write_json_atomic(out / USED_QUERIES_FILE, report["used_uids"][which])
+        return filtered if which == "filtered" else unfiltered
     from ..coldstart.pipeline import read_jsonl
 
     path = Path(cfg.data)
@@ -316,5 +335,5 @@ def run(cfg: SFTConfig, parent: Path, ctx: StageContext, *, conversations: Seque
     return out
 
 
-__all__ = ["BATCHING", "Example", "SFTConfig", "SFTLoader", "heldout_loss_fn", "load_conversations", "make_example",
-           "run", "sft_loss", "tokenize_conversations"]
+__all__ = ["BATCHING", "DROP_NO_ASSISTANT", "DROP_TOO_LONG", "Example", "SFTConfig", "SFTLoader", "heldout_loss_fn",
+           "load_conversations", "make_example", "run", "sft_loss", "tokenize_conversations", "tokenize_example"]
