@@ -9,7 +9,8 @@
 * the loader splits rows over data-parallel ranks and refuses shards of another sequence length; the launcher
   refuses token shards for an SFT stage and conversation shards for a pretraining stage;
 * nanotron's training step (1F1B pipeline engine, PP=2, 2 gloo processes) on micro-batches read from the
-  shards through the launcher's batch conversion gives our plain model's `masked_cross_entropy`;
+  shards through the launcher's batch conversion gives our plain model's `masked_cross_entropy` per micro-batch,
+  and, with the launcher's token weighting for SFT, `masked_cross_entropy` over the whole step's tokens;
 * `full --dry-run` for cold-start and distill prints the data source, the mask and the shard folder.
 """
 from __future__ import annotations
@@ -221,7 +222,7 @@ def _step_worker(rank, port, path):
 
     from qwen3repro.nanotron.convert import load_state_dict_into
     from qwen3repro.nanotron.launch import make_loader, nanotron_batches
-    from qwen3repro.nanotron.model import Qwen3NTConfig, build_qwen3
+    from qwen3repro.nanotron.model import Qwen3NTConfig, build_qwen3, weight_by_tokens
 
     pc = compat.cpu_parallel_context(tp=1, pp=2)
     cfg = get_model_config("micro")
@@ -253,6 +254,20 @@ def _step_worker(rank, port, path):
             every = masked_cross_entropy(ref(b["input_ids"], position_ids=b["position_ids"],
                                              segment_ids=b["segment_ids"]).logits, b["input_ids"].roll(-1, 1))
         assert abs(float(every) - want) > 1e-3
+
+    # The launcher's SFT step weights by tokens: the step's loss is the mean over all its assistant tokens,
+    # as the tiny SFT stage (masked_cross_entropy over both micro-batches at once), not the mean of two means.
+    weight_by_tokens(model, inputs)
+    outs = OneForwardOneBackwardPipelineEngine().train_batch_iter(model, pg=pc.pp_pg, batch=iter(inputs),
+                                                                  nb_microbatches=2, grad_accumulator=None)
+    if dist.get_rank(pc.pp_pg) == model.loss.rank:
+        got = float(sum(o["loss"].detach() for o in outs))
+        with torch.no_grad():
+            logits = torch.cat([ref(b["input_ids"], position_ids=b["position_ids"], segment_ids=b["segment_ids"]).logits
+                                for b in raw])
+            pooled = float(masked_cross_entropy(logits, torch.cat([b["labels"] for b in raw])))
+        assert abs(got - pooled) <= 1e-5 * abs(pooled), (got, pooled)
+        assert abs(pooled - want) > 1e-5  # the two weightings differ on these batches, so the check means something
     dist.barrier()
     dist.destroy_process_group()
 

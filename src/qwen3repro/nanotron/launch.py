@@ -122,13 +122,19 @@ def main(argv: list[str] | None = None) -> None:
     import nanotron.distributed as dist
     from nanotron.trainer import DistributedTrainer
 
-    from .model import Qwen3ForTraining, Qwen3NTConfig, count_experts
+    from .model import Qwen3ForTraining, Qwen3NTConfig, count_experts, weight_by_tokens
+
+    by_tokens = kind == "sft"  # the SFT loss is the mean over the step's assistant tokens (as the tiny stage)
 
     class Qwen3Trainer(DistributedTrainer):
         def training_step(self, dataloader):
-            if self.unwrapped_model.model_config.is_moe:  # phase 1 of the global-batch LBL
+            moe = self.unwrapped_model.model_config.is_moe
+            if moe or by_tokens:  # both need the whole step's micro-batches before the first backward
                 mbs = [next(dataloader) for _ in range(self.n_micro_batches_per_batch)]
-                count_experts(self.unwrapped_model, mbs)
+                if moe:  # phase 1 of the global-batch LBL
+                    count_experts(self.unwrapped_model, mbs)
+                if by_tokens:
+                    weight_by_tokens(self.unwrapped_model, mbs)
                 dataloader = iter(mbs)
             return super().training_step(dataloader)
 

@@ -18,7 +18,8 @@ model uses (`models.attention.RMSNorm`/`rotate`/`rope_tables`/`build_attention_m
   *tensor-parallel inside each expert*: every TP rank holds all E experts with 1/tp of each expert's
   intermediate size (gate/up split by rows, down by columns) and the outputs are summed over TP. nanotron 0.4
   has no expert parallelism (no all-to-all dispatch), so experts are never split *between* ranks;
-* loss: `sharded_cross_entropy` over vocabulary-sharded logits, masked mean over `label_mask`; for MoE plus
+* loss: `sharded_cross_entropy` over vocabulary-sharded logits, masked mean over `label_mask` (per micro-batch,
+  or over the whole optimizer step after `weight_by_tokens`, as the SFT stages use it); for MoE plus
   `router_aux_loss_coef` x the global-batch load-balancing loss (below);
 * one `PipelineBlock` per decoder layer (plus embedding, final norm, LM head, loss), balanced by FLOPs.
 
@@ -360,11 +361,16 @@ class _Loss(nn.Module):
         super().__init__()
         self.tp_pg = tp_pg
         self.aux_coef = aux_coef
+        # None: each micro-batch's loss is the mean over its own counted tokens. Set by `weight_by_tokens` for one
+        # optimizer step: the step's counted tokens per micro-batch and DP rank, so the step's loss is the mean
+        # over every counted token of the step.
+        self.tokens_per_micro_batch: Optional[float] = None
 
     def forward(self, sharded_logits, label_ids, label_mask, aux_loss=None):
         per_token = sharded_cross_entropy(sharded_logits, label_ids, group=self.tp_pg, dtype=torch.float)
         mask = label_mask.to(per_token.dtype)
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        denominator = mask.sum().clamp(min=1) if self.tokens_per_micro_batch is None else self.tokens_per_micro_batch
+        loss = (per_token * mask).sum() / denominator
         if aux_loss is not None and self.aux_coef:
             loss = loss + self.aux_coef * aux_loss.sum()
         return {"loss": loss}
@@ -542,6 +548,26 @@ def pipeline_inputs(model: Qwen3ForTraining, batch: Dict[str, torch.Tensor]) -> 
     return out
 
 
+@torch.no_grad()
+def weight_by_tokens(model: Qwen3ForTraining, micro_batches) -> Optional[float]:
+    """Make the coming optimizer step's loss the mean over all its counted tokens (every micro-batch, every DP
+    rank), as the tiny SFT stage weights micro-batches (`num_tokens` in train.loop), instead of the mean of
+    per-micro-batch means. What matters for SFT: packed rows hold very different numbers of assistant tokens.
+
+    nanotron divides each micro-batch's loss by the number of micro-batches and DDP averages gradients over DP,
+    so each micro-batch's loss is its masked sum over N_step / (micro-batches x dp). Only the last pipeline stage
+    computes the loss; the count is all-reduced over its DP group. Returns that denominator (None elsewhere)."""
+    pc = model.parallel_context
+    if dist.get_rank(pc.pp_pg) != model.loss.rank:
+        return None
+    masks = [mb["label_mask"] for mb in micro_batches]
+    count = torch.stack([m.sum().to(torch.float64) for m in masks]).sum().reshape(1)
+    dist.all_reduce(count, group=pc.dp_pg)
+    per_micro_batch = max(float(count) / (len(masks) * pc.dp_pg.size()), 1e-6)  # an all-masked step gives loss 0
+    model.loss.pp_block.tokens_per_micro_batch = per_micro_batch
+    return per_micro_batch
+
+
 def sparse_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, Qwen3NTMoE)]
 
@@ -579,5 +605,5 @@ def count_experts(model: Qwen3ForTraining, micro_batches) -> Optional[torch.Tens
 
 __all__ = [
     "Qwen3NTConfig", "Qwen3ForTraining", "build_qwen3", "tie_model_parameters", "pipeline_inputs",
-    "count_experts", "check_tp", "segment_ids_from_positions", "ATTN_IMPLEMENTATIONS",
+    "count_experts", "check_tp", "segment_ids_from_positions", "weight_by_tokens", "ATTN_IMPLEMENTATIONS",
 ]

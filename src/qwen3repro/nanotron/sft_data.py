@@ -100,7 +100,9 @@ def read_conversations(spec) -> Iterator[tuple[str, list[dict]]]:
         if isinstance(files, str):  # one file, or a glob
             import glob
 
-            files = sorted(glob.glob(files)) or [files]
+            pattern, files = files, sorted(glob.glob(files))
+            if not files:
+                raise DataError(f"source {spec.label}: no file matches {pattern}")
         yield from _jsonl_conversations(spec, files)
         return
     ds = load_source(spec)  # parquet files or a hub id (datasets.load_dataset; streamed if the spec says so)
