@@ -1,5 +1,5 @@
-"""Experiments: the scaling-law fits and optimum finder, the MoE routing measures, and smoke runs of
-the MoE experiment and the sweep on toy sizes."""
+"""Experiments: the scaling-law fits and optimum finder, and a smoke run of the sweep on toy sizes
+(the MoE load-balancing experiment is tested in test_moe_balance.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qwen3repro.experiments import moe_balance as mb
 from qwen3repro.experiments import scaling_laws as sl
 from qwen3repro.experiments.cli import scaling_laws_command
 
@@ -86,91 +85,7 @@ def test_sweep_sizes_are_ordered_and_tiny_student_is_the_largest():
     assert sl.SWEEP_SIZES["sl-128x4"] == sl.get_model_config("tiny-student")
 
 
-# ----------------------------------------------------------------------------- MoE routing measures
-def test_uniform_routing_is_balanced_and_unspecialised():
-    d, layers, e, k = 4, 3, 16, 4
-    counts = np.full((d, layers, e), 10.0)
-    gi = mb.global_imbalance(counts)
-    assert gi["max_over_mean"] == pytest.approx(1.0) and gi["cv"] == pytest.approx(0.0)
-    assert mb.micro_imbalance(counts)["max_over_mean"] == pytest.approx(1.0)
-    spec = mb.domain_specialisation(counts, k)
-    assert spec["top_k_share"] == pytest.approx(k / e) == pytest.approx(spec["top_k_share_floor"])
-    assert spec["kl"] == pytest.approx(0.0, abs=1e-12)
-
-
-def test_one_expert_group_per_domain_is_maximally_specialised_and_globally_balanced():
-    d, layers, e, k = 4, 2, 16, 4  # each domain routes only to its own k experts; domains cover all E
-    counts = np.zeros((d, layers, e))
-    for i in range(d):
-        counts[i, :, i * k:(i + 1) * k] = 25.0
-    spec = mb.domain_specialisation(counts, k, ["a", "b", "c", "d"])
-    assert spec["top_k_share"] == pytest.approx(1.0)
-    assert spec["kl"] == pytest.approx(math.log(d))  # the maximum for d equal-sized domains
-    assert set(spec["top_k_share_per_domain"]) == {"a", "b", "c", "d"}
-    gi = mb.global_imbalance(counts)
-    assert gi["max_over_mean"] == pytest.approx(1.0)
-    # ... while every domain alone is as unbalanced as k-of-E routing allows: max/mean = E/k.
-    assert mb.micro_imbalance(counts)["max_over_mean"] == pytest.approx(e / k)
-
-
-def test_collapsed_routing_is_maximally_imbalanced():
-    counts = np.zeros((1, 2, 8))
-    counts[..., :2] = 50.0  # all selections on 2 of 8 experts (k = 2)
-    assert mb.global_imbalance(counts)["max_over_mean"] == pytest.approx(4.0)
-    assert mb.domain_specialisation(counts, 2)["top_k_share"] == pytest.approx(1.0)
-
-
-def test_judge_names_each_part():
-    def res(gi, loss, share):
-        return {"global_imbalance": {"max_over_mean": gi}, "heldout_loss": loss,
-                "specialisation": {"top_k_share": share, "top_k_share_floor": 0.25},
-                "micro_imbalance": {"max_over_mean": 2.0}}
-
-    ok, parts, text = mb.judge(res(1.5, 3.0, 0.4), res(1.3, 3.005, 0.5), loss_tolerance=0.01)
-    assert ok and all(parts.values()) and "lower" in text
-    ok, parts, text = mb.judge(res(1.5, 3.0, 0.4), res(1.6, 3.1, 0.3), loss_tolerance=0.01)
-    assert not ok and not any(parts.values()) and "not reproduced" in text
-
-
-def test_settings_reject_unknown_keys():
-    with pytest.raises(Exception, match="unknown key"):
-        mb.MoEExperimentSettings.from_mapping({"model": "micro-moe", "epochs": 3})
-    s = mb.MoEExperimentSettings.from_mapping({"model": "micro-moe", "tokens": 1000, "seq_len": 32, "batch_size": 4})
-    micro, glob = s.stage_config("micro"), s.stage_config("global")
-    assert micro.load_balancing == "micro" and glob.load_balancing == "global"
-    assert {**vars(micro), "load_balancing": None, "name": None, "description": None} == \
-        {**vars(glob), "load_balancing": None, "name": None, "description": None}
-
-
 # ----------------------------------------------------------------------------- smoke runs
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from qwen3repro.stages import tokenizer as tokenizer_stage
-    from qwen3repro.stages.common import StageContext
-
-    out = tmp_path_factory.mktemp("tok")
-    tokenizer_stage.run(tokenizer_stage.TokenizerConfig(vocab_size=512, n_docs=300), None,
-                        StageContext(out, out / "cache", printer=lambda _m: None))
-    return out
-
-
-def test_moe_experiment_smoke(tokenizer_dir, tmp_path):
-    settings = {"model": "micro-moe", "tokens": 1024, "seq_len": 32, "batch_size": 4, "lbl_micro_batch": 1,
-                "router_aux_loss_coef": 0.01, "lr": 3e-3, "n_docs": 100, "eval_docs_per_domain": 2,
-                "warmup_steps": 1, "log_every": 2}
-    result = mb.run_moe_experiment(settings, tokenizer_dir, tmp_path / "moe", tmp_path / "cache", printer=lambda _m: None)
-    assert set(result) >= {"claim", "micro", "global", "reproduced", "diagnosis"}
-    assert isinstance(result["reproduced"], bool)
-    for mode in ("micro", "global"):
-        r = result[mode]
-        assert math.isfinite(r["heldout_loss"]) and r["global_imbalance"]["max_over_mean"] >= 1.0
-        assert r["specialisation"]["top_k_share"] >= r["specialisation"]["top_k_share_floor"] - 1e-9
-    written = json.loads((tmp_path / "moe" / "moe_balance.json").read_text())
-    assert written["settings"]["model"] == "micro-moe" and written["steps"] == 8
-    for name in result["files"]:
-        assert (tmp_path / "moe" / name).stat().st_size > 0
-
-
 def test_scaling_laws_dry_run_and_tiny_sweep(tmp_path):
     runner = CliRunner()
     res = runner.invoke(scaling_laws_command, ["--dry-run", "--out", str(tmp_path / "dry")])

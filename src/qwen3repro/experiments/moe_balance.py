@@ -2,65 +2,90 @@
 
 Qwen3-MoE was trained with the *global-batch* load-balancing loss (LBL) of Qiu et al. 2025
 ("Demons in the Detail", arXiv 2501.11873): the expert selection frequencies f_i are counted over
-the whole optimizer step instead of each micro-batch. Their finding, and the claim measured here:
+every micro-batch of the optimizer step (and every data-parallel rank) instead of each micro-batch
+alone. Their finding, and the claim measured here:
 
     Global-batch LBL reaches a lower global expert-load imbalance than micro-batch LBL at equal or
     lower loss, and the experts specialise more by data domain.
 
-Design (what is held equal). The tiny MoE is trained twice through `stages.pretrain.run`, once
-with `load_balancing="micro"` (each micro-batch of `lbl_micro_batch` packed sequences balanced on
-its own, what transformers does per forward) and once with `"global"` (the LBL over the whole
-step's batch). Same corpus, same packing order (the loader's seed), same number of steps, same
-seed and therefore the same initial weights (`build_model` seeds before constructing).
+Why the data layout matters. In large-scale training a micro-batch is a handful of long
+sequences, usually of one domain (code, math, web). The micro-batch LBL then asks every domain
+to spread its tokens uniformly over all experts, which forbids domain specialisation; the global
+LBL only asks the sum over the step's micro-batches, which span all domains, to be balanced.
+Packed short documents mix several domains in one sequence (the S1 packing loader puts ~3
+documents of ~2.5 kinds in a 256-token sequence), which removes the difference between the two
+losses. So this experiment builds the batches the mechanism needs:
 
-Corpus and domains. Training uses the general corpus S1 unchanged: it already mixes the seven
-document kinds (prose, knowledge, parallel, code, arith, problem, passkey) and five languages, so
-its kinds are natural "data domains" (Qiu et al. use corpus sources such as code, math, web).
-Packing puts several short documents into one 256-token sequence, which softens the domain skew
-of a one-sequence micro-batch; the experiment keeps the pipeline's packing rather than inventing
-a domain-pure loader, and the diagnosis says so when it matters.
+* **domain-pure micro-batches** — the S1 training documents are split by kind (prose, knowledge,
+  parallel, code, arith, problem, passkey: the corpus's "domains"), each kind is packed on its
+  own (`PackingLoader`, seeded), and a micro-batch is `micro_batch_size` sequences of one kind;
+* **a mixed global batch** — an optimizer step accumulates `micro_batches_per_step` micro-batches
+  whose kinds are drawn by systematic sampling in proportion to each kind's share of the training
+  tokens, so every step sees the corpus mixture;
+* **the two losses, same coefficient** — micro: the mean over the step's micro-batches of
+  E·Σ_i f_i^j P_i^j (`losses.load_balancing_loss` per micro-batch, transformers' convention);
+  global: `losses.GlobalBatchLoadBalancer` with f̄ counted over all micro-batches of the step
+  (detached) and P local and differentiable: Σ_j E·Σ_i f̄_i P_i^j / N = E·Σ_i f̄_i P̄_i.
 
-Measurement, on held-out documents (S1 documents after the training range, `offset = n_docs`, so
-none was trained on), each document run on its own (no packing) and truncated to `seq_len`:
+The step runs its micro-batches in one forward pass (rows are independent: causal attention, no
+batch statistics), which is numerically the same as accumulating their gradients and lets the
+global counts be known before the backward without a second forward. The language-model loss is
+the token mean over the step, as with token-weighted accumulation.
 
-* **loss** — token-weighted next-token cross-entropy over all held-out documents (and per domain);
-  the final training CE from `metrics.jsonl` is reported too.
-* **global load imbalance** — per MoE layer the expert load over the *whole* held-out set (top-k
-  selections per expert), summarised as max/mean (= 1 + MaxVio of Wang et al. 2024, the measure
-  Qiu et al. report) and as the coefficient of variation std/mean; averaged over layers.
-  Perfect balance gives 1 and 0.
-* **micro-batch imbalance** (reference) — the same max/mean computed per document and averaged:
-  what the micro-batch loss optimises, so micro LBL *should* win here.
-* **domain specialisation** — Qiu et al. (§5, "expert specialisation") plot, per domain, the share
-  of its routed tokens that go to the domain's top-k most selected experts. We report that
-  **top-k share** (floor k/E under uniform routing, 1 when a domain uses only k experts), and the
-  KL divergence of each domain's expert distribution from the global one (0 when every domain
-  routes like the whole corpus); both averaged over domains and MoE layers.
+What is held equal within a pair: corpus, the sequence of micro-batches (same seed), steps, LR
+schedule, coefficient and initial weights. Each arm is trained for every seed in `seeds` (a seed
+sets initial weights and packing/domain order); results are reported per seed and as the mean.
 
-The claim is `reproduced` when all three hold: global imbalance (max/mean) lower, held-out loss not
-higher by more than `loss_tolerance`, and top-k share higher.
+Measurement, on held-out documents (the S1 stream after the training documents, so none was
+trained on), each document run on its own and truncated to `seq_len`. Per-domain quantities are
+combined with the *training mixture* weights w_d (each kind's share of the training tokens), so
+"global" means the corpus the model was balanced on:
+
+* **loss** — held-out next-token cross-entropy per domain, mixed with w_d (the verdict's loss);
+  also the plain token mean and the training CE averaged over the last quarter of the steps
+  (both arms see the same batches, so that difference is paired).
+* **global load imbalance** — per MoE layer the expert load of the mixture,
+  load_e = Σ_d w_d p(e|d), summarised as max/mean (= 1 + MaxVio_global of Wang et al. 2024, the
+  measure Qiu et al. report; 1 = balanced) and the coefficient of variation; averaged over layers.
+  During training the same max/mean is logged on every step's global batch (`imb_global`), next
+  to the mean over micro-batches (`imb_micro`, what the micro-batch loss optimises).
+* **domain specialisation** — the mutual information between domain and expert choice,
+  I(D; E) = Σ_d w_d KL(p(e|d) ‖ p(e)) per layer in nats, averaged over layers: 0 when every
+  domain routes like the whole corpus, log(#domains) at most. It equals the mean divergence of the
+  domains' loads from uniform minus the global load's divergence from uniform, so unlike a
+  "share of the top-k experts" it does not grow when routing merely concentrates globally. The
+  top-k share of Qiu et al.'s figure (floor k/E) is reported too.
+
+The claim is `reproduced` when, on the mean over seeds, all three hold: global imbalance lower,
+loss not higher by more than `loss_tolerance`, mutual information higher. Each seed's verdict is
+reported as well.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..config import ConfigError
-from ..data.synthetic import generate_documents
+from ..config import ConfigError, config_hash
+from ..data.packing import PackingLoader
+from ..data.synthetic import build_corpus, generate_documents
+from ..losses import GlobalBatchLoadBalancer, load_balancing_loss, masked_cross_entropy
 from ..models.qwen3 import Qwen3
-from ..stages import pretrain
-from ..stages.common import StageContext, write_json_atomic
+from ..models.registry import get_model_config
+from ..stages.common import copy_tokenizer, write_json_atomic
 from ..tokenizer import Tokenizer
+from ..train.loop import TrainConfig, train
 from ..train.metrics import MetricsLog
 
 CLAIM = ("Global-batch LBL: lower global expert-load imbalance than micro-batch LBL at equal or lower "
          "loss, and higher expert specialisation by data domain (Qiu et al. 2025, used for Qwen3-MoE).")
 MODES = ("micro", "global")
+LBL_LAYERS = ("per_layer", "pooled")
 
 
 # ============================================================================ settings
@@ -70,23 +95,45 @@ class MoEExperimentSettings:
 
     model: str = "tiny-moe"
     tokens: int = 300_000
-    """Training tokens per run (steps = tokens // (seq_len · batch_size))."""
+    """Training tokens per run; steps = tokens // (seq_len · micro_batch_size · micro_batches_per_step)."""
     seq_len: int = 256
-    batch_size: int = 16
-    lbl_micro_batch: int = 1
-    """Sequences per micro-batch for the micro-batch loss (1: each sequence balanced on its own)."""
+    micro_batch_size: int = 2
+    """Sequences per micro-batch, all of one domain (the micro-batch loss balances each on its own)."""
+    micro_batches_per_step: int = 8
+    """Micro-batches accumulated per optimizer step (the global batch the global loss balances)."""
     router_aux_loss_coef: float = 0.01
+    """The same for both arms."""
+    lbl_layers: str = "per_layer"
+    """'per_layer': each MoE layer's LBL over its own experts, averaged over layers (Switch, Megatron,
+    Qiu et al.); 'pooled': one f and P over all layers' rows (transformers' `load_balancing_loss_func`)."""
     lr: float = 3e-3
     warmup_steps: int = 10
     corpus: str = "s1"
     n_docs: int = 6000
-    """Training documents (the loader loops over them if `tokens` exceeds one epoch)."""
+    """Training documents (each domain's packing loops over its documents if needed)."""
     seed: int = 0
+    """Data seed: the corpus and the held-out documents (the same for every run)."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Run seeds: initial weights and batch order; each seed trains both arms."""
     eval_docs_per_domain: int = 32
     """Held-out documents per document kind for the routing and loss measurements."""
     loss_tolerance: float = 0.01
     """'Equal loss' margin in nats: global may be up to this much worse and still count as equal."""
-    log_every: int = 5
+    log_every: int = 1
+    """Metrics rows per step (1: every step, which the training-time imbalance curves use)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(x) for x in self.seeds))
+        if not self.seeds:
+            raise ConfigError("experiments.moe.seeds: at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"experiments.moe.seeds: repeated seed in {self.seeds}")
+        for name in ("tokens", "seq_len", "micro_batch_size", "micro_batches_per_step", "n_docs",
+                     "eval_docs_per_domain", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"experiments.moe.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.lbl_layers not in LBL_LAYERS:
+            raise ConfigError(f"experiments.moe.lbl_layers must be one of {LBL_LAYERS}, got {self.lbl_layers!r}")
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> "MoEExperimentSettings":
@@ -96,16 +143,146 @@ class MoEExperimentSettings:
             raise ConfigError(f"experiments.moe: unknown key(s) {sorted(unknown)}; valid keys: {sorted(names)}")
         return cls(**dict(d))
 
-    def stage_config(self, mode: str) -> pretrain.PretrainConfig:
-        """The pretraining stage of one arm; the two arms differ only in `load_balancing`."""
-        return pretrain.PretrainConfig(
-            name=f"moe-{mode}", corpus=self.corpus, tokens=self.tokens, seq_len=self.seq_len,
-            batch_size=self.batch_size, n_docs=self.n_docs, model=self.model, load_balancing=mode,
-            lbl_micro_batch=self.lbl_micro_batch, router_aux_loss_coef=self.router_aux_loss_coef,
-            eval_docs_per_language=0, seed=self.seed,
-            train={"lr": self.lr, "warmup_steps": self.warmup_steps, "log_every": self.log_every, "ckpt_every": 0},
-            description=f"MoE load-balancing experiment, {mode}-batch LBL",
-        )
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.micro_batch_size * self.micro_batches_per_step
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.tokens_per_step)
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig.from_dict({"lr": self.lr, "warmup_steps": min(self.warmup_steps, self.steps - 1),
+                                      "steps": self.steps, "log_every": self.log_every, "ckpt_every": 0,
+                                      "seed": seed})
+
+    def run_identity(self, mode: str, seed: int) -> dict[str, Any]:
+        """Everything that defines one run; the two arms of a seed differ only in `mode`."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("seeds", "eval_docs_per_domain", "loss_tolerance",
+                                                                     "log_every")}
+        return {**keep, "load_balancing": mode, "run_seed": seed}
+
+
+# ============================================================================ domain-pure batches
+class DomainBatchLoader:
+    """Optimizer-step batches of `micro_batches_per_step` domain-pure micro-batches.
+
+    `domain_docs[d]` is the tokenised documents of domain d (anything `PackingLoader` takes). Each
+    domain is packed by its own seeded `PackingLoader` (looping over its documents). Step t draws
+    its micro-batches' domains by systematic sampling with weights `shares` (rng seeded by
+    (seed, t)): each domain gets floor or ceil of M·share micro-batches, in a shuffled order.
+
+    Yields {"input_ids", "labels": [M·b, L], "domain": [M]}: micro-batch j is rows j·b..(j+1)·b.
+    Re-iterable and deterministic: every `iter()` starts from step 0 and yields `steps` batches.
+    """
+
+    def __init__(self, domain_docs: Sequence[Any], shares: Sequence[float], *, seq_len: int, micro_batch_size: int,
+                 micro_batches_per_step: int, steps: int, eot_id: int, pad_id: int | None, seed: int) -> None:
+        if len(domain_docs) != len(shares) or not domain_docs:
+            raise ValueError("one share per domain, and at least one domain")
+        shares = np.asarray(shares, dtype=np.float64)
+        if (shares < 0).any() or shares.sum() <= 0:
+            raise ValueError(f"domain shares must be >= 0 with a positive sum, got {shares.tolist()}")
+        self.shares = shares / shares.sum()
+        self.domain_docs = list(domain_docs)
+        self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
+        self.micro_batches_per_step, self.steps = int(micro_batches_per_step), int(steps)
+        self.eot_id, self.pad_id, self.seed = eot_id, pad_id, int(seed)
+
+    def step_domains(self, step: int) -> np.ndarray:
+        """The domains of step `step`'s micro-batches (systematic sampling by share)."""
+        rng = np.random.default_rng([self.seed, step])
+        m = self.micro_batches_per_step
+        points = (np.arange(m) + rng.random()) / m
+        cum = np.cumsum(self.shares)
+        cum[-1] = 1.0
+        return rng.permutation(np.searchsorted(cum, points, side="right"))
+
+    def _stream(self, d: int) -> Iterator[dict[str, torch.Tensor]]:
+        loader = PackingLoader(self.domain_docs[d], seq_len=self.seq_len, batch_size=self.micro_batch_size,
+                               eot_id=self.eot_id, pad_id=self.pad_id, seed=self.seed * 1000 + d, drop_last=True)
+        if loader.batches_per_epoch(0) < 1:
+            raise ConfigError(f"domain {d}: fewer tokens than one micro-batch ({self.micro_batch_size} x {self.seq_len})")
+        while True:
+            yield from loader
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        streams: dict[int, Iterator[dict[str, torch.Tensor]]] = {}
+        for step in range(self.steps):
+            doms = self.step_domains(step)
+            parts = []
+            for d in doms:
+                if int(d) not in streams:
+                    streams[int(d)] = self._stream(int(d))
+                parts.append(next(streams[int(d)]))
+            yield {"input_ids": torch.cat([p["input_ids"] for p in parts]),
+                   "labels": torch.cat([p["labels"] for p in parts]),
+                   "domain": torch.as_tensor(doms, dtype=torch.long)}
+
+
+def selection_counts(router_logits: Sequence[torch.Tensor], micro_batches: int, top_k: int) -> torch.Tensor:
+    """Top-k selection counts [micro_batches, L, E] from per-layer logits [M·b·S, E] (rows in micro-batch order)."""
+    out = []
+    for logits in router_logits:
+        e = logits.shape[-1]
+        sel = torch.topk(logits.detach().float(), top_k, dim=-1).indices.reshape(micro_batches, -1)
+        counts = torch.zeros(micro_batches, e).scatter_add_(1, sel, torch.ones_like(sel, dtype=torch.float32))
+        out.append(counts)
+    return torch.stack(out, 1)
+
+
+def step_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, mode: str, lbl_layers: str = "per_layer"):
+    """CE over the step + coef · (micro- or global-batch LBL); both LBLs and both imbalances are logged.
+
+    The step's rows are `batch["domain"].shape[0]` equal micro-batches in order. micro: mean over
+    micro-batches j of E·Σ_i f_i^j P_i^j; global: `GlobalBatchLoadBalancer` (f̄ over all micro-batches,
+    detached; P per micro-batch), Σ_j E·Σ_i f̄_i P_i^j·(rows_j/N) = E·Σ_i f̄_i P̄_i. With
+    lbl_layers="per_layer" either loss is computed per MoE layer and averaged over layers; with
+    "pooled" all layers' rows share one f and P (transformers' convention)."""
+    cfg = model.config
+    m = int(batch["domain"].shape[0])
+    x = batch["input_ids"]
+    if x.shape[0] % m:
+        raise ValueError(f"{x.shape[0]} rows do not split into {m} equal micro-batches")
+    out = model(x, output_router_logits=True)
+    ce = masked_cross_entropy(out.logits, batch["labels"])
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    rows = x.shape[0] // m * x.shape[1]  # routed rows per micro-batch and layer
+    layer_groups = [[r] for r in out.router_logits] if lbl_layers == "per_layer" else [list(out.router_logits)]
+
+    def micro_lbl() -> torch.Tensor:
+        total = 0.0
+        for group in layer_groups:
+            total = total + sum(load_balancing_loss([r[j * rows:(j + 1) * rows] for r in group], e, k)
+                                for j in range(m)) / m
+        return total / len(layer_groups)
+
+    def global_lbl() -> torch.Tensor:
+        total = 0.0
+        for group in layer_groups:
+            micro = [[r[j * rows:(j + 1) * rows] for r in group] for j in range(m)]
+            balancer = GlobalBatchLoadBalancer(e, k)
+            for mb in micro:
+                balancer.accumulate(mb)
+            balancer.finalize()
+            total = total + sum(balancer.loss(mb) for mb in micro)
+        return total / len(layer_groups)
+
+    with torch.no_grad():
+        other = global_lbl() if mode == "micro" else micro_lbl()
+    aux = micro_lbl() if mode == "micro" else global_lbl()
+    counts = selection_counts(out.router_logits, m, k).numpy()  # [M, L, E]
+    metrics = {
+        "num_tokens": int((batch["labels"] != -100).sum()), "ce": ce.detach(), "lbl": aux.detach(),
+        "lbl_micro": (aux if mode == "micro" else other).detach(),
+        "lbl_global": (aux if mode == "global" else other).detach(),
+        "imb_global": float(np.nanmean(max_over_mean(counts.sum(0)))),
+        "imb_micro": float(np.nanmean(max_over_mean(counts))),
+    }
+    return ce + cfg.router_aux_loss_coef * aux, metrics
 
 
 # ============================================================================ routing measures
@@ -123,10 +300,30 @@ def coefficient_of_variation(load: np.ndarray) -> np.ndarray:
     return np.where(mean > 0, load.std(-1) / np.where(mean > 0, mean, 1.0), np.nan)
 
 
-def global_imbalance(counts: np.ndarray) -> dict[str, Any]:
-    """Imbalance of the load summed over the whole set. counts: [..., L, E] (leading axes summed)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    load = counts.reshape(-1, *counts.shape[-2:]).sum(0)  # [L, E]
+def _normalise(counts: np.ndarray) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.float64)
+    return c / np.maximum(c.sum(-1, keepdims=True), 1e-300)
+
+
+def _domain_weights(domain_counts: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
+    if weights is None:  # the domains' own shares of the selections
+        w = np.asarray(domain_counts, dtype=np.float64).sum((1, 2))
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+def mixture_load(domain_counts: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
+    """Global expert load per layer, Σ_d w_d p(e|d). domain_counts [D, L, E] -> [L, E] (sums to 1 per layer).
+
+    weights: each domain's share of the corpus (None: the domains' shares of the counts, i.e. the plain sum)."""
+    w = _domain_weights(domain_counts, weights)
+    return np.einsum("d,dle->le", w, _normalise(domain_counts))
+
+
+def global_imbalance(domain_counts: np.ndarray, weights: Sequence[float] | None = None) -> dict[str, Any]:
+    """Imbalance of the global (mixture) load. domain_counts: [D, L, E]; max/mean and CV averaged over layers."""
+    load = mixture_load(domain_counts, weights)
     mom, cv = max_over_mean(load), coefficient_of_variation(load)
     return {"max_over_mean": float(np.nanmean(mom)), "cv": float(np.nanmean(cv)),
             "max_over_mean_per_layer": mom.tolist(), "cv_per_layer": cv.tolist()}
@@ -150,36 +347,55 @@ def topk_share(counts: np.ndarray, k: int) -> np.ndarray:
     return np.where(total > 0, top / np.where(total > 0, total, 1.0), np.nan)
 
 
-def kl_from_global(domain_counts: np.ndarray) -> np.ndarray:
-    """KL(p_domain,layer ‖ p_global,layer) in nats. domain_counts: [D, L, E] -> [D, L].
-
-    The global distribution is the sum over domains, so every expert a domain uses has q > 0.
-    """
-    c = np.asarray(domain_counts, dtype=np.float64)
-    g = c.sum(0, keepdims=True)
-    p = c / np.maximum(c.sum(-1, keepdims=True), 1e-300)
-    q = g / np.maximum(g.sum(-1, keepdims=True), 1e-300)
+def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * np.log(p / np.where(q > 0, q, 1.0)), 0.0)
-    kl = terms.sum(-1)
+    return terms.sum(-1)
+
+
+def kl_from_global(domain_counts: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
+    """KL(p(e|d,layer) ‖ p(e|layer)) in nats, p(e) the mixture load. [D, L, E] -> [D, L]."""
+    c = np.asarray(domain_counts, dtype=np.float64)
+    kl = _kl(_normalise(c), mixture_load(c, weights)[None])
     return np.where(c.sum(-1) > 0, kl, np.nan)
 
 
-def domain_specialisation(domain_counts: np.ndarray, k: int, domains: Sequence[str] | None = None) -> dict[str, Any]:
+def kl_from_uniform(counts: np.ndarray) -> np.ndarray:
+    """KL(p ‖ uniform) = log E − H(p) of the distribution along the last axis (0 = uniform)."""
+    p = _normalise(counts)
+    return _kl(p, np.full_like(p, 1.0 / p.shape[-1]))
+
+
+def mutual_information(domain_counts: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
+    """I(domain; expert) per layer in nats = Σ_d w_d KL(p(e|d) ‖ Σ_d' w_d' p(e|d')). [D, L, E] -> [L]."""
+    w = _domain_weights(domain_counts, weights)
+    return np.einsum("d,dl->l", w, np.nan_to_num(kl_from_global(domain_counts, weights)))
+
+
+def domain_specialisation(domain_counts: np.ndarray, k: int, domains: Sequence[str] | None = None,
+                          weights: Sequence[float] | None = None) -> dict[str, Any]:
     """Specialisation of experts by domain. domain_counts: [D, L, E] top-k selections per domain.
 
-    top_k_share: per domain and layer, the share of the domain's selections on its k most used
-    experts (Qiu et al. 2025's specialisation measure), averaged over layers then domains; floor
-    k/E. kl: KL of each domain's expert distribution from the global one, averaged likewise.
+    mutual_information: I(domain; expert) averaged over layers (0 = no domain prefers other experts
+    than the corpus does; at most log D). It decomposes as domain_concentration (Σ_d w_d KL(p(e|d) ‖
+    uniform)) minus global_concentration (KL(p(e) ‖ uniform)). top_k_share: per domain and layer the
+    share of the domain's selections on its k most used experts (Qiu et al.'s figure), floor k/E.
+    kl_per_domain: KL of each domain's routing from the global routing.
     """
-    domain_counts = np.asarray(domain_counts, dtype=np.float64)
-    share = topk_share(domain_counts, k)  # [D, L]
-    kl = kl_from_global(domain_counts)    # [D, L]
-    names = list(domains) if domains is not None else [str(i) for i in range(domain_counts.shape[0])]
+    c = np.asarray(domain_counts, dtype=np.float64)
+    w = _domain_weights(c, weights)
+    share = topk_share(c, k)                 # [D, L]
+    kl = kl_from_global(c, weights)          # [D, L]
+    mi = mutual_information(c, weights)      # [L]
+    names = list(domains) if domains is not None else [str(i) for i in range(c.shape[0])]
     return {
+        "mutual_information": float(np.nanmean(mi)),
+        "mutual_information_per_layer": mi.tolist(),
+        "mutual_information_max": float(np.log(c.shape[0])),
+        "domain_concentration": float(np.nanmean(np.einsum("d,dl->l", w, kl_from_uniform(c)))),
+        "global_concentration": float(np.nanmean(kl_from_uniform(mixture_load(c, weights)))),
         "top_k_share": float(np.nanmean(np.nanmean(share, 1))),
-        "top_k_share_floor": k / domain_counts.shape[-1],
-        "kl": float(np.nanmean(np.nanmean(kl, 1))),
+        "top_k_share_floor": k / c.shape[-1],
         "top_k_share_per_domain": {d: float(np.nanmean(s)) for d, s in zip(names, share)},
         "kl_per_domain": {d: float(np.nanmean(v)) for d, v in zip(names, kl)},
     }
@@ -191,7 +407,6 @@ def heldout_documents(settings: MoEExperimentSettings) -> list[dict]:
     documents (offset = n_docs), so none was seen in training."""
     need: dict[str, int] = {}
     out: list[dict] = []
-    # The rarest kind (passkey) is ~5% of S1: draw about 40 documents per wanted one at a time.
     offset, chunk = settings.n_docs, max(200, 40 * settings.eval_docs_per_domain)
     kinds: set[str] | None = None
     while True:
@@ -235,8 +450,7 @@ def route_documents(model: Qwen3, ids: Sequence[Sequence[int]], batch_size: int 
         for layer, logits in enumerate(out.router_logits):
             sel = torch.topk(logits.float(), k, dim=-1).indices.view(len(idx), width, k)
             onehot = torch.zeros(len(idx), width, e).scatter_add_(-1, sel, torch.ones_like(sel, dtype=torch.float))
-            per_doc = (onehot * valid[..., None]).sum(1).numpy()
-            layers_counts[layer][idx] = per_doc
+            layers_counts[layer][idx] = (onehot * valid[..., None]).sum(1).numpy()
         loss_sum[idx] = nll.sum(1).numpy()
         n_tok[idx] = valid[:, 1:].sum(1).numpy()
     if layers_counts is not None:
@@ -244,162 +458,268 @@ def route_documents(model: Qwen3, ids: Sequence[Sequence[int]], batch_size: int 
     return counts, loss_sum, n_tok
 
 
-def group_counts(doc_counts: np.ndarray, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Sum per-document counts [N, L, E] by label -> (sorted labels, [D, L, E])."""
-    names = sorted(set(labels))
+def group_counts(doc_counts: np.ndarray, labels: Sequence[str], names: Sequence[str] | None = None
+                 ) -> tuple[list[str], np.ndarray]:
+    """Sum per-document counts [N, L, E] by label -> (labels, [D, L, E]); `names` fixes the order."""
+    names = list(names) if names is not None else sorted(set(labels))
     out = np.zeros((len(names), *doc_counts.shape[1:]))
     for i, lab in enumerate(labels):
-        out[names.index(lab)] += doc_counts[i]
+        if lab in names:
+            out[names.index(lab)] += doc_counts[i]
     return names, out
 
 
-def measure_run(run_dir: Path, docs: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, seq_len: int) -> dict[str, Any]:
-    """Loss, imbalance and specialisation of the trained model in `run_dir` on held-out `docs`."""
+def measure_run(run_dir: Path, docs: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, seq_len: int,
+                domains: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
+    """Loss, imbalance and specialisation of the trained model in `run_dir` on held-out `docs`;
+    per-domain values are mixed with the training shares `weights` of `domains`."""
     model = Qwen3.from_pretrained(run_dir)
-    cfg = model.config
+    k = model.config.num_experts_per_tok
     eot = tokenizer.endoftext_id
     ids = [(tokenizer.encode(d["text"]) + [eot])[: seq_len + 1] for d in docs]
     doc_counts, loss_sum, n_tok = route_documents(model, ids)
     kinds = [d["kind"] for d in docs]
-    kind_names, kind_counts = group_counts(doc_counts, kinds)
-    # A second view: prose split by language (the languages are the other axis of the corpus).
-    prose = [i for i, d in enumerate(docs) if d["kind"] == "prose"]
-    lang_names, lang_counts = group_counts(doc_counts[prose], [docs[i]["lang"] for i in prose]) if prose else ([], np.zeros((0,)))
-    per_domain_loss = {name: float(loss_sum[[i for i, kd in enumerate(kinds) if kd == name]].sum()
-                                   / max(n_tok[[i for i, kd in enumerate(kinds) if kd == name]].sum(), 1))
-                       for name in kind_names}
-    metrics = MetricsLog(str(run_dir / "metrics.jsonl")).read()
-    last = metrics[-1] if metrics else {}
-    k = cfg.num_experts_per_tok
+    names, kind_counts = group_counts(doc_counts, kinds, domains)
+    per_domain_loss = {}
+    for name in names:
+        sel = [i for i, kd in enumerate(kinds) if kd == name]
+        per_domain_loss[name] = float(loss_sum[sel].sum() / max(n_tok[sel].sum(), 1))
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    rows = MetricsLog(str(Path(run_dir) / "metrics.jsonl")).read()
+    tail = [r for r in rows if r["step"] > 0.75 * rows[-1]["step"]] if rows else []
+
+    def tail_mean(key: str) -> float | None:
+        vals = [r[key] for r in tail if key in r]
+        return float(np.mean(vals)) if vals else None
+
     return {
-        "heldout_loss": float(loss_sum.sum() / max(n_tok.sum(), 1)),
+        "heldout_loss": float(sum(wi * per_domain_loss[n] for wi, n in zip(w, names))),
+        "heldout_loss_token_mean": float(loss_sum.sum() / max(n_tok.sum(), 1)),
         "heldout_loss_per_domain": per_domain_loss,
-        "final_train_loss": last.get("loss"),
-        "final_train_ce": last.get("ce"),
-        "final_train_lbl": last.get("lbl"),
-        "global_imbalance": global_imbalance(doc_counts),
+        "train_ce_last_quarter": tail_mean("ce"),
+        "train_imbalance_global_last_quarter": tail_mean("imb_global"),
+        "train_imbalance_micro_last_quarter": tail_mean("imb_micro"),
+        "global_imbalance": global_imbalance(kind_counts, w),
         "micro_imbalance": micro_imbalance(doc_counts),
-        "specialisation": domain_specialisation(kind_counts, k, kind_names),
-        "specialisation_by_language": domain_specialisation(lang_counts, k, lang_names) if prose else None,
+        "specialisation": domain_specialisation(kind_counts, k, names, w),
         "heldout_documents": len(docs),
         "heldout_tokens": int(n_tok.sum()),
-        "_routing_share": {"domains": kind_names,
-                           "share": (kind_counts / np.maximum(kind_counts.sum(-1, keepdims=True), 1)).tolist()},
+        "_routing_share": {"domains": names, "share": _normalise(kind_counts).tolist()},
     }
 
 
-def training_domain_mix(s: MoEExperimentSettings, tokenizer: Tokenizer, cache_dir: Path) -> dict[str, float]:
-    """How domain-pure the training micro-batches are: over the batches the runs train on (the first
-    epoch's), the mean number of documents and of distinct kinds per micro-batch of `lbl_micro_batch`
-    packed sequences, and the share of micro-batches holding a single kind. The micro-batch LBL can
-    only fight domain specialisation as far as its micro-batches are domain-skewed."""
-    from ..data.packing import PackingLoader
-    from ..data.synthetic import build_corpus
+# ============================================================================ training
+def training_domains(s: MoEExperimentSettings, tokenizer: Tokenizer, cache_dir: Path) -> tuple[list[str], list[Any], list[float]]:
+    """The training documents split by kind: (kinds, tokenised documents per kind, token share per kind)."""
+    ds = build_corpus(s.corpus, seed=s.seed, n_docs=s.n_docs, offset=0, cache_dir=cache_dir)
+    kinds = list(ds["kind"])
+    backend = tokenizer.backend
+    encoded = [enc.ids for enc in backend.encode_batch(list(ds["text"]), add_special_tokens=False)]
+    names = sorted(set(kinds))
+    per_kind = [[np.asarray(ids, dtype=np.int64) for ids, kd in zip(encoded, kinds) if kd == name] for name in names]
+    tokens = np.array([sum(len(x) + 1 for x in docs) for docs in per_kind], dtype=np.float64)
+    keep = [i for i, t in enumerate(tokens) if t >= s.seq_len * s.micro_batch_size + 1]
+    names = [names[i] for i in keep]
+    per_kind = [per_kind[i] for i in keep]
+    tokens = tokens[keep]
+    return names, per_kind, (tokens / tokens.sum()).tolist()
 
-    cfg = s.stage_config("micro")
-    docs = pretrain.tokenized_corpus(cfg, tokenizer, cache_dir)
-    kinds = build_corpus(cfg.corpus, seed=cfg.seed, n_docs=cfg.n_docs, offset=cfg.corpus_offset, cache_dir=cache_dir)["kind"]
-    loader = PackingLoader(docs, seq_len=s.seq_len, batch_size=s.batch_size, eot_id=tokenizer.endoftext_id,
-                           pad_id=tokenizer.pad_token_id, seed=s.seed)
-    seg_doc = loader.segment_documents(0)
-    n_docs, n_kinds = [], []
-    for i, batch in enumerate(loader):
-        if i >= cfg.steps:
-            break
-        seg = batch["segment_ids"]
-        for g in range(0, seg.shape[0], s.lbl_micro_batch):
-            ids = [int(x) for x in seg[g:g + s.lbl_micro_batch].unique() if x >= 0]
-            n_docs.append(len(ids))
-            n_kinds.append(len({kinds[int(seg_doc[j])] for j in ids}))
-    return {"documents_per_micro_batch": float(np.mean(n_docs)), "kinds_per_micro_batch": float(np.mean(n_kinds)),
-            "single_kind_share": float(np.mean(np.asarray(n_kinds) == 1)), "micro_batches": len(n_kinds)}
+
+def train_arm(s: MoEExperimentSettings, mode: str, seed: int, domain_docs: Sequence[Any], shares: Sequence[float],
+              tokenizer: Tokenizer, tokenizer_dir: Path, run_dir: Path,
+              printer: Callable[[str], None]) -> Path:
+    """Train one arm for one seed into `run_dir` (resumes a cut run of the same identity)."""
+    model_cfg = get_model_config(s.model)
+    if not model_cfg.is_moe:
+        raise ConfigError(f"experiments.moe.model: {s.model} is not a MoE model")
+    model_cfg = model_cfg.replace(eos_token_id=tokenizer.endoftext_id, bos_token_id=None,
+                                  max_position_embeddings=max(model_cfg.max_position_embeddings, s.seq_len),
+                                  router_aux_loss_coef=float(s.router_aux_loss_coef))
+    torch.manual_seed(seed)
+    model = Qwen3(model_cfg)
+    loader = DomainBatchLoader(domain_docs, shares, seq_len=s.seq_len, micro_batch_size=s.micro_batch_size,
+                               micro_batches_per_step=s.micro_batches_per_step, steps=s.steps,
+                               eot_id=tokenizer.endoftext_id, pad_id=tokenizer.pad_token_id, seed=seed)
+
+    def loss_fn(m, batch):
+        return step_loss(m, batch, mode=mode, lbl_layers=s.lbl_layers)
+
+    def quiet(line: str) -> None:  # metrics every step, progress lines only at the quarters
+        hit = re.match(r"step\s+(\d+)/", line)
+        if hit and int(hit.group(1)) % max(1, s.steps // 4) and int(hit.group(1)) != s.steps:
+            return
+        printer(f"  {mode}-batch LBL, seed {seed}: {line}" if hit else line)
+
+    train(model, loader, loss_fn, s.train_config(seed), run_dir, resume="auto", printer=quiet,
+          run_extra={"experiment": "moe_balance", **s.run_identity(mode, seed)})
+    copy_tokenizer(tokenizer_dir, run_dir)
+    return run_dir
 
 
 # ============================================================================ verdict
+PART_NAMES = ("lower_global_imbalance", "equal_or_lower_loss", "higher_specialisation")
+
+
+def claim_parts(micro: Mapping[str, Any], glob: Mapping[str, Any], loss_tolerance: float) -> dict[str, bool]:
+    return {
+        "lower_global_imbalance": glob["global_imbalance"]["max_over_mean"] < micro["global_imbalance"]["max_over_mean"],
+        "equal_or_lower_loss": glob["heldout_loss"] <= micro["heldout_loss"] + loss_tolerance,
+        "higher_specialisation": glob["specialisation"]["mutual_information"] > micro["specialisation"]["mutual_information"],
+    }
+
+
+SUMMARY_KEYS = {
+    "heldout_loss": ("heldout_loss",),
+    "train_ce_last_quarter": ("train_ce_last_quarter",),
+    "global_imbalance": ("global_imbalance", "max_over_mean"),
+    "global_imbalance_cv": ("global_imbalance", "cv"),
+    "train_imbalance_global": ("train_imbalance_global_last_quarter",),
+    "train_imbalance_micro": ("train_imbalance_micro_last_quarter",),
+    "micro_imbalance": ("micro_imbalance", "max_over_mean"),
+    "mutual_information": ("specialisation", "mutual_information"),
+    "top_k_share": ("specialisation", "top_k_share"),
+    "domain_concentration": ("specialisation", "domain_concentration"),
+    "global_concentration": ("specialisation", "global_concentration"),
+}
+
+
+def summarise(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """The headline numbers of one run, flat."""
+    out: dict[str, float | None] = {}
+    for name, path in SUMMARY_KEYS.items():
+        v: Any = result
+        for p in path:
+            v = v.get(p) if isinstance(v, Mapping) else None
+        out[name] = None if v is None else float(v)
+    return out
+
+
+def mean_summary(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows if r[key] is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+    return out
+
+
 def judge(micro: Mapping[str, Any], glob: Mapping[str, Any], loss_tolerance: float,
-          mix: Mapping[str, float] | None = None) -> tuple[bool, dict[str, bool], str]:
-    """The claim's three parts, and a diagnosis in words naming the numbers."""
-    gi_m, gi_g = micro["global_imbalance"]["max_over_mean"], glob["global_imbalance"]["max_over_mean"]
-    l_m, l_g = micro["heldout_loss"], glob["heldout_loss"]
-    s_m, s_g = micro["specialisation"]["top_k_share"], glob["specialisation"]["top_k_share"]
-    parts = {"lower_global_imbalance": gi_g < gi_m,
-             "equal_or_lower_loss": l_g <= l_m + loss_tolerance,
-             "higher_specialisation": s_g > s_m}
+          per_seed: Mapping[int, Mapping[str, bool]] | None = None) -> tuple[bool, dict[str, bool], str]:
+    """The claim's three parts on (mean) summaries, and a diagnosis in words naming the numbers.
+
+    micro/glob: `summarise`-style dicts (or full results; both are read through `summarise`)."""
+    m = micro if "mutual_information" in micro else summarise(micro)
+    g = glob if "mutual_information" in glob else summarise(glob)
+    parts = {"lower_global_imbalance": g["global_imbalance"] < m["global_imbalance"],
+             "equal_or_lower_loss": g["heldout_loss"] <= m["heldout_loss"] + loss_tolerance,
+             "higher_specialisation": g["mutual_information"] > m["mutual_information"]}
     ok = all(parts.values())
     lines = [
-        f"global imbalance (max/mean over the held-out set): micro {gi_m:.3f}, global {gi_g:.3f}"
-        f" -> {'lower' if parts['lower_global_imbalance'] else 'NOT lower'} with global LBL",
-        f"held-out loss: micro {l_m:.4f}, global {l_g:.4f} (tolerance {loss_tolerance})"
-        f" -> {'equal or lower' if parts['equal_or_lower_loss'] else 'higher'} with global LBL",
-        f"top-k share (specialisation, floor {micro['specialisation']['top_k_share_floor']:.3f}): micro {s_m:.3f},"
-        f" global {s_g:.3f} -> {'higher' if parts['higher_specialisation'] else 'NOT higher'} with global LBL",
-        f"per-document (micro-batch) imbalance, for reference: micro {micro['micro_imbalance']['max_over_mean']:.3f},"
-        f" global {glob['micro_imbalance']['max_over_mean']:.3f} (micro LBL optimises this one)",
+        f"global imbalance (max/mean expert load of the training mixture, held out): micro {m['global_imbalance']:.3f}, "
+        f"global {g['global_imbalance']:.3f} -> {'lower' if parts['lower_global_imbalance'] else 'NOT lower'} with global LBL",
+        f"held-out loss (training mixture): micro {m['heldout_loss']:.4f}, global {g['heldout_loss']:.4f} "
+        f"(tolerance {loss_tolerance}) -> {'equal or lower' if parts['equal_or_lower_loss'] else 'higher'} with global LBL",
+        f"specialisation, I(domain; expert) in nats: micro {m['mutual_information']:.4f}, global "
+        f"{g['mutual_information']:.4f} -> {'higher' if parts['higher_specialisation'] else 'NOT higher'} with global LBL",
     ]
-    k_m, k_g = micro["specialisation"].get("kl"), glob["specialisation"].get("kl")
-    if k_m is not None and k_g is not None:
-        lines.append(f"secondary specialisation measure, KL of each domain's routing from the global routing: "
-                     f"micro {k_m:.3f}, global {k_g:.3f} -> {'higher' if k_g > k_m else 'not higher'} with global LBL")
-    if mix:
-        lines.append(f"training micro-batches ({mix['micro_batches']} of {int(mix.get('sequences', 1))} sequence(s)) hold on average "
-                     f"{mix['documents_per_micro_batch']:.1f} documents of {mix['kinds_per_micro_batch']:.1f} kinds; "
-                     f"{100 * mix['single_kind_share']:.0f}% are single-kind")
+    if m.get("top_k_share") is not None and g.get("top_k_share") is not None:
+        lines.append(f"top-k share per domain (Qiu et al.'s figure): micro {m['top_k_share']:.3f}, global {g['top_k_share']:.3f}")
+    if m.get("train_imbalance_global") is not None and g.get("train_imbalance_global") is not None:
+        lines.append(f"during training (last quarter), max/mean of each step's global batch: micro "
+                     f"{m['train_imbalance_global']:.3f}, global {g['train_imbalance_global']:.3f}; mean over its "
+                     f"domain-pure micro-batches: micro {m['train_imbalance_micro']:.3f}, global {g['train_imbalance_micro']:.3f}")
+    if per_seed:
+        for part in PART_NAMES:
+            votes = [bool(p[part]) for p in per_seed.values()]
+            if len(set(votes)) > 1:
+                lines.append(f"seeds disagree on {part}: holds for seed(s) "
+                             f"{[sd for sd, p in per_seed.items() if p[part]]} only")
     if not ok:
         reasons = []
-        if not parts["higher_specialisation"]:
-            why = []
-            if gi_m > gi_g:
-                why.append("the micro-LBL arm is less balanced globally, and a globally concentrated routing raises every "
-                           "domain's top-k share without any domain preferring different experts, so the top-k share "
-                           "confounds global concentration with domain specificity")
-            if k_m is not None and k_g is not None and k_g > k_m:
-                why.append("the KL measure, which is relative to the global routing and so free of that confound, "
-                           "does rank global LBL higher; the verdict keeps the top-k share chosen before the run")
-            if mix and mix["kinds_per_micro_batch"] > 1.5:
-                why.append(f"packed micro-batches already mix {mix['kinds_per_micro_batch']:.1f} kinds on average, so the "
-                           "micro-batch loss is only weakly domain-skewed and has little specialisation to suppress")
-            reasons.append("specialisation: " + ("; ".join(why) if why else "no explanation found in the measurements"))
         if not parts["lower_global_imbalance"]:
-            reasons.append("imbalance: micro-batch LBL balances every micro-batch, which also balances their sum; the "
-                           "global loss relaxes that constraint and at this scale the corpus-level load ends no better")
+            reasons.append("imbalance: the micro-batch loss balances every domain separately, which also balances "
+                           "their mixture; the global loss only asks for the mixture, and here it ends no lower")
         if not parts["equal_or_lower_loss"]:
-            reasons.append("loss: the difference exceeds the tolerance; with one seed per arm part of it may be noise")
+            reasons.append("loss: global LBL is worse by more than the tolerance")
+        if not parts["higher_specialisation"]:
+            reasons.append("specialisation: domains do not route more differently from each other with global LBL")
         lines.append("not reproduced: " + " | ".join(reasons))
     return ok, parts, "\n".join(lines)
 
 
 # ============================================================================ plots
-def _plot_loss_curves(run_dirs: Mapping[str, Path], path: Path) -> None:
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for mode, d in run_dirs.items():
-        rows = MetricsLog(str(d / "metrics.jsonl")).read()
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r.get("ce", r["loss"]) for r in rows], label=f"{mode} LBL")
-        axes[1].plot(steps, [r.get("lbl", float("nan")) for r in rows], label=f"{mode} LBL")
-    axes[0].set(xlabel="step", ylabel="training CE", title="Language-model loss")
-    axes[1].set(xlabel="step", ylabel="LBL (as trained)", title="Load-balancing loss (uniform = k)")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
+
+def _plot_summary(per_seed: Mapping[str, Mapping[int, Mapping[str, float]]], path: Path) -> None:
+    """Per-seed points and mean bars of loss, global imbalance and specialisation for the two arms."""
+    plt = _plt()
+    panels = [("heldout_loss", "held-out loss (nats)", "Loss (lower is better)"),
+              ("global_imbalance", "max/mean expert load", "Global imbalance (1 = balanced)"),
+              ("mutual_information", "I(domain; expert), nats", "Domain specialisation"),
+              ("micro_imbalance", "mean per-document max/mean", "Per-document imbalance (reference)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6))
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        for j, mode in enumerate(MODES):
+            vals = [r[key] for r in per_seed[mode].values() if r.get(key) is not None]
+            if not vals:
+                continue
+            ax.bar(j, float(np.mean(vals)), 0.6, color=f"C{j}", alpha=0.55, label=f"{mode} LBL (mean)")
+            ax.scatter(np.full(len(vals), j) + np.linspace(-0.12, 0.12, len(vals)), vals, color=f"C{j}",
+                       edgecolor="k", zorder=3)
+        seeds = list(per_seed[MODES[0]])
+        for sd in seeds:  # connect the two arms of each seed (paired comparison)
+            a, b = per_seed["micro"][sd].get(key), per_seed["global"].get(sd, {}).get(key)
+            if a is not None and b is not None:
+                ax.plot([0, 1], [a, b], color="gray", lw=0.8, zorder=2)
+        allv = [r[key] for mode in MODES for r in per_seed[mode].values() if r.get(key) is not None]
+        if allv:
+            lo, hi = min(allv), max(allv)
+            pad = 0.25 * (hi - lo) + 1e-3 * max(abs(hi), 1e-3)
+            ax.set_ylim(max(0.0, lo - 3 * pad) if key != "mutual_information" else 0.0, hi + pad)
+        ax.set_xticks(range(len(MODES)))
+        ax.set_xticklabels([f"{m} LBL" for m in MODES])
+        ax.set(ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Micro- vs global-batch load balancing: bars = mean over seeds, dots = seeds (lines join a seed's pair)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_routing(result: Mapping[str, Any], mode: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot_training(run_dirs: Mapping[tuple[str, int], Path], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for (mode, seed), d in sorted(run_dirs.items()):
+        rows = MetricsLog(str(d / "metrics.jsonl")).read()
+        steps = [r["step"] for r in rows]
+        style = dict(color=f"C{MODES.index(mode)}", ls=["-", "--", ":", "-."][list(sorted({s for _, s in run_dirs})).index(seed) % 4],
+                     label=f"{mode} LBL, seed {seed}")
+        axes[0].plot(steps, [r.get("ce", r["loss"]) for r in rows], **style)
+        axes[1].plot(steps, [r.get("imb_global", np.nan) for r in rows], **style)
+        axes[2].plot(steps, [r.get("imb_micro", np.nan) for r in rows], **style)
+    axes[0].set(xlabel="step", ylabel="training CE", title="Language-model loss")
+    axes[1].set(xlabel="step", ylabel="max/mean", title="Imbalance of each step's global batch")
+    axes[2].set(xlabel="step", ylabel="max/mean", title="Imbalance within its micro-batches (mean)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
+
+def _plot_routing(result: Mapping[str, Any], title: str, path: Path) -> None:
+    plt = _plt()
     domains = result["_routing_share"]["domains"]
     share = np.asarray(result["_routing_share"]["share"])  # [D, L, E]
     n_layers = share.shape[1]
     fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers + 1, 0.35 * len(domains) + 1.8), squeeze=False)
     vmax = float(share.max()) if share.size else 1.0
+    im = None
     for layer in range(n_layers):
         ax = axes[0, layer]
         im = ax.imshow(share[:, layer], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
@@ -407,99 +727,82 @@ def _plot_routing(result: Mapping[str, Any], mode: str, path: Path) -> None:
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(domains)))
         ax.set_yticklabels(domains if layer == 0 else [])
-    fig.colorbar(im, ax=axes[0, :].tolist(), label="share of the domain's selections")
-    fig.suptitle(f"Routing share by domain, {mode}-batch LBL (top-k share {result['specialisation']['top_k_share']:.3f})")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0, :].tolist(), label="share of the domain's selections")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def _plot_bars(results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    n_layers = len(results[modes[0]]["global_imbalance"]["max_over_mean_per_layer"])
-    width = 0.8 / len(modes)
-    for j, mode in enumerate(modes):
-        per_layer = results[mode]["global_imbalance"]["max_over_mean_per_layer"]
-        axes[0].bar(np.arange(n_layers) + j * width, per_layer, width, label=mode)
-    axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].set(xlabel="MoE layer", ylabel="max/mean expert load", title="Global imbalance (held-out set)")
-    axes[1].bar(modes, [results[m]["micro_imbalance"]["max_over_mean"] for m in modes], color=["C0", "C1"][:len(modes)])
-    axes[1].set(ylabel="mean per-document max/mean", title="Micro-batch imbalance (reference)")
-    domains = list(results[modes[0]]["specialisation"]["top_k_share_per_domain"])
-    for j, mode in enumerate(modes):
-        vals = [results[mode]["specialisation"]["top_k_share_per_domain"][d] for d in domains]
-        axes[2].bar(np.arange(len(domains)) + j * width, vals, width, label=mode)
-    axes[2].axhline(results[modes[0]]["specialisation"]["top_k_share_floor"], color="k", lw=0.8, ls="--")
-    axes[2].set_xticks(np.arange(len(domains)) + width / 2)
-    axes[2].set_xticklabels(domains, rotation=30)
-    axes[2].set(ylabel="top-k share", title="Domain specialisation (dashed: uniform)")
-    for ax in (axes[0], axes[2]):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ============================================================================ entry point
-def run_moe_experiment(settings: Mapping[str, Any], tokenizer_dir: Path, out_dir: Path, cache_dir: Path,
-                       printer: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the MoE with micro- and global-batch LBL, measure both, write `moe_balance.json` and plots.
+def run_moe_experiment(settings: Mapping[str, Any] | MoEExperimentSettings, tokenizer_dir: Path, out_dir: Path,
+                       cache_dir: Path, printer: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the MoE with micro- and global-batch LBL for every seed, measure, write `moe_balance.json` and plots.
 
     settings: the scale file's `[experiments.moe]` table (`MoEExperimentSettings` fields).
     tokenizer_dir: a directory holding the tokenizer (and no model). Runs resume when cut.
-    Returns {"claim", "micro", "global", "reproduced", "parts", "diagnosis", "settings", "wall_s", "files"}.
+    Returns {"claim", "micro", "global" (mean summaries), "per_seed" ({mode: {seed: summary}}),
+    "reproduced", "parts", "parts_per_seed", "diagnosis", "domains", "settings", "steps", "wall_s", "files"}.
     """
     s = settings if isinstance(settings, MoEExperimentSettings) else MoEExperimentSettings.from_mapping(settings)
     out_dir, cache_dir, tokenizer_dir = Path(out_dir), Path(cache_dir), Path(tokenizer_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.load(tokenizer_dir)
     t0 = time.time()
-    run_dirs: dict[str, Path] = {}
-    wall: dict[str, float] = {}
-    for mode in MODES:
-        cfg = s.stage_config(mode)
-        printer(f"moe experiment: training {cfg.name} ({cfg.steps} steps x {s.batch_size} x {s.seq_len}, "
-                f"{s.model}, aux coef {s.router_aux_loss_coef})")
-        t = time.time()
-        run_dirs[mode] = pretrain.run(cfg, tokenizer_dir, StageContext(out_dir / cfg.name, cache_dir, printer))
-        wall[mode] = time.time() - t
+    names, domain_docs, shares = training_domains(s, tokenizer, cache_dir)
+    printer(f"moe experiment: {s.model}, {s.steps} steps x {s.micro_batches_per_step} domain-pure micro-batches x "
+            f"{s.micro_batch_size} x {s.seq_len}, aux coef {s.router_aux_loss_coef} ({s.lbl_layers} LBL), seeds {list(s.seeds)}; domains "
+            + ", ".join(f"{n} {100 * w:.0f}%" for n, w in zip(names, shares)))
+    run_dirs: dict[tuple[str, int], Path] = {}
+    wall: dict[tuple[str, int], float] = {}
+    for seed in s.seeds:
+        for mode in MODES:
+            run_dir = out_dir / f"{mode}-seed{seed}-{config_hash(s.run_identity(mode, seed))[:8]}"
+            t = time.time()
+            run_dirs[mode, seed] = train_arm(s, mode, seed, domain_docs, shares, tokenizer, tokenizer_dir, run_dir, printer)
+            wall[mode, seed] = time.time() - t
     docs = heldout_documents(s)
     printer(f"moe experiment: measuring routing on {len(docs)} held-out documents")
-    results = {mode: measure_run(run_dirs[mode], docs, tokenizer, s.seq_len) for mode in MODES}
-    mix = {**training_domain_mix(s, tokenizer, cache_dir), "sequences": s.lbl_micro_batch}
-    ok, parts, diagnosis = judge(results["micro"], results["global"], s.loss_tolerance, mix)
+    results = {key: measure_run(d, docs, tokenizer, s.seq_len, names, shares) for key, d in run_dirs.items()}
+    per_seed = {mode: {seed: summarise(results[mode, seed]) for seed in s.seeds} for mode in MODES}
+    parts_per_seed = {seed: claim_parts(results["micro", seed], results["global", seed], s.loss_tolerance)
+                      for seed in s.seeds}
+    micro_mean, glob_mean = mean_summary(list(per_seed["micro"].values())), mean_summary(list(per_seed["global"].values()))
+    ok, parts, diagnosis = judge(micro_mean, glob_mean, s.loss_tolerance, parts_per_seed)
 
-    _plot_loss_curves(run_dirs, out_dir / "moe_loss_curves.png")
+    _plot_summary(per_seed, out_dir / "moe_summary.png")
+    _plot_training(run_dirs, out_dir / "moe_training.png")
+    first = s.seeds[0]
     for mode in MODES:
-        _plot_routing(results[mode], mode, out_dir / f"moe_routing_{mode}.png")
-    _plot_bars(results, out_dir / "moe_imbalance.png")
-    files = ["moe_balance.json", "moe_loss_curves.png", "moe_routing_micro.png", "moe_routing_global.png",
-             "moe_imbalance.png"]
-    public = {mode: {k: v for k, v in r.items() if not k.startswith("_")} for mode, r in results.items()}
+        r = results[mode, first]
+        _plot_routing(r, f"Routing share by domain, {mode}-batch LBL, seed {first} "
+                         f"(I(domain; expert) {r['specialisation']['mutual_information']:.3f} nats)",
+                      out_dir / f"moe_routing_{mode}.png")
+    files = ["moe_balance.json", "moe_summary.png", "moe_training.png", "moe_routing_micro.png", "moe_routing_global.png"]
     summary = {
         "claim": CLAIM,
-        "micro": {**public["micro"], "train_wall_s": wall["micro"]},
-        "global": {**public["global"], "train_wall_s": wall["global"]},
+        "micro": micro_mean,
+        "global": glob_mean,
+        "per_seed": per_seed,
         "reproduced": ok,
         "parts": parts,
+        "parts_per_seed": parts_per_seed,
         "diagnosis": diagnosis,
-        "training_domain_mix": mix,
+        "domains": dict(zip(names, shares)),
+        "details": {f"{mode}-seed{seed}": {**{k: v for k, v in results[mode, seed].items() if not k.startswith("_")},
+                                           "train_wall_s": wall[mode, seed]} for mode, seed in results},
         "settings": asdict(s),
-        "steps": s.stage_config("micro").steps,
+        "steps": s.steps,
         "wall_s": time.time() - t0,
-        "routing_share": {mode: results[mode]["_routing_share"] for mode in MODES},
         "files": files,
     }
     write_json_atomic(out_dir / "moe_balance.json", summary)
     printer("moe experiment: " + ("REPRODUCED" if ok else "NOT reproduced") + "\n" + diagnosis)
-    summary.pop("routing_share")
     return summary
 
 
-__all__ = ["CLAIM", "MoEExperimentSettings", "run_moe_experiment", "global_imbalance", "micro_imbalance",
-           "topk_share", "kl_from_global", "domain_specialisation", "max_over_mean", "coefficient_of_variation",
-           "judge", "training_domain_mix", "heldout_documents", "route_documents", "measure_run"]
+__all__ = ["CLAIM", "MODES", "MoEExperimentSettings", "DomainBatchLoader", "run_moe_experiment", "step_loss",
+           "selection_counts", "global_imbalance", "micro_imbalance", "mixture_load", "topk_share", "kl_from_global",
+           "kl_from_uniform", "mutual_information", "domain_specialisation", "max_over_mean",
+           "coefficient_of_variation", "claim_parts", "summarise", "mean_summary", "judge", "heldout_documents",
+           "route_documents", "measure_run", "training_domains", "train_arm"]
