@@ -50,9 +50,18 @@ def test_changed_recipe_reruns_only_dependants(micro_run, tmp_path):
     plan, _ = micro_run
     changed = build_plan("micro", out_root=plan.root.parent, overrides=["stages.s3.train.lr=5e-4"])
     old = build_plan("micro", out_root=plan.root.parent)
+    def depends_on_s3(node):
+        while node is not None:
+            if node.key.endswith("/s3"):
+                return True
+            node = node.parent
+        return False
+
     for a, b in zip(old.nodes, changed.nodes):
         same = expected_hash(a) == expected_hash(b)
-        assert same == (not a.key.endswith("/s3")), a.key
+        assert same == (not depends_on_s3(a)), a.key
+    assert not all(expected_hash(a) == expected_hash(b) for a, b in zip(old.nodes, changed.nodes)
+                   if a.key == "flagship/reasoning-rl")  # post-training is downstream of S3
 
 
 def test_unknown_keys_are_named():
@@ -87,3 +96,45 @@ def test_cut_stage_resumes_and_stale_output_is_moved_aside(micro_run):
                  overrides=["stages.s2.train.lr=1e-3"])
     assert any("moved aside" in line for line in lines)
     assert list(s2.parent.glob("s2.old-*"))
+
+
+def test_post_training_stages_chain_and_hand_over_used_queries(micro_run):
+    """Cold start -> reasoning RL in the pipeline: RL's parent is the filtered cold start, whose
+    used queries it reads (criterion 1 of §4.2), and the unfiltered control starts from S3 too."""
+    plan, _ = micro_run
+    cold, rl = plan.node("flagship/cold-start"), plan.node("flagship/reasoning-rl")
+    control = plan.node("flagship/cold-start-unfiltered")
+    assert rl.parent is cold and cold.parent.key == "flagship/s3" and control.parent.key == "flagship/s3"
+    used = json.loads((cold.out_dir / "used_queries.json").read_text())
+    assert used and len(used) == len(set(used))
+    filtered = [json.loads(line) for line in (cold.out_dir / "coldstart_filtered.jsonl").read_text().splitlines()]
+    assert len(filtered) >= len(used)
+    selection = json.loads((rl.out_dir / "selection.json").read_text())
+    chosen = {q["uid"] for q in selection["selected"]}
+    assert not chosen & set(used)
+    claims = {c["name"] for c in json.loads((plan.root / "claims" / "claims.json").read_text())}
+    assert {"filtering", "grpo"} <= claims
+
+
+def test_control_recipe_extends_and_takes_the_scale_sizes_of_what_it_controls():
+    plan = build_plan("micro")
+    cold, control = plan.node("flagship/cold-start").config, plan.node("flagship/cold-start-unfiltered").config
+    assert control.data == "coldstart-unfiltered" and cold.data == "coldstart"
+    differing = {k for k in cold.__dict__ if getattr(cold, k) != getattr(control, k)}
+    assert differing == {"name", "data", "description"}
+    shorter = build_plan("micro", overrides=["stages.cold-start-unfiltered.steps=1"])
+    assert shorter.node("flagship/cold-start-unfiltered").config.steps == 1
+    assert shorter.node("flagship/cold-start").config.steps == cold.steps
+
+
+def test_recipe_extends_cycle_is_named(tmp_path):
+    from qwen3repro.recipes import load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "a.toml").write_text('extends = "b"\n')
+    (tmp_path / "recipes" / "b.toml").write_text('extends = "a"\n')
+    with pytest.raises(ConfigError, match="cycle a -> b -> a"):
+        load_recipe("a", root=tmp_path)
+    (tmp_path / "recipes" / "c.toml").write_text('extends = "nope"\n')
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
+        load_recipe("c", root=tmp_path)

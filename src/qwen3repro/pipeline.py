@@ -31,14 +31,23 @@ import torch
 
 from .config import ConfigError, config_hash, strict_fields
 from .lineage import LINEAGE_FILE, chain_hash, is_up_to_date, make_lineage, read_lineage
-from .recipes import deep_merge, load_recipe, load_scale, parse_override
+from .recipes import deep_merge, load_recipe, load_scale, parse_override, recipe_lineage
 from .stages import pretrain as pretrain_stage
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext, write_json_atomic
 from .train.metrics import default_printer, format_duration
 
 STAGE_FILE = "stage.json"
-PARENTS = {"s1": "tokenizer", "s2": "s1", "s1-control": "s1", "s3": "s2"}
+# Each stage's parent checkpoint (within one role) and what kind of stage it is.
+PARENTS = {
+    "s1": "tokenizer", "s2": "s1", "s1-control": "s1", "s3": "s2",
+    "cold-start": "s3", "cold-start-unfiltered": "s3",   # the Filtering claim's control
+    "reasoning-rl": "cold-start", "fusion": "reasoning-rl",
+}
+STAGE_KINDS = {
+    "s1": "pretrain", "s2": "pretrain", "s1-control": "pretrain", "s3": "pretrain",
+    "cold-start": "sft", "cold-start-unfiltered": "sft", "reasoning-rl": "grpo", "fusion": "fusion",
+}
 SCALE_SECTIONS = ("pipeline", "tokenizer", "roles", "stages", "evals", "experiments")
 
 
@@ -48,13 +57,16 @@ class PipelineSettings:
     chain: tuple[str, ...]
     controls: tuple[str, ...] = ()
     control_roles: tuple[str, ...] = ()
+    post_chain: tuple[str, ...] = ()
+    """Post-training stages after the chain (cold start, reasoning RL, fusion), for `post_roles`."""
+    post_roles: tuple[str, ...] = ()
     threads: int = 2
 
 
 @dataclass
 class StageNode:
     key: str                      # "tokenizer", "flagship/s1", ...
-    kind: str                     # "tokenizer" | "pretrain"
+    kind: str                     # "tokenizer" or a STAGE_KINDS value
     config: Any
     out_dir: Path
     parent: "StageNode | None" = None
@@ -101,25 +113,62 @@ def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: l
         role_raw = dict(roles[role])
         role_stages = role_raw.pop("stages", {})
         strict_fields(_RoleFields, role_raw, f"tiny/{scale}.toml [roles.{role}]")
-        stage_names = list(settings.chain) + (list(settings.controls) if role in settings.control_roles else [])
+        stage_names = (list(settings.chain) + (list(settings.post_chain) if role in settings.post_roles else [])
+                       + (list(settings.controls) if role in settings.control_roles else []))
         by_name: dict[str, StageNode] = {}
         for stage in stage_names:
-            merged = deep_merge(load_recipe(stage), raw.get("stages", {}).get(stage, {}), f"{stage}.")
-            merged = deep_merge(merged, role_stages.get(stage, {}), f"{role}.{stage}.")
+            if stage not in PARENTS:
+                raise ConfigError(f"unknown stage {stage!r} in tiny/{scale}.toml; known stages: {sorted(PARENTS)}")
+            # A recipe that `extends` another also takes the scale's sizes of that stage first, so
+            # a control run is the same size as what it controls unless the scale says otherwise.
+            merged: dict[str, Any] = {}
+            for name in recipe_lineage(stage):
+                merged = deep_merge(merged, raw.get("stages", {}).get(name, {}), f"{name}.")
+                merged = deep_merge(merged, role_stages.get(name, {}), f"{role}.{name}.")
+            merged = deep_merge(load_recipe(stage), merged, f"{stage}.")
             merged["name"] = stage
-            if PARENTS.get(stage) == "tokenizer":
+            if PARENTS[stage] == "tokenizer":
                 merged.setdefault("model", role_raw["model"])
-            cfg = pretrain_stage.PretrainConfig.from_dict(merged)
-            parent_name = PARENTS.get(stage)
-            if parent_name is None:
-                raise ConfigError(f"stage {stage!r} has no known parent; known stages: {sorted(PARENTS)}")
+            cfg = _config_class(STAGE_KINDS[stage]).from_dict(merged)
+            parent_name = PARENTS[stage]
             parent = tok_node if parent_name == "tokenizer" else by_name.get(parent_name)
             if parent is None:
                 raise ConfigError(f"stage {stage!r} of role {role!r} needs {parent_name!r} earlier in the chain")
-            node = StageNode(f"{role}/{stage}", "pretrain", cfg, root / role / stage, parent)
+            node = StageNode(f"{role}/{stage}", STAGE_KINDS[stage], cfg, root / role / stage, parent)
             by_name[stage] = node
             nodes.append(node)
     return Plan(scale, root, settings, nodes, raw)
+
+
+def _config_class(kind: str):
+    """The config class of a stage kind (imported lazily: post-training pulls in more modules)."""
+    if kind == "pretrain":
+        return pretrain_stage.PretrainConfig
+    if kind == "sft":
+        from .stages.sft import SFTConfig
+        return SFTConfig
+    if kind == "grpo":
+        from .stages.grpo import GRPOConfig
+        return GRPOConfig
+    if kind == "fusion":
+        from .stages.fusion import FusionConfig
+        return FusionConfig
+    raise ConfigError(f"unknown stage kind {kind!r}")
+
+
+def _run_stage(node: StageNode, ctx: StageContext) -> None:
+    """`run(cfg, parent_checkpoint, ctx)` of the node's stage module."""
+    if node.kind == "pretrain":
+        from .stages import pretrain as module
+    elif node.kind == "sft":
+        from .stages import sft as module
+    elif node.kind == "grpo":
+        from .stages import grpo as module
+    elif node.kind == "fusion":
+        from .stages import fusion as module
+    else:
+        raise ConfigError(f"unknown stage kind {node.kind!r}")
+    module.run(node.config, node.parent.out_dir, ctx)
 
 
 @dataclass(frozen=True)
@@ -198,7 +247,7 @@ def _run_nodes(plan: Plan, only: set[str] | None, say: Callable[[str], None]) ->
         if node.kind == "tokenizer":
             tokenizer_stage.run(node.config, None, ctx)
         else:
-            pretrain_stage.run(node.config, node.parent.out_dir, ctx)
+            _run_stage(node, ctx)
         node.seconds = time.perf_counter() - t0
         node.status = f"trained in {format_duration(node.seconds)}"
 

@@ -84,8 +84,33 @@ def _load_named(folder: str, name: str, kind: str, root: Path | None) -> dict[st
     return load_toml(path)
 
 
+EXTENDS = "extends"
+
+
+def recipe_lineage(stage: str, root: Path | None = None) -> list[str]:
+    """The recipe names `stage` is built from, base first: a recipe with `extends = "other"` is
+    `other` with its own keys merged on top (a control run that differs in one setting)."""
+    names = [stage]
+    raw = _load_named("recipes", stage, "recipe", root)
+    while EXTENDS in raw:
+        base = raw[EXTENDS]
+        if not isinstance(base, str):
+            raise ConfigError(f"recipes/{names[-1]}.toml: `{EXTENDS}` must be a recipe name, got {base!r}")
+        if base in names:
+            raise ConfigError(f"recipes: `{EXTENDS}` cycle {' -> '.join(names + [base])}")
+        names.append(base)
+        raw = _load_named("recipes", base, "recipe", root)
+    return names[::-1]
+
+
 def load_recipe(stage: str, root: Path | None = None) -> dict[str, Any]:
-    return _load_named("recipes", stage, "recipe", root)
+    """The recipe of `stage`, with any `extends` chain resolved (the key itself removed)."""
+    merged: dict[str, Any] = {}
+    for name in recipe_lineage(stage, root):
+        raw = _load_named("recipes", name, "recipe", root)
+        raw.pop(EXTENDS, None)
+        merged = deep_merge(merged, raw, f"{name}.")
+    return merged
 
 
 def load_scale(scale: str, root: Path | None = None) -> dict[str, Any]:

@@ -129,6 +129,7 @@ def build_coldstart_dataset(
     rng = random.Random(f"coldstart-select|{cfg.seed}")
     filtered: list[list[dict]] = []
     unfiltered: list[list[dict]] = []
+    used: dict[str, list[str]] = {"filtered": [], "unfiltered": []}  # query uids each set trains on
     all_flags, all_labels = [], []
     kept_labels: list[frozenset] = []
     unfiltered_labels: list[frozenset] = []
@@ -144,6 +145,7 @@ def build_coldstart_dataset(
                 all_labels.append(c.labels)
         for c in rng.sample(cands, min(cfg.keep_per_query, len(cands))):
             unfiltered.append(to_messages(query.question, c.text))
+            used["unfiltered"].append(query.uid)
             unfiltered_labels.append(c.labels or frozenset())
         if all(f[WRONG_ANSWER] for f in flags):  # Pass@N = 0: to review, not trained
             n_zero_pass += 1
@@ -163,6 +165,7 @@ def build_coldstart_dataset(
             n_queries_without_clean += 1
         for c in clean[: cfg.keep_per_query]:
             filtered.append(to_messages(query.question, c.text))
+            used["filtered"].append(query.uid)
             kept_labels.append(c.labels or frozenset())
 
     def label_rates(label_sets: Sequence[frozenset]) -> dict[str, float | None]:
@@ -184,6 +187,7 @@ def build_coldstart_dataset(
                                   "unfiltered": label_rates(unfiltered_labels)},
         "detectors": detector_metrics(all_flags, all_labels) if all_labels else {},
         "labelled_candidates": len(all_labels),
+        "used_uids": {k: sorted(set(v)) for k, v in used.items()},
     }
     report["counts_add_up"] = counts_add_up(report)
     if out_dir is not None:

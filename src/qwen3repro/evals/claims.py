@@ -119,10 +119,45 @@ def claim_moe(plan, say) -> list[ClaimRow]:
     )]
 
 
+# ----------------------------------------------------------------------------- post-training
+def claim_filtering(plan, say) -> list[ClaimRow]:
+    from .posttrain import claim_filtering as measure
+    return measure(plan, say)
+
+
+def claim_grpo(plan, say) -> list[ClaimRow]:
+    from .posttrain import claim_grpo as measure
+    return measure(plan, say)
+
+
+def _thinking_claim(name: str, label: str):
+    """Fusion and budget claims live with the thinking-mode evaluations (`evals.thinking`)."""
+    def claim(plan, say) -> list[ClaimRow]:
+        if not plan.settings.post_roles or "fusion" not in plan.settings.post_chain:
+            return []
+        try:
+            from . import thinking
+            fn = getattr(thinking, f"claim_{name}")
+        except (ImportError, AttributeError):
+            return [ClaimRow(name, label, "-", "not measured", None, "thinking-mode evaluations not available")]
+        return fn(plan, say)
+    return claim
+
+
+def _needs_post_training(fn: Callable) -> Callable:
+    def claim(plan, say) -> list[ClaimRow]:
+        return fn(plan, say) if plan.settings.post_roles and plan.settings.post_chain else []
+    return claim
+
+
 CLAIMS: dict[str, Callable] = {
     "s2_reasoning": claim_s2_reasoning,
     "longcontext": claim_longcontext,
     "moe_balance": claim_moe,
+    "filtering": _needs_post_training(claim_filtering),
+    "grpo": _needs_post_training(claim_grpo),
+    "fusion": _thinking_claim("fusion", "Thinking-mode fusion: ThinkFollow and thinking vs non-thinking"),
+    "budget": _thinking_claim("budget", "Accuracy rises with the thinking budget"),
 }
 
 

@@ -42,6 +42,8 @@ from .rollout import ACCURACY_THRESHOLD, Query, ScoreFn, sample_groups, verifier
 # Reasons a candidate is not selected (the keys of `SelectionResult.reasons`).
 NO_VERIFIER = "no verifier"
 USED_IN_COLD_START = "used in cold start"
+# The file a cold-start SFT stage writes into its directory: the uids of the queries it trained on.
+USED_QUERIES_FILE = "used_queries.json"
 HELDOUT = "held-out evaluation item"
 DUPLICATE = "duplicate"
 NO_REWARD = "no reward (verifier failed on every sample)"

@@ -62,7 +62,7 @@ from ..rl.rollout import (
     ACCURACY_THRESHOLD, Query, QueryStream, RolloutBatch, ScoreFn, build_batch, collect_rollouts, policy_logprobs,
     sample_groups, verifier_score,
 )
-from ..rl.selection import SelectionResult, load_used_uids, screen, select_queries
+from ..rl.selection import USED_QUERIES_FILE, SelectionResult, load_used_uids, screen, select_queries
 from ..tokenizer import Tokenizer
 from ..train import checkpoint as ckpt
 from ..train.loop import TrainConfig, build_optimizer, resolve_device, run_identity
@@ -77,7 +77,6 @@ REPORT_RL_STEPS = 170
 CLAIM_PASS1_GAIN = 0.10
 CLAIM_ENTROPY_FLOOR = 0.5
 
-USED_QUERIES_FILE = "used_queries.json"  # what the cold-start stage writes into its directory
 SELECTION_FILE = "selection.json"
 PLOT_FILE = "grpo_curves.png"
 
