@@ -437,6 +437,10 @@ def tokenize_conversation(
     lies on one side of the header; if a body begins with whitespace that merges with the header's
     newline into one token, that token starts in the header and gets loss 0.
 
+    An assistant message with `"train": False` is context only: it is rendered as usual and its
+    tokens get loss 0 (multi-turn SFT data uses this for earlier turns, whose reasoning the template
+    drops, so the model is not taught to answer a fresh query without a think block).
+
     `tokenizer` is a `qwen3repro.tokenizer.Tokenizer` (a transformers fast tokenizer is wrapped).
     """
     from qwen3repro.tokenizer import Tokenizer
@@ -444,11 +448,16 @@ def tokenize_conversation(
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_hf(tokenizer)
     pieces = render_pieces(messages, tools, add_generation_prompt=False, enable_thinking=enable_thinking)
+    # render_pieces gives exactly one trained piece per assistant message, in order.
+    context_only = [m.get("train") is False for m in messages if m.get("role") == "assistant"]
     spans: list[tuple[int, int]] = []
     position = 0
+    body = 0
     for text, trained in pieces:
         if trained:
-            spans.append((position, position + len(text)))
+            if not context_only[body]:
+                spans.append((position, position + len(text)))
+            body += 1
         position += len(text)
     input_ids, offsets = tokenizer.encode_with_offsets("".join(text for text, _ in pieces))
     loss_mask = []
