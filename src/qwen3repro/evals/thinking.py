@@ -1,0 +1,584 @@
+"""Thinking-mode evaluations of the fused model (Qwen3 report §4.3, Table 22, Fig. 2).
+
+* **ThinkFollow**: held-out multi-turn chats (2–3 turns, earlier assistant turns filled in with
+  their answers) whose flags sit in the system message, in user turns, or conflict (a later flag
+  overrides an earlier one: the last one wins). A generated final turn follows the flag when it is
+  one closed think block followed by a non-empty answer, with non-empty reasoning in thinking mode
+  and an empty block in non-thinking mode; anything malformed (no `</think>`, an empty answer, a
+  second `<think>`) does not follow. Report: 88.7 after fusion, 98.9 after general RL (Table 22).
+* **Accuracy by mode and difficulty** on held-out task items: thinking mode (the default prompt)
+  vs non-thinking mode (`enable_thinking=False`, the template's empty think block), each at the
+  report's sampling settings for that mode, tabulated by family, difficulty and relative
+  difficulty (easy / medium / hard thirds of each family's training range).
+* **Accuracy vs thinking budget**: the same thinking prompt with budgets on a doubling grid from 0
+  to beyond the longest reference trace, plus the non-thinking baseline; s1's metrics (Muennighoff
+  et al. 2025, "s1: Simple test-time scaling", §3.2) with compute a = mean thinking tokens per run:
+  Control = (1/|A|) Σ_a 1[a stays within its budget] (here: every sample's thinking tokens ≤ the
+  budget); Scaling = the average slope (f(b) − f(a)) / (b − a) over all pairs of runs a < b
+  (s1's definition; also the mean over successive points), in accuracy points per 100 thinking
+  tokens; Performance = the best accuracy. A PNG plots accuracy vs budget with the baseline.
+
+The budget is enforced by `generate`'s controller. The forced text is, by default, the one the
+fusion set trains ("\\n\\n" + the report's stop-thinking sentence + "\\n</think>\\n\\n", which is
+what the chat template can render and the official client recipe appends); `directive = "report"`
+forces `chat.STOP_THINKING_DIRECTIVE` verbatim (with the "." after `</think>`, whose remnant
+`answer_text` drops before scoring). All sampling settings are pinned and written into each
+result. Sizes come from the scale's `[evals.fusion]` and `[evals.thinking_budget]` tables
+(`ThinkingEvalConfig` fields).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE, parse, render, wants_thinking
+from ..config import ConfigError, strict_fields
+from ..data import tasks
+from ..data.synthetic import s2_eval_items
+from ..generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, Generation, SamplingParams, ThinkingBudget, generate
+from ..stages.common import write_json_atomic
+
+# ---- the report's figures (Qwen3 technical report, arXiv 2505.09388)
+REPORT_THINKFOLLOW_STAGE3 = 88.7   # Table 22, Qwen3-32B after thinking-mode fusion
+REPORT_THINKFOLLOW_STAGE4 = 98.9   # Table 22, after general RL
+CLAIM_THINKFOLLOW = 0.90           # our claim threshold for the fused model
+REPORT_AIME24_THINKING = 85.7      # Qwen3-235B-A22B thinking (headline results)
+REPORT_AIME24_NON_THINKING = 40.1  # Table 12, non-thinking
+# Fig. 2 (Qwen3-235B-A22B, AIME'24, read off the plot): budgets 1K..32K tokens.
+REPORT_BUDGET_CURVE_AIME24 = {1024: 42.0, 2048: 43.0, 4096: 56.0, 8192: 72.5, 16384: 84.0, 32768: 86.5}
+
+# The forced text when a budget runs out: "template" = what the fusion set trains and the chat
+# template renders; "report" = the directive verbatim as printed in the report.
+DIRECTIVES = ("template", "report")
+BUDGET_SENTENCE = STOP_THINKING_DIRECTIVE.split("\n</think>")[0]
+TEMPLATE_DIRECTIVE = "\n\n" + BUDGET_SENTENCE + "\n</think>\n\n"
+FOLLOW_KINDS = ("user", "system", "conflict", "inherited")
+HARD_FROM = 2 / 3   # relative difficulty >= this is "hard", < 1/3 "easy"
+
+
+@dataclass(frozen=True)
+class ThinkingEvalConfig:
+    """Sizes and settings of the thinking evaluations (the scale's [evals.fusion] and
+    [evals.thinking_budget] tables; unknown keys are an error)."""
+
+    role: str = "flagship"
+    # ---- ThinkFollow
+    follow_n: int = 48
+    """Held-out conversations (balanced over FOLLOW_KINDS and over the expected mode)."""
+    follow_families: tuple[str, ...] = ("add", "mul", "order")
+    # ---- accuracy by mode
+    n_per_cell: int = 3
+    """Held-out items per (family, difficulty)."""
+    families: tuple[str, ...] = ()
+    """Task families (empty: all)."""
+    max_new_tokens: int | None = None
+    """Default: the longest reference trace of the evaluated items + 64."""
+    non_thinking_presence_penalty: float = 0.0
+    """The report uses 1.5; here digits are single tokens, so a presence penalty would penalise
+    every repeated digit of an answer: it is off unless set."""
+    # ---- budget
+    budgets: tuple[int, ...] | None = None
+    """Default: 0 and a doubling grid from 8 to the first power of two at or beyond the longest trace."""
+    directive: str = "template"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "follow_families", tuple(self.follow_families))
+        object.__setattr__(self, "families", tuple(self.families))
+        if self.budgets is not None:
+            object.__setattr__(self, "budgets", tuple(sorted({int(b) for b in self.budgets})))
+            if not self.budgets or self.budgets[0] < 0:
+                raise ConfigError("evals.thinking: budgets must be a non-empty list of integers >= 0")
+        unknown = set(self.follow_families + self.families) - set(tasks.FAMILIES)
+        if unknown:
+            raise ConfigError(f"evals.thinking: unknown task families {sorted(unknown)}")
+        for name in ("follow_n", "n_per_cell"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"evals.thinking: {name} must be an integer >= 1, got {v!r}")
+        if self.directive not in DIRECTIVES:
+            raise ConfigError(f"evals.thinking: directive must be one of {DIRECTIVES}, got {self.directive!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ThinkingEvalConfig":
+        return cls(**strict_fields(cls, d, "evals.thinking"))
+
+    @property
+    def thinking_sampling(self) -> SamplingParams:
+        return THINKING_SAMPLING
+
+    @property
+    def non_thinking_sampling(self) -> SamplingParams:
+        return SamplingParams(**{**asdict(NON_THINKING_SAMPLING), "presence_penalty": self.non_thinking_presence_penalty})
+
+
+# ----------------------------------------------------------------------------- scoring
+def _body(text: str) -> str:
+    for end in ("<|im_end|>", "<|endoftext|>"):
+        text = text.split(end)[0]
+    return text
+
+
+def follows_mode(completion: str, thinking: bool) -> bool:
+    """Whether a generated assistant turn follows the requested mode: exactly one think block,
+    opened at the start and closed, then a non-empty answer; non-empty reasoning when thinking,
+    an empty block when not. Malformed text is "not following"; never raises."""
+    if not isinstance(completion, str):
+        return False
+    body = _body(completion).lstrip("\n")
+    if not body.startswith("<think>") or body.count("<think>") != 1 or body.count("</think>") != 1:
+        return False
+    parsed = parse(body)
+    if not answer_text(body):
+        return False
+    has_reasoning = bool(parsed["reasoning_content"].strip())
+    return has_reasoning if thinking else not has_reasoning
+
+
+def answer_text(completion: str) -> str:
+    """The final answer: what follows the think block, without the "." that the report's verbatim
+    directive leaves after `</think>` (chat.parse keeps it); "" when the block is never closed."""
+    if not isinstance(completion, str):
+        return ""
+    body = _body(completion)
+    if "</think>" not in body and "<think>" in body:
+        return ""
+    content = parse(body)["content"]
+    if "</think>" in body and content.startswith(".") and content[1:2] in ("\n", ""):
+        content = content[1:]
+    return content.strip()
+
+
+def is_correct(item: tasks.TaskItem, completion: str) -> bool:
+    answer = answer_text(completion)
+    return bool(answer) and tasks.check_answer(item, answer)
+
+
+def thinking_tokens(gen: Generation, think_start_id: int, think_end_id: int) -> int:
+    """Sampled (not forced) tokens inside the thinking part, recounted from the output ids."""
+    inside, count = False, 0
+    forced = gen.forced or [False] * len(gen.token_ids)
+    for tok, was_forced in zip(gen.token_ids, forced):
+        if tok == think_start_id:
+            inside = True
+        elif tok == think_end_id:
+            inside = False
+        elif inside and not was_forced:
+            count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------- s1 metrics
+def s1_control(runs: Sequence[Mapping[str, Any]]) -> float | None:
+    """Share of budgeted runs whose every sample kept its thinking within the run's budget (s1)."""
+    runs = [r for r in runs if r.get("budget") is not None]
+    if not runs:
+        return None
+    return sum(r["max_thinking_tokens"] <= r["budget"] for r in runs) / len(runs)
+
+
+def s1_scaling(points: Sequence[tuple[float, float]], *, per: float = 100.0) -> float | None:
+    """s1's Scaling: the mean slope (f(b) − f(a)) / (b − a) over all pairs of (compute, accuracy)
+    points with b > a, in accuracy points (%) per `per` units of compute; None with < 2 distinct."""
+    pts = sorted(points)
+    slopes = [(fb - fa) * 100.0 / (b - a) * per for i, (a, fa) in enumerate(pts) for b, fb in pts[i + 1:] if b > a]
+    return sum(slopes) / len(slopes) if slopes else None
+
+
+def successive_scaling(points: Sequence[tuple[float, float]], *, per: float = 100.0) -> float | None:
+    """The mean slope between successive points (in compute order), same units as `s1_scaling`."""
+    pts = sorted(points)
+    slopes = [(fb - fa) * 100.0 / (b - a) * per for (a, fa), (b, fb) in zip(pts, pts[1:]) if b > a]
+    return sum(slopes) / len(slopes) if slopes else None
+
+
+def doubling_grid(longest: int, start: int = 8) -> list[int]:
+    """[0, start, 2·start, ...] up to the first value >= `longest` (beyond the longest trace)."""
+    grid, b = [0], start
+    while True:
+        grid.append(b)
+        if b >= longest:
+            return grid
+        b *= 2
+
+
+# ----------------------------------------------------------------------------- data
+def follow_conversations(n: int, *, seed: int = 0, families: Sequence[str] = ("add", "mul", "order")
+                         ) -> list[dict[str, Any]]:
+    """`n` held-out chats, balanced over FOLLOW_KINDS × expected mode. Each is
+    {"messages", "kind", "expected": "think" | "no_think", "item"} with the final user turn last.
+
+    * user: the final user turn holds the flag (2–3 turns; earlier turns may hold other flags);
+    * system: only a system message holds a flag;
+    * conflict: the system message says one mode, the final user turn the other;
+    * inherited: an earlier user turn holds the flag, the final turn none (follows the earlier one)."""
+    fams = tuple(families)
+    # Held-out items at each family's easiest difficulties keep the thinking turns short.
+    pool = [it for it in s2_eval_items(seed=seed, n_per_cell=max(4, n), families=fams)
+            if it.difficulty <= tasks.FAMILIES[it.family].min_difficulty + 1]
+    rng = random.Random(f"thinkfollow|{seed}")
+    rng.shuffle(pool)
+    out = []
+    for i in range(n):
+        kind = FOLLOW_KINDS[i % len(FOLLOW_KINDS)]
+        expected = ("think", "no_think")[(i // len(FOLLOW_KINDS)) % 2]
+        want, other = ("/think", "/no_think") if expected == "think" else ("/no_think", "/think")
+        n_turns = rng.randint(2, 3)
+        items = [pool[(i * 3 + k) % len(pool)] for k in range(n_turns)]
+        user_flags: list[str | None] = [None] * n_turns
+        system = None
+        if kind == "user":
+            user_flags = [rng.choice((None, "/think", "/no_think")) for _ in range(n_turns - 1)] + [want]
+        elif kind == "system":
+            system = want
+        elif kind == "conflict":
+            system, user_flags[-1] = other, want
+        else:  # inherited: the flag in an earlier turn, after an opposite one where there is room
+            user_flags[-2] = want
+            if n_turns == 3:
+                user_flags[0] = other
+        messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        for k, (it, flag) in enumerate(zip(items, user_flags)):
+            messages.append({"role": "user", "content": f"{it.question} {flag}" if flag else it.question})
+            if k < n_turns - 1:  # earlier answers filled in (the template drops their reasoning)
+                messages.append({"role": "assistant", "content": it.answer})
+        assert (wants_thinking(messages) == (expected == "think")), "follow conversation built wrong"
+        out.append({"messages": messages, "kind": kind, "expected": expected, "item": items[-1].to_dict()})
+    return out
+
+
+def eval_items(cfg: ThinkingEvalConfig) -> list[tasks.TaskItem]:
+    return s2_eval_items(seed=cfg.seed, n_per_cell=cfg.n_per_cell, families=cfg.families or None)
+
+
+def relative_difficulty(item: tasks.TaskItem) -> str:
+    fam = tasks.FAMILIES[item.family]
+    span = max(fam.max_difficulty - fam.min_difficulty, 1)
+    r = (item.difficulty - fam.min_difficulty) / span
+    return "hard" if r >= HARD_FROM else ("easy" if r < 1 / 3 else "medium")
+
+
+# ----------------------------------------------------------------------------- running
+def _prompt(tokenizer, messages, enable_thinking: bool = True) -> list[int]:
+    return tokenizer.encode(render(messages, add_generation_prompt=True, enable_thinking=enable_thinking))
+
+
+def _budget(tokenizer, budget: int, directive: str) -> ThinkingBudget:
+    base = ThinkingBudget.from_tokenizer(tokenizer, budget)
+    if directive == "report":
+        return base
+    return ThinkingBudget(budget=budget, think_start_id=base.think_start_id, think_end_id=base.think_end_id,
+                          directive_ids=tuple(tokenizer.encode(TEMPLATE_DIRECTIVE)), empty_ids=base.empty_ids)
+
+
+def _generate(model, tokenizer, prompts, sampling, max_new_tokens, seed, budget=None, batch_size=64):
+    return generate(model, prompts, sampling, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed,
+                    thinking_budget=budget, max_batch_size=batch_size, pad_token_id=tokenizer.pad_token_id)
+
+
+def _longest_trace(tokenizer, items: Sequence[tasks.TaskItem]) -> int:
+    return max(len(tokenizer.encode(tasks.render_trace(it))) for it in items)
+
+
+@torch.no_grad()
+def think_follow(model, tokenizer, cfg: ThinkingEvalConfig, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """ThinkFollow on `cfg.follow_n` held-out chats; by kind and expected mode, with examples."""
+    model.eval()
+    convs = follow_conversations(cfg.follow_n, seed=cfg.seed, families=cfg.follow_families)
+    items = [tasks.TaskItem.from_dict(c["item"]) for c in convs]
+    max_new = max_new_tokens or _longest_trace(tokenizer, items) + 64
+    results: list[dict[str, Any]] = [{} for _ in convs]
+    for mode in ("think", "no_think"):
+        idx = [i for i, c in enumerate(convs) if c["expected"] == mode]
+        sampling = cfg.thinking_sampling if mode == "think" else cfg.non_thinking_sampling
+        gens = _generate(model, tokenizer, [_prompt(tokenizer, convs[i]["messages"]) for i in idx], sampling,
+                         max_new, cfg.seed + (1 if mode == "think" else 2))
+        for i, g in zip(idx, gens):
+            text = tokenizer.decode(g.token_ids)
+            results[i] = {"kind": convs[i]["kind"], "expected": mode,
+                          "follows": follows_mode(text, mode == "think"), "correct": is_correct(items[i], text),
+                          "completion": text}
+    share = lambda rows: sum(r["follows"] for r in rows) / len(rows) if rows else None  # noqa: E731
+    return {
+        "thinkfollow": share(results), "n": len(results),
+        "by_kind": {k: share([r for r in results if r["kind"] == k]) for k in FOLLOW_KINDS},
+        "by_expected": {m: share([r for r in results if r["expected"] == m]) for m in ("think", "no_think")},
+        "examples": [{**r, "messages": c["messages"]} for r, c in zip(results[:8], convs[:8])],
+        "failures": [{**r, "messages": c["messages"]} for r, c in zip(results, convs) if not r["follows"]][:8],
+        "max_new_tokens": max_new,
+    }
+
+
+def _accuracy_table(items: Sequence[tasks.TaskItem], correct: Sequence[bool]) -> dict[str, Any]:
+    def acc(rows):
+        return sum(rows) / len(rows) if rows else None
+
+    by_cell: dict[str, list[bool]] = {}
+    by_rel: dict[str, list[bool]] = {}
+    for it, c in zip(items, correct):
+        by_cell.setdefault(f"{it.family}/{it.difficulty}", []).append(c)
+        by_rel.setdefault(relative_difficulty(it), []).append(c)
+    return {"accuracy": acc(list(correct)), "n": len(items),
+            "by_relative_difficulty": {k: acc(by_rel.get(k, [])) for k in ("easy", "medium", "hard")},
+            "by_family_difficulty": {k: acc(v) for k, v in sorted(by_cell.items())}}
+
+
+@torch.no_grad()
+def accuracy_by_mode(model, tokenizer, cfg: ThinkingEvalConfig,
+                     items: Sequence[tasks.TaskItem] | None = None) -> dict[str, Any]:
+    """Held-out accuracy in thinking mode vs non-thinking mode, by difficulty."""
+    model.eval()
+    items = list(items if items is not None else eval_items(cfg))
+    max_new = cfg.max_new_tokens or _longest_trace(tokenizer, items) + 64
+    chats = [[{"role": "user", "content": it.question}] for it in items]
+    think = _generate(model, tokenizer, [_prompt(tokenizer, m) for m in chats], cfg.thinking_sampling, max_new,
+                      cfg.seed + 11)
+    plain = _generate(model, tokenizer, [_prompt(tokenizer, m, enable_thinking=False) for m in chats],
+                      cfg.non_thinking_sampling, 64, cfg.seed + 12)
+    think_text = [tokenizer.decode(g.token_ids) for g in think]
+    plain_text = [EMPTY_THINK + tokenizer.decode(g.token_ids) for g in plain]  # the prefilled block
+    return {
+        "thinking": {**_accuracy_table(items, [is_correct(it, t) for it, t in zip(items, think_text)]),
+                     "mean_thinking_tokens": sum(thinking_tokens(g, tokenizer.think_start_id, tokenizer.think_end_id)
+                                                 for g in think) / max(len(think), 1),
+                     "truncated": sum(g.finish_reason == "length" for g in think)},
+        "non_thinking": _accuracy_table(items, [is_correct(it, t) for it, t in zip(items, plain_text)]),
+        "max_new_tokens": {"thinking": max_new, "non_thinking": 64},
+        "examples": [{"question": it.question, "answer": it.answer, "thinking": a, "non_thinking": b}
+                     for it, a, b in list(zip(items, think_text, plain_text))[:4]],
+    }
+
+
+@torch.no_grad()
+def budget_curve(model, tokenizer, cfg: ThinkingEvalConfig,
+                 items: Sequence[tasks.TaskItem] | None = None) -> dict[str, Any]:
+    """Accuracy at each thinking budget, the non-thinking baseline, and s1's Control / Scaling."""
+    model.eval()
+    items = list(items if items is not None else eval_items(cfg))
+    longest = _longest_trace(tokenizer, items)
+    budgets = list(cfg.budgets) if cfg.budgets is not None else doubling_grid(longest)
+    directive_len = len(tokenizer.encode(TEMPLATE_DIRECTIVE if cfg.directive == "template" else STOP_THINKING_DIRECTIVE))
+    prompts = [_prompt(tokenizer, [{"role": "user", "content": it.question}]) for it in items]
+    runs = []
+    for b in budgets:
+        t0 = time.perf_counter()
+        # Room for <think>, the budget, the forced directive and the answer.
+        gens = _generate(model, tokenizer, prompts, cfg.thinking_sampling, b + directive_len + 48, cfg.seed + 21,
+                         budget=_budget(tokenizer, b, cfg.directive))
+        texts = [tokenizer.decode(g.token_ids) for g in gens]
+        counts = [thinking_tokens(g, tokenizer.think_start_id, tokenizer.think_end_id) for g in gens]
+        correct = [is_correct(it, t) for it, t in zip(items, texts)]
+        runs.append({"budget": b, "accuracy": sum(correct) / len(items),
+                     "mean_thinking_tokens": sum(counts) / len(counts), "max_thinking_tokens": max(counts),
+                     "within_budget_share": sum(c <= b for c in counts) / len(counts),
+                     "budget_hit_share": sum(g.budget_hit for g in gens) / len(gens),
+                     "by_relative_difficulty": _accuracy_table(items, correct)["by_relative_difficulty"],
+                     "seconds": round(time.perf_counter() - t0, 2), "example": texts[0]})
+    plain = _generate(model, tokenizer, [_prompt(tokenizer, [{"role": "user", "content": it.question}], False)
+                                         for it in items], cfg.non_thinking_sampling, 64, cfg.seed + 22)
+    baseline = sum(is_correct(it, EMPTY_THINK + tokenizer.decode(g.token_ids)) for it, g in zip(items, plain)) / len(items)
+    points = [(r["mean_thinking_tokens"], r["accuracy"]) for r in runs]
+    accs = [r["accuracy"] for r in runs]
+    return {
+        "budgets": budgets, "runs": runs, "non_thinking_baseline": baseline, "n": len(items),
+        "longest_reference_trace": longest,
+        "s1": {"control": s1_control(runs), "scaling": s1_scaling(points),
+               "scaling_successive": successive_scaling(points), "performance": max(accs),
+               "scaling_unit": "accuracy points per 100 thinking tokens (compute = mean thinking tokens per run)"},
+        "monotone_steps": sum(b >= a for a, b in zip(accs, accs[1:])), "steps": len(accs) - 1,
+    }
+
+
+def plot_budget(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """Accuracy vs thinking budget (budgets as equally spaced ticks) with the non-thinking baseline,
+    and thinking tokens used vs budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    xs = list(range(len(runs)))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.plot(xs, [100 * r["accuracy"] for r in runs], marker="o", label="thinking, budget-forced")
+    ax.axhline(100 * result["non_thinking_baseline"], color="grey", ls="--", label="non-thinking")
+    for rel, style in (("hard", ":"), ("easy", "-.")):
+        ys = [r["by_relative_difficulty"].get(rel) for r in runs]
+        if all(y is not None for y in ys):
+            ax.plot(xs, [100 * y for y in ys], ls=style, lw=1, label=f"thinking, {rel} items")
+    ax.set_xticks(xs, [str(r["budget"]) for r in runs])
+    ax.set_xlabel("thinking budget (tokens)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=8)
+    ax2.plot(xs, [r["mean_thinking_tokens"] for r in runs], marker="o", label="mean thinking tokens")
+    ax2.plot(xs, [r["budget"] for r in runs], ls="--", color="grey", label="budget")
+    ax2.axhline(result["longest_reference_trace"], color="red", lw=0.8, label="longest reference trace")
+    ax2.set_xticks(xs, [str(r["budget"]) for r in runs])
+    ax2.set_xlabel("thinking budget (tokens)")
+    ax2.set_yscale("symlog", linthresh=8)
+    ax2.legend(fontsize=8)
+    s1 = result["s1"]
+    fig.suptitle(title or f"accuracy vs thinking budget (n={result['n']}; s1 Control {s1['control']:.2f}, "
+                          f"Scaling {s1['scaling'] if s1['scaling'] is not None else float('nan'):.2f})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- claims
+def _settings(plan, table: str) -> ThinkingEvalConfig:
+    return ThinkingEvalConfig.from_dict(plan.scale_config.get("evals", {}).get(table, {}))
+
+
+def _load(plan, cfg: ThinkingEvalConfig):
+    """(model, tokenizer, checkpoint dir) of the fused model, or (None, None, reason)."""
+    from ..models.qwen3 import Qwen3
+    from ..tokenizer import Tokenizer
+
+    try:
+        out = Path(plan.node(f"{cfg.role}/fusion").out_dir)
+    except KeyError:
+        return None, None, f"no {cfg.role}/fusion stage in this pipeline"
+    if not (out / "lineage.json").exists():
+        return None, None, f"missing checkpoint {out}"
+    return Qwen3.from_pretrained(out), Tokenizer.load(out), out
+
+
+def _pinned(cfg: ThinkingEvalConfig) -> dict[str, Any]:
+    return {"thinking_sampling": asdict(cfg.thinking_sampling),
+            "non_thinking_sampling": asdict(cfg.non_thinking_sampling),
+            "thinking_prompt": "chat template, default (thinking) mode, no flag",
+            "non_thinking_prompt": "chat template with enable_thinking=False (empty think block prefilled)",
+            "heldout": "data.tasks.is_heldout", "config": asdict(cfg)}
+
+
+def claim_fusion(plan, say) -> list:
+    """ThinkFollow ≥ 90% and thinking beats non-thinking on hard held-out problems."""
+    from .claims import ClaimRow
+
+    cfg = _settings(plan, "fusion")
+    model, tokenizer, where = _load(plan, cfg)
+    if model is None:
+        return [ClaimRow("thinkfollow", "fused model follows /think and /no_think", "-", "not measured", None, where),
+                ClaimRow("thinking_vs_non_thinking", "thinking beats non-thinking on hard problems", "-",
+                         "not measured", None, where)]
+    t0 = time.perf_counter()
+    follow = think_follow(model, tokenizer, cfg)
+    say(f"claims: ThinkFollow {follow['thinkfollow']:.1%} (n={follow['n']}, {time.perf_counter() - t0:.0f}s)")
+    t1 = time.perf_counter()
+    modes = accuracy_by_mode(model, tokenizer, cfg)
+    say(f"claims: accuracy thinking {modes['thinking']['accuracy']:.1%} vs non-thinking "
+        f"{modes['non_thinking']['accuracy']:.1%} (n={modes['thinking']['n']}, {time.perf_counter() - t1:.0f}s)")
+    result = {"checkpoint": str(where), "thinkfollow": follow, "accuracy_by_mode": modes, "settings": _pinned(cfg),
+              "report": {"thinkfollow_stage3": REPORT_THINKFOLLOW_STAGE3, "thinkfollow_stage4": REPORT_THINKFOLLOW_STAGE4,
+                         "claim_threshold": CLAIM_THINKFOLLOW},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    path = Path(plan.root) / "claims" / "fusion.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    tf = follow["thinkfollow"]
+    by_kind = ", ".join(f"{k} {v:.0%}" for k, v in follow["by_kind"].items() if v is not None)
+    think_hard = modes["thinking"]["by_relative_difficulty"]["hard"]
+    plain_hard = modes["non_thinking"]["by_relative_difficulty"]["hard"]
+    follow_ok = tf >= CLAIM_THINKFOLLOW
+    hard_ok = think_hard is not None and plain_hard is not None and think_hard > plain_hard
+    diag_hard = ""
+    if not hard_ok:
+        diag_hard = ("thinking did not beat non-thinking on the hard items at this scale"
+                     if think_hard is not None else "no hard items evaluated")
+    return [
+        ClaimRow(
+            name="thinkfollow",
+            claim="After thinking-mode fusion the model follows /think and /no_think (last flag wins) in multi-turn chats",
+            report_figure=f"ThinkFollow {REPORT_THINKFOLLOW_STAGE3} after Stage 3, {REPORT_THINKFOLLOW_STAGE4} after "
+                          "Stage 4 (Table 22, Qwen3-32B); claim: >= 90%",
+            measured=f"ThinkFollow {tf:.1%} on {follow['n']} held-out 2-3 turn chats ({by_kind}; thinking "
+                     f"{follow['by_expected']['think']:.0%}, non-thinking {follow['by_expected']['no_think']:.0%})",
+            reproduced=follow_ok,
+            diagnosis="" if follow_ok else f"below 90%; failures in {path.name} show the malformed or wrong-mode turns",
+            details={"thinkfollow": tf, "by_kind": follow["by_kind"], "by_expected": follow["by_expected"],
+                     "result": str(path)}),
+        ClaimRow(
+            name="thinking_vs_non_thinking",
+            claim="Thinking mode beats non-thinking mode on hard problems (one fused model, two modes)",
+            report_figure=f"AIME'24 {REPORT_AIME24_THINKING} thinking vs {REPORT_AIME24_NON_THINKING} non-thinking "
+                          "(Qwen3-235B-A22B, Tables 11-12)",
+            measured=f"held-out hard items: thinking {_pct(think_hard)} vs non-thinking {_pct(plain_hard)}; all: "
+                     f"{modes['thinking']['accuracy']:.1%} vs {modes['non_thinking']['accuracy']:.1%} "
+                     f"(n={modes['thinking']['n']})",
+            reproduced=hard_ok,
+            diagnosis=diag_hard,
+            details={"thinking": modes["thinking"]["by_relative_difficulty"],
+                     "non_thinking": modes["non_thinking"]["by_relative_difficulty"], "result": str(path)}),
+    ]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
+
+
+def claim_budget(plan, say) -> list:
+    """Accuracy rises with the thinking budget above the non-thinking baseline (Fig. 2)."""
+    from .claims import ClaimRow
+
+    cfg = _settings(plan, "thinking_budget")
+    model, tokenizer, where = _load(plan, cfg)
+    if model is None:
+        return [ClaimRow("thinking_budget", "accuracy rises with the thinking budget", "-", "not measured", None, where)]
+    t0 = time.perf_counter()
+    curve = budget_curve(model, tokenizer, cfg)
+    root = Path(plan.root) / "claims"
+    plot = plot_budget(curve, root / "thinking_budget.png")
+    result = {"checkpoint": str(where), **curve, "settings": {**_pinned(cfg), "directive": cfg.directive,
+                                                             "forced_text": TEMPLATE_DIRECTIVE if cfg.directive == "template"
+                                                             else STOP_THINKING_DIRECTIVE},
+              "report": {"fig2_aime24": REPORT_BUDGET_CURVE_AIME24, "non_thinking_aime24": REPORT_AIME24_NON_THINKING},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    write_json_atomic(root / "thinking_budget.json", result)
+    runs, s1 = curve["runs"], curve["s1"]
+    say(f"claims: thinking budget {[(r['budget'], round(r['accuracy'], 3)) for r in runs]}, baseline "
+        f"{curve['non_thinking_baseline']:.3f}, s1 control {s1['control']}, scaling {s1['scaling']}")
+    top = runs[-1]["accuracy"]
+    rises = s1["scaling"] is not None and s1["scaling"] > 0 and top > curve["non_thinking_baseline"]
+    # A staircase: nothing between budget 0 and the full trace helps. Count budgets below the
+    # longest trace that beat budget 0.
+    partial = [r for r in runs[1:] if r["budget"] < curve["longest_reference_trace"]]
+    helped = sum(r["accuracy"] > runs[0]["accuracy"] for r in partial)
+    diagnosis = "" if rises else "accuracy did not rise with the budget above the non-thinking baseline"
+    if rises and partial and helped == 0:
+        diagnosis = "rises only once the budget covers whole traces (a staircase): partial thinking did not help"
+    curve_text = ", ".join(f"{r['budget']}: {r['accuracy']:.0%}" for r in runs)
+    return [ClaimRow(
+        name="thinking_budget",
+        claim="Accuracy rises with the thinking budget, above the non-thinking baseline (the budget ability emerges from fusion)",
+        report_figure="AIME'24 ~42 -> 86.5 for budgets 1K -> 32K; non-thinking 40.1 (Fig. 2, Qwen3-235B-A22B)",
+        measured=f"held-out accuracy by budget {{{curve_text}}}; non-thinking {curve['non_thinking_baseline']:.0%}; "
+                 f"s1 Control {s1['control']:.2f}, Scaling {_num(s1['scaling'])} pts/100 tokens "
+                 f"(successive {_num(s1['scaling_successive'])}); n={curve['n']}",
+        reproduced=rises,
+        diagnosis=diagnosis,
+        plots=[str(plot)],
+        details={"s1": s1, "budgets": curve["budgets"], "accuracy": [r["accuracy"] for r in runs],
+                 "baseline": curve["non_thinking_baseline"], "partial_budgets_beating_zero": helped,
+                 "result": str(root / "thinking_budget.json")},
+    )]
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+__all__ = ["CLAIM_THINKFOLLOW", "DIRECTIVES", "FOLLOW_KINDS", "REPORT_THINKFOLLOW_STAGE3", "TEMPLATE_DIRECTIVE",
+           "ThinkingEvalConfig", "accuracy_by_mode", "answer_text", "budget_curve", "claim_budget", "claim_fusion",
+           "doubling_grid", "eval_items", "follow_conversations", "follows_mode", "is_correct", "plot_budget",
+           "relative_difficulty", "s1_control", "s1_scaling", "successive_scaling", "think_follow", "thinking_tokens"]
