@@ -97,6 +97,14 @@ def test_s1_scaling_on_hand_made_curves():
     assert th.s1_scaling([(10, 0.2), (10, 0.9), (20, 0.4)]) == pytest.approx((200 - 500) / 2)  # per 100 tokens over 10-token gaps
 
 
+def test_clearly_above_needs_more_than_noise():
+    assert th.clearly_above(0.6, 100, 0.3, 100)
+    assert not th.clearly_above(0.037, 27, 0.0, 27)      # one right answer in 27 is not a win
+    assert not th.clearly_above(0.3, 100, 0.6, 100)
+    assert not th.clearly_above(0.5, 0, 0.1, 10)
+    assert th.clearly_above(1.0, 10, 0.0, 10) and not th.clearly_above(0.0, 10, 0.0, 10)
+
+
 def test_doubling_grid_goes_beyond_the_longest_trace():
     assert th.doubling_grid(100) == [0, 8, 16, 32, 64, 128]
     assert th.doubling_grid(128) == [0, 8, 16, 32, 64, 128]

@@ -198,6 +198,16 @@ def successive_scaling(points: Sequence[tuple[float, float]], *, per: float = 10
     return sum(slopes) / len(slopes) if slopes else None
 
 
+def clearly_above(p1: float, n1: int, p2: float, n2: int, z: float = 2.0) -> bool:
+    """Whether accuracy p1 (n1 items) beats p2 (n2 items) by more than z pooled standard errors
+    (a two-proportion test; z = 2 is about one-sided p < 0.025), so a claim is not decided by noise."""
+    if n1 < 1 or n2 < 1:
+        return False
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return p1 - p2 > z * se if se > 0 else p1 > p2
+
+
 def doubling_grid(longest: int, start: int = 8) -> list[int]:
     """[0, start, 2·start, ...] up to the first value >= `longest` (beyond the longest trace)."""
     grid, b = [0], start
@@ -326,6 +336,7 @@ def _accuracy_table(items: Sequence[tasks.TaskItem], correct: Sequence[bool]) ->
         by_rel.setdefault(relative_difficulty(it), []).append(c)
     return {"accuracy": acc(list(correct)), "n": len(items),
             "by_relative_difficulty": {k: acc(by_rel.get(k, [])) for k in ("easy", "medium", "hard")},
+            "n_by_relative_difficulty": {k: len(by_rel.get(k, [])) for k in ("easy", "medium", "hard")},
             "by_family_difficulty": {k: acc(v) for k, v in sorted(by_cell.items())}}
 
 
@@ -491,10 +502,11 @@ def claim_fusion(plan, say) -> list:
     think_hard = modes["thinking"]["by_relative_difficulty"]["hard"]
     plain_hard = modes["non_thinking"]["by_relative_difficulty"]["hard"]
     follow_ok = tf >= CLAIM_THINKFOLLOW
-    hard_ok = think_hard is not None and plain_hard is not None and think_hard > plain_hard
+    n_hard = modes["thinking"]["n_by_relative_difficulty"]["hard"]
+    hard_ok = think_hard is not None and plain_hard is not None and clearly_above(think_hard, n_hard, plain_hard, n_hard)
     diag_hard = ""
     if not hard_ok:
-        diag_hard = ("thinking did not beat non-thinking on the hard items at this scale"
+        diag_hard = ("thinking did not beat non-thinking on the hard items by more than 2 standard errors"
                      if think_hard is not None else "no hard items evaluated")
     return [
         ClaimRow(
@@ -549,12 +561,15 @@ def claim_budget(plan, say) -> list:
     say(f"claims: thinking budget {[(r['budget'], round(r['accuracy'], 3)) for r in runs]}, baseline "
         f"{curve['non_thinking_baseline']:.3f}, s1 control {s1['control']}, scaling {s1['scaling']}")
     top = runs[-1]["accuracy"]
-    rises = s1["scaling"] is not None and s1["scaling"] > 0 and top > curve["non_thinking_baseline"]
+    n = curve["n"]
+    rises = (s1["scaling"] is not None and s1["scaling"] > 0
+             and clearly_above(top, n, curve["non_thinking_baseline"], n))
     # A staircase: nothing between budget 0 and the full trace helps. Count budgets below the
     # longest trace that beat budget 0.
     partial = [r for r in runs[1:] if r["budget"] < curve["longest_reference_trace"]]
     helped = sum(r["accuracy"] > runs[0]["accuracy"] for r in partial)
-    diagnosis = "" if rises else "accuracy did not rise with the budget above the non-thinking baseline"
+    diagnosis = "" if rises else ("accuracy did not rise with the budget above the non-thinking baseline "
+                                  "(by more than 2 standard errors at the largest budget)")
     if rises and partial and helped == 0:
         diagnosis = "rises only once the budget covers whole traces (a staircase): partial thinking did not help"
     curve_text = ", ".join(f"{r['budget']}: {r['accuracy']:.0%}" for r in runs)
@@ -580,5 +595,6 @@ def _num(x: float | None) -> str:
 
 __all__ = ["CLAIM_THINKFOLLOW", "DIRECTIVES", "FOLLOW_KINDS", "REPORT_THINKFOLLOW_STAGE3", "TEMPLATE_DIRECTIVE",
            "ThinkingEvalConfig", "accuracy_by_mode", "answer_text", "budget_curve", "claim_budget", "claim_fusion",
+           "clearly_above",
            "doubling_grid", "eval_items", "follow_conversations", "follows_mode", "is_correct", "plot_budget",
            "relative_difficulty", "s1_control", "s1_scaling", "successive_scaling", "think_follow", "thinking_tokens"]
