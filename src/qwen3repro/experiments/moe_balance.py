@@ -26,6 +26,11 @@ losses. So this experiment builds the batches the mechanism needs:
   E·Σ_i f_i^j P_i^j (`losses.load_balancing_loss` per micro-batch, transformers' convention);
   global: `losses.GlobalBatchLoadBalancer` with f̄ counted over all micro-batches of the step
   (detached) and P local and differentiable: Σ_j E·Σ_i f̄_i P_i^j / N = E·Σ_i f̄_i P̄_i.
+* **per-layer LBL** (`lbl_layers = "per_layer"`) — each MoE layer's loss over its own experts,
+  averaged over layers, as in Switch, Megatron and Qiu et al. transformers' `load_balancing_loss_func`
+  (`"pooled"`) pools all layers' rows into one f and P, so a surplus on expert i of one layer cancels
+  a deficit on expert i of another although they are different experts: at the tiny scale the
+  pooled loss sat at its uniform value (k) while every layer stayed ~2.5x imbalanced (max/mean).
 
 The step runs its micro-batches in one forward pass (rows are independent: causal attention, no
 batch statistics), which is numerically the same as accumulating their gradients and lets the
@@ -655,36 +660,34 @@ def _plt():
 
 
 def _plot_summary(per_seed: Mapping[str, Mapping[int, Mapping[str, float]]], path: Path) -> None:
-    """Per-seed points and mean bars of loss, global imbalance and specialisation for the two arms."""
+    """Per-seed points (a seed's two arms joined) and the mean over seeds, for the two arms."""
     plt = _plt()
     panels = [("heldout_loss", "held-out loss (nats)", "Loss (lower is better)"),
               ("global_imbalance", "max/mean expert load", "Global imbalance (1 = balanced)"),
               ("mutual_information", "I(domain; expert), nats", "Domain specialisation"),
               ("micro_imbalance", "mean per-document max/mean", "Per-document imbalance (reference)")]
+    seeds = list(per_seed[MODES[0]])
+    offsets = dict(zip(seeds, np.linspace(-0.1, 0.1, len(seeds)) if len(seeds) > 1 else [0.0]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6))
     for ax, (key, ylabel, title) in zip(axes, panels):
+        for sd in seeds:
+            pts = [(j + offsets[sd], per_seed[mode].get(sd, {}).get(key)) for j, mode in enumerate(MODES)]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if len(pts) == 2:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], color="gray", lw=0.8, zorder=1)
+            for x, y in pts:
+                ax.scatter([x], [y], color=f"C{int(round(x))}", edgecolor="k", zorder=3)
         for j, mode in enumerate(MODES):
             vals = [r[key] for r in per_seed[mode].values() if r.get(key) is not None]
-            if not vals:
-                continue
-            ax.bar(j, float(np.mean(vals)), 0.6, color=f"C{j}", alpha=0.55, label=f"{mode} LBL (mean)")
-            ax.scatter(np.full(len(vals), j) + np.linspace(-0.12, 0.12, len(vals)), vals, color=f"C{j}",
-                       edgecolor="k", zorder=3)
-        seeds = list(per_seed[MODES[0]])
-        for sd in seeds:  # connect the two arms of each seed (paired comparison)
-            a, b = per_seed["micro"][sd].get(key), per_seed["global"].get(sd, {}).get(key)
-            if a is not None and b is not None:
-                ax.plot([0, 1], [a, b], color="gray", lw=0.8, zorder=2)
-        allv = [r[key] for mode in MODES for r in per_seed[mode].values() if r.get(key) is not None]
-        if allv:
-            lo, hi = min(allv), max(allv)
-            pad = 0.25 * (hi - lo) + 1e-3 * max(abs(hi), 1e-3)
-            ax.set_ylim(max(0.0, lo - 3 * pad) if key != "mutual_information" else 0.0, hi + pad)
+            if vals:
+                ax.hlines(float(np.mean(vals)), j - 0.25, j + 0.25, color=f"C{j}", lw=3, zorder=2,
+                          label=f"{mode} LBL, mean")
+        ax.set_xlim(-0.5, len(MODES) - 0.5)
         ax.set_xticks(range(len(MODES)))
         ax.set_xticklabels([f"{m} LBL" for m in MODES])
         ax.set(ylabel=ylabel, title=title)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("Micro- vs global-batch load balancing: bars = mean over seeds, dots = seeds (lines join a seed's pair)")
+    fig.suptitle(f"Micro- vs global-batch load balancing: dots = seeds {seeds} (a seed's arms joined), thick lines = mean")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
