@@ -114,13 +114,13 @@ class FusionConfig:
     # ---- flags and formats
     unflagged_share: float = 0.3
     """Single-turn thinking samples without any flag (thinking is the default)."""
-    system_flag_share: float = 0.3
+    system_flag_share: float = 0.4
     """Flagged single-turn samples whose flag is in a system message rather than the user turn."""
-    multi_turn_share: float = 0.25
+    multi_turn_share: float = 0.5
     """Multi-turn chats, as a share of the single-turn conversations."""
     max_turns: int = 3
     """Multi-turn chats have 2..max_turns user turns."""
-    flag_rate: float = 0.7
+    flag_rate: float = 0.6
     """Probability that a multi-turn user turn carries a flag (else it inherits the last one)."""
     budget_share: float = 0.2
     """Budget examples, as a share of the thinking samples."""
