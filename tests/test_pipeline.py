@@ -113,7 +113,7 @@ def test_post_training_stages_chain_and_hand_over_used_queries(micro_run):
     chosen = {q["uid"] for q in selection["selected"]}
     assert not chosen & set(used)
     claims = {c["name"] for c in json.loads((plan.root / "claims" / "claims.json").read_text())}
-    assert {"filtering", "grpo"} <= claims
+    assert {"filtering", "grpo", "thinkfollow", "thinking_vs_non_thinking", "thinking_budget"} <= claims
 
 
 def test_control_recipe_extends_and_takes_the_scale_sizes_of_what_it_controls():
@@ -138,3 +138,10 @@ def test_recipe_extends_cycle_is_named(tmp_path):
     (tmp_path / "recipes" / "c.toml").write_text('extends = "nope"\n')
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         load_recipe("c", root=tmp_path)
+
+
+def test_fusion_follows_reasoning_rl_and_writes_its_data(micro_run):
+    plan, _ = micro_run
+    fusion = plan.node("flagship/fusion")
+    assert fusion.parent.key == "flagship/reasoning-rl"
+    assert (fusion.out_dir / "fusion_data.jsonl").exists() and (fusion.out_dir / "fusion_report.json").exists()

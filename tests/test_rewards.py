@@ -261,3 +261,14 @@ def test_code_that_does_not_compile_scores_zero():
     assert code_reward(wrap("```python\ndef f(:\n```"), "assert True", LIMITS).score == 0.0
     assert extract_code("a\n```python\nx = 1\n```\nb\n```py\ny = 2\n```") == "y = 2"
     assert extract_code("x = 1") == "x = 1"
+
+
+def test_budget_forced_answer_after_the_reports_directive_is_scored():
+    """The verbatim directive leaves "." right after </think>; the answer after it still counts."""
+    from qwen3repro.chat import STOP_THINKING_DIRECTIVE
+    from qwen3repro.rewards import answer_text, get_reward
+
+    completion = "<think>\n3+4+0=7, write 7 carry 0" + "\n\n" + STOP_THINKING_DIRECTIVE + "123<|im_end|>"
+    assert answer_text(completion) == "123"
+    assert get_reward("task")(completion, "123").score == 1.0
+    assert get_reward("task")(completion, "124").score == 0.0

@@ -70,7 +70,12 @@ def answer_text(completion: str) -> str:
 
     if not isinstance(completion, str):
         return ""
-    return parse(completion)["content"].strip()
+    content = parse(completion)["content"]
+    # The report's stop-thinking directive ends "</think>.\n\n" (chat.STOP_THINKING_DIRECTIVE): a
+    # budget-forced answer starts with that stray full stop, which is not part of the answer.
+    if content.startswith("."):
+        content = content[1:]
+    return content.strip()
 
 
 # Register the built-in rewards (each module registers itself on import).
