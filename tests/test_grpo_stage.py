@@ -298,6 +298,14 @@ def test_stage_reads_cold_start_uids_and_refuses_an_unlearnable_set(tmp_path, pa
     rec = _records(out)[-1]
     assert rec["zero_variance_share"] == 1.0 and rec["groups_kept"] == 0
     assert json.loads((out / "eval.json").read_text())["pass@1_after"] == 0.0
+    # skip_if_nothing_learnable: the cold-start model is published unchanged, with the reason
+    cfg = grpo.GRPOConfig.from_dict({**small, "skip_if_nothing_learnable": True})
+    out = grpo.run(cfg, parent_dir, StageContext(tmp_path / "c", tmp_path / "cache", quiet), score_fn=never)
+    ev = json.loads((out / "eval.json").read_text())
+    assert "no learnable queries" in ev["skipped"] and ev["steps"] == 0 and ev["pass@1_before"] == 0.0
+    before, after = Qwen3.from_pretrained(parent_dir).state_dict(), Qwen3.from_pretrained(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (out / "lineage.json").exists() and not (out / "metrics.jsonl").exists()
 
 
 def test_recipe_resolves_strictly_with_a_scale_table():

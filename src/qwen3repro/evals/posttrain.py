@@ -168,6 +168,16 @@ def claim_grpo(plan, say) -> list:
                                  f"no reasoning-RL checkpoint for {role}"))
             continue
         ev = json.loads((d / "eval.json").read_text())
+        if ev.get("skipped"):
+            before = ev.get("pass@1_before") or 0.0
+            rows.append(ClaimRow(
+                "grpo", f"GRPO raises held-out pass@1 by >= {CLAIM_PASS1_GAIN * 100:.0f} points over the cold start",
+                f"AIME'24 {REPORT_AIME24_BEFORE} -> {REPORT_AIME24_AFTER} in {REPORT_RL_STEPS} steps (§4.2)",
+                f"not trained: the cold-start model's held-out pass@1 is {before:.1%}; "
+                f"selection dropped {ev['selection']['dropped']}", False,
+                f"reasoning RL had no learnable query ({ev['skipped']}): GRPO needs groups with mixed rewards, "
+                "so the cold start must solve some of the candidates", details={"eval": ev}))
+            continue
         records = MetricsLog(str(d / "metrics.jsonl")).read()
         before, after = ev.get("pass@1_before"), ev.get("pass@1_after")
         gain, ratio = ev.get("pass@1_gain"), ev.get("entropy_min_ratio")

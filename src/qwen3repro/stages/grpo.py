@@ -105,6 +105,10 @@ class GRPOConfig:
     """When no candidate is learnable, train on the screened candidates anyway instead of failing
     (for wiring runs such as the micro scale, whose cold start solves nothing; every group then has
     equal rewards and nothing is learned)."""
+    skip_if_nothing_learnable: bool = False
+    """When no candidate is learnable, finish without training instead of failing: the output is the
+    cold-start model unchanged, and eval.json records the reason and its held-out pass@1 (so a
+    pipeline still reaches its later stages and reports the RL claim as not reproduced)."""
     # ---- rollouts
     steps: int = 50
     """Generation steps."""
@@ -427,6 +431,9 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     if not queries:
         reason = (f"no learnable queries were selected ({dict(selection.reasons)}): "
                   "the cold-start model solves none or all of the candidates")
+        if cfg.skip_if_nothing_learnable and not cfg.fallback_to_screened:
+            return _finish_untrained(cfg, parent, out, model, tokenizer, selection, reason, ctx, score_fn,
+                                     lineage_parent)
         if not cfg.fallback_to_screened:
             raise RuntimeError(f"{cfg.name}: {reason}; set fallback_to_screened for a wiring run")
         queries = screen(candidate_queries(cfg), used)[0][:cfg.n_queries]
@@ -544,6 +551,25 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     records = metrics.read()
     plot_curves(records, out / PLOT_FILE, title=f"{cfg.name}: GRPO ({cfg.entropy_control} entropy control)")
     write_json_atomic(out / "eval.json", summarize(cfg, records, selection))
+    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent))
+    return out
+
+
+def _finish_untrained(cfg: GRPOConfig, parent: Path, out: Path, model, tokenizer, selection: SelectionResult,
+                      reason: str, ctx: StageContext, score_fn: ScoreFn, lineage_parent: Path | None) -> Path:
+    """No learnable query: publish the starting model unchanged, with its held-out pass@k and the reason."""
+    ctx.say(f"{cfg.name}: SKIPPED, {reason}; the output is the cold-start model unchanged")
+    before = evaluate_pass_at_k(model, tokenizer, eval_queries(cfg), k=cfg.eval_k, sampling=cfg.eval_sampling,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919, score_fn=score_fn)
+    model.save_pretrained(out)
+    copy_tokenizer(parent, out)
+    summary = summarize(cfg, [], selection)
+    pk = f"pass@{cfg.eval_k}"
+    summary.update({"skipped": reason, "steps": 0, "pass@1_before": before["pass@1"], "pass@1_after": before["pass@1"],
+                    "pass@1_gain": 0.0, f"{pk}_before": before[pk], f"{pk}_after": before[pk],
+                    "pass@1_by_family_after": {k.split("/", 1)[1]: v for k, v in before.items()
+                                               if k.startswith("pass@1/")}})
+    write_json_atomic(out / "eval.json", summary)
     write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent))
     return out
 
