@@ -114,6 +114,10 @@ def test_post_training_stages_chain_and_hand_over_used_queries(micro_run):
     assert not chosen & set(used)
     claims = {c["name"] for c in json.loads((plan.root / "claims" / "claims.json").read_text())}
     assert {"filtering", "grpo", "thinkfollow", "thinking_vs_non_thinking", "thinking_budget"} <= claims
+    rows = {c["name"]: c for c in json.loads((plan.root / "claims" / "claims.json").read_text())}
+    probes = json.loads((plan.root / "claims" / "copy_probe.json").read_text())
+    assert "flagship/cold-start" in probes  # the Filtering row failed at micro scale and was probed
+    assert "does not copy from its context" in rows["filtering"]["diagnosis"]
 
 
 def test_control_recipe_extends_and_takes_the_scale_sizes_of_what_it_controls():

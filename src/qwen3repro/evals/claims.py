@@ -161,6 +161,42 @@ CLAIMS: dict[str, Callable] = {
 }
 
 
+# A claim that does not reproduce because the model cannot copy from its context (retrieval, restating
+# operands in a trace, following a turn's flag) says so: the checkpoint each claim rests on gets the
+# copy probe (`evals.copying`), and its diagnosis is appended when the model does not copy.
+COPY_PROBED = {"s2_reasoning": ("s2", "S2"), "s3_abf": ("s3", "S3"), "yarn_dca": ("s3", "S3"),
+               "filtering": ("cold-start", "cold-start"), "grpo": ("cold-start", "cold-start"),
+               "thinking_vs_non_thinking": ("fusion", "fused"), "thinking_budget": ("fusion", "fused")}
+
+
+def add_copy_diagnoses(plan, rows: list[ClaimRow], printer: Callable[[str], None]) -> dict[str, Any]:
+    from .copying import copy_probe, no_copy_diagnosis
+
+    probes: dict[str, Any] = {}
+    default_role = (plan.settings.post_roles or plan.settings.control_roles or plan.settings.roles)[0]
+    for r in rows:
+        base = r.name.split("[")[0]
+        if r.reproduced is not False or base not in COPY_PROBED:
+            continue
+        stage, label = COPY_PROBED[base]
+        role = r.name.split("[")[1].split("/")[0].rstrip("]") if "[" in r.name else default_role
+        d = plan.root / role / stage
+        if not (d / "config.json").exists():
+            continue
+        key = f"{role}/{stage}"
+        if key not in probes:
+            probes[key] = copy_probe(d)
+            printer(f"claims: copy probe {key}: first {probes[key]['first_nll']:.2f} vs second "
+                    f"{probes[key]['second_nll']:.2f} nats/token (gain {probes[key]['copy_gain']:.2f})")
+        sentence = no_copy_diagnosis(probes[key], label)
+        if sentence:
+            r.diagnosis = "; ".join(x for x in (r.diagnosis, sentence) if x)
+            r.details["copy_probe"] = probes[key]
+    if probes:
+        write_json_atomic(plan.root / "claims" / "copy_probe.json", probes)
+    return probes
+
+
 def run_claims(plan, *, printer: Callable[[str], None] = print, only: set[str] | None = None) -> list[ClaimRow]:
     (plan.root / "claims").mkdir(parents=True, exist_ok=True)
     rows: list[ClaimRow] = []
@@ -173,6 +209,7 @@ def run_claims(plan, *, printer: Callable[[str], None] = print, only: set[str] |
         for r in new:
             r.details.setdefault("seconds", time.perf_counter() - t0)
         rows.extend(new)
+    add_copy_diagnoses(plan, rows, printer)
     write_json_atomic(plan.root / "claims" / "claims.json", [asdict(r) for r in rows])
     report.write_report(plan, rows)
     printer(f"report: {plan.root / 'REPORT.md'}")
