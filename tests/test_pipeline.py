@@ -1,5 +1,6 @@
 """The micro pipeline end to end (CI's run of every stage), lineage skipping and strict configs."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +119,8 @@ def test_post_training_stages_chain_and_hand_over_used_queries(micro_run):
     probes = json.loads((plan.root / "claims" / "copy_probe.json").read_text())
     assert "flagship/cold-start" in probes  # the Filtering row failed at micro scale and was probed
     assert "does not copy from its context" in rows["filtering"]["diagnosis"]
+    for name in ("filtering", "thinkfollow", "thinking_vs_non_thinking", "thinking_budget"):
+        assert rows[name]["plots"] and all(Path(p).exists() for p in rows[name]["plots"]), name
 
 
 def test_control_recipe_extends_and_takes_the_scale_sizes_of_what_it_controls():

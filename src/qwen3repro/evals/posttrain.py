@@ -155,6 +155,35 @@ def claim_filtering(plan, say) -> list:
     return rows
 
 
+def plot_selection(selection: Mapping[str, Any], path: Path) -> str | None:
+    """The cold-start model's pass rate on the RL candidates by sub-domain and difficulty, with the
+    learnable band (0 < rate < ceiling): what query selection had to choose from."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = selection.get("by_domain_difficulty") or []
+    if not rows:
+        return None
+    labels = [f"{r['domain']}/{r['difficulty']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 3.5))
+    ax.bar(range(len(rows)), [r["mean_pass_rate"] for r in rows], color="tab:blue", label="mean pass rate")
+    ax.plot(range(len(rows)), [r["learnable"] / max(r["candidates"], 1) for r in rows], "o", color="tab:green",
+            label="share learnable")
+    ax.axhline(selection.get("ceiling", 1.0), color="tab:red", ls="--", label="ceiling (too easy above)")
+    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"RL query selection: cold-start pass rate (k={selection.get('k')}), "
+                 f"{selection.get('n_selected', 0)}/{selection.get('n_candidates', 0)} selected")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def claim_grpo(plan, say) -> list:
     from ..stages.grpo import CLAIM_ENTROPY_FLOOR, CLAIM_PASS1_GAIN, REPORT_AIME24_AFTER, REPORT_AIME24_BEFORE, \
         REPORT_RL_STEPS
@@ -170,13 +199,17 @@ def claim_grpo(plan, say) -> list:
         ev = json.loads((d / "eval.json").read_text())
         if ev.get("skipped"):
             before = ev.get("pass@1_before") or 0.0
+            selection_file = d / "selection.json"
+            plot = (plot_selection(json.loads(selection_file.read_text()), plan.root / "claims" / f"grpo_selection_{role}.png")
+                    if selection_file.exists() else None)
             rows.append(ClaimRow(
                 "grpo", f"GRPO raises held-out pass@1 by >= {CLAIM_PASS1_GAIN * 100:.0f} points over the cold start",
                 f"AIME'24 {REPORT_AIME24_BEFORE} -> {REPORT_AIME24_AFTER} in {REPORT_RL_STEPS} steps (§4.2)",
                 f"not trained: the cold-start model's held-out pass@1 is {before:.1%}; "
                 f"selection dropped {ev['selection']['dropped']}", False,
                 f"reasoning RL had no learnable query ({ev['skipped']}): GRPO needs groups with mixed rewards, "
-                "so the cold start must solve some of the candidates", details={"eval": ev}))
+                "so the cold start must solve some of the candidates", plots=[plot] if plot else [],
+                details={"eval": ev}))
             continue
         records = MetricsLog(str(d / "metrics.jsonl")).read()
         before, after = ev.get("pass@1_before"), ev.get("pass@1_after")

@@ -497,6 +497,7 @@ def claim_fusion(plan, say) -> list:
     path = Path(plan.root) / "claims" / "fusion.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, result)
+    plot = str(plot_fusion(follow, modes, path.with_suffix(".png")))
     tf = follow["thinkfollow"]
     by_kind = ", ".join(f"{k} {v:.0%}" for k, v in follow["by_kind"].items() if v is not None)
     think_hard = modes["thinking"]["by_relative_difficulty"]["hard"]
@@ -518,6 +519,7 @@ def claim_fusion(plan, say) -> list:
                      f"{follow['by_expected']['think']:.0%}, non-thinking {follow['by_expected']['no_think']:.0%})",
             reproduced=follow_ok,
             diagnosis="" if follow_ok else f"below 90%; failures in {path.name} show the malformed or wrong-mode turns",
+            plots=[plot],
             details={"thinkfollow": tf, "by_kind": follow["by_kind"], "by_expected": follow["by_expected"],
                      "result": str(path)}),
         ClaimRow(
@@ -530,9 +532,47 @@ def claim_fusion(plan, say) -> list:
                      f"(n={modes['thinking']['n']})",
             reproduced=hard_ok,
             diagnosis=diag_hard,
+            plots=[plot],
             details={"thinking": modes["thinking"]["by_relative_difficulty"],
                      "non_thinking": modes["non_thinking"]["by_relative_difficulty"], "result": str(path)}),
     ]
+
+
+def plot_fusion(follow: Mapping[str, Any], modes: Mapping[str, Any], path: str | Path) -> Path:
+    """Left: ThinkFollow by case and by requested mode, with the claim's threshold. Right: accuracy
+    in thinking vs non-thinking mode by relative difficulty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"case: {k}" for k in follow["by_kind"]] + [f"asked: {m}" for m in follow["by_expected"]]
+    values = [100 * (v or 0.0) for v in list(follow["by_kind"].values()) + list(follow["by_expected"].values())]
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.axhline(100 * CLAIM_THINKFOLLOW, color="tab:red", ls="--", label=f"claim {CLAIM_THINKFOLLOW:.0%}")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("follows the last flag (%)")
+    ax.set_title(f"ThinkFollow {100 * follow['thinkfollow']:.1f}% (n={follow['n']})")
+    ax.legend(fontsize=8)
+    found = modes["thinking"]["by_relative_difficulty"]
+    levels = [lv for lv in ("easy", "medium", "hard") if lv in found] + [lv for lv in found
+                                                                          if lv not in ("easy", "medium", "hard")]
+    width = 0.38
+    for i, mode in enumerate(("thinking", "non_thinking")):
+        acc = [100 * (modes[mode]["by_relative_difficulty"][lv] or 0.0) for lv in levels]
+        ax2.bar([x + (i - 0.5) * width for x in range(len(levels))], acc, width, label=mode.replace("_", "-"))
+    ax2.set_xticks(range(len(levels)), levels)
+    ax2.set_ylim(0, 100)
+    ax2.set_ylabel("held-out accuracy (%)")
+    ax2.set_title("one fused model, two modes")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pct(x: float | None) -> str:
