@@ -272,3 +272,4 @@ def test_budget_forced_answer_after_the_reports_directive_is_scored():
     assert answer_text(completion) == "123"
     assert get_reward("task")(completion, "123").score == 1.0
     assert get_reward("task")(completion, "124").score == 0.0
+    assert answer_text("<think>\n\n</think>\n\n.5<|im_end|>") == ".5"  # a leading "." of an answer stays

@@ -43,6 +43,8 @@ from typing import Any, Mapping, Sequence
 __all__ = [
     "CHAT_TEMPLATE",
     "STOP_THINKING_DIRECTIVE",
+    "BUDGET_SENTENCE",
+    "TEMPLATE_STOP_THINKING",
     "export_jinja",
     "parse",
     "render",
@@ -62,6 +64,10 @@ STOP_THINKING_DIRECTIVE = (
     "Considering the limited time by the user, I have to give the solution based on the thinking "
     "directly now.\n</think>.\n\n"
 )
+# The directive's sentence alone, and the form the chat template can render (no "." after
+# </think>), which is what Qwen's own client recipe appends and what the fusion set trains.
+BUDGET_SENTENCE = STOP_THINKING_DIRECTIVE.split("\n</think>")[0]
+TEMPLATE_STOP_THINKING = "\n\n" + BUDGET_SENTENCE + "\n</think>\n\n"
 
 ROLES = ("system", "user", "assistant", "tool")
 # Names under which transformers accepts a message's reasoning, in the order it reads them.

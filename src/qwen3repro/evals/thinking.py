@@ -37,11 +37,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE, parse, render, wants_thinking
+from ..chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE, TEMPLATE_STOP_THINKING, parse, render, wants_thinking
 from ..config import ConfigError, strict_fields
 from ..data import tasks
 from ..data.synthetic import s2_eval_items
 from ..generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, Generation, SamplingParams, ThinkingBudget, generate
+from ..rewards import answer_text as reward_answer_text
 from ..stages.common import write_json_atomic
 
 # ---- the report's figures (Qwen3 technical report, arXiv 2505.09388)
@@ -56,8 +57,7 @@ REPORT_BUDGET_CURVE_AIME24 = {1024: 42.0, 2048: 43.0, 4096: 56.0, 8192: 72.5, 16
 # The forced text when a budget runs out: "template" = what the fusion set trains and the chat
 # template renders; "report" = the directive verbatim as printed in the report.
 DIRECTIVES = ("template", "report")
-BUDGET_SENTENCE = STOP_THINKING_DIRECTIVE.split("\n</think>")[0]
-TEMPLATE_DIRECTIVE = "\n\n" + BUDGET_SENTENCE + "\n</think>\n\n"
+TEMPLATE_DIRECTIVE = TEMPLATE_STOP_THINKING
 FOLLOW_KINDS = ("user", "system", "conflict", "inherited")
 HARD_FROM = 2 / 3   # relative difficulty >= this is "hard", < 1/3 "easy"
 
@@ -142,17 +142,9 @@ def follows_mode(completion: str, thinking: bool) -> bool:
 
 
 def answer_text(completion: str) -> str:
-    """The final answer: what follows the think block, without the "." that the report's verbatim
-    directive leaves after `</think>` (chat.parse keeps it); "" when the block is never closed."""
-    if not isinstance(completion, str):
-        return ""
-    body = _body(completion)
-    if "</think>" not in body and "<think>" in body:
-        return ""
-    content = parse(body)["content"]
-    if "</think>" in body and content.startswith(".") and content[1:2] in ("\n", ""):
-        content = content[1:]
-    return content.strip()
+    """The final answer (`rewards.answer_text`: what follows the think block, without the "." the
+    report's verbatim directive leaves after `</think>`; "" when the block is never closed)."""
+    return reward_answer_text(completion)
 
 
 def is_correct(item: tasks.TaskItem, completion: str) -> bool:

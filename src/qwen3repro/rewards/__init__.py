@@ -72,8 +72,9 @@ def answer_text(completion: str) -> str:
         return ""
     content = parse(completion)["content"]
     # The report's stop-thinking directive ends "</think>.\n\n" (chat.STOP_THINKING_DIRECTIVE): a
-    # budget-forced answer starts with that stray full stop, which is not part of the answer.
-    if content.startswith("."):
+    # budget-forced answer starts with that stray full stop on a line of its own, which is not part of
+    # the answer (an answer such as ".5" is left alone).
+    if "</think>" in completion and content.startswith(".") and content[1:2] in ("\n", ""):
         content = content[1:]
     return content.strip()
 

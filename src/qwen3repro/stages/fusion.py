@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE, parse, render, wants_thinking
+from ..chat import BUDGET_SENTENCE, EMPTY_THINK, TEMPLATE_STOP_THINKING, parse, render, wants_thinking
 from ..config import ConfigError, config_hash, strict_fields
 from ..data import tasks
 from ..data.synthetic import frame_uid
@@ -68,7 +68,6 @@ REPORT_FILE = "fusion_report.json"
 
 # The stop-thinking sentence of the report's directive (Qwen3 TR §4.3 "Thinking budget", p. 11),
 # without the "\n</think>." the template writes itself.
-BUDGET_SENTENCE = STOP_THINKING_DIRECTIVE.split("\n</think>")[0]
 THINK, NO_THINK = "/think", "/no_think"
 
 # Conversation categories of the fusion set (fusion_report.json counts each).
@@ -382,7 +381,7 @@ def budget_content(sample: ThinkingSample, tokenizer: Tokenizer, rng: random.Ran
     n = len(ids)
     j = max(1, min(n - 1, round(rng.uniform(*keep) * n)))
     partial = tokenizer.decode(ids[:j]).rstrip("\n")
-    return f"<think>\n{partial}\n\n{BUDGET_SENTENCE}\n</think>\n\n{sample.answer}", j, n
+    return f"<think>\n{partial}{TEMPLATE_STOP_THINKING}{sample.answer}", j, n
 
 
 def multi_turn(rng: random.Random, thinking: Sequence[ThinkingSample], direct: Sequence[DirectSample],
