@@ -18,6 +18,7 @@ retrieval, the MoE load-balancing experiment) and `REPORT.md`.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -32,7 +33,6 @@ import torch
 from .config import ConfigError, config_hash, strict_fields
 from .lineage import LINEAGE_FILE, chain_hash, is_up_to_date, make_lineage, read_lineage
 from .recipes import deep_merge, load_recipe, load_scale, parse_override, recipe_lineage
-from .stages import pretrain as pretrain_stage
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext, write_json_atomic
 from .train.metrics import default_printer, format_duration
@@ -140,35 +140,24 @@ def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: l
     return Plan(scale, root, settings, nodes, raw)
 
 
+# Each stage kind's module (`run(cfg, parent_checkpoint, ctx)`) and config class. Imported lazily:
+# post-training pulls in more modules than pretraining needs.
+STAGE_MODULES = {"pretrain": ("pretrain", "PretrainConfig"), "sft": ("sft", "SFTConfig"),
+                 "grpo": ("grpo", "GRPOConfig"), "fusion": ("fusion", "FusionConfig")}
+
+
+def _stage_module(kind: str):
+    if kind not in STAGE_MODULES:
+        raise ConfigError(f"unknown stage kind {kind!r}; known: {sorted(STAGE_MODULES)}")
+    return importlib.import_module(f".stages.{STAGE_MODULES[kind][0]}", __package__)
+
+
 def _config_class(kind: str):
-    """The config class of a stage kind (imported lazily: post-training pulls in more modules)."""
-    if kind == "pretrain":
-        return pretrain_stage.PretrainConfig
-    if kind == "sft":
-        from .stages.sft import SFTConfig
-        return SFTConfig
-    if kind == "grpo":
-        from .stages.grpo import GRPOConfig
-        return GRPOConfig
-    if kind == "fusion":
-        from .stages.fusion import FusionConfig
-        return FusionConfig
-    raise ConfigError(f"unknown stage kind {kind!r}")
+    return getattr(_stage_module(kind), STAGE_MODULES[kind][1])
 
 
 def _run_stage(node: StageNode, ctx: StageContext) -> None:
-    """`run(cfg, parent_checkpoint, ctx)` of the node's stage module."""
-    if node.kind == "pretrain":
-        from .stages import pretrain as module
-    elif node.kind == "sft":
-        from .stages import sft as module
-    elif node.kind == "grpo":
-        from .stages import grpo as module
-    elif node.kind == "fusion":
-        from .stages import fusion as module
-    else:
-        raise ConfigError(f"unknown stage kind {node.kind!r}")
-    module.run(node.config, node.parent.out_dir, ctx)
+    _stage_module(node.kind).run(node.config, node.parent.out_dir, ctx)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ diagnosis when it did not). A claim whose inputs are missing (a stage not run) i
 """
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -120,33 +121,13 @@ def claim_moe(plan, say) -> list[ClaimRow]:
 
 
 # ----------------------------------------------------------------------------- post-training
-def claim_filtering(plan, say) -> list[ClaimRow]:
-    from .posttrain import claim_filtering as measure
-    return measure(plan, say)
-
-
-def claim_grpo(plan, say) -> list[ClaimRow]:
-    from .posttrain import claim_grpo as measure
-    return measure(plan, say)
-
-
-def _thinking_claim(name: str, label: str):
-    """Fusion and budget claims live with the thinking-mode evaluations (`evals.thinking`)."""
+def _post_training_claim(module: str, name: str, stage: str) -> Callable:
+    """`evals.<module>.claim_<name>`, measured when the scale's post-training chain includes `stage`
+    (imported lazily: it pulls in the generation and reward code)."""
     def claim(plan, say) -> list[ClaimRow]:
-        if not plan.settings.post_roles or "fusion" not in plan.settings.post_chain:
+        if not plan.settings.post_roles or stage not in plan.settings.post_chain:
             return []
-        try:
-            from . import thinking
-            fn = getattr(thinking, f"claim_{name}")
-        except (ImportError, AttributeError):
-            return [ClaimRow(name, label, "-", "not measured", None, "thinking-mode evaluations not available")]
-        return fn(plan, say)
-    return claim
-
-
-def _needs_post_training(fn: Callable) -> Callable:
-    def claim(plan, say) -> list[ClaimRow]:
-        return fn(plan, say) if plan.settings.post_roles and plan.settings.post_chain else []
+        return getattr(importlib.import_module(f".{module}", __package__), f"claim_{name}")(plan, say)
     return claim
 
 
@@ -154,10 +135,10 @@ CLAIMS: dict[str, Callable] = {
     "s2_reasoning": claim_s2_reasoning,
     "longcontext": claim_longcontext,
     "moe_balance": claim_moe,
-    "filtering": _needs_post_training(claim_filtering),
-    "grpo": _needs_post_training(claim_grpo),
-    "fusion": _thinking_claim("fusion", "Thinking-mode fusion: ThinkFollow and thinking vs non-thinking"),
-    "budget": _thinking_claim("budget", "Accuracy rises with the thinking budget"),
+    "filtering": _post_training_claim("posttrain", "filtering", "cold-start"),
+    "grpo": _post_training_claim("posttrain", "grpo", "cold-start"),  # "not measured" without RL
+    "fusion": _post_training_claim("thinking", "fusion", "fusion"),
+    "budget": _post_training_claim("thinking", "budget", "fusion"),
 }
 
 

@@ -30,11 +30,6 @@ FILTERING_SAMPLING = SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
 FILTERING_SEED = 1234
 
 
-def _rows_type():
-    from .claims import ClaimRow
-    return ClaimRow
-
-
 def _complete(model_dir: Path, queries: Sequence, *, max_new_tokens: int, seed: int,
               batch_size: int = 32) -> list[str]:
     """One thinking-mode completion per query (chat template, generation prompt), decoded."""
@@ -107,7 +102,8 @@ def _plot_filtering(res: Mapping[str, Any], path: Path) -> str | None:
 
 
 def claim_filtering(plan, say) -> list:
-    ClaimRow = _rows_type()
+    from .claims import ClaimRow
+
     rows = []
     settings = plan.scale_config.get("evals", {}).get("filtering", {})
     for role in plan.settings.post_roles:
@@ -187,8 +183,8 @@ def plot_selection(selection: Mapping[str, Any], path: Path) -> str | None:
 def claim_grpo(plan, say) -> list:
     from ..stages.grpo import CLAIM_ENTROPY_FLOOR, CLAIM_PASS1_GAIN, REPORT_AIME24_AFTER, REPORT_AIME24_BEFORE, \
         REPORT_RL_STEPS
+    from .claims import ClaimRow
 
-    ClaimRow = _rows_type()
     rows = []
     for role in plan.settings.post_roles:
         d = plan.root / role / "reasoning-rl"
