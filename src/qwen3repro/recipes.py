@@ -87,27 +87,30 @@ def _load_named(folder: str, name: str, kind: str, root: Path | None) -> dict[st
 EXTENDS = "extends"
 
 
-def recipe_lineage(stage: str, root: Path | None = None) -> list[str]:
-    """The recipe names `stage` is built from, base first: a recipe with `extends = "other"` is
-    `other` with its own keys merged on top (a control run that differs in one setting)."""
-    names = [stage]
-    raw = _load_named("recipes", stage, "recipe", root)
-    while EXTENDS in raw:
-        base = raw[EXTENDS]
+def _recipe_chain(stage: str, root: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """(name, file contents) of `stage` and every recipe it `extends`, base first."""
+    chain = [(stage, _load_named("recipes", stage, "recipe", root))]
+    while EXTENDS in chain[-1][1]:
+        base = chain[-1][1][EXTENDS]
+        names = [name for name, _ in chain]
         if not isinstance(base, str):
             raise ConfigError(f"recipes/{names[-1]}.toml: `{EXTENDS}` must be a recipe name, got {base!r}")
         if base in names:
             raise ConfigError(f"recipes: `{EXTENDS}` cycle {' -> '.join(names + [base])}")
-        names.append(base)
-        raw = _load_named("recipes", base, "recipe", root)
-    return names[::-1]
+        chain.append((base, _load_named("recipes", base, "recipe", root)))
+    return chain[::-1]
+
+
+def recipe_lineage(stage: str, root: Path | None = None) -> list[str]:
+    """The recipe names `stage` is built from, base first: a recipe with `extends = "other"` is
+    `other` with its own keys merged on top (a control run that differs in one setting)."""
+    return [name for name, _ in _recipe_chain(stage, root)]
 
 
 def load_recipe(stage: str, root: Path | None = None) -> dict[str, Any]:
     """The recipe of `stage`, with any `extends` chain resolved (the key itself removed)."""
     merged: dict[str, Any] = {}
-    for name in recipe_lineage(stage, root):
-        raw = _load_named("recipes", name, "recipe", root)
+    for name, raw in _recipe_chain(stage, root):
         raw.pop(EXTENDS, None)
         merged = deep_merge(merged, raw, f"{name}.")
     return merged
