@@ -13,15 +13,26 @@ How a batch is decoded
   alone. One KV cache of `prompt + max_new_tokens` slots is allocated up front; the prompt is
   prefilled in one forward, then each step feeds one token per row and reads the last logits.
   Nothing is ever recomputed.
+* For a dense full-precision `Qwen3` the steps after the prefill run a dedicated decode step
+  (`_DenseDecodeStep`) instead of `model.forward`: at rollout sizes a step is mostly per-operation
+  overhead and memory traffic, so everything that does not change between steps is prepared once
+  per call: fused and norm-folded weights, a RoPE table for every position the call can reach (RoPE
+  as one complex multiplication), the padding bias; keys are kept transposed for the attention
+  matmuls, which replace SDPA (slow on CPU for one query per row). Other models (MoE, dual chunk
+  attention, half precision) decode through `model.forward`.
 * Sampling is vectorised over the batch, in this order (the one vLLM uses for these knobs):
   presence penalty (subtract `presence_penalty` from every token already generated in this row),
   temperature, top-k, top-p (nucleus: the smallest set of most likely tokens whose probability
   reaches p), min-p (drop tokens whose probability is below min_p × the top token's). The draw is
   an exponential race (argmax of p / E, E ~ Exp(1)), which equals sampling from p, with an explicit
-  `torch.Generator` so a seed reproduces a run. Temperature 0 is greedy (argmax).
+  `torch.Generator` so a seed reproduces a run. Temperature 0 is greedy (argmax). With top-k on,
+  everything after the penalty runs on the k candidates only, found by a two-pass top-k (group
+  maxima, then the top k among the best groups' members) that is much cheaper than `torch.topk`
+  over a whole vocabulary row.
 * Each row stops on its own at a stop token (kept as the last generated token) or at
   `max_new_tokens`; finished rows are dropped from the batch (and from the KV cache) once they
-  make up half of it.
+  make up half of it. The engine counts finished rows itself, so a step without a stop token needs
+  no check of the whole batch.
 * `return_logprobs=True` gives, for every generated token, log softmax(logits / T) of that token
   over the whole vocabulary — the model's own distribution at the sampling temperature T (1 for
   greedy), before penalties, filters and masks (forced tokens get theirs too). This is the
@@ -48,6 +59,7 @@ think block (an assistant prefill) starts in the thinking state.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -216,11 +228,36 @@ def sampling_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Te
     return x
 
 
-def _race(logits: torch.Tensor, generator) -> torch.Tensor:
+def _race(logits: torch.Tensor, generator, keepdim: bool = False) -> torch.Tensor:
     """One draw per row from softmax(logits): argmax of p / E with E ~ Exp(1) (the exponential race)."""
     probs = torch.softmax(logits, dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    return (probs / race).argmax(dim=-1, keepdim=keepdim)
+
+
+def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(x, k, dim=-1)` (values sorted in descending order, and their indices) for x [B, V],
+    computed in two cheap passes instead of one expensive one (`topk` over a whole vocabulary row
+    costs far more than over a few hundred entries).
+
+    The vocabulary is split into V/c groups of c entries (group j holds j, j + V/c, j + 2V/c, ...).
+    Every one of the k largest entries lies in a group whose maximum is at least the k-th largest
+    value, and at most k groups have such a maximum, so the k groups with the largest maxima hold the
+    whole top k: the answer is the top k of their c·k entries. (Ties at the k-th value may resolve to
+    other, equal-valued entries than `torch.topk`'s.)
+    """
+    b, v = x.shape
+    c = 1 << max(0, round(math.log2(max(v / max(k, 1), 1)) / 2))  # ≈ √(V/k): both passes about as short
+    while c > 1 and v % c:
+        c //= 2
+    n = v // c
+    if c < 4 or n < 2 * k:
+        return torch.topk(x, k, dim=-1)
+    groups = x.view(b, c, n)
+    best = groups.amax(dim=1).topk(k, dim=-1, sorted=False).indices[:, None, :]  # [B, 1, k] group ids
+    members = torch.arange(0, v, n, device=x.device)[:, None] + best  # [B, c, k] vocabulary ids
+    values, j = groups.gather(2, best.expand(b, c, k)).view(b, c * k).topk(k, dim=-1)
+    return values, members.view(b, c * k).gather(1, j)
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, seen, generator) -> torch.Tensor:
@@ -233,52 +270,99 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seen, generator) -> to
     x = logits.float()
     if params.presence_penalty and seen is not None:
         x = apply_presence_penalty(x, seen, params.presence_penalty)
-    values, index = torch.topk(x, k, dim=-1)  # sorted, descending
+    values, index = _top_k(x, k)  # sorted, descending
     if params.temperature != 1.0:
         values = values / params.temperature
     if params.top_p < 1.0:
         values = _top_p_sorted(values, params.top_p)
-    values = apply_min_p(values, params.min_p)
-    return index.gather(-1, _race(values, generator)[:, None])[:, 0]
+    if params.min_p > 0.0:
+        values = apply_min_p(values, params.min_p)
+    return index.gather(-1, _race(values, generator, keepdim=True)).view(-1)
 
 
 # ------------------------------------------------------------------------ fast decode step
 class _DenseDecodeStep:
-    """One decode step (one new token per row) of a dense `Qwen3`, written for speed.
+    """Decode steps (one new token per row) of a dense `Qwen3`, written for speed.
 
     The same arithmetic as `Qwen3.forward` with a KV cache, layer by layer (RMSNorm → q/k/v → QK-norm
-    → RoPE → cache write → attention → o_proj; RMSNorm → SwiGLU), with less dispatch per token: the
-    q/k/v and gate/up projections are fused into one matmul each (weights concatenated once per
-    `generate` call), RMSNorm is `F.rms_norm` (one kernel; the q and k heads share one call), RoPE
-    rotates q and k together, activations stay [B, hidden], and grouped-query attention runs as one SDPA
-    call per layer with each KV head's G query heads as its G queries (all at the same position, so
-    no causal mask; padding is an additive bias built once per step and shared by the layers). The
-    prompt prefill and every other model (MoE layers, dual chunk attention, bf16/fp16 weights, stub
-    models) use `model.forward`; the tests check that log-probs still equal a full forward.
+    → RoPE → cache write → attention → o_proj; RMSNorm → SwiGLU), up to float rounding, with far
+    fewer operator calls per token: at these sizes a step costs mostly per-call overhead and memory
+    traffic. Everything that does not depend on the step is prepared once, after the prefill
+    (weights are read then, so a model trained between `generate` calls is decoded as it is now):
+
+    * one matmul gives q, k and v, one gives gate and up (weights concatenated, transposed to [in, out]);
+      each RMSNorm's weight is folded into the matmul that follows it (x̂·w·W = x̂·(diag(w)·W)), so a
+      norm only scales rows by (mean(x²) + eps)^-½, the mean taken by a matmul with a column of 1/n
+      that also adds eps;
+    * the q/k heads come out of that matmul grouped by KV head, [G q heads, its k head] for each, and
+      each head's dimensions interleaved as RoPE's (i, i + D/2) pairs. A permutation of the head
+      dimensions applied to both q and k leaves q·k unchanged; in this order RoPE is one complex
+      multiplication by a table entry of the position (the table holds every position the call can
+      reach), and the [B·Hk, G, D] queries are a view of the rotated tensor;
+    * the attention scale 1/√D is folded into the q heads' QK-norm weight;
+    * keys live in the step's own buffer, transposed to [B·Hk, D, T] (the layout that batched matmuls
+      read fastest for q·kᵀ); values stay in the cache's buffer. Attention is two batched matmuls and
+      a softmax over [B·Hk, G, T] (one query position, so no causal mask); padding is an additive bias
+      built once (reordered with the rows) and sliced per step. This is much cheaper than SDPA's CPU
+      kernel for one query per row.
+
+    So from the first decode step on, the step, not the cache, holds the keys; the cache keeps its
+    length, its values and its rows in step (`reorder` goes through the step). The prompt prefill
+    and every other model (MoE layers, dual chunk attention, bf16/fp16 weights, stub models) use
+    `model.forward`; the tests check that log-probs still equal a full forward.
     """
 
-    def __init__(self, model) -> None:
-        from .models.attention import rope_tables, rotate
+    def __init__(self, model, cache) -> None:
         from .models.rope import rope_cos_sin
 
-        self._rope_cos_sin, self._rope_tables, self._rotate = rope_cos_sin, rope_tables, rotate
         c = model.config
-        self.model = model
-        self.h, self.hk, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        h, hk, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        g = h // hk
+        self.h, self.hk, self.d, self.g, self.n_qk, self.hidden = h, hk, d, g, hk * (g + 1), c.hidden_size
+        self.cache = cache
+        w = model.lm_head.weight
+        # Head dimension order (0, D/2, 1, D/2 + 1, ...): RoPE's pairs side by side.
+        pairs = torch.arange(d, device=w.device).view(2, d // 2).t().reshape(-1)
+        self.embed = model.model.embed_tokens.weight
+
+        def eps(value: float) -> torch.Tensor:  # as a tensor: the mean's matmul adds it (addmm)
+            return torch.tensor(value, dtype=w.dtype, device=w.device)
+
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            # QK-norm of the q and k heads in one rms_norm: the per-head weights side by side.
-            qk_weight = torch.cat([a.q_norm.weight.expand(self.h, -1), a.k_norm.weight.expand(self.hk, -1)])
-            self.layers.append((  # matmul weights transposed once to [in, out], contiguous
-                layer.input_layernorm.weight, layer.input_layernorm.eps,
-                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t().contiguous(),
-                qk_weight, a.q_norm.eps, a.o_proj.weight.t().contiguous(),
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps,
-                torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().contiguous(),
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            q_w = a.q_proj.weight.view(hk, g, d, -1)[:, :, pairs]
+            k_w = a.k_proj.weight.view(hk, 1, d, -1)[:, :, pairs]
+            qk_w = torch.cat([q_w, k_w], dim=1).flatten(0, 2)  # [Hk·(G+1)·D, hidden], grouped by KV head
+            qk_norm = torch.cat([  # per-head QK-norm weights in the same order; q's also carry 1/√D
+                (a.q_norm.weight[pairs] * d ** -0.5).expand(hk, g, d), a.k_norm.weight[pairs].expand(hk, 1, d)
+            ], dim=1).reshape(hk * (g + 1), d)
+            self.layers.append((
+                eps(ln1.eps), (torch.cat([qk_w, a.v_proj.weight]) * ln1.weight).t().contiguous(),
+                a.q_norm.eps, qk_norm,
+                a.o_proj.weight.t().contiguous(),
+                eps(ln2.eps), (torch.cat([m.gate_proj.weight, m.up_proj.weight]) * ln2.weight).t().contiguous(),
                 m.down_proj.weight.t().contiguous(), m.gate_proj.weight.shape[0],
             ))
-        self.lm_head = model.lm_head.weight.t().contiguous()
+        norm = model.model.norm
+        self.final_eps = eps(norm.eps)
+        self.mean_h = torch.full((self.hidden, 1), 1 / self.hidden, dtype=w.dtype, device=w.device)
+        self.mean_d = torch.full((d, 1), 1 / d, dtype=w.dtype, device=w.device)
+        self.lm_head = (w * norm.weight).t().contiguous()
+        # RoPE as complex numbers: (x_i + j·x_{i+D/2})·(cos θ_i + j·sin θ_i) for every reachable position.
+        cos, sin = rope_cos_sin(model.inv_freq.to(w.device), torch.arange(cache.max_len, device=w.device),
+                                model.attention_factor, dtype=w.dtype)
+        self.rope = torch.complex(cos[:, : d // 2], sin[:, : d // 2])[:, None]  # [P, 1, D/2]
+        # The prompt's keys, moved to the step's layout: [layers, B·Hk, D (pair order), max_len].
+        n, t = cache.length, cache.max_len
+        self.keys = cache.k.new_empty(len(self.layers), cache.batch_size * hk, d, t)
+        self.keys[..., :n] = cache.k[..., :n, :][..., pairs].flatten(1, 2).transpose(-1, -2)
+        self.bias = None  # [B·Hk, 1, max_len]: 0 for real tokens, -inf for padding
+        if cache.has_padding:
+            bias = torch.zeros(cache.batch_size, hk, 1, t, dtype=cache.k.dtype, device=cache.k.device)
+            self.bias = bias.masked_fill_(~cache.valid[:, None, None, :], float("-inf")).flatten(0, 1)
+        self._bind()
 
     @staticmethod
     def supports(model) -> bool:
@@ -292,37 +376,55 @@ class _DenseDecodeStep:
             c.is_sparse_layer(i) for i in range(c.num_hidden_layers)
         )
 
-    def __call__(self, token: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """token, positions [B] -> last logits [B, V]; writes the token's keys/values at the next slot."""
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/reorder batch rows, in the cache and in the step's own buffers."""
+        self.cache.reorder(index)
+        hk = self.hk
+        self.keys = self.keys.unflatten(1, (-1, hk))[:, index].flatten(1, 2)
+        if self.bias is not None:
+            self.bias = self.bias.unflatten(0, (-1, hk))[index].flatten(0, 1)
+        self._bind()
+
+    def _bind(self) -> None:
+        """Per-layer views of the key and value buffers (redone when `reorder` replaces them)."""
+        c, hk, d = self.cache, self.hk, self.d
+        self.buffers = [(self.keys[i], c.v[i], c.v[i].view(c.batch_size * hk, c.max_len, d))
+                        for i in range(len(self.layers))]
+
+    def __call__(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """token, positions [B] -> last logits [B, V]; stores the token's keys/values at the next slot."""
         import torch.nn.functional as F
 
-        model, b, h, hk, d = self.model, token.shape[0], self.h, self.hk, self.d
-        slot = cache.length
-        cache.record(positions[:, None], None)
-        bias = None
-        if cache.has_padding:
-            bias = torch.zeros(b, 1, 1, slot + 1, dtype=cache.k.dtype, device=token.device)
-            bias.masked_fill_(~cache.valid[:, None, None, : slot + 1], float("-inf"))
-        x = model.model.embed_tokens(token)
-        cos, sin = self._rope_tables(*self._rope_cos_sin(
-            model.inv_freq, positions[:, None], model.attention_factor, dtype=x.dtype
-        ))
-        qd, kd = h * d, hk * d
-        hidden = x.shape[-1]
-        for i, (w1, eps1, w_qkv, w_qk, eps_qk, w_o, w2, eps2, w_gu, w_down, inter) in enumerate(self.layers):
-            qkv = torch.mm(F.rms_norm(x, (hidden,), w1, eps1), w_qkv)
-            qk = F.rms_norm(qkv[:, : qd + kd].view(b, 1, h + hk, d), (d,), None, eps_qk) * w_qk
-            qk = self._rotate(qk, cos, sin)  # [B, 1, H + Hk, D]
-            cache.k[i, :, :, slot] = qk[:, 0, h:]
-            cache.v[i, :, :, slot] = qkv[:, qd + kd:].view(b, hk, d)
-            keys, values = cache.k[i, :, :, : slot + 1], cache.v[i, :, :, : slot + 1]
-            out = F.scaled_dot_product_attention(qk[:, 0, :h].reshape(b, hk, h // hk, d), keys, values, attn_mask=bias)
-            x = torch.addmm(x, out.reshape(b, qd), w_o)
-            gu = torch.mm(F.rms_norm(x, (hidden,), w2, eps2), w_gu)
-            x = torch.addmm(x, F.silu(gu[:, :inter]) * gu[:, inter:], w_down)
-        cache.advance(1)
-        norm = model.model.norm
-        return torch.mm(F.rms_norm(x, (hidden,), norm.weight, norm.eps), self.lm_head).float()
+        b, hk, d, g, n_qk = token.shape[0], self.hk, self.d, self.g, self.n_qk
+        mean_h, mean_d, qk_end, hd = self.mean_h, self.mean_d, n_qk * d, self.h * d
+        slot = self.cache.length
+        t = slot + 1
+        bias = self.bias[:, :, :t] if self.bias is not None else None
+        rope = self.rope.index_select(0, positions)  # [B, 1, D/2]
+        x = F.embedding(token, self.embed)  # [B, hidden]
+        # Every line below uses as few tensor operations as it can (each costs microseconds of overhead).
+        # RMSNorm: x · (mean(x²) + eps)^-½, the mean as a matmul with a column of 1/n that also adds eps
+        # (cheaper here than `mean` + `add`, or `F.rms_norm`, which runs several operations inside).
+        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, inter), (keys, values, values_3d) in zip(
+            self.layers, self.buffers
+        ):
+            qkv = torch.mm(x * torch.addmm(eps1, x * x, mean_h).rsqrt_(), w_qkv)
+            qk = qkv[:, :qk_end].view(b, n_qk, d)
+            qk = qk * torch.matmul(qk * qk, mean_d).add_(eps_qk).rsqrt_() * w_qk  # QK-norm; q's w has 1/√D
+            qk = torch.view_as_real(torch.view_as_complex(qk.view(b, n_qk, d // 2, 2)) * rope).view(b * hk, g + 1, d)
+            keys[:, :, slot] = qk[:, g]  # per KV head: its G rotated queries, then its rotated key
+            values[:, :, slot] = qkv[:, qk_end:].view(b, hk, d)
+            if bias is None:
+                scores = torch.bmm(qk[:, :g], keys[:, :, :t])
+            else:
+                scores = torch.baddbmm(bias, qk[:, :g], keys[:, :, :t])
+            out = torch.bmm(torch.softmax(scores, dim=-1), values_3d[:, :t])  # [B·Hk, G, D], heads in order
+            x = torch.addmm(x, out.view(b, hd), w_o)
+            gu = torch.mm(x * torch.addmm(eps2, x * x, mean_h).rsqrt_(), w_gu)
+            x = torch.addmm(x, F.silu(gu[:, :inter]).mul_(gu[:, inter:]), w_down)
+        self.cache.advance(1)
+        x = x * torch.addmm(self.final_eps, x * x, mean_h).rsqrt_()
+        return torch.mm(x, self.lm_head).float()
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -453,7 +555,7 @@ def _generate_batch(
     logits = _prefill(model, input_ids, position_ids, attention_mask if padded else None, cache)
     next_pos = torch.tensor(lengths, dtype=torch.long, device=device)
 
-    fast_step = _DenseDecodeStep(model) if _DenseDecodeStep.supports(model) else None
+    fast_step = _DenseDecodeStep(model, cache) if _DenseDecodeStep.supports(model) else None
     vocab = logits.shape[-1]
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     rows = torch.arange(n, device=device)  # batch slot -> original row
@@ -463,6 +565,7 @@ def _generate_batch(
     out_len = torch.full((n,), max_new, dtype=torch.long, device=device)
     stopped = torch.zeros(n, dtype=torch.bool, device=device)  # by original row
     done = torch.zeros(n, dtype=torch.bool, device=device)  # by batch slot
+    n_done = 0  # finished rows still in the batch (counted here, so no step needs to sync to know)
     seen = torch.zeros((n, vocab), dtype=torch.bool, device=device) if params.presence_penalty else None
     lp_temperature = params.temperature if params.temperature > 0 else 1.0
     vocab_mask = None
@@ -511,27 +614,32 @@ def _generate_batch(
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
 
-        hit_stop = torch.isin(token, stop) & ~done
-        if forcing is not None:
-            hit_stop &= ~forcing
-        if bool(hit_stop.any()):
-            out_len[rows[hit_stop]] = t + 1
-            stopped[rows[hit_stop]] = True
-            done |= hit_stop
+        hit_stop = None
+        if stop_ids:
+            hit_stop = torch.isin(token, stop) & ~done
+            if forcing is not None:
+                hit_stop &= ~forcing
+            if bool(hit_stop.any()):
+                out_len[rows[hit_stop]] = t + 1
+                stopped[rows[hit_stop]] = True
+                done |= hit_stop
+                n_done = int(done.sum())
         if budget is not None:
-            live = ~done | hit_stop
+            live = ~done if hit_stop is None else ~done | hit_stop
             out_think[rows[live]] = think_count[live]
             out_hit[rows[live]] = budget_used[live]
-        if t == max_new - 1 or bool(done.all()):
+        n_slots = done.shape[0]
+        if t == max_new - 1 or n_done == n_slots:
             break
 
         # Drop finished rows once they are half of the batch (cache included).
-        active = ~done
-        n_active = int(active.sum())
-        if n_active <= done.numel() // 2 and done.numel() >= 4:
-            keep = active.nonzero()[:, 0]
-            cache.reorder(keep)
-            rows, token, next_pos, done = rows[keep], token[keep], next_pos[keep], done[keep]
+        if n_slots - n_done <= n_slots // 2 and n_slots >= 4:
+            keep = (~done).nonzero()[:, 0]
+            if fast_step is not None:
+                fast_step.reorder(keep)  # the step's buffers and the cache
+            else:
+                cache.reorder(keep)
+            rows, token, next_pos, done, n_done = rows[keep], token[keep], next_pos[keep], done[keep], 0
             if seen is not None:
                 seen = seen[keep]
             if budget is not None:
@@ -540,7 +648,7 @@ def _generate_batch(
                 )
 
         if fast_step is not None:
-            logits = fast_step(token, next_pos, cache)
+            logits = fast_step(token, next_pos)
         else:
             logits = model(token[:, None], position_ids=next_pos[:, None], kv_cache=cache).logits[:, -1].float()
         next_pos += 1
