@@ -40,7 +40,7 @@ tiny-pipeline: $(STAMP)
 micro-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline micro
 
-# LR x batch x model-size sweep and power-law fits for the optimal LR and batch (~15 min on 2 cores).
+# LR x batch x model-size sweep and power-law fits for the optimal LR and batch (~30 min on one thread).
 scaling-laws: $(STAMP)
 	$(VENV)/bin/qwen3repro scaling-laws --out runs/scaling_laws
 
