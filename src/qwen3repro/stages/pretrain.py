@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ConfigError, ModelConfig, strict_fields
+from ..data.copy_warmup import CopyWarmupLoader
 from ..data.packing import PackingLoader
 from ..data.synthetic import build_corpus, heldout_text
 from ..lineage import make_lineage, write_lineage
@@ -65,6 +66,11 @@ class PretrainConfig:
     """MoE only: overrides the model's coefficient."""
     eval_docs_per_language: int = 8
     """Held-out prose documents per language for the eval loss (0: no eval)."""
+    copy_warmup_steps: int = 0
+    """Optimizer steps of repeated random spans before the corpus (`data.copy_warmup`): a tiny-scale
+    stand-in for the induction heads real corpora form early. Added to the steps `tokens` gives."""
+    copy_warmup_batch_size: int = 8
+    """Sequences of `seq_len` per warm-up step (induction forms in fewer tokens at smaller batches)."""
     seed: int = 0
     train: Mapping[str, Any] = field(default_factory=dict)
     """TrainConfig fields except `steps` (derived from `tokens`)."""
@@ -75,6 +81,11 @@ class PretrainConfig:
             raise ConfigError(f"load_balancing must be one of {LBL_MODES}, got {self.load_balancing!r}")
         if "steps" in self.train:
             raise ConfigError("train.steps is derived from `tokens`; set tokens instead")
+        if self.copy_warmup_steps < 0 or self.copy_warmup_batch_size < 1:
+            raise ConfigError(f"copy_warmup_steps must be >= 0 and copy_warmup_batch_size >= 1, got "
+                              f"{self.copy_warmup_steps} and {self.copy_warmup_batch_size}")
+        if self.copy_warmup_steps and int(self.train.get("grad_accum", 1)) != 1:
+            raise ConfigError("copy_warmup_steps needs grad_accum = 1 (one warm-up batch per optimizer step)")
         self.train_config()  # validate now, naming unknown keys
 
     @classmethod
@@ -82,9 +93,14 @@ class PretrainConfig:
         return cls(**strict_fields(cls, d, "pretrain stage"))
 
     @property
-    def steps(self) -> int:
+    def corpus_steps(self) -> int:
         accum = int(self.train.get("grad_accum", 1))
         return max(1, self.tokens // (self.seq_len * self.batch_size * accum))
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps: the copy warm-up's, then the corpus's."""
+        return self.copy_warmup_steps + self.corpus_steps
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict({**self.train, "steps": self.steps, "seed": self.train.get("seed", self.seed)})
@@ -189,9 +205,18 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext, *, lineage_
     docs = tokenized_corpus(cfg, tokenizer, Path(ctx.cache_dir))
     loader = PackingLoader(docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, eot_id=tokenizer.endoftext_id,
                            pad_id=tokenizer.pad_token_id, seed=cfg.seed, document_masking=cfg.document_masking)
+    tokens_per_epoch = loader.tokens_per_epoch
+    if cfg.copy_warmup_steps:
+        # The special tokens come last (Qwen3's layout, `<|endoftext|>` first of them): spans draw
+        # from the ordinary tokens only.
+        loader = CopyWarmupLoader(loader, steps=cfg.copy_warmup_steps, batch_size=cfg.copy_warmup_batch_size,
+                                  seq_len=cfg.seq_len, n_ordinary=tokenizer.endoftext_id,
+                                  eot_id=tokenizer.endoftext_id, seed=cfg.seed)
+        ctx.say(f"{cfg.name}: copy warm-up first: {cfg.copy_warmup_steps} steps x {cfg.copy_warmup_batch_size}"
+                f" x {cfg.seq_len} of repeated random spans")
     tcfg = cfg.train_config()
-    ctx.say(f"{cfg.name}: {cfg.tokens:,} tokens = {tcfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}"
-            f" (corpus {cfg.corpus}, {len(docs):,} documents, {loader.tokens_per_epoch:,} tokens/epoch)"
+    ctx.say(f"{cfg.name}: {cfg.tokens:,} tokens = {cfg.corpus_steps} steps x {cfg.batch_size} x {cfg.seq_len}"
+            f" (corpus {cfg.corpus}, {len(docs):,} documents, {tokens_per_epoch:,} tokens/epoch)"
             f", rope_theta {model.config.rope_theta:g}")
     loss_fn = functools.partial(pretrain_loss, document_masking=cfg.document_masking,
                                 load_balancing=cfg.load_balancing, lbl_micro_batch=cfg.lbl_micro_batch)
