@@ -85,5 +85,41 @@ def test_a_checkpoint_directory_is_loaded_with_its_tokenizer(tmp_path):
     assert res["spans"] == 4 and not res["copies"]  # an untrained model does not copy
 
 
+
+def test_retrieval_rows_skip_the_probe_when_the_model_retrieves_at_its_length(tmp_path):
+    """The copy diagnosis goes to a failing row only when no direct evidence says the model copies:
+    a YaRN + DCA row whose plain-S3 retrieval at the trained length reproduced gets none, the same
+    row without that evidence (and a failing post-training row) gets the probe's sentence."""
+    from types import SimpleNamespace
+
+    from qwen3repro.evals.claims import ClaimRow, add_copy_diagnoses
+    from qwen3repro.models.qwen3 import Qwen3
+    from qwen3repro.models.registry import get_model_config
+    from qwen3repro.tokenizer import train_tokenizer
+    from qwen3repro.data.synthetic import heldout_text
+
+    tok = train_tokenizer([d["text"] for d in heldout_text(n_per_language=20)], vocab_size=512)
+    torch.manual_seed(0)
+    for stage in ("s3", "cold-start"):
+        Qwen3(get_model_config("micro")).save_pretrained(tmp_path / "flagship" / stage)
+        tok.save(tmp_path / "flagship" / stage)
+    (tmp_path / "claims").mkdir()
+    plan = SimpleNamespace(root=tmp_path, settings=SimpleNamespace(post_roles=("flagship",), control_roles=(),
+                                                                   roles=("flagship",)))
+
+    def rows(s3_reproduced):
+        return [ClaimRow("s3_abf[flagship/passkey]", "", "", "", s3_reproduced),
+                ClaimRow("yarn_dca[flagship/passkey]", "", "", "", False, diagnosis="DCA loses far needles"),
+                ClaimRow("grpo", "", "", "", False)]
+
+    retrieving = rows(True)
+    add_copy_diagnoses(plan, retrieving, printer=lambda _m: None)
+    assert retrieving[1].diagnosis == "DCA loses far needles"
+    assert "does not copy" in retrieving[2].diagnosis
+    blind = rows(False)
+    add_copy_diagnoses(plan, blind, printer=lambda _m: None)
+    assert "does not copy" in blind[0].diagnosis and "does not copy" in blind[1].diagnosis
+
+
 if __name__ == "__main__":
     pytest.main([__file__])

@@ -65,10 +65,10 @@ def no_copy_diagnosis(probe: dict[str, Any], what: str) -> str:
     if probe.get("copies"):
         return ""
     lengths = probe["span_tokens"]
-    return (f"the {what} model does not copy from its context: a repeated {min(lengths)}-{max(lengths)}-token span "
-            f"costs {probe['second_nll']:.2f} nats/token the second time vs {probe['first_nll']:.2f} the first "
-            f"(copy gain {probe['copy_gain']:.2f} < {COPY_GAIN_MIN}), so the tasks that need copying fail "
-            "regardless of the mechanism under test")
+    return (f"the {what} model does not copy prose from its context: a repeated {min(lengths)}-{max(lengths)}-token "
+            f"span costs {probe['second_nll']:.2f} nats/token the second time vs {probe['first_nll']:.2f} the first "
+            f"(copy gain {probe['copy_gain']:.2f} < {COPY_GAIN_MIN}), which limits every task that reads operands or "
+            "names back from its context, whatever the mechanism under test")
 
 
 __all__ = ["COPY_GAIN_MIN", "copy_probe", "no_copy_diagnosis"]
