@@ -285,6 +285,7 @@ def test_claim_rows_from_a_pipeline_plan(checkpoints, tokenizer, tmp_path):
     assert ext.name == "yarn_dca[flagship/passkey]" and ext.reproduced is False
     assert "at 160: S3" in abf.measured and "S2" in abf.measured
     assert "S3+YaRN+DCA" in ext.measured and "@640" in ext.measured and "@160" in ext.measured
+    assert "S3+YaRN+DCA at 640 by needle depth" in ext.diagnosis  # a random model fails: the depth profile
     assert abf.plots and all(p.endswith(".png") for p in abf.plots)
     saved = json.loads((root / "claims" / "longcontext" / lc.RESULT_FILE).read_text())
     assert saved["settings"]["trained_length"] == 160 and saved["settings"]["dca_chunk_size"] == 120

@@ -918,6 +918,15 @@ def _claim_row(row_cls, role: str, variant: str, results: Mapping[str, Any], set
         ext_ok = extended >= EXTENDED_MIN and plain < PLAIN_S3_CONTROL_MAX
         if extended < EXTENDED_MIN:
             ext_diag.append(f"YaRN + DCA reach {pct(extended)} at {longest} (< {EXTENDED_MIN:.0%})")
+            yarn_only = acc("S3+YaRN", f"at_{longest}")
+            if yarn_only is not None and yarn_only >= EXTENDED_MIN:
+                ext_diag.append(f"YaRN alone keeps {pct(yarn_only)} there, so the loss comes from DCA's remapped "
+                                "positions, not from retrieval itself")
+            grid = results.get("retrieval", {}).get(variant, {}).get("S3+YaRN+DCA", {})
+            if longest in grid.get("lengths", []):
+                by_depth = grid["accuracy"][grid["lengths"].index(longest)]
+                ext_diag.append(f"S3+YaRN+DCA at {longest} by needle depth (start of the context -> end): "
+                                + ", ".join(pct(a) for a in by_depth))
         if plain >= PLAIN_S3_CONTROL_MAX:
             ext_diag.append(f"plain S3 already reaches {pct(plain)} at {longest} (>= {PLAIN_S3_CONTROL_MAX:.0%}): "
                             "the model extrapolates on this task without YaRN/DCA, so the control does not "
