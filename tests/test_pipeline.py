@@ -118,7 +118,7 @@ def test_post_training_stages_chain_and_hand_over_used_queries(micro_run):
     rows = {c["name"]: c for c in json.loads((plan.root / "claims" / "claims.json").read_text())}
     probes = json.loads((plan.root / "claims" / "copy_probe.json").read_text())
     assert "flagship/cold-start" in probes  # the Filtering row failed at micro scale and was probed
-    assert "does not copy from its context" in rows["filtering"]["diagnosis"]
+    assert "does not copy prose from its context" in rows["filtering"]["diagnosis"]
     for name in ("filtering", "thinkfollow", "thinking_vs_non_thinking", "thinking_budget"):
         assert rows[name]["plots"] and all(Path(p).exists() for p in rows[name]["plots"]), name
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-# Below this gain (nats/token) the diagnoses say the model does not copy from its context. An
+# Below this gain (nats/token) the diagnoses say the model does not copy prose from its context. An
 # induction-capable model's second copy costs a small fraction of the first (a gain of most of the
 # first copy's ~2 nats); the tiny models trained here gain ~0.1-0.2.
 COPY_GAIN_MIN = 0.5
