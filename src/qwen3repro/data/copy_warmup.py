@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .packing import DataError
+
 # Span lengths (tokens) of the repeated documents: short enough that several fit into one 256-token
 # S1 row, long enough that a span is never predictable from its first tokens' bigram statistics.
 DEFAULT_SPAN_RANGE = (8, 48)
@@ -98,8 +100,6 @@ class CopyWarmupLoader:
                 "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from .packing import DataError
-
         mine = state.get("copy_warmup")
         if mine is None:
             raise DataError("loader cursor has no copy warm-up state: it was written by a run without the warm-up")

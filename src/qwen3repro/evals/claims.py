@@ -157,15 +157,17 @@ def add_copy_diagnoses(plan, rows: list[ClaimRow], printer: Callable[[str], None
     default_role = (plan.settings.post_roles or plan.settings.control_roles or plan.settings.roles)[0]
     # A model that retrieves the pass key at its trained length copies what the retrieval rows need,
     # whatever the prose probe says: those rows' failures are the long-context mechanism's own.
-    retrieves = {r.name.split("[", 1)[1] for r in rows if r.name.startswith("s3_abf[") and r.reproduced}
-    for r in rows:
-        base = r.name.split("[")[0]
+    # Row names are "<claim>" or "<claim>[<role>/<variant>]".
+    names = [r.name.partition("[")[::2] for r in rows]  # (claim, "<role>/<variant>]" or "")
+    retrieves = {qualifier for r, (base, qualifier) in zip(rows, names)
+                 if base == "s3_abf" and qualifier and r.reproduced}
+    for r, (base, qualifier) in zip(rows, names):
         if r.reproduced is not False or base not in COPY_PROBED:
             continue
-        if base in ("s3_abf", "yarn_dca") and "[" in r.name and r.name.split("[", 1)[1] in retrieves:
+        if base in ("s3_abf", "yarn_dca") and qualifier in retrieves:
             continue
         stage, label = COPY_PROBED[base]
-        role = r.name.split("[")[1].split("/")[0].rstrip("]") if "[" in r.name else default_role
+        role = qualifier.split("/")[0].rstrip("]") if qualifier else default_role
         d = plan.root / role / stage
         if not (d / "config.json").exists():
             continue
