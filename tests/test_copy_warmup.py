@@ -57,9 +57,10 @@ def test_batches_are_a_function_of_seed_and_index():
     assert not torch.equal(a["input_ids"], other["input_ids"])
 
 
-def _loader(steps=3):
+def _loader(steps=3, seq_len=16, batch_size=2):
     inner = PackingLoader([np.arange(1, 30), np.arange(1, 50), np.arange(3, 9)], seq_len=16, batch_size=2, eot_id=EOT)
-    return CopyWarmupLoader(inner, steps=steps, batch_size=2, seq_len=16, n_ordinary=50, eot_id=EOT, seed=7)
+    return CopyWarmupLoader(inner, steps=steps, batch_size=batch_size, seq_len=seq_len, n_ordinary=50, eot_id=EOT,
+                            seed=7, span_range=(2, 5))
 
 
 def _take(loader, n):
@@ -89,10 +90,20 @@ def test_warmup_batches_come_first_then_the_corpus_and_resume_exactly():
             torch.testing.assert_close(got, want)
 
 
+def test_warmup_rows_may_be_shorter_than_the_corpus_rows():
+    loader = _loader(seq_len=8, batch_size=4)
+    shapes = [tuple(ids.shape) for ids in _take(loader, 5)]
+    assert shapes == [(4, 8)] * 3 + [(2, 16)] * 2
+
+
 def test_a_cursor_of_another_warmup_is_refused_by_name():
     state = _loader(steps=3).state_dict()
     with pytest.raises(DataError, match="steps=3"):
         _loader(steps=4).load_state_dict(state)
+    with pytest.raises(DataError, match="seq_len=16"):
+        _loader(seq_len=8).load_state_dict(state)
+    with pytest.raises(DataError, match="batch_size=2"):
+        _loader(batch_size=3).load_state_dict(state)
     with pytest.raises(DataError, match="without the warm-up"):
         _loader().load_state_dict({"epoch": 0, "batch": 0})
 
@@ -105,3 +116,9 @@ def test_config_adds_warmup_steps_and_rejects_bad_values():
         PretrainConfig(**base, copy_warmup_steps=-1)
     with pytest.raises(ConfigError, match="grad_accum"):
         PretrainConfig(**base, copy_warmup_steps=2, train={"grad_accum": 2})
+    assert PretrainConfig(**base, copy_warmup_span=[16, 31]).copy_warmup_span == (16, 31)  # TOML gives a list
+    for bad in ([0, 4], [5, 4], [3], [1.5, 4]):
+        with pytest.raises(ConfigError, match="copy_warmup_span"):
+            PretrainConfig(**base, copy_warmup_span=bad)
+    with pytest.raises(ConfigError, match="copy_warmup_seq_len"):
+        PretrainConfig(**base, copy_warmup_seq_len=-8)

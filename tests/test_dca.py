@@ -261,6 +261,35 @@ def test_config_kwargs():
     assert dca_kwargs(qwen25_1m)["original_max_position_embeddings"] == 262144
 
 
+def test_dca_rotates_with_base_frequencies_whatever_rope_scaling_says():
+    """vLLM's get_rope builds DCA's rotary embedding (base RoPE) when dual_chunk_attention_config is
+    present, ignoring rope_scaling: a config with YaRN + DCA is the same model as DCA alone, and
+    differs from YaRN alone at a length where YaRN changes the frequencies."""
+    from qwen3repro.models.qwen3 import Qwen3
+    from qwen3repro.models.rope import rope_parameters
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=1e4,
+                  max_position_embeddings=256)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    dca = {"chunk_size": 48, "local_size": 4, "original_max_position_embeddings": 64}
+    both_cfg = ModelConfig(**common, rope_scaling=yarn, dual_chunk_attention_config=dca)
+    inv, factor = rope_parameters(both_cfg)
+    torch.testing.assert_close(inv, default_inv_freq(16, 1e4))
+    assert factor == 1.0
+    torch.manual_seed(0)
+    both = Qwen3(both_cfg).eval()
+    dca_only = Qwen3(ModelConfig(**common, dual_chunk_attention_config=dca)).eval()
+    yarn_only = Qwen3(ModelConfig(**common, rope_scaling=yarn)).eval()
+    dca_only.load_state_dict(both.state_dict())
+    yarn_only.load_state_dict(both.state_dict())
+    ids = torch.randint(0, 64, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = both(ids).logits
+        torch.testing.assert_close(out, dca_only(ids).logits)
+        assert not torch.allclose(out, yarn_only(ids).logits, atol=1e-4)
+
+
 def test_rejects_bad_inputs():
     q, k, v = _qkv(0, 1, 2, 1, 4, 6, 8)
     kw = dict(inv_freq=default_inv_freq(8, 1000.0), chunk_size=4, local_size=1)

@@ -105,7 +105,9 @@ def test_conditions_build_the_right_configs():
     # DCA only for its condition, with ChunkLlama's default sizes (3/4 and 1/16 of the trained length).
     dca_long = lc.condition_config(base, "S3+YaRN+DCA", long, SETTINGS)
     assert dca_long.rope_scaling == yarn.rope_scaling
-    assert dca_long.dual_chunk_attention_config == {"chunk_size": 144, "local_size": 12}
+    # ... and vLLM's dynamic (YaRN-form) key temperature from the trained length.
+    assert dca_long.dual_chunk_attention_config == {"chunk_size": 144, "local_size": 12,
+                                                    "original_max_position_embeddings": TRAINED}
     dca_short = lc.condition_config(base, "S3+YaRN+DCA", short, SETTINGS)
     assert dca_short.rope_scaling is None and dca_short.dual_chunk_attention_config is not None
     only_long = SETTINGS.replace(dca_only_beyond_trained=True)
@@ -226,7 +228,7 @@ def test_run_writes_pinned_results_and_plots(checkpoints, tmp_path):
     assert pinned["decoding"]["strategy"] == "greedy"
     assert pinned["condition_overrides"]["S3+YaRN"]["within_trained"]["rope_scaling"] is None
     assert pinned["condition_overrides"]["S3+YaRN+DCA"]["beyond_trained"]["dual_chunk_attention_config"] == {
-        "chunk_size": 144, "local_size": 12}
+        "chunk_size": 144, "local_size": 12, "original_max_position_embeddings": TRAINED}
     assert any("only to inputs longer than the trained length" in n for n in saved["notes"])
     assert set(saved["retrieval"]["order"]) == set(lc.CONDITION_NAMES) == set(saved["loss_by_position"])
     for name in saved["plots"]:

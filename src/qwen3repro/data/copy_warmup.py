@@ -6,11 +6,17 @@ token, copy it. Large language models form them early, because real corpora repe
 every scale (Olsson et al. 2022, "In-context learning and induction heads": a phase change within
 the first few billion tokens). A tiny model's 1-2M-token synthetic S1 does not get there: the tiny
 S3 flagship copies nothing (a repeated held-out span costs 2.21 nats/token the second time vs 2.23
-the first, `evals.copying`), so every claim that reads from the context fails. On data where every
-second half repeats the first, the same model forms induction heads in ~150 steps. This phase
-gives S1 that data first; it is a tiny-scale stand-in for what scale provides, off at full scale.
+the first, `evals.copying`), so every claim that reads from the context fails. This phase gives S1
+copy data first; it is a tiny-scale stand-in for what scale provides, off at full scale.
 
-Rows. Each row of `seq_len` inputs (+1 for the labels) is filled with repeated-span documents:
+What it costs (tiny flagship, lr 1e-3, 200 warm-up steps of LR): the loss sits at ln V for a
+while, then falls to the copy floor within ~250 steps (the induction phase change). With 8 rows
+of 256 tokens the fall came at ~1,100-1,500 steps; with 32 rows of 64 tokens and spans of 16-31,
+at ~650-900; 16 rows of 64 had not fallen by 1,500. The span length must vary: rows whose second
+half repeats the first at a fixed offset "fall" within ~250 steps, but by a positional head that
+copies from a fixed distance, not by induction (with offsets of 8-32 the loss stayed flat).
+
+Rows. Each row of `seq_len` inputs (+1 for the labels; the stage's `copy_warmup_seq_len`) is filled with repeated-span documents:
 a span of `span` random ordinary tokens (span uniform in `span_range`), the same span again, then
 `<|endoftext|>`, and the next document, until the row is full (the last one is cut). A span is
 unpredictable the first time and fully predictable the second time only by copying from the
@@ -96,7 +102,8 @@ class CopyWarmupLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"copy_warmup": {"done": self.done, "steps": self.steps, "seed": self.seed,
-                                "span_range": list(self.span_range), "n_ordinary": self.n_ordinary},
+                                "span_range": list(self.span_range), "n_ordinary": self.n_ordinary,
+                                "batch_size": self.batch_size, "seq_len": self.seq_len},
                 "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -104,7 +111,7 @@ class CopyWarmupLoader:
         if mine is None:
             raise DataError("loader cursor has no copy warm-up state: it was written by a run without the warm-up")
         for key, now in (("steps", self.steps), ("seed", self.seed), ("span_range", list(self.span_range)),
-                         ("n_ordinary", self.n_ordinary)):
+                         ("n_ordinary", self.n_ordinary), ("batch_size", self.batch_size), ("seq_len", self.seq_len)):
             if mine.get(key) != now:
                 raise DataError(f"loader cursor was written with copy warm-up {key}={mine.get(key)!r}, this run has {now!r}")
         self.done = int(mine["done"])

@@ -74,8 +74,18 @@ def yarn_inv_freq(
 
 
 def rope_parameters(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim/2], attention_factor) for a model config."""
-    if config.rope_type == "yarn":
+    """(inv_freq [head_dim/2], attention_factor) for a model config.
+
+    With `dual_chunk_attention_config` set, the base frequencies and factor 1 whatever `rope_scaling`
+    says, as in vLLM: its `get_rope` builds the `DualChunkRotaryEmbedding` (plain RoPE at DCA's
+    remapped positions) instead of a YaRN embedding when the DCA config is present, and YaRN's
+    temperature reaches DCA through the DCA config's `original_max_position_embeddings` (the dynamic
+    key temperature, `dca.dynamic_key_temperature`). A config.json with both keys therefore means the
+    same model here and in vLLM. DCA keeps every relative distance within the trained range, so
+    YaRN's interpolation on top would only compress distances the model already resolves (at tiny
+    scale it cut 8,192-token retrieval from 100% to 20% on development items).
+    """
+    if config.rope_type == "yarn" and not config.dual_chunk_attention_config:
         return yarn_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
     return default_inv_freq(config.head_dim, config.rope_theta), 1.0
 

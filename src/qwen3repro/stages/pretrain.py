@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ConfigError, ModelConfig, strict_fields
-from ..data.copy_warmup import CopyWarmupLoader
+from ..data.copy_warmup import DEFAULT_SPAN_RANGE, CopyWarmupLoader
 from ..data.packing import PackingLoader
 from ..data.synthetic import build_corpus, heldout_text
 from ..lineage import make_lineage, write_lineage
@@ -70,7 +70,13 @@ class PretrainConfig:
     """Optimizer steps of repeated random spans before the corpus (`data.copy_warmup`): a tiny-scale
     stand-in for the induction heads real corpora form early. Added to the steps `tokens` gives."""
     copy_warmup_batch_size: int = 8
-    """Sequences of `seq_len` per warm-up step (induction forms in fewer tokens at smaller batches)."""
+    """Rows per warm-up step."""
+    copy_warmup_seq_len: int = 0
+    """Tokens per warm-up row; 0 means `seq_len`. Short rows form induction heads in fewer steps
+    (fewer distractors per query): the tiny flagship's loss fell to the copy floor by ~900 steps of
+    32 x 64 tokens, against ~1,500 of 8 x 256."""
+    copy_warmup_span: tuple[int, int] = DEFAULT_SPAN_RANGE
+    """[shortest, longest] repeated span in warm-up documents (a document is span + span + EOT)."""
     seed: int = 0
     train: Mapping[str, Any] = field(default_factory=dict)
     """TrainConfig fields except `steps` (derived from `tokens`)."""
@@ -84,6 +90,13 @@ class PretrainConfig:
         if self.copy_warmup_steps < 0 or self.copy_warmup_batch_size < 1:
             raise ConfigError(f"copy_warmup_steps must be >= 0 and copy_warmup_batch_size >= 1, got "
                               f"{self.copy_warmup_steps} and {self.copy_warmup_batch_size}")
+        if self.copy_warmup_seq_len < 0:
+            raise ConfigError(f"copy_warmup_seq_len must be >= 0 (0: seq_len), got {self.copy_warmup_seq_len}")
+        span = tuple(self.copy_warmup_span)
+        if len(span) != 2 or not all(isinstance(x, int) for x in span) or not 1 <= span[0] <= span[1]:
+            raise ConfigError(f"copy_warmup_span must be [shortest, longest] with 1 <= shortest <= longest, "
+                              f"got {self.copy_warmup_span!r}")
+        object.__setattr__(self, "copy_warmup_span", span)
         if self.copy_warmup_steps and int(self.train.get("grad_accum", 1)) != 1:
             raise ConfigError("copy_warmup_steps needs grad_accum = 1 (one warm-up batch per optimizer step)")
         self.train_config()  # validate now, naming unknown keys
@@ -209,11 +222,12 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext, *, lineage_
     if cfg.copy_warmup_steps:
         # The special tokens come last (Qwen3's layout, `<|endoftext|>` first of them): spans draw
         # from the ordinary tokens only.
+        warmup_len = cfg.copy_warmup_seq_len or cfg.seq_len
         loader = CopyWarmupLoader(loader, steps=cfg.copy_warmup_steps, batch_size=cfg.copy_warmup_batch_size,
-                                  seq_len=cfg.seq_len, n_ordinary=tokenizer.endoftext_id,
-                                  eot_id=tokenizer.endoftext_id, seed=cfg.seed)
+                                  seq_len=warmup_len, n_ordinary=tokenizer.endoftext_id,
+                                  eot_id=tokenizer.endoftext_id, seed=cfg.seed, span_range=cfg.copy_warmup_span)
         ctx.say(f"{cfg.name}: copy warm-up first: {cfg.copy_warmup_steps} steps x {cfg.copy_warmup_batch_size}"
-                f" x {cfg.seq_len} of repeated random spans")
+                f" x {warmup_len} of repeated random spans ({cfg.copy_warmup_span[0]}-{cfg.copy_warmup_span[1]} tokens)")
     tcfg = cfg.train_config()
     ctx.say(f"{cfg.name}: {cfg.tokens:,} tokens = {cfg.corpus_steps} steps x {cfg.batch_size} x {cfg.seq_len}"
             f" (corpus {cfg.corpus}, {len(docs):,} documents, {tokens_per_epoch:,} tokens/epoch)"
