@@ -105,6 +105,22 @@ def test_clearly_above_needs_more_than_noise():
     assert th.clearly_above(1.0, 10, 0.0, 10) and not th.clearly_above(0.0, 10, 0.0, 10)
 
 
+def test_filtering_verdict_needs_both_differences_beyond_noise():
+    from qwen3repro.evals.posttrain import filtering_verdict
+
+    def model(acc, defect, n):
+        return {"accuracy": acc, "any_defect_rate": defect, "n": n}
+
+    ok, parts = filtering_verdict(model(0.20, 0.80, 250), model(0.08, 0.92, 250))
+    assert ok and parts == []
+    # One right answer in 84 against none: higher, but within noise (the tiny run of this session).
+    ok, parts = filtering_verdict(model(1 / 84, 83 / 84, 84), model(0.0, 1.0, 84))
+    assert not ok and len(parts) == 2 and "2 standard errors" in parts[0]
+    # More accurate but not less defective (e.g. more repetition) fails on the second half alone.
+    ok, parts = filtering_verdict(model(0.20, 0.95, 250), model(0.08, 0.95, 250))
+    assert not ok and parts == ["its outputs are not less defective by more than 2 standard errors"]
+
+
 def test_doubling_grid_goes_beyond_the_longest_trace():
     assert th.doubling_grid(100) == [0, 8, 16, 32, 64, 128]
     assert th.doubling_grid(128) == [0, 8, 16, 32, 64, 128]

@@ -101,6 +101,26 @@ def _plot_filtering(res: Mapping[str, Any], path: Path) -> str | None:
     return str(path)
 
 
+def filtering_verdict(filtered: Mapping[str, Any], unfiltered: Mapping[str, Any]) -> tuple[bool, list[str]]:
+    """(reproduced, what falls short) for the Filtering claim from each model's `evaluate_outputs`.
+
+    Both differences must exceed 2 standard errors (the two-proportion test of the thinking claims,
+    `thinking.clearly_above`): at a few percent accuracy on ~100 queries one item either way is noise.
+    """
+    from .thinking import clearly_above
+
+    f, u = filtered, unfiltered
+    n_f, n_u = int(f["n"]), int(u["n"])
+    better_acc = clearly_above(f["accuracy"], n_f, u["accuracy"], n_u)
+    fewer_defects = clearly_above(1 - f["any_defect_rate"], n_f, 1 - u["any_defect_rate"], n_u)
+    parts = []
+    if not better_acc:
+        parts.append("the filtered model is not more accurate by more than 2 standard errors")
+    if not fewer_defects:
+        parts.append("its outputs are not less defective by more than 2 standard errors")
+    return better_acc and fewer_defects, parts
+
+
 def claim_filtering(plan, say) -> list:
     from .claims import ClaimRow
 
@@ -122,16 +142,9 @@ def claim_filtering(plan, say) -> list:
         say(f"claims: {role} cold start held-out accuracy filtered {f['accuracy']:.3f} vs unfiltered "
             f"{u['accuracy']:.3f}, any defect {f['any_defect_rate']:.3f} vs {u['any_defect_rate']:.3f} "
             f"(n={f['n']}, {format_duration(time.perf_counter() - t0)})")
-        better_acc = f["accuracy"] > u["accuracy"]
-        fewer_defects = f["any_defect_rate"] < u["any_defect_rate"]
-        reproduced = better_acc and fewer_defects
+        reproduced, parts = filtering_verdict(f, u)
         diagnosis = ""
         if not reproduced:
-            parts = []
-            if not better_acc:
-                parts.append("the filtered model is not more accurate")
-            if not fewer_defects:
-                parts.append("its outputs are not less defective")
             if f["accuracy"] == 0 and u["accuracy"] == 0:
                 parts.append("both models solve nothing: the cold start is too short for this model to learn the "
                              "traces, so the data difference cannot show")
