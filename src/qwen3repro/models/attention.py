@@ -24,7 +24,8 @@ path is used and no mask tensor is materialised.
 Dual chunk attention (DCA) hook: when `config.dual_chunk_attention_config` is set, RoPE is *not*
 applied here; the cache stores pre-RoPE keys, and the whole "rotate + scores + softmax + values" step
 is delegated to `qwen3repro.models.dca.dual_chunk_attention`, which receives the pre-RoPE, QK-normed
-q [B, H, S, D] and k, v [B, Hk, T, D] (cache + new), the RoPE frequencies and attention factor, and
+q [B, H, S, D] and k, v [B, Hk, T, D] (cache + new), the RoPE frequencies and attention factor (under
+DCA the base frequencies and 1, whatever `rope_scaling` says, as in vLLM: see `rope.rope_parameters`), and
 the query positions (shared by all rows; DCA supports no padding or segments). DCA needs pre-RoPE
 tensors because it rotates each query at several remapped positions (intra-chunk, successive-chunk,
 inter-chunk).

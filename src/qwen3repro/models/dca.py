@@ -342,13 +342,15 @@ def dual_chunk_attention(
         k: [B, Hkv, Sk, D] keys after QK-norm, before RoPE (Hq a multiple of Hkv: GQA); for decoding,
             the whole cache of pre-RoPE keys followed by the new ones.
         v: [B, Hkv, Sk, Dv] values.
-        inv_freq: [D/2] rotary inverse frequencies (`rope_parameters(config)[0]`, possibly YaRN).
+        inv_freq: [D/2] rotary inverse frequencies. Any (YaRN's compose exactly); the model passes
+            `rope_parameters(config)[0]`, the base frequencies under DCA, as vLLM does.
         chunk_size, local_size: C and W of `dual_chunk_attention_config`.
         q_positions: absolute positions of the queries, 1-D consecutive tensor of length Sq or the int
             of the first one. The queries are the last Sq of the keys. Default: from `k_positions`.
         k_positions: absolute positions of the keys (tensor or first int). Default: from
             `q_positions`, or 0 .. Sk-1 when neither is given.
-        attention_factor: YaRN attention factor; multiplies cos and sin of q and k as in `rope_cos_sin`.
+        attention_factor: multiplies cos and sin of q and k as in `rope_cos_sin` (YaRN's factor when
+            composing by hand; the model passes 1 and uses the dynamic temperature instead).
         scale: softmax scale, default D ** -0.5.
         original_max_position_embeddings: turns on vLLM's dynamic temperature (module docstring).
         impl: "auto" (fused kernel with LSE when available and no gradient is needed, else explicit),
