@@ -102,7 +102,7 @@ class SweepSettings:
     seed noise of a size that is searched with one."""
     tokens_per_param: float = 1.0
     """Training tokens per non-embedding parameter of every run. The tiny recipes' S1 trains
-    tiny-flagship at 0.9 and tiny-student at 1.5 tokens per parameter."""
+    tiny-flagship on ~0.7 and tiny-student on ~1.0 corpus tokens per parameter (tiny/tiny.toml)."""
     seq_len: int = 256
     lr_base: float = 1e-3
     lr_exponents: tuple[int, int] = (-3, 6)
@@ -521,7 +521,7 @@ def caveats(s: SweepSettings, opt: Mapping[str, Mapping[str, Any]], fits: Mappin
                + ", ".join(f"{z} {m:.4f}" for z, m in margins.items())
                + " nats; where this is below the seed noise, the best point is not distinguishable from that neighbour")
     out.append(f"every run trains {s.tokens_per_param:g} tokens per non-embedding parameter; the tiny recipes' S1 trains "
-               "tiny-flagship at ~0.9 and tiny-student at ~1.5, so their own optima differ somewhat")
+               "tiny-flagship on ~0.7 and tiny-student on ~1.0, so their own optima differ somewhat")
     out.append("LR optimum taken at the best lattice batch, batch optimum at the best lattice LR (no joint fit)")
     out.append("tiny-flagship's prediction extrapolates beyond the largest size run (tiny-student)")
     return out
