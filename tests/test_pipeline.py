@@ -152,3 +152,60 @@ def test_fusion_follows_reasoning_rl_and_writes_its_data(micro_run):
     fusion = plan.node("flagship/fusion")
     assert fusion.parent.key == "flagship/reasoning-rl"
     assert (fusion.out_dir / "fusion_data.jsonl").exists() and (fusion.out_dir / "fusion_report.json").exists()
+
+
+def test_scale_extends_another_and_names_a_cycle(tmp_path):
+    from qwen3repro.recipes import load_scale, scale_lineage
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "base.toml").write_text('[stages.s1]\nseq_len = 64\ntokens = 100\n')
+    (tmp_path / "tiny" / "bigger.toml").write_text('extends = "base"\n[stages.s1]\ntokens = 400\n')
+    assert load_scale("bigger", root=tmp_path) == {"stages": {"s1": {"seq_len": 64, "tokens": 400}}}
+    assert scale_lineage("bigger", root=tmp_path) == ["base", "bigger"]
+    (tmp_path / "tiny" / "loop.toml").write_text('extends = "loop"\n')
+    with pytest.raises(ConfigError, match="cycle loop -> loop"):
+        load_scale("loop", root=tmp_path)
+
+
+def test_small_scale_is_tiny_with_longer_post_training():
+    """`small` changes only post-training sizes (and the evaluations), so every pretraining stage
+    has the lineage hash of tiny's and is copied from a finished tiny run instead of retrained."""
+    tiny, small = build_plan("tiny"), build_plan("small")
+    assert small.settings.reuse == "tiny"
+    for node in small.nodes:
+        if node.kind in ("tokenizer", "pretrain"):
+            assert expected_hash(node) == expected_hash(tiny.node(node.key)), node.key
+    assert small.node("flagship/cold-start").config.steps > tiny.node("flagship/cold-start").config.steps
+    assert expected_hash(small.node("flagship/fusion")) != expected_hash(tiny.node("flagship/fusion"))
+
+
+def test_reuse_copies_finished_stages_of_the_same_lineage(micro_run, tmp_path, monkeypatch):
+    """A scale that `extends` micro with `reuse = "micro"` and a longer fusion SFT: the pretraining,
+    cold start and RL directories are copied from the finished micro run (same lineage hashes, the
+    model loads), fusion is retrained, and only the claims the scale lists are measured."""
+    import shutil
+
+    plan, _ = micro_run
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "tiny").mkdir()
+    shutil.copy(repo / "tiny" / "micro.toml", tmp_path / "tiny" / "micro.toml")
+    shutil.copytree(repo / "recipes", tmp_path / "recipes")
+    (tmp_path / "tiny" / "micro-long.toml").write_text(
+        'extends = "micro"\n[pipeline]\nreuse = "micro"\nclaims = ["grpo"]\n'
+        '[stages.fusion.sft]\nsteps = 6\n')
+    monkeypatch.setenv("QWEN3REPRO_ROOT", str(tmp_path))
+    out_root = plan.root.parent
+    lines: list[str] = []
+    long = run_pipeline("micro-long", out_root=out_root, printer=lines.append)
+    status = {n.key: n.status for n in long.nodes}
+    assert status["flagship/s3"] == "copied from micro" and status["flagship/reasoning-rl"] == "copied from micro"
+    assert status["flagship/fusion"].startswith("trained")
+    for node in long.nodes:
+        assert read_lineage(node.out_dir).hash == expected_hash(node), node.key
+    assert Qwen3.from_pretrained(long.node("flagship/s3").out_dir).config.rope_theta == 1e6
+    assert not list(long.root.glob("**/*.copying"))
+    claims = json.loads((long.root / "claims" / "claims.json").read_text())
+    assert {c["name"] for c in claims} == {"grpo"}
+    # A second run finds everything up to date (copies are ordinary finished stages).
+    again = run_pipeline("micro-long", out_root=out_root, printer=lines.append, claims=False)
+    assert all(n.status.startswith("skipped") for n in again.nodes)

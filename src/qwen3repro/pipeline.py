@@ -61,6 +61,12 @@ class PipelineSettings:
     """Post-training stages after the chain (cold start, reasoning RL, fusion), for `post_roles`."""
     post_roles: tuple[str, ...] = ()
     threads: int = 2
+    reuse: str = ""
+    """Another scale whose completed stages are copied here when their lineage hash is the one this
+    scale wants (same config, same parents): a larger scale that only lengthens post-training
+    starts from the smaller scale's pretraining instead of redoing it. Empty: train everything."""
+    claims: tuple[str, ...] = ()
+    """The claims to measure (names in `evals.claims.CLAIMS`); empty: all of them."""
 
 
 @dataclass
@@ -207,6 +213,34 @@ def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
     return "run"
 
 
+def _reuse(plan: Plan, node: StageNode, say: Callable[[str], None]) -> bool:
+    """Copy `node`'s directory from the `reuse` scale when that one is complete with the lineage hash
+    `node` wants and this scale's is not. The copy goes to a temporary name first and is renamed into
+    place, so a cut copy is never taken for a finished stage; a directory already here that another
+    config made is moved aside, as `_prepare_dir` does."""
+    if not plan.settings.reuse:
+        return False
+    want = expected_hash(node)
+    here = read_lineage(node.out_dir) if node.out_dir.exists() else None
+    if here is not None and here.complete and here.hash == want:
+        return False  # up to date: the normal skip
+    source = plan.root.parent / plan.settings.reuse / node.out_dir.relative_to(plan.root)
+    there = read_lineage(source) if source.exists() else None
+    if there is None or not there.complete or there.hash != want:
+        return False
+    out = node.out_dir
+    if out.exists():
+        aside = out.with_name(f"{out.name}.old-{(here.hash if here else 'partial')}-{int(time.time())}")
+        say(f"{node.key}: {out} was made by another config; moved aside to {aside.name}")
+        os.rename(out, aside)
+    partial = out.with_name(f"{out.name}.copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    os.rename(partial, out)
+    say(f"{node.key}: same lineage as {source}; copied (not retrained)")
+    return True
+
+
 def run_stages(plan: Plan, *, only: set[str] | None = None, printer: Callable[[str], None] | None = None) -> Plan:
     say = printer or default_printer()
     previous_threads = torch.get_num_threads()
@@ -226,6 +260,9 @@ def _run_nodes(plan: Plan, only: set[str] | None, say: Callable[[str], None]) ->
             node.status = "not selected"
             continue
         t0 = time.perf_counter()
+        if _reuse(plan, node, say):
+            node.status = f"copied from {plan.settings.reuse}"
+            continue
         action = _prepare_dir(node, say)
         if action == "skip":
             node.status = "skipped (up to date)"
@@ -250,7 +287,7 @@ def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides:
     if claims:
         from .evals.claims import run_claims
 
-        run_claims(plan, printer=say)
+        run_claims(plan, printer=say, only=set(plan.settings.claims) or None)
     total = time.perf_counter() - t0
     write_json_atomic(plan.root / "pipeline.json", {
         "scale": scale, "total_seconds": total,

@@ -87,18 +87,30 @@ def _load_named(folder: str, name: str, kind: str, root: Path | None) -> dict[st
 EXTENDS = "extends"
 
 
-def _recipe_chain(stage: str, root: Path | None) -> list[tuple[str, dict[str, Any]]]:
-    """(name, file contents) of `stage` and every recipe it `extends`, base first."""
-    chain = [(stage, _load_named("recipes", stage, "recipe", root))]
+def _extends_chain(folder: str, name: str, kind: str, root: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """(name, file contents) of `<folder>/<name>.toml` and every file it `extends`, base first."""
+    chain = [(name, _load_named(folder, name, kind, root))]
     while EXTENDS in chain[-1][1]:
         base = chain[-1][1][EXTENDS]
-        names = [name for name, _ in chain]
+        names = [n for n, _ in chain]
         if not isinstance(base, str):
-            raise ConfigError(f"recipes/{names[-1]}.toml: `{EXTENDS}` must be a recipe name, got {base!r}")
+            raise ConfigError(f"{folder}/{names[-1]}.toml: `{EXTENDS}` must be a {kind} name, got {base!r}")
         if base in names:
-            raise ConfigError(f"recipes: `{EXTENDS}` cycle {' -> '.join(names + [base])}")
-        chain.append((base, _load_named("recipes", base, "recipe", root)))
+            raise ConfigError(f"{folder}: `{EXTENDS}` cycle {' -> '.join(names + [base])}")
+        chain.append((base, _load_named(folder, base, kind, root)))
     return chain[::-1]
+
+
+def _merge_chain(chain: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for name, raw in chain:
+        raw.pop(EXTENDS, None)
+        merged = deep_merge(merged, raw, f"{name}.")
+    return merged
+
+
+def _recipe_chain(stage: str, root: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    return _extends_chain("recipes", stage, "recipe", root)
 
 
 def recipe_lineage(stage: str, root: Path | None = None) -> list[str]:
@@ -109,12 +121,15 @@ def recipe_lineage(stage: str, root: Path | None = None) -> list[str]:
 
 def load_recipe(stage: str, root: Path | None = None) -> dict[str, Any]:
     """The recipe of `stage`, with any `extends` chain resolved (the key itself removed)."""
-    merged: dict[str, Any] = {}
-    for name, raw in _recipe_chain(stage, root):
-        raw.pop(EXTENDS, None)
-        merged = deep_merge(merged, raw, f"{name}.")
-    return merged
+    return _merge_chain(_recipe_chain(stage, root))
+
+
+def scale_lineage(scale: str, root: Path | None = None) -> list[str]:
+    """The scale names `scale` is built from, base first (`extends = "tiny"` in `tiny/small.toml`)."""
+    return [name for name, _ in _extends_chain("tiny", scale, "scale", root)]
 
 
 def load_scale(scale: str, root: Path | None = None) -> dict[str, Any]:
-    return _load_named("tiny", scale, "scale", root)
+    """The scale file `tiny/<scale>.toml`, with any `extends` chain resolved: a larger scale can be
+    a smaller one with some sizes changed, and states only those."""
+    return _merge_chain(_extends_chain("tiny", scale, "scale", root))

@@ -9,7 +9,8 @@ holds when the filtered model is both more accurate and less defective.
 
 **GRPO.** Read from the reasoning-RL stage's own `eval.json` (held-out pass@1/pass@k at step 0,
 i.e. the cold-start model, and at the end) and its per-step entropy: pass@1 must rise by at least
-`CLAIM_PASS1_GAIN` with entropy never below `CLAIM_ENTROPY_FLOOR` of its first value.
+`CLAIM_PASS1_GAIN` with entropy never below `CLAIM_ENTROPY_FLOOR` of its first value (entropy as a
+mean over `ENTROPY_WINDOW` consecutive steps: one step's batch is too noisy to read a trend from).
 """
 from __future__ import annotations
 
@@ -255,7 +256,7 @@ def claim_grpo(plan, say) -> list:
             report_figure=f"AIME'24 {REPORT_AIME24_BEFORE} -> {REPORT_AIME24_AFTER} in {REPORT_RL_STEPS} steps (§4.2)",
             measured=(f"pass@1 {before:.1%} -> {after:.1%} ({gain * 100:+.1f} points) in {ev['steps']} steps; "
                       f"pass@{k} {ev.get(f'pass@{k}_before', float('nan')):.1%} -> "
-                      f"{ev.get(f'pass@{k}_after', float('nan')):.1%}; entropy min/start {ratio:.2f}"),
+                      f"{ev.get(f'pass@{k}_after', float('nan')):.1%}; entropy min/start {ratio:.2f} ({ev.get('entropy_window', 1)}-step means)"),
             reproduced=gain_ok and entropy_ok, diagnosis="; ".join(diagnosis),
             plots=[str(plot)] if plot.exists() else [],
             details={"eval": ev, "steps_logged": len(records)},
