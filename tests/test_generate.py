@@ -225,6 +225,48 @@ def test_logprobs_match_full_forward(micro, name):
             torch.testing.assert_close(torch.tensor(g.logprobs), ref, atol=2e-5, rtol=0)
 
 
+def _assert_logprobs_match(model, prompts, gens, t=1.0):
+    for p, g in zip(prompts, gens):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p + g.token_ids])).logits[0].float() / t, dim=-1)
+        ref = logp[len(p) - 1: -1].gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(g.logprobs), ref, atol=2e-5, rtol=0)
+
+
+def test_logprobs_match_full_forward_across_prefill_chunks(micro):
+    # Enough padded prompts that the fast path prefills them a few rows at a time.
+    rng = random.Random(0)
+    prompts = [[rng.randrange(500) for _ in range(rng.randint(1, 40))] for _ in range(20)]
+    gens = generate(micro, prompts, SamplingParams(temperature=0.9, top_k=8), max_new_tokens=6,
+                    return_logprobs=True, seed=2)
+    _assert_logprobs_match(micro, prompts, gens, t=0.9)
+
+
+def test_prepared_weights_follow_the_model():
+    # The fast path keeps its prepared weights across calls; an in-place update (an optimizer step),
+    # a replaced parameter or reassigned `.data` must still be decoded as the model is now.
+    torch.manual_seed(0)
+    model = Qwen3(get_model_config("micro")).eval()
+    prompts = _prompts()
+    before = generate(model, prompts, GREEDY, max_new_tokens=8, return_logprobs=True)
+    assert generate(model, prompts, GREEDY, max_new_tokens=8, return_logprobs=True) == before  # cached
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.add_(torch.randn_like(layer.mlp.down_proj.weight))  # in place
+    changes = [
+        lambda: None,
+        lambda: setattr(layer.self_attn, "q_proj", torch.nn.Linear(*reversed(layer.self_attn.q_proj.weight.shape),
+                                                                   bias=False)),
+        lambda: setattr(model.model.norm.weight, "data", torch.rand_like(model.model.norm.weight) + 0.5),
+    ]
+    for change in changes:
+        change()
+        gens = generate(model, prompts, GREEDY, max_new_tokens=8, return_logprobs=True)
+        _assert_logprobs_match(model, prompts, gens)
+        assert [g.logprobs for g in gens] != [g.logprobs for g in before]
+        before = gens
+
+
 def test_greedy_batched_equals_unbatched(micro):
     prompts = _prompts()
     batched = generate(micro, prompts, GREEDY, max_new_tokens=10)

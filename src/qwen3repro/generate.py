@@ -11,15 +11,15 @@ How a batch is decoded
 * Prompts are left-padded to a common length; an attention mask and per-row position ids
   (0, 1, ... from each row's first real token) make a padded row compute exactly what it would
   alone. One KV cache of `prompt + max_new_tokens` slots is allocated up front; the prompt is
-  prefilled in one forward, then each step feeds one token per row and reads the last logits.
-  Nothing is ever recomputed.
-* For a dense full-precision `Qwen3` the steps after the prefill run a dedicated decode step
+  prefilled (all its positions at once), then each step feeds one token per row and reads the last
+  logits. Nothing is ever recomputed.
+* For a dense full-precision `Qwen3` the prefill and the steps run a dedicated engine
   (`_DenseDecodeStep`) instead of `model.forward`: at rollout sizes a step is mostly per-operation
-  overhead and memory traffic, so everything that does not change between steps is prepared once
-  per call: fused and norm-folded weights, a RoPE table for every position the call can reach (RoPE
-  as one complex multiplication), the padding bias; keys are kept transposed for the attention
-  matmuls, which replace SDPA (slow on CPU for one query per row). Other models (MoE, dual chunk
-  attention, half precision) decode through `model.forward`.
+  overhead and memory traffic, so everything that does not change between steps is prepared once:
+  fused and norm-folded weights and a RoPE table (RoPE as one complex multiplication), kept across
+  calls while the model's parameters are unchanged; per call the padding bias and a workspace; keys
+  are kept transposed for the attention matmuls, which replace SDPA (slow on CPU for one query per
+  row). Other models (MoE, dual chunk attention, half precision) run through `model.forward`.
 * Sampling is vectorised over the batch, in this order (the one vLLM uses for these knobs):
   presence penalty (subtract `presence_penalty` from every token already generated in this row),
   temperature, top-k, top-p (nucleus: the smallest set of most likely tokens whose probability
@@ -59,7 +59,10 @@ think block (an assistant prefill) starts in the thinking state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -254,10 +257,16 @@ def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if c < 4 or n < 2 * k:
         return torch.topk(x, k, dim=-1)
     groups = x.view(b, c, n)
-    best = groups.amax(dim=1).topk(k, dim=-1, sorted=False).indices[:, None, :]  # [B, 1, k] group ids
-    members = torch.arange(0, v, n, device=x.device)[:, None] + best  # [B, c, k] vocabulary ids
-    values, j = groups.gather(2, best.expand(b, c, k)).view(b, c * k).topk(k, dim=-1)
-    return values, members.view(b, c * k).gather(1, j)
+    best = groups.amax(dim=1).topk(k, dim=-1, sorted=False).indices.unsqueeze(1)  # [B, 1, k] group ids
+    members = (_group_offsets(v, n, x.device) + best).view(b, c * k)  # vocabulary ids
+    values, j = x.gather(1, members).topk(k, dim=-1)
+    return values, members.gather(1, j)
+
+
+@functools.lru_cache(maxsize=16)
+def _group_offsets(v: int, n: int, device) -> torch.Tensor:
+    """[c, 1]: 0, n, 2n, ... (member r of group j is r·n + j); made once, not at every step."""
+    return torch.arange(0, v, n, device=device)[:, None]
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, seen, generator) -> torch.Tensor:
@@ -273,53 +282,32 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seen, generator) -> to
     values, index = _top_k(x, k)  # sorted, descending
     if params.temperature != 1.0:
         values = values / params.temperature
-    if params.top_p < 1.0:
-        values = _top_p_sorted(values, params.top_p)
-    if params.min_p > 0.0:
+    if params.min_p > 0.0:  # filters on the logits, exactly as `sampling_logits` applies them
+        if params.top_p < 1.0:
+            values = _top_p_sorted(values, params.top_p)
         values = apply_min_p(values, params.min_p)
-    return index.gather(-1, _race(values, generator, keepdim=True)).view(-1)
+        return index.gather(-1, _race(values, generator, keepdim=True)).view(-1)
+    # Without min-p, top-p can filter probabilities instead of logits, which saves a second softmax:
+    # the race needs no renormalisation (argmax of p / E picks the same token for any positive
+    # multiple of p). Same arithmetic as `_top_p_sorted`; before[:, 0] is 0 < p, so the top token stays.
+    probs = torch.softmax(values, dim=-1)
+    if params.top_p < 1.0:
+        before = probs.cumsum(dim=-1).sub_(probs)
+        probs = probs.masked_fill_(before >= params.top_p, 0.0)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return index.gather(-1, probs.div_(race).argmax(dim=-1, keepdim=True)).view(-1)
 
 
-# ------------------------------------------------------------------------ fast decode step
-class _DenseDecodeStep:
-    """Decode steps (one new token per row) of a dense `Qwen3`, written for speed.
+# ------------------------------------------------------------------------ fast dense path
+class _DenseWeights:
+    """A dense `Qwen3`'s weights rearranged for `_DenseDecodeStep` (see its docstring), built from the
+    model as it is when built, and a RoPE table grown on demand."""
 
-    The same arithmetic as `Qwen3.forward` with a KV cache, layer by layer (RMSNorm → q/k/v → QK-norm
-    → RoPE → cache write → attention → o_proj; RMSNorm → SwiGLU), up to float rounding, with far
-    fewer operator calls per token: at these sizes a step costs mostly per-call overhead and memory
-    traffic. Everything that does not depend on the step is prepared once, after the prefill
-    (weights are read then, so a model trained between `generate` calls is decoded as it is now):
-
-    * one matmul gives q, k and v, one gives gate and up (weights concatenated, transposed to [in, out]);
-      each RMSNorm's weight is folded into the matmul that follows it (x̂·w·W = x̂·(diag(w)·W)), so a
-      norm only scales rows by (mean(x²) + eps)^-½, the mean taken by a matmul with a column of 1/n
-      that also adds eps;
-    * the q/k heads come out of that matmul grouped by KV head, [G q heads, its k head] for each, and
-      each head's dimensions interleaved as RoPE's (i, i + D/2) pairs. A permutation of the head
-      dimensions applied to both q and k leaves q·k unchanged; in this order RoPE is one complex
-      multiplication by a table entry of the position (the table holds every position the call can
-      reach), and the [B·Hk, G, D] queries are a view of the rotated tensor;
-    * the attention scale 1/√D is folded into the q heads' QK-norm weight;
-    * keys live in the step's own buffer, transposed to [B·Hk, D, T] (the layout that batched matmuls
-      read fastest for q·kᵀ); values stay in the cache's buffer. Attention is two batched matmuls and
-      a softmax over [B·Hk, G, T] (one query position, so no causal mask); padding is an additive bias
-      built once (reordered with the rows) and sliced per step. This is much cheaper than SDPA's CPU
-      kernel for one query per row.
-
-    So from the first decode step on, the step, not the cache, holds the keys; the cache keeps its
-    length, its values and its rows in step (`reorder` goes through the step). The prompt prefill
-    and every other model (MoE layers, dual chunk attention, bf16/fp16 weights, stub models) use
-    `model.forward`; the tests check that log-probs still equal a full forward.
-    """
-
-    def __init__(self, model, cache) -> None:
-        from .models.rope import rope_cos_sin
-
+    def __init__(self, model) -> None:
         c = model.config
         h, hk, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         g = h // hk
         self.h, self.hk, self.d, self.g, self.n_qk, self.hidden = h, hk, d, g, hk * (g + 1), c.hidden_size
-        self.cache = cache
         w = model.lm_head.weight
         # Head dimension order (0, D/2, 1, D/2 + 1, ...): RoPE's pairs side by side.
         pairs = torch.arange(d, device=w.device).view(2, d // 2).t().reshape(-1)
@@ -340,7 +328,7 @@ class _DenseDecodeStep:
             ], dim=1).reshape(hk * (g + 1), d)
             self.layers.append((
                 eps(ln1.eps), (torch.cat([qk_w, a.v_proj.weight]) * ln1.weight).t().contiguous(),
-                a.q_norm.eps, qk_norm,
+                eps(a.q_norm.eps), qk_norm,
                 a.o_proj.weight.t().contiguous(),
                 eps(ln2.eps), (torch.cat([m.gate_proj.weight, m.up_proj.weight]) * ln2.weight).t().contiguous(),
                 m.down_proj.weight.t().contiguous(), m.gate_proj.weight.shape[0],
@@ -350,18 +338,94 @@ class _DenseDecodeStep:
         self.mean_h = torch.full((self.hidden, 1), 1 / self.hidden, dtype=w.dtype, device=w.device)
         self.mean_d = torch.full((d, 1), 1 / d, dtype=w.dtype, device=w.device)
         self.lm_head = (w * norm.weight).t().contiguous()
-        # RoPE as complex numbers: (x_i + j·x_{i+D/2})·(cos θ_i + j·sin θ_i) for every reachable position.
-        cos, sin = rope_cos_sin(model.inv_freq.to(w.device), torch.arange(cache.max_len, device=w.device),
-                                model.attention_factor, dtype=w.dtype)
-        self.rope = torch.complex(cos[:, : d // 2], sin[:, : d // 2])[:, None]  # [P, 1, D/2]
-        # The prompt's keys, moved to the step's layout: [layers, B·Hk, D (pair order), max_len].
-        n, t = cache.length, cache.max_len
-        self.keys = cache.k.new_empty(len(self.layers), cache.batch_size * hk, d, t)
-        self.keys[..., :n] = cache.k[..., :n, :][..., pairs].flatten(1, 2).transpose(-1, -2)
+        self._rope_args = (model.inv_freq, model.attention_factor, w.dtype, w.device)
+        self.rope: torch.Tensor | None = None
+
+    def rope_table(self, length: int) -> torch.Tensor:
+        """RoPE as complex numbers, [P, 1, D/2] with P >= length: position p rotates the pair
+        x_i + j·x_{i+D/2} by multiplying it with rope[p, 0, i] = cos θ_i + j·sin θ_i."""
+        if self.rope is None or self.rope.shape[0] < length:
+            from .models.rope import rope_cos_sin
+
+            inv_freq, factor, dtype, device = self._rope_args
+            n = max(length, 2 * self.rope.shape[0] if self.rope is not None else 0)  # grow geometrically
+            cos, sin = rope_cos_sin(inv_freq.to(device), torch.arange(n, device=device), factor, dtype=dtype)
+            self.rope = torch.complex(cos[:, : self.d // 2], sin[:, : self.d // 2])[:, None]
+        return self.rope
+
+
+# Prepared weights per model, reused by later calls while the model is unchanged (an eval sweep
+# calls `generate` many times on the same weights; preparing them costs about 2% of a rollout batch).
+# The entry holds the parameters themselves, so "unchanged" can be checked by identity (a replaced
+# parameter), storage (`.data` reassigned) and version counter (every in-place update, e.g. an
+# optimizer step or `load_state_dict`, bumps it): RL trains between calls and must be decoded as it
+# is now. (Writes through `.data`, e.g. `p.data.copy_(x)`, bypass the version counter: they are not
+# seen.) Keyed weakly: a model that is dropped drops its entry.
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _dense_weights(model) -> _DenseWeights:
+    """The prepared weights of `model` as it is now (see `_PREPARED`)."""
+    try:
+        state = [(p, p.data_ptr(), p._version) for p in model.parameters()]
+    except RuntimeError:  # inference tensors have no version counter: nothing tells us they are unchanged
+        return _DenseWeights(model)
+    state.append((model.inv_freq, model.attention_factor))  # the RoPE table's inputs (plain attributes)
+    entry = _PREPARED.get(model)
+    if entry is not None and len(entry[0]) == len(state) and all(
+        a[0] is b[0] and a[1:] == b[1:] for a, b in zip(entry[0], state)
+    ):
+        return entry[1]
+    weights = _DenseWeights(model)
+    _PREPARED[model] = (state, weights)
+    return weights
+
+
+class _DenseDecodeStep:
+    """Prefill and decode steps of a dense `Qwen3`, written for speed.
+
+    The same arithmetic as `Qwen3.forward` with a KV cache, layer by layer (RMSNorm → q/k/v → QK-norm
+    → RoPE → cache write → attention → o_proj; RMSNorm → SwiGLU), up to float rounding, with far
+    fewer operator calls per token: at these sizes a step costs mostly per-call overhead and memory
+    traffic. Everything that does not depend on the step is prepared once (`_DenseWeights`) and
+    reused by later `generate` calls for as long as no parameter has changed (`_dense_weights`; a
+    model trained between calls is decoded as it is now):
+
+    * one matmul gives q, k and v, one gives gate and up (weights concatenated, transposed to [in, out]);
+      each RMSNorm's weight is folded into the matmul that follows it (x̂·w·W = x̂·(diag(w)·W)), so a
+      norm only scales rows by (mean(x²) + eps)^-½, the mean taken by a matmul with a column of 1/n
+      that also adds eps;
+    * the q/k heads come out of that matmul grouped by KV head, [G q heads, its k head] for each, and
+      each head's dimensions interleaved as RoPE's (i, i + D/2) pairs. A permutation of the head
+      dimensions applied to both q and k leaves q·k unchanged; in this order RoPE is one complex
+      multiplication by a table entry of the position, and a decode step's [B·Hk, G, D] queries are a
+      view of the rotated tensor;
+    * the attention scale 1/√D is folded into the q heads' QK-norm weight;
+    * the step owns the KV cache: keys transposed to [B·Hk, D, T] (the layout that batched matmuls read
+      fastest for q·kᵀ), values [B·Hk, T, D], one buffer of each for all layers, left uninitialised
+      (every slot is written before it is read: the prefill writes all prompt slots, padding
+      included). A decode step's attention is two batched matmuls and a softmax over [B·Hk, G, T]
+      (one query position, so no causal mask), much cheaper than SDPA's CPU kernel for one query
+      per row; padding is an additive bias built once (reordered with the rows) and sliced per step;
+    * a decode step writes every intermediate into a preallocated workspace whose views (q, k, v,
+      gate, up, ...) are made once per batch size (`_bind`), not at every step and layer;
+    * the prompt prefill runs the same layers over the prompt tokens of a few rows at a time, with
+      SDPA (causal, and the padding mask of `build_attention_mask`) as its attention; its last layer
+      computes attention output and MLP for the last position only, the only one whose logits are read.
+
+    Other models (MoE layers, dual chunk attention, bf16/fp16 weights, stub models) use
+    `model.forward` and a `KVCache`; the tests check that log-probs still equal a full forward.
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int) -> None:
+        w = self.w = _dense_weights(model)
+        self.rope = w.rope_table(max_len)
+        self.max_len, self.length = max_len, 0
+        proto = w.lm_head
+        n_layers = len(w.layers)
+        self.keys = proto.new_empty(n_layers, batch_size * w.hk, w.d, max_len)
+        self.values = proto.new_empty(n_layers, batch_size * w.hk, max_len, w.d)
         self.bias = None  # [B·Hk, 1, max_len]: 0 for real tokens, -inf for padding
-        if cache.has_padding:
-            bias = torch.zeros(cache.batch_size, hk, 1, t, dtype=cache.k.dtype, device=cache.k.device)
-            self.bias = bias.masked_fill_(~cache.valid[:, None, None, :], float("-inf")).flatten(0, 1)
         self._bind()
 
     @staticmethod
@@ -377,54 +441,142 @@ class _DenseDecodeStep:
         )
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep/reorder batch rows, in the cache and in the step's own buffers."""
-        self.cache.reorder(index)
-        hk = self.hk
+        """Keep/reorder batch rows (in the key and value buffers and the padding bias)."""
+        hk = self.w.hk
         self.keys = self.keys.unflatten(1, (-1, hk))[:, index].flatten(1, 2)
+        self.values = self.values.unflatten(1, (-1, hk))[:, index].flatten(1, 2)
         if self.bias is not None:
             self.bias = self.bias.unflatten(0, (-1, hk))[index].flatten(0, 1)
         self._bind()
 
     def _bind(self) -> None:
-        """Per-layer views of the key and value buffers (redone when `reorder` replaces them)."""
-        c, hk, d = self.cache, self.hk, self.d
-        self.buffers = [(self.keys[i], c.v[i], c.v[i].view(c.batch_size * hk, c.max_len, d))
-                        for i in range(len(self.layers))]
+        """Per-layer views of the key and value buffers, and the decode step's workspace for this batch
+        size: every intermediate of a step has a preallocated buffer, and the views a step reads (q, k,
+        v, gate, up, ...) are made once here, not at every step and layer (a view or a slice costs
+        about as much as a small kernel). Redone when `reorder` changes the batch."""
+        w = self.w
+        hk, d, g, n_qk, t = w.hk, w.d, w.g, w.n_qk, self.max_len
+        b = self.keys.shape[1] // hk
+        self.buffers = [(k, v.view(b, hk, t, d), v) for k, v in zip(self.keys, self.values)]
+        new = w.lm_head.new_empty
+        ws = self.ws = types.SimpleNamespace()
+        ws.sq, ws.r, ws.xn = new(b, w.hidden), new(b, 1), new(b, w.hidden)  # RMSNorm: x², its scale, x̂
+        ws.qkv = new(b, (n_qk + hk) * d)
+        ws.qk, ws.v = ws.qkv[:, : n_qk * d].view(b, n_qk, d), ws.qkv[:, n_qk * d:].view(b, hk, d)
+        ws.qk_sq = new(b * n_qk, d)  # the squares, and (per head) the scale of QK-norm
+        ws.qk_sq_3d = ws.qk_sq.view(b, n_qk, d)
+        ws.qk_r = new(b * n_qk, 1)
+        ws.qk_r_3d = ws.qk_r.view(b, n_qk, 1)
+        ws.qk_normed = new(b, n_qk, d)
+        ws.qk_normed_c = torch.view_as_complex(ws.qk_normed.view(b, n_qk, d // 2, 2))
+        rotated = new(b * hk, g + 1, d)  # per KV head: its G rotated queries, then its rotated key
+        ws.rotated_c = torch.view_as_complex(rotated.view(b, n_qk, d // 2, 2))
+        ws.q, ws.k = rotated[:, :g], rotated[:, g]
+        ws.att = new(b * hk, g, d)  # attention output, heads in order
+        ws.att_2d = ws.att.view(b, w.h * d)
+        inter = w.layers[0][-1]
+        ws.gu = new(b, 2 * inter)
+        ws.gate, ws.up = ws.gu[:, :inter], ws.gu[:, inter:]
+
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None):
+        """input_ids, positions, attention_mask (True = real token; None = no padding) [B, S] -> the last
+        position's logits [B, V]; stores the prompt's keys/values at slots [0, S)."""
+        (b, s), t, hk = input_ids.shape, self.max_len, self.w.hk
+        if self.length:
+            raise RuntimeError("prefill needs an empty cache")
+        allowed = None  # [B, 1, S, S]: causal and padding, as `build_attention_mask` builds it
+        if attention_mask is not None:
+            device = attention_mask.device
+            allowed = torch.ones(s, s, dtype=torch.bool, device=device).tril_() & attention_mask[:, None, :]
+            allowed = (allowed | torch.eye(s, dtype=torch.bool, device=device))[:, None]
+            valid = torch.ones(b, hk, 1, t, dtype=torch.bool, device=device)
+            valid[..., :s] = attention_mask[:, None, None, :]
+            bias = torch.zeros(valid.shape, dtype=self.keys.dtype, device=device)
+            self.bias = bias.masked_fill_(~valid, float("-inf")).flatten(0, 1)
+        # A few rows at a time (~256 tokens): the activations stay in cache, and a large batch of prompts
+        # needs no large temporary buffers.
+        rows = max(1, self._PREFILL_TOKENS // s)
+        logits = [
+            self._prefill_rows(r, input_ids[r: r + rows], positions[r: r + rows],
+                               None if allowed is None else allowed[r: r + rows])
+            for r in range(0, b, rows)
+        ]
+        self.length = s
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    _PREFILL_TOKENS = 256
+
+    def _prefill_rows(self, r0: int, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None):
+        """`prefill` of the batch rows [r0, r0 + b). Attention is SDPA's (memory-efficient for long prompts)."""
+        import torch.nn.functional as F
+
+        w, (b, s) = self.w, input_ids.shape
+        hk, d, g, n_qk = w.hk, w.d, w.g, w.n_qk
+        mean_h, mean_d, qk_end, hd = w.mean_h, w.mean_d, n_qk * d, w.h * d
+        rope = self.rope.index_select(0, positions.flatten())  # [b·S, 1, D/2]
+        x = F.embedding(input_ids.flatten(), w.embed)  # [b·S, hidden]
+        last = len(w.layers) - 1
+        for i, (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, inter) in enumerate(w.layers):
+            qkv = torch.mm(x * torch.addmm(eps1, x * x, mean_h).rsqrt_(), w_qkv)
+            qk = qkv[:, :qk_end].view(b * s, n_qk, d)
+            qk = qk * torch.addmm(eps_qk, (qk * qk).view(-1, d), mean_d).rsqrt_().view(b * s, n_qk, 1) * w_qk
+            qk = torch.view_as_real(torch.view_as_complex(qk.view(b * s, n_qk, d // 2, 2)) * rope)
+            qk = qk.view(b, s, hk, g + 1, d)
+            k, v = qk[:, :, :, g].transpose(1, 2), qkv[:, qk_end:].view(b, s, hk, d).transpose(1, 2)  # [b, Hk, S, D]
+            self.keys[i].unflatten(0, (-1, hk))[r0: r0 + b, :, :, :s] = k.transpose(2, 3)
+            self.values[i].unflatten(0, (-1, hk))[r0: r0 + b, :, :s] = v
+            sq = 1 if i == last else s  # the last layer: the last query position only
+            q = qk[:, s - sq:, :, :g].reshape(b, sq, -1, d).transpose(1, 2)  # [b, H, sq, D], heads in order
+            mask = None if allowed is None else allowed[:, :, s - sq:]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and sq > 1,
+                                                 scale=1.0, enable_gqa=True)  # 1/√D is in q's norm weight
+            if sq != s:
+                x = x.view(b, s, -1)[:, -1]
+            x = torch.addmm(x, out.transpose(1, 2).reshape(b * sq, hd), w_o)
+            gu = torch.mm(x * torch.addmm(eps2, x * x, mean_h).rsqrt_(), w_gu)
+            x = torch.addmm(x, F.silu(gu[:, :inter]).mul_(gu[:, inter:]), w_down)
+        x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
+        return torch.mm(x, w.lm_head).float()
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """token, positions [B] -> last logits [B, V]; stores the token's keys/values at the next slot."""
         import torch.nn.functional as F
 
-        b, hk, d, g, n_qk = token.shape[0], self.hk, self.d, self.g, self.n_qk
-        mean_h, mean_d, qk_end, hd = self.mean_h, self.mean_d, n_qk * d, self.h * d
-        slot = self.cache.length
+        w, ws = self.w, self.ws
+        mean_h, mean_d, slot = w.mean_h, w.mean_d, self.length
         t = slot + 1
-        bias = self.bias[:, :, :t] if self.bias is not None else None
+        if t > self.max_len:
+            raise ValueError(f"cache overflow: {t} tokens do not fit in max_len={self.max_len}")
+        bias = self.bias.narrow(2, 0, t) if self.bias is not None else None
         rope = self.rope.index_select(0, positions)  # [B, 1, D/2]
-        x = F.embedding(token, self.embed)  # [B, hidden]
+        x = F.embedding(token, w.embed)  # [B, hidden]
         # Every line below uses as few tensor operations as it can (each costs microseconds of overhead).
         # RMSNorm: x · (mean(x²) + eps)^-½, the mean as a matmul with a column of 1/n that also adds eps
         # (cheaper here than `mean` + `add`, or `F.rms_norm`, which runs several operations inside).
-        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, inter), (keys, values, values_3d) in zip(
-            self.layers, self.buffers
+        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, _), (keys, values_4d, values) in zip(
+            w.layers, self.buffers
         ):
-            qkv = torch.mm(x * torch.addmm(eps1, x * x, mean_h).rsqrt_(), w_qkv)
-            qk = qkv[:, :qk_end].view(b, n_qk, d)
-            qk = qk * torch.matmul(qk * qk, mean_d).add_(eps_qk).rsqrt_() * w_qk  # QK-norm; q's w has 1/√D
-            qk = torch.view_as_real(torch.view_as_complex(qk.view(b, n_qk, d // 2, 2)) * rope).view(b * hk, g + 1, d)
-            keys[:, :, slot] = qk[:, g]  # per KV head: its G rotated queries, then its rotated key
-            values[:, :, slot] = qkv[:, qk_end:].view(b, hk, d)
+            torch.addmm(eps1, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
+            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_qkv, out=ws.qkv)
+            # QK-norm per head (q's weight carries 1/√D), then RoPE as one complex multiplication.
+            torch.mul(ws.qk, ws.qk, out=ws.qk_sq_3d)
+            torch.addmm(eps_qk, ws.qk_sq, mean_d, out=ws.qk_r).rsqrt_()
+            torch.mul(ws.qk, ws.qk_r_3d, out=ws.qk_normed).mul_(w_qk)
+            torch.mul(ws.qk_normed_c, rope, out=ws.rotated_c)
+            keys.select(2, slot).copy_(ws.k)
+            values_4d.select(2, slot).copy_(ws.v)
             if bias is None:
-                scores = torch.bmm(qk[:, :g], keys[:, :, :t])
+                scores = torch.bmm(ws.q, keys.narrow(2, 0, t))
             else:
-                scores = torch.baddbmm(bias, qk[:, :g], keys[:, :, :t])
-            out = torch.bmm(torch.softmax(scores, dim=-1), values_3d[:, :t])  # [B·Hk, G, D], heads in order
-            x = torch.addmm(x, out.view(b, hd), w_o)
-            gu = torch.mm(x * torch.addmm(eps2, x * x, mean_h).rsqrt_(), w_gu)
-            x = torch.addmm(x, F.silu(gu[:, :inter]).mul_(gu[:, inter:]), w_down)
-        self.cache.advance(1)
-        x = x * torch.addmm(self.final_eps, x * x, mean_h).rsqrt_()
-        return torch.mm(x, self.lm_head).float()
+                scores = torch.baddbmm(bias, ws.q, keys.narrow(2, 0, t))
+            torch.bmm(torch.softmax(scores, dim=-1), values.narrow(1, 0, t), out=ws.att)
+            x = torch.addmm(x, ws.att_2d, w_o)
+            torch.addmm(eps2, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
+            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_gu, out=ws.gu)
+            x = torch.addmm(x, F.silu(ws.gate).mul_(ws.up), w_down)
+        self.length = t
+        x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
+        return torch.mm(x, w.lm_head).float()
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -551,11 +703,15 @@ def _generate_batch(
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attention_mask.all())
 
-    cache = model.new_kv_cache(n, width + max_new)
-    logits = _prefill(model, input_ids, position_ids, attention_mask if padded else None, cache)
+    fast_step = cache = None
+    if _DenseDecodeStep.supports(model):
+        fast_step = _DenseDecodeStep(model, n, width + max_new)
+        logits = fast_step.prefill(input_ids, position_ids, attention_mask if padded else None)
+    else:
+        cache = model.new_kv_cache(n, width + max_new)
+        logits = _prefill(model, input_ids, position_ids, attention_mask if padded else None, cache)
     next_pos = torch.tensor(lengths, dtype=torch.long, device=device)
 
-    fast_step = _DenseDecodeStep(model, cache) if _DenseDecodeStep.supports(model) else None
     vocab = logits.shape[-1]
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     rows = torch.arange(n, device=device)  # batch slot -> original row
@@ -635,10 +791,7 @@ def _generate_batch(
         # Drop finished rows once they are half of the batch (cache included).
         if n_slots - n_done <= n_slots // 2 and n_slots >= 4:
             keep = (~done).nonzero()[:, 0]
-            if fast_step is not None:
-                fast_step.reorder(keep)  # the step's buffers and the cache
-            else:
-                cache.reorder(keep)
+            (fast_step if fast_step is not None else cache).reorder(keep)  # its own buffers, or the cache
             rows, token, next_pos, done, n_done = rows[keep], token[keep], next_pos[keep], done[keep], 0
             if seen is not None:
                 seen = seen[keep]
