@@ -6,10 +6,11 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv test test-all bench tiny-pipeline micro-pipeline scaling-laws clean
+.PHONY: help venv test test-all bench tiny-pipeline small-pipeline micro-pipeline scaling-laws clean
 
 help:
 	@echo "make tiny-pipeline   run the tiny replication end to end (writes runs/tiny/)"
+	@echo "make small-pipeline  tiny's pretraining + ~6x longer post-training (writes runs/small/, ~1 h after tiny)"
 	@echo "make test            CPU test suite (what CI runs)"
 	@echo "make bench           benchmarks (pytest-benchmark), ratios against transformers"
 	@echo "make clean           remove runs/ and caches (keeps .venv)"
@@ -36,6 +37,10 @@ bench: $(STAMP)
 
 tiny-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline tiny
+
+# Post-training claims with more compute; copies tiny's finished pretraining stages when present.
+small-pipeline: $(STAMP)
+	$(VENV)/bin/qwen3repro pipeline small
 
 micro-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline micro

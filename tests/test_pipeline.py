@@ -206,6 +206,10 @@ def test_reuse_copies_finished_stages_of_the_same_lineage(micro_run, tmp_path, m
     assert not list(long.root.glob("**/*.copying"))
     claims = json.loads((long.root / "claims" / "claims.json").read_text())
     assert {c["name"] for c in claims} == {"grpo"}
+    report = (long.root / "REPORT.md").read_text()
+    assert "copied from its run, not retrained: `tokenizer`, `flagship/s1`" in report
+    assert "`flagship/fusion`" not in report.split("retrained:")[1].split("\n")[0]
+    assert "| flagship/fusion | 6 |" in report and "| flagship/reasoning-rl | 2 |" in report  # post-training rows
     # A second run finds everything up to date (copies are ordinary finished stages).
     again = run_pipeline("micro-long", out_root=out_root, printer=lines.append, claims=False)
     assert all(n.status.startswith("skipped") for n in again.nodes)

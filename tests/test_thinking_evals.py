@@ -218,3 +218,16 @@ def test_claims_without_a_fusion_checkpoint_are_not_measured(tmp_path):
     plan = SimpleNamespace(root=tmp_path, scale_config={}, node=node)
     rows = th.claim_fusion(plan, print) + th.claim_budget(plan, print)
     assert rows and all(r.reproduced is None and r.measured == "not measured" for r in rows)
+
+
+def test_follow_conversations_scale_past_the_held_out_cell_size():
+    """96 chats (the small scale) need more questions than one held-out cell of mul at difficulty 2
+    holds; the pool is capped per cell and every chat is still distinct and balanced."""
+    from collections import Counter
+
+    from qwen3repro.evals.thinking import FOLLOW_KINDS, follow_conversations
+
+    chats = follow_conversations(96)
+    assert len({str(c["messages"]) for c in chats}) == 96
+    assert Counter((c["kind"], c["expected"]) for c in chats) == {
+        (k, e): 96 // (2 * len(FOLLOW_KINDS)) for k in FOLLOW_KINDS for e in ("think", "no_think")}

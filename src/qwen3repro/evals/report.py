@@ -83,6 +83,33 @@ def _rel(path: str, root: Path) -> str:
         return path
 
 
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _reuse_lines(plan) -> list[str]:
+    """What this scale took from another one: stages copied (same lineage) and claims left to it."""
+    settings = plan.settings
+    if not settings.reuse:
+        return []
+    from ..lineage import read_lineage
+
+    other = plan.root.parent / settings.reuse
+    copied = []
+    for n in plan.nodes:
+        mine, theirs = read_lineage(n.out_dir), read_lineage(other / n.out_dir.relative_to(plan.root))
+        if mine is not None and theirs is not None and mine.complete and mine.hash == theirs.hash:
+            copied.append(f"`{n.key}`")
+    lines = []
+    if copied:
+        lines += ["", f"Same configs and parents as the `{settings.reuse}` scale, so copied from its run, not "
+                      f"retrained: {', '.join(copied)}."]
+    if settings.claims:
+        lines += ["", f"Claims measured at this scale: {', '.join(settings.claims)}. The others read only "
+                      f"stages copied from `{settings.reuse}`: see its REPORT.md."]
+    return lines
+
+
 def write_report(plan, rows: Iterable) -> Path:
     root: Path = plan.root
     rows = list(rows)
@@ -93,9 +120,10 @@ def write_report(plan, rows: Iterable) -> Path:
         pipeline = json.loads((root / "pipeline.json").read_text())
 
     lines = [f"# qwen3repro — {plan.scale} scale report", ""]
-    lines.append("Every number below was measured by `make tiny-pipeline` (or `qwen3repro pipeline "
-                 f"{plan.scale}`) on this scale's checkpoints; the settings of each measurement are pinned "
-                 "in the JSON file next to it under `claims/`.")
+    lines.append(f"Every number below was measured by `qwen3repro pipeline {plan.scale}` (`make {plan.scale}-pipeline`) "
+                 "on this scale's checkpoints; the settings of each measurement are pinned in the JSON file next "
+                 "to it under `claims/`.")
+    lines += _reuse_lines(plan)
     lines += ["", "## Claims", "", "| claim | report | measured here | reproduced |", "|---|---|---|---|"]
     for r in rows:
         verdict = "not measured" if r.reproduced is None else ("**yes**" if r.reproduced else "**no**")
@@ -106,15 +134,22 @@ def write_report(plan, rows: Iterable) -> Path:
         lines += [f"- **{r.name}**: {r.diagnosis}" for r in diagnoses]
     lines += ["", "## Stages", "", "| stage | steps | tokens | final loss | held-out loss | time |", "|---|---|---|---|---|---|"]
     for n in plan.nodes:
-        if n.kind != "pretrain":
+        if n.kind == "tokenizer":
             continue
         ev = {}
         if (n.out_dir / "eval.json").exists():
             ev = json.loads((n.out_dir / "eval.json").read_text())
-        secs = ev.get("elapsed_s")
-        lines.append(f"| {n.key} | {n.config.steps} | {ev.get('tokens_seen', '-'):,} | "
-                     f"{ev.get('final_loss', float('nan')):.3f} | {ev.get('heldout_loss', float('nan')):.3f} | "
-                     f"{f'{secs:.0f} s' if secs is not None else '-'} |" if ev else f"| {n.key} | - | - | - | - | - |")
+        if not ev:
+            lines.append(f"| {n.key} | - | - | - | - | - |")
+            continue
+        # Pretraining's held-out loss is over every token; SFT's (cold start, fusion) over assistant
+        # tokens; GRPO has no loss to compare (its figures are the claims' pass@1 and entropy).
+        heldout = ev.get("heldout_loss", ev.get("heldout_assistant_loss"))
+        steps = (getattr(n.config, "steps", None) or dict(getattr(n.config, "sft", {}) or {}).get("steps")
+                 or ev.get("steps", "-"))  # fusion keeps its SFT settings in `sft`
+        tokens, secs = ev.get("tokens_seen"), ev.get("elapsed_s")
+        lines.append(f"| {n.key} | {steps} | {f'{tokens:,}' if tokens is not None else '-'} | "
+                     f"{_fmt(ev.get('final_loss'))} | {_fmt(heldout)} | {f'{secs:.0f} s' if secs is not None else '-'} |")
     if pipeline.get("total_seconds"):
         lines += ["", f"Total pipeline wall time: {pipeline['total_seconds'] / 60:.1f} minutes."]
     lines += ["", "## Plots", ""]

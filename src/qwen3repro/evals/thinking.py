@@ -59,6 +59,10 @@ REPORT_BUDGET_CURVE_AIME24 = {1024: 42.0, 2048: 43.0, 4096: 56.0, 8192: 72.5, 16
 DIRECTIVES = ("template", "report")
 TEMPLATE_DIRECTIVE = TEMPLATE_STOP_THINKING
 FOLLOW_KINDS = ("user", "system", "conflict", "inherited")
+# Held-out items per (family, difficulty) drawn for the ThinkFollow chats' pool: 48 per cell at the two
+# easiest difficulties of 3 families is 288 questions, one per turn for 96 chats of up to 3 turns
+# (more chats reuse questions). The held-out partition of mul at difficulty 2 holds fewer than 96.
+FOLLOW_POOL_PER_CELL = 48
 HARD_FROM = 2 / 3   # relative difficulty >= this is "hard", < 1/3 "easy"
 
 
@@ -222,7 +226,7 @@ def follow_conversations(n: int, *, seed: int = 0, families: Sequence[str] = ("a
     * inherited: an earlier user turn holds the flag, the final turn none (follows the earlier one)."""
     fams = tuple(families)
     # Held-out items at each family's easiest difficulties keep the thinking turns short.
-    pool = [it for it in s2_eval_items(seed=seed, n_per_cell=max(4, n), families=fams)
+    pool = [it for it in s2_eval_items(seed=seed, n_per_cell=max(4, min(n, FOLLOW_POOL_PER_CELL)), families=fams)
             if it.difficulty <= tasks.FAMILIES[it.family].min_difficulty + 1]
     rng = random.Random(f"thinkfollow|{seed}")
     rng.shuffle(pool)
