@@ -484,11 +484,12 @@ class _DenseDecodeStep:
         (b, s), t, hk = input_ids.shape, self.max_len, self.w.hk
         if self.length:
             raise RuntimeError("prefill needs an empty cache")
-        allowed = None  # [B, 1, S, S]: causal and padding, as `build_attention_mask` builds it
+        allowed = None  # [B, 1, S, S]: causal and padding, the model's own mask
         if attention_mask is not None:
+            from .models.attention import build_attention_mask
+
             device = attention_mask.device
-            allowed = torch.ones(s, s, dtype=torch.bool, device=device).tril_() & attention_mask[:, None, :]
-            allowed = (allowed | torch.eye(s, dtype=torch.bool, device=device))[:, None]
+            allowed = build_attention_mask(b, s, 0, attention_mask=attention_mask, device=device).mask
             valid = torch.ones(b, hk, 1, t, dtype=torch.bool, device=device)
             valid[..., :s] = attention_mask[:, None, None, :]
             bias = torch.zeros(valid.shape, dtype=self.keys.dtype, device=device)
