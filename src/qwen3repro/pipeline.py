@@ -191,6 +191,14 @@ def describe(plan: Plan) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+def _move_aside(node: StageNode, lineage, say: Callable[[str], None]) -> None:
+    """Rename a stage directory that another config made (never delete it): `<name>.old-<hash>-<time>`."""
+    out = node.out_dir
+    aside = out.with_name(f"{out.name}.old-{(lineage.hash if lineage else 'partial')}-{int(time.time())}")
+    say(f"{node.key}: {out} was made by another config; moved aside to {aside.name}")
+    os.rename(out, aside)
+
+
 def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
     """'skip' when complete and matching; otherwise make the directory ready to (re)start or resume."""
     out = node.out_dir
@@ -202,9 +210,7 @@ def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
     if out.exists():
         same_run = started.exists() and json.loads(started.read_text()).get("lineage_hash") == want and lineage is None
         if not same_run:
-            aside = out.with_name(f"{out.name}.old-{(lineage.hash if lineage else 'partial')}-{int(time.time())}")
-            say(f"{node.key}: {out} was made by another config; moved aside to {aside.name}")
-            os.rename(out, aside)
+            _move_aside(node, lineage, say)
         else:
             say(f"{node.key}: resuming a cut run")
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +223,7 @@ def _reuse(plan: Plan, node: StageNode, say: Callable[[str], None]) -> bool:
     """Copy `node`'s directory from the `reuse` scale when that one is complete with the lineage hash
     `node` wants and this scale's is not. The copy goes to a temporary name first and is renamed into
     place, so a cut copy is never taken for a finished stage; a directory already here that another
-    config made is moved aside, as `_prepare_dir` does."""
+    config made is moved aside (`_move_aside`)."""
     if not plan.settings.reuse:
         return False
     want = expected_hash(node)
@@ -230,9 +236,7 @@ def _reuse(plan: Plan, node: StageNode, say: Callable[[str], None]) -> bool:
         return False
     out = node.out_dir
     if out.exists():
-        aside = out.with_name(f"{out.name}.old-{(here.hash if here else 'partial')}-{int(time.time())}")
-        say(f"{node.key}: {out} was made by another config; moved aside to {aside.name}")
-        os.rename(out, aside)
+        _move_aside(node, here, say)
     partial = out.with_name(f"{out.name}.copying")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial)
