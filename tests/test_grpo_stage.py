@@ -7,6 +7,8 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from qwen3repro.config import ConfigError
@@ -158,6 +160,35 @@ def test_entropy_controller_moves_towards_its_target():
         EntropyController("sometimes")
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.01, 5.0), min_size=1, max_size=30), st.floats(0.0, 2.0), st.floats(0.0, 1.0),
+       st.floats(0.3, 1.5), st.integers(1, 6))
+def test_proportional_controller_follows_its_definition(entropies, gain, coef_max, ratio, window):
+    """coef = min(max, gain * max(0, 1 - mean(last window)/target)), target = ratio * mean(first window)."""
+    c = EntropyController("proportional", coef_max=coef_max, target_ratio=ratio, gain=gain, window=window)
+    for i, h in enumerate(entropies):
+        coef = c.update(h)
+        recent = entropies[max(0, i + 1 - window):i + 1]
+        target = ratio * sum(entropies[:min(i + 1, window)]) / min(i + 1, window)
+        want = min(coef_max, gain * max(0.0, 1.0 - (sum(recent) / len(recent)) / target))
+        assert coef == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert c.active_coef(99.0) == coef  # smoothed: one batch's entropy does not gate it
+        assert 0.0 <= coef <= coef_max
+    resumed = EntropyController("proportional", coef_max=coef_max, target_ratio=ratio, gain=gain, window=window)
+    resumed.load_state_dict(c.state_dict())
+    assert resumed.update(0.5) == c.update(0.5)  # a resumed run continues with the same coefficient
+
+
+def test_proportional_controller_grows_with_the_shortfall():
+    c = EntropyController("proportional", coef_max=0.1, gain=0.2, window=2)
+    assert c.update(1.0) == 0.0 and c.update(1.0) == 0.0  # at the target: no bonus
+    assert c.target == 1.0
+    assert c.update(0.6) == pytest.approx(0.2 * 0.2)  # mean(1.0, 0.6) = 0.8: 20% short
+    assert c.update(0.6) == pytest.approx(0.2 * 0.4)  # mean 0.6: 40% short
+    assert c.update(0.1) == pytest.approx(0.1)  # capped at coef_max
+    assert c.target == 1.0  # fixed after the first window
+
+
 def test_entropy_bonus_raises_entropy_relative_to_no_bonus(tok):
     """The same updates with a large bonus end with a higher policy entropy than without it."""
     ends = {}
@@ -232,7 +263,8 @@ def parent_dir(tmp_path, tok):
 
 STAGE = dict(families=["add", "mul"], n_candidates=12, n_queries=6, selection_k=4, pass_rate_ceiling=1.0,
              steps=4, queries_per_step=2, group_size=4, max_new_tokens=2, lr=1e-2, mu=2, eval_every=2,
-             eval_items=4, eval_k=4, ckpt_every=2, entropy_control="adaptive", entropy_coef_delta=0.01)
+             eval_items=4, eval_k=4, ckpt_every=2, entropy_control="proportional", entropy_gain=2.0,
+             entropy_target_ratio=1.5)  # a target above the start: the bonus is on from step 2
 
 
 def _records(out):
@@ -315,4 +347,4 @@ def test_recipe_resolves_strictly_with_a_scale_table():
     scale = {"steps": 60, "n_queries": 96, "lr": 5e-5, "max_new_tokens": 160, "eval_items": 96}
     cfg = grpo.GRPOConfig.from_dict({**deep_merge(recipe, scale), "name": "reasoning-rl"})
     assert (cfg.epsilon_low, cfg.epsilon_high, cfg.loss_type, cfg.mu) == (0.2, 0.28, "dapo", 2)
-    assert cfg.betas == (0.9, 0.99) and cfg.entropy_control == "adaptive" and cfg.steps == 60
+    assert cfg.betas == (0.9, 0.99) and (cfg.entropy_control, cfg.entropy_gain, cfg.entropy_coef_max) == ("proportional", 0.3, 0.1) and cfg.steps == 60

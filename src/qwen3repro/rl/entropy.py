@@ -8,7 +8,7 @@ Entropy here is the per-token entropy of the policy *at the sampling temperature
 H_t = −Σ_v p_v log p_v with p = softmax(logits / T), averaged over the completion tokens — the
 distribution the rollouts are actually drawn from (TRL's `entropy_from_logits` convention).
 
-Three controls, combinable (`GRPOConfig.entropy_control` and `epsilon_high`):
+Four controls, combinable with clip-higher (`GRPOConfig.entropy_control` and `epsilon_high`):
 
 * ``"none"`` — nothing beyond the clipping.
 * ``"bonus"`` — a fixed entropy bonus: loss −= coef · mean token entropy (TRL `entropy_coef`).
@@ -18,22 +18,32 @@ Three controls, combinable (`GRPOConfig.entropy_control` and `epsilon_high`):
   below the target. Unlike Skywork-OR1's fixed target (0.2 nats), our target is a ratio of the
   entropy measured at the first step (`target_ratio` × H_0), because the right absolute level
   depends on the task and the model; "targets the starting entropy" is ratio 1.
+* ``"proportional"`` — a proportional controller: coef = min(coef_max, gain × max(0, 1 − H̄/target)),
+  where H̄ is the mean entropy of the last `window` steps and the target is `target_ratio` × the
+  mean of the first `window` steps. The bonus grows smoothly with the shortfall and vanishes at
+  the target. Why: the adaptive coefficient is an integral controller gated by one noisy batch. A
+  small coef_max cannot stop a slow drift. A large one winds up to its maximum while entropy sits
+  below target, and switches fully on and off as single batches cross it. At small scale that
+  doubled entropy within a few steps and made rollouts loop to the length cap. Smoothing over
+  `window` steps matches how the GRPO claim reads entropy (`stages.grpo.ENTROPY_WINDOW`).
 * clip-higher (DAPO) — ε_high > ε_low lets low-probability tokens grow faster than they can
   shrink, which counteracts collapse without any loss term; set by the clipping parameters.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
-ENTROPY_CONTROLS = ("none", "bonus", "adaptive")
+ENTROPY_CONTROLS = ("none", "bonus", "adaptive", "proportional")
 
 # Skywork-OR1 (and TRL's `use_adaptive_entropy`) defaults: step 0.005 per update, coefficient in [0, 1].
 SKYWORK_COEF_DELTA = 0.005
 SKYWORK_COEF_MAX = 1.0
+# Steps the proportional controller averages, for its target (the first ones) and its reading.
+PROPORTIONAL_WINDOW = 5
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -54,9 +64,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class EntropyController:
     """The entropy-bonus coefficient of one run, and how it moves (see the module docstring).
 
-    `coef` is the current coefficient; `target` is set from the first observed entropy
-    (`target_ratio` × H_0) for the adaptive mode. `state_dict`/`load_state_dict` carry it through
-    checkpoints so a resumed run continues with the same coefficient.
+    `coef` is the current coefficient. `target` is `target_ratio` × the first observed entropy
+    (adaptive), or × the mean of the first `window` entropies (proportional; it follows the running
+    mean until then). `state_dict`/`load_state_dict` carry it through checkpoints so a resumed run
+    continues with the same coefficient.
     """
 
     mode: str = "none"
@@ -65,18 +76,26 @@ class EntropyController:
     coef_max: float = SKYWORK_COEF_MAX
     target_ratio: float = 1.0
     target: float | None = None
+    gain: float = 0.0
+    """Proportional mode: coefficient per unit of relative shortfall (1 − H̄/target)."""
+    window: int = PROPORTIONAL_WINDOW
+    history: list[float] = field(default_factory=list)
+    """Proportional mode: the entropies of the first `window` steps, then of the last `window`."""
+    seen: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ENTROPY_CONTROLS:
             raise ValueError(f"entropy control must be one of {ENTROPY_CONTROLS}, got {self.mode!r}")
         if self.coef < 0 or self.coef_delta < 0 or self.coef_max < 0:
             raise ValueError("entropy coefficients must be >= 0")
+        if self.gain < 0 or self.window < 1:
+            raise ValueError("entropy gain must be >= 0 and window >= 1")
 
     def active_coef(self, entropy: float) -> float:
         """The coefficient the loss uses now, given the batch's mean entropy (0 = no bonus)."""
         if self.mode == "none":
             return 0.0
-        if self.mode == "bonus":
+        if self.mode in ("bonus", "proportional"):
             return self.coef
         if self.target is not None and entropy > self.target:
             return 0.0  # above target: no bonus (Skywork-OR1 applies it only at or below the target)
@@ -86,6 +105,8 @@ class EntropyController:
         """Record one generation step's mean entropy; move the adaptive coefficient. Returns coef."""
         if not math.isfinite(entropy):
             return self.coef
+        if self.mode == "proportional":
+            return self._update_proportional(entropy)
         if self.target is None:
             self.target = self.target_ratio * entropy
         if self.mode == "adaptive":
@@ -93,12 +114,24 @@ class EntropyController:
             self.coef = min(self.coef_max, max(0.0, self.coef + step))
         return self.coef
 
+    def _update_proportional(self, entropy: float) -> float:
+        self.seen += 1
+        self.history = (self.history + [entropy])[-self.window:]
+        recent = sum(self.history) / len(self.history)
+        if self.seen <= self.window:  # the target follows the running mean of the first `window` steps
+            self.target = self.target_ratio * recent
+        shortfall = max(0.0, 1.0 - recent / self.target) if self.target and self.target > 0 else 0.0
+        self.coef = min(self.coef_max, self.gain * shortfall)
+        return self.coef
+
     def state_dict(self) -> dict[str, Any]:
-        return {"coef": self.coef, "target": self.target}
+        return {"coef": self.coef, "target": self.target, "history": list(self.history), "seen": self.seen}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.coef = float(state["coef"])
         self.target = None if state.get("target") is None else float(state["target"])
+        self.history = [float(h) for h in state.get("history", [])]
+        self.seen = int(state.get("seen", 0))
 
 
-__all__ = ["ENTROPY_CONTROLS", "EntropyController", "masked_mean", "token_entropy"]
+__all__ = ["ENTROPY_CONTROLS", "PROPORTIONAL_WINDOW", "EntropyController", "masked_mean", "token_entropy"]

@@ -149,14 +149,16 @@ class GRPOConfig:
     weight_decay: float = 0.0
     clip_grad_norm: float = 1.0
     # ---- entropy control (rl.entropy)
-    entropy_control: str = "adaptive"
-    """'none' | 'bonus' | 'adaptive'."""
+    entropy_control: str = "proportional"
+    """'none' | 'bonus' | 'adaptive' | 'proportional'."""
     entropy_coef: float = 0.0
     """Fixed coefficient ('bonus'), or the starting one ('adaptive')."""
     entropy_coef_delta: float = 0.005
-    entropy_coef_max: float = 1.0
+    entropy_coef_max: float = 0.1
     entropy_target_ratio: float = 1.0
-    """Adaptive target = ratio × the first step's entropy."""
+    """Target = ratio × the first step's entropy (adaptive) or the first ENTROPY_WINDOW steps' mean."""
+    entropy_gain: float = 0.3
+    """Proportional: coefficient = min(max, gain × relative shortfall below the target)."""
     # ---- evaluation
     eval_every: int = 10
     eval_items: int = 64
@@ -450,7 +452,8 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     tcfg = cfg.train_config()
     optimizer = build_optimizer(model, tcfg)
     controller = EntropyController(cfg.entropy_control, cfg.entropy_coef, cfg.entropy_coef_delta,
-                                   cfg.entropy_coef_max, cfg.entropy_target_ratio)
+                                   cfg.entropy_coef_max, cfg.entropy_target_ratio, gain=cfg.entropy_gain,
+                                   window=ENTROPY_WINDOW)
     identity = run_identity(model, tcfg, {"stage": cfg.name, "grpo": config_hash(_identity_fields(cfg)),
                                           "selection": config_hash([q.uid for q in queries])})
     metrics = MetricsLog(str(out / "metrics.jsonl"))
