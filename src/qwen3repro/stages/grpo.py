@@ -20,7 +20,8 @@ What one run does:
    log-probs from the frozen starting model for the k3 KL) → `mu` optimisation passes over the
    batch, each split into `mini_batches` shuffled mini-batches, one AdamW step per mini-batch, with
    `losses.grpo_loss` (asymmetric clipping ε_low/ε_high, `loss_type` dapo | grpo | dr_grpo | bnpo,
-   optional β·k3 KL) minus the entropy bonus (`rl.entropy.EntropyController`). The very first
+   optional β·k3 KL) minus the entropy bonus (`rl.entropy.EntropyController`; the recipe's is
+   proportional to the shortfall of recent entropy below the starting one). The very first
    mini-batch of each step is on-policy: ratio 1 and clip fraction 0.
 3. **Metrics** every step in `metrics.jsonl`: reward, accuracy, entropy (mean token entropy of the
    rollouts at the sampling temperature), response length, clip fraction, KL (k3 to the starting
