@@ -80,8 +80,7 @@ class EntropyController:
     """Proportional mode: coefficient per unit of relative shortfall (1 − H̄/target)."""
     window: int = PROPORTIONAL_WINDOW
     history: list[float] = field(default_factory=list)
-    """Proportional mode: the entropies of the first `window` steps, then of the last `window`."""
-    seen: int = 0
+    """Proportional mode: the last `window` entropies (fewer during the first `window` steps)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ENTROPY_CONTROLS:
@@ -115,23 +114,22 @@ class EntropyController:
         return self.coef
 
     def _update_proportional(self, entropy: float) -> float:
-        self.seen += 1
+        in_first_window = len(self.history) < self.window  # the history fills up once, then slides
         self.history = (self.history + [entropy])[-self.window:]
         recent = sum(self.history) / len(self.history)
-        if self.seen <= self.window:  # the target follows the running mean of the first `window` steps
+        if in_first_window:  # the target follows the running mean of the first `window` steps
             self.target = self.target_ratio * recent
         shortfall = max(0.0, 1.0 - recent / self.target) if self.target and self.target > 0 else 0.0
         self.coef = min(self.coef_max, self.gain * shortfall)
         return self.coef
 
     def state_dict(self) -> dict[str, Any]:
-        return {"coef": self.coef, "target": self.target, "history": list(self.history), "seen": self.seen}
+        return {"coef": self.coef, "target": self.target, "history": list(self.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.coef = float(state["coef"])
         self.target = None if state.get("target") is None else float(state["target"])
         self.history = [float(h) for h in state.get("history", [])]
-        self.seen = int(state.get("seen", 0))
 
 
 __all__ = ["ENTROPY_CONTROLS", "PROPORTIONAL_WINDOW", "EntropyController", "masked_mean", "token_entropy"]
