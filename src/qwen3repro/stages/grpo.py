@@ -58,7 +58,7 @@ from ..generate import SamplingParams
 from ..lineage import make_lineage, write_lineage
 from ..losses import ADVANTAGE_SCALES, GRPO_LOSS_TYPES, grpo_loss
 from ..models.qwen3 import Qwen3
-from ..rl.entropy import ENTROPY_CONTROLS, EntropyController, masked_mean
+from ..rl.entropy import ENTROPY_CONTROLS, ENTROPY_WINDOW, EntropyController, masked_mean
 from ..rl.rollout import (
     ACCURACY_THRESHOLD, Query, QueryStream, RolloutBatch, ScoreFn, build_batch, collect_rollouts, policy_logprobs,
     sample_groups, verifier_score,
@@ -77,12 +77,7 @@ REPORT_RL_STEPS = 170
 # The claim's thresholds: pass@1 +10 points absolute; entropy never below half its starting value.
 CLAIM_PASS1_GAIN = 0.10
 CLAIM_ENTROPY_FLOOR = 0.5
-# The entropy the claim reads is a mean over this many consecutive steps. One step's entropy is the
-# mean over one batch of rollouts, and batches differ in which queries (families, difficulties) they
-# hold and how many rollouts run to the length cap, so it swings by a third from step to step (a
-# tiny-scale run: 0.021 to 0.037 within ten steps). "Never collapsing" is about the trend; the
-# minimum of single steps mostly measures the noise.
-ENTROPY_WINDOW = 5
+# It reads entropy as means over `rl.entropy.ENTROPY_WINDOW` consecutive steps (why: there).
 
 SELECTION_FILE = "selection.json"
 PLOT_FILE = "grpo_curves.png"
@@ -453,8 +448,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     tcfg = cfg.train_config()
     optimizer = build_optimizer(model, tcfg)
     controller = EntropyController(cfg.entropy_control, cfg.entropy_coef, cfg.entropy_coef_delta,
-                                   cfg.entropy_coef_max, cfg.entropy_target_ratio, gain=cfg.entropy_gain,
-                                   window=ENTROPY_WINDOW)
+                                   cfg.entropy_coef_max, cfg.entropy_target_ratio, gain=cfg.entropy_gain)
     identity = run_identity(model, tcfg, {"stage": cfg.name, "grpo": config_hash(_identity_fields(cfg)),
                                           "selection": config_hash([q.uid for q in queries])})
     metrics = MetricsLog(str(out / "metrics.jsonl"))
