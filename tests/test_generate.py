@@ -205,10 +205,12 @@ def _prompts():
     return [[3, 14, 15, 92, 65, 35], [8, 97], [93, 23, 84, 62, 64, 33, 83, 27, 95], [2]]
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])  # compiled decode kernels, or PyTorch operations only
 @pytest.mark.parametrize("name", ["micro", "micro-moe"])
-def test_logprobs_match_full_forward(micro, name):
+def test_logprobs_match_full_forward(micro, name, kernels, monkeypatch):
     from qwen3repro.generate import _DenseDecodeStep
 
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", kernels)
     if name == "micro-moe":  # MoE layers decode through model.forward (no fast step)
         torch.manual_seed(0)
         micro = Qwen3(get_model_config(name)).eval()

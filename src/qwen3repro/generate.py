@@ -68,6 +68,7 @@ from typing import Sequence
 
 import torch
 
+from . import kernels
 from .chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE
 
 __all__ = [
@@ -279,6 +280,11 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seen, generator) -> to
     x = logits.float()
     if params.presence_penalty and seen is not None:
         x = apply_presence_penalty(x, seen, params.presence_penalty)
+    if params.min_p == 0.0 and x.device.type == "cpu" and k <= kernels.MAX_TOP_K:
+        kernel = kernels.sampling_kernel()
+        if kernel is not None:  # the code below in one compiled call, with the same noise draws
+            noise = torch.empty((x.shape[0], k), dtype=torch.float32).exponential_(generator=generator)
+            return kernel(x, k, params.temperature, params.top_p, noise)
     values, index = _top_k(x, k)  # sorted, descending
     if params.temperature != 1.0:
         values = values / params.temperature
@@ -333,6 +339,7 @@ class _DenseWeights:
                 eps(ln2.eps), (torch.cat([m.gate_proj.weight, m.up_proj.weight]) * ln2.weight).t().contiguous(),
                 m.down_proj.weight.t().contiguous(), m.gate_proj.weight.shape[0],
             ))
+        self.qk_eps = [float(layer.self_attn.q_norm.eps) for layer in model.model.layers]
         norm = model.model.norm
         self.final_eps = eps(norm.eps)
         self.mean_h = torch.full((self.hidden, 1), 1 / self.hidden, dtype=w.dtype, device=w.device)
@@ -422,10 +429,18 @@ class _DenseDecodeStep:
         self.rope = w.rope_table(max_len)
         self.max_len, self.length = max_len, 0
         proto = w.lm_head
+        # On a CPU in float32, a decode step's attention is one compiled call per layer (None: PyTorch ops).
+        self.kernel = None
+        if proto.device.type == "cpu" and proto.dtype == torch.float32:
+            self.kernel = kernels.attention_kernel(w.d, w.g)
+            self.rope_pairs = torch.view_as_real(self.rope)  # [P, 1, D/2, 2]: (cos, sin) per frequency
+        # The kernel reads keys a vector (16 slots) at a time: the buffers' length is rounded up to that.
+        lanes = kernels.LANES if self.kernel is not None else 1
+        self.capacity = -(-max_len // lanes) * lanes
         n_layers = len(w.layers)
-        self.keys = proto.new_empty(n_layers, batch_size * w.hk, w.d, max_len)
-        self.values = proto.new_empty(n_layers, batch_size * w.hk, max_len, w.d)
-        self.bias = None  # [B·Hk, 1, max_len]: 0 for real tokens, -inf for padding
+        self.keys = proto.new_empty(n_layers, batch_size * w.hk, w.d, self.capacity)
+        self.values = proto.new_empty(n_layers, batch_size * w.hk, self.capacity, w.d)
+        self.bias = None  # [B·Hk, 1, capacity]: 0 for real tokens, -inf for padding
         self._bind()
 
     @staticmethod
@@ -455,7 +470,7 @@ class _DenseDecodeStep:
         v, gate, up, ...) are made once here, not at every step and layer (a view or a slice costs
         about as much as a small kernel). Redone when `reorder` changes the batch."""
         w = self.w
-        hk, d, g, n_qk, t = w.hk, w.d, w.g, w.n_qk, self.max_len
+        hk, d, g, n_qk, t = w.hk, w.d, w.g, w.n_qk, self.capacity
         b = self.keys.shape[1] // hk
         self.buffers = [(k, v.view(b, hk, t, d), v) for k, v in zip(self.keys, self.values)]
         new = w.lm_head.new_empty
@@ -477,11 +492,12 @@ class _DenseDecodeStep:
         inter = w.layers[0][-1]
         ws.gu = new(b, 2 * inter)
         ws.gate, ws.up = ws.gu[:, :inter], ws.gu[:, inter:]
+        self._attend = None  # the kernel's per-layer calls, bound to these buffers at the next step
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None):
         """input_ids, positions, attention_mask (True = real token; None = no padding) [B, S] -> the last
         position's logits [B, V]; stores the prompt's keys/values at slots [0, S)."""
-        (b, s), t, hk = input_ids.shape, self.max_len, self.w.hk
+        (b, s), t, hk = input_ids.shape, self.capacity, self.w.hk
         if self.length:
             raise RuntimeError("prefill needs an empty cache")
         allowed = None  # [B, 1, S, S]: causal and padding, the model's own mask
@@ -548,6 +564,8 @@ class _DenseDecodeStep:
         t = slot + 1
         if t > self.max_len:
             raise ValueError(f"cache overflow: {t} tokens do not fit in max_len={self.max_len}")
+        if self.kernel is not None:
+            return self._kernel_step(token, positions)
         bias = self.bias.narrow(2, 0, t) if self.bias is not None else None
         rope = self.rope.index_select(0, positions)  # [B, 1, D/2]
         x = F.embedding(token, w.embed)  # [B, hidden]
@@ -576,6 +594,35 @@ class _DenseDecodeStep:
             torch.mm(torch.mul(x, ws.r, out=ws.xn), w_gu, out=ws.gu)
             x = torch.addmm(x, F.silu(ws.gate).mul_(ws.up), w_down)
         self.length = t
+        x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
+        return torch.mm(x, w.lm_head).float()
+
+    def _kernel_step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`__call__` with each layer's QK-norm, RoPE, cache writes and attention done by one compiled call
+        (kernels/decode_attention.c, the same arithmetic): ~10 fewer tensor operations per layer."""
+        import torch.nn.functional as F
+
+        w, ws, slot = self.w, self.ws, self.length
+        if self._attend is None:
+            ws.positions = torch.empty(ws.qkv.shape[0], dtype=torch.long)
+            ws.scores = ws.qkv.new_empty(self.keys.shape[1], w.g, self.capacity)  # attention weights
+            self._attend = [
+                self.kernel.bind(ws.qkv, w_qk, qk_eps, self.rope_pairs, ws.positions, keys, values, self.bias,
+                                 ws.scores, ws.att, w.hk)
+                for (_, _, _, w_qk, *_), qk_eps, (keys, _, values) in zip(w.layers, w.qk_eps, self.buffers)
+            ]
+        ws.positions.copy_(positions)
+        threads, mean_h = torch.get_num_threads(), w.mean_h
+        x = F.embedding(token, w.embed)  # [B, hidden]
+        for (eps1, w_qkv, _, _, w_o, eps2, w_gu, w_down, _), attend in zip(w.layers, self._attend):
+            torch.addmm(eps1, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
+            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_qkv, out=ws.qkv)
+            attend(slot, threads)  # writes k, v at `slot` and the attention output into ws.att
+            x = torch.addmm(x, ws.att_2d, w_o)
+            torch.addmm(eps2, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
+            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_gu, out=ws.gu)
+            x = torch.addmm(x, F.silu(ws.gate).mul_(ws.up), w_down)
+        self.length = slot + 1
         x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
         return torch.mm(x, w.lm_head).float()
 

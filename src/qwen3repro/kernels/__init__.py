@@ -1,0 +1,222 @@
+"""Compiled CPU kernels for the generation engine's decode step: fused attention and top-k sampling.
+
+At rollout sizes a decode step on a CPU is mostly per-operation overhead: ~10 small tensor operations
+per layer for attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v) and a dozen for top-k /
+top-p sampling, each costing microseconds of dispatch. The two C files here do each of those in one
+call. They are compiled at first use with the system's C compiler (`$CC`, else `cc`), with
+`-march=native` and OpenMP, into a per-user cache (`$QWEN3REPRO_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/qwen3repro/kernels`, else `~/.cache/qwen3repro/kernels`), named by a hash of the
+source, the flags, the compiler and the CPU, and loaded with `ctypes` (plain C: no Python or PyTorch
+headers, so a build takes well under a second). The attention kernel is compiled per head
+dimension and group size, so its inner loops have constant trip counts.
+
+Without a working compiler (or with `QWEN3REPRO_KERNELS=0`) the loaders return None, once warning
+why, and the engine runs the same arithmetic as PyTorch operations; the results agree to float
+rounding either way (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["attention_kernel", "sampling_kernel", "enabled", "cache_dir"]
+
+_SOURCES = Path(__file__).resolve().parent
+LANES = 16  # floats per vector in decode_attention.c: the head dimension must be a multiple of it
+MAX_TOP_K = 256  # sample_top_k.c's candidate arrays
+
+
+def enabled() -> bool:
+    """False when `QWEN3REPRO_KERNELS` is 0/false/no/off."""
+    return os.environ.get("QWEN3REPRO_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("QWEN3REPRO_KERNEL_CACHE"):
+        return Path(os.environ["QWEN3REPRO_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwen3repro" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+# Tried in order until one compiles: the first is the fast one; the others keep a compiler without
+# -march=native or OpenMP usable (slower, still correct).
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp", "-fno-math-errno"),
+    ("-O3", "-fopenmp", "-fno-math-errno"),
+    ("-O3", "-fno-math-errno"),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
+    """Compile `source` (a file next to this one) with `defines` into the cache and load it, or warn
+    once and return None."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        warnings.warn(f"no C compiler ({compiler!r}) found: the generation engine uses PyTorch operations "
+                      "instead of its compiled decode kernels (slower, same results)", stacklevel=3)
+        return None
+    text = (_SOURCES / source).read_text()
+    macros = [f"-D{k}={v}" for k, v in defines]
+    errors = []
+    for flags in _FLAG_SETS:
+        command = [compiler, *flags, *macros, "-shared", "-fPIC", "-std=gnu11"]
+        key = hashlib.sha256("\0".join([text, *command, _compiler_version(compiler), _cpu_signature()]).encode())
+        target = _writable_cache() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            # Compile to a temporary name and rename: concurrent processes never load a half-written file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            result = subprocess.run([*command, str(_SOURCES / source), "-o", tmp, "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-500:]}")
+                continue
+            os.replace(tmp, target)
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as e:
+            errors.append(f"{' '.join(flags)}: loading {target.name}: {e}")
+    warnings.warn(f"compiling {source} failed; the generation engine uses PyTorch operations instead "
+                  f"(slower, same results):\n" + "\n".join(errors), stacklevel=3)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _writable_cache() -> Path:
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path)
+        probe.close()
+        return path
+    except OSError:  # a read-only home: a private directory for this process
+        return Path(tempfile.mkdtemp(prefix="qwen3repro-kernels-"))
+
+
+class AttentionKernel:
+    """`decode_attention.c` for one (head dimension, group size); see that file for the layouts.
+
+    `bind` checks the buffers once and returns a call that takes only what changes between steps (the
+    cache slot and the thread count): a decode step calls it once per layer, and per-call argument
+    checks and conversions would cost as much as the operations the kernel replaces."""
+
+    def __init__(self, lib: ctypes.CDLL, head_dim: int, group: int) -> None:
+        self.head_dim, self.group = head_dim, group
+        fn = self._fn = lib.decode_attention
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, i64, p, ctypes.c_float, p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
+        fn.restype = None
+
+    def bind(self, qkv, qk_norm, eps: float, rope, positions, keys, values, bias, scores, out, kv_heads: int):
+        """-> call(slot, threads): writes the step's key/value at `slot` and the attention output into `out`.
+
+        qkv [B, ≥ (kv_heads·(G+2))·D] (unit stride along a row), qk_norm [kv_heads·(G+1), D],
+        rope [P, ..., D/2, 2] (P above every position), positions [B] int64, keys [B·kv_heads, D, T],
+        values [B·kv_heads, T, D], bias [B·kv_heads, ..., T] or None, scores [B·kv_heads, G, T],
+        out [B, kv_heads·G·D]; float32 on the CPU. The call keeps references to them (C holds their
+        addresses)."""
+        b, d, g = qkv.shape[0], self.head_dim, self.group
+        t = keys.shape[-1]
+        tensors = [qkv, qk_norm, rope, keys, values, scores, out] + ([] if bias is None else [bias])
+        problems = []
+        if not all(x.dtype == torch.float32 and x.device.type == "cpu" for x in tensors):
+            problems.append("tensors must be float32 on the CPU")
+        if positions.dtype != torch.int64 or positions.shape != (b,) or not positions.is_contiguous():
+            problems.append(f"positions must be int64 [{b}], contiguous")
+        if qkv.stride(1) != 1 or qkv.shape[1] < kv_heads * (g + 2) * d or not all(x.is_contiguous() for x in tensors[1:]):
+            problems.append("qkv needs unit stride along a row; the other tensors must be contiguous")
+        expected = {"qk_norm": (qk_norm.numel(), kv_heads * (g + 1) * d), "rope pair": (rope.shape[-2:], (d // 2, 2)),
+                    "keys": (keys.shape, (b * kv_heads, d, t)), "values": (values.shape, (b * kv_heads, t, d)),
+                    "scores": (scores.shape, (b * kv_heads, g, t)), "out": (out.numel(), b * kv_heads * g * d)}
+        if bias is not None:
+            expected["bias"] = (bias.numel(), b * kv_heads * t)
+        problems += [f"{name}: {tuple(got) if isinstance(got, torch.Size) else got} != {want}"
+                     for name, (got, want) in expected.items() if got != want]
+        if t % LANES:
+            problems.append(f"cache length {t} must be a multiple of {LANES}")
+        if problems:
+            raise ValueError("decode_attention: " + "; ".join(problems))
+        fixed = (qkv.data_ptr(), qkv.stride(0), qk_norm.data_ptr(), eps, rope.data_ptr(), positions.data_ptr(),
+                 keys.data_ptr(), values.data_ptr(), None if bias is None else bias.data_ptr(), scores.data_ptr(),
+                 out.data_ptr(), b, kv_heads, t)
+        fn, alive = self._fn, (*tensors, positions)  # the call holds its tensors: their memory stays valid
+
+        def call(slot: int, threads: int) -> None:
+            if not 0 <= slot < t:
+                raise ValueError(f"slot {slot} outside the cache [0, {t})")
+            fn(*fixed, slot, threads)
+
+        call.tensors = alive
+
+        return call
+
+
+class SamplingKernel:
+    """`sample_top_k.c`: next tokens [B] from logits [B, V], top-k, temperature, top-p and noise [B, k]."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = self._fn = lib.sample_top_k
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, i64, i64, i64, i64, ctypes.c_float, ctypes.c_float, p, p, ctypes.c_int]
+        fn.restype = ctypes.c_int
+
+    def __call__(self, logits: torch.Tensor, k: int, temperature: float, top_p: float, noise: torch.Tensor):
+        b, v = logits.shape
+        if (logits.dtype != torch.float32 or logits.stride(1) != 1 or noise.dtype != torch.float32
+                or not noise.is_contiguous() or noise.shape != (b, k) or logits.device.type != "cpu"):
+            raise ValueError("sample_top_k: float32 CPU logits with unit stride along the vocabulary, noise [B, k]")
+        tokens = torch.empty(b, dtype=torch.long)
+        # top_p >= 1 means "off": +inf keeps every candidate whatever the rounding of the running sum.
+        rc = self._fn(logits.data_ptr(), logits.stride(0), b, v, k, temperature,
+                      top_p if top_p < 1.0 else math.inf, noise.data_ptr(), tokens.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"top-k {k} must be in [1, min({MAX_TOP_K}, vocabulary {v})]")
+        return tokens
+
+
+def attention_kernel(head_dim: int, group: int) -> AttentionKernel | None:
+    """The fused decode-attention kernel for this head shape, or None (no compiler, disabled, or a head
+    dimension that is not a multiple of 16)."""
+    if not enabled() or head_dim % LANES or not 1 <= group <= 16 or head_dim > 512:
+        return None
+    lib = _build("decode_attention.c", (("HEAD_DIM", head_dim), ("GROUP", group)))
+    return None if lib is None else AttentionKernel(lib, head_dim, group)
+
+
+def sampling_kernel() -> SamplingKernel | None:
+    """The fused top-k sampler, or None (no compiler, or disabled)."""
+    if not enabled():
+        return None
+    lib = _build("sample_top_k.c", ())
+    return None if lib is None else SamplingKernel(lib)

@@ -1,0 +1,282 @@
+"""The compiled decode kernels (qwen3repro.kernels) against the PyTorch operations they replace.
+
+* decode attention: a decode step with the kernel gives the logits of the same step without it
+  (teacher-forced tokens, padded prompts, steps across the kernel's 16-slot blocks, batch compaction,
+  group sizes 2 and 4);
+* top-k sampling: the kernel's token is the one the definition picks from the same noise (k largest,
+  ties to the lower id; softmax at temperature T; top-p on the running mass; the exponential race);
+* building: the cache is reused; no compiler, a failing compiler or QWEN3REPRO_KERNELS=0 give None
+  with a warning, and generation still runs (through PyTorch) with the same results;
+* bad buffers are refused before any pointer is handed to C.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from qwen3repro import kernels
+from qwen3repro.generate import GREEDY, THINKING_SAMPLING, SamplingParams, _DenseDecodeStep, generate
+from qwen3repro.models.qwen3 import Qwen3
+from qwen3repro.models.registry import get_model_config
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+
+
+def _model(group: int) -> Qwen3:
+    """micro (head_dim 16, 2 query heads per KV head), or a 4-per-KV-head variant with head_dim 32."""
+    cfg = get_model_config("micro")
+    if group == 4:
+        cfg = dataclasses.replace(cfg, num_attention_heads=4, num_key_value_heads=1, head_dim=32)
+    torch.manual_seed(group)
+    return Qwen3(cfg).eval()
+
+
+MODELS = {g: _model(g) for g in (2, 4)}
+
+
+def _steps(model, prompts, feed, use_kernel: bool, keep_at: int | None = None):
+    """Prefill `prompts` (left-padded) and run len(feed) decode steps fed the tokens `feed[i]` [B];
+    returns the logits of every step. `keep_at`: drop every other row before that step (compaction)."""
+    b, width = len(prompts), max(map(len, prompts))
+    ids = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = True
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWEN3REPRO_KERNELS", "1" if use_kernel else "0")
+        step = _DenseDecodeStep(model, b, width + len(feed))
+    assert (step.kernel is not None) == use_kernel
+    out = [step.prefill(ids, positions, None if bool(mask.all()) else mask)]
+    pos = torch.tensor([len(p) for p in prompts])
+    rows = torch.arange(b)
+    for i, tokens in enumerate(feed):
+        if keep_at is not None and i == keep_at and len(rows) > 1:
+            keep = torch.arange(0, len(rows), 2)
+            step.reorder(keep)
+            rows, pos = rows[keep], pos[keep]
+        out.append(step(tokens[rows], pos))
+        pos = pos + 1
+    return out
+
+
+@settings(max_examples=20)
+@given(
+    group=st.sampled_from([2, 4]),
+    lengths=st.lists(st.integers(1, 21), min_size=1, max_size=5),
+    n_steps=st.integers(1, 40),
+    compact=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_kernel_matches_torch_ops(group, lengths, n_steps, compact, seed):
+    model = MODELS[group]
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+    feed = [torch.tensor([rng.randrange(vocab) for _ in lengths]) for _ in range(n_steps)]
+    keep_at = rng.randrange(n_steps) if compact else None
+    with torch.inference_mode():
+        fast = _steps(model, prompts, feed, True, keep_at)
+        ref = _steps(model, prompts, feed, False, keep_at)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_kernel_and_torch_paths_generate_alike():
+    # Same seed, same noise draws: the kernels change nothing but rounding, so the tokens agree.
+    model = MODELS[2]
+    prompts = [[3, 14, 15, 92, 65], [8, 97], [93, 23, 84, 62, 64, 33, 83], [2]]
+    runs = {}
+    for flag in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("QWEN3REPRO_KERNELS", flag)
+            runs[flag] = generate(model, prompts, THINKING_SAMPLING, max_new_tokens=40, return_logprobs=True, seed=7)
+    for a, b in zip(runs["1"], runs["0"]):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- sampling
+def _reference_token(row: torch.Tensor, k: int, temperature: float, top_p: float, noise: torch.Tensor) -> tuple[int, bool]:
+    """The definition, in float64 where it decides: -> (token, clear) where `clear` is False when
+    float32 rounding could change the answer (a running mass at top_p, or two race scores that tie)."""
+    order = torch.sort(row, descending=True, stable=True).indices[:k].tolist()  # ties: the lower id first
+    values = row[order].double() / temperature
+    p = torch.softmax(values, 0)
+    before = torch.cumsum(p, 0) - p
+    kept = before < top_p
+    kept[0] = True
+    race = torch.where(kept, p / noise.double(), torch.zeros_like(p))
+    best = int(race.argmax())
+    margin = (before - top_p).abs().min().item() if top_p < 1 else 1.0
+    second = race.clone()
+    second[best] = -1
+    clear = margin > 1e-5 and (race[best] - second.max()).item() > 1e-5 * race[best].item()
+    return order[best], clear
+
+
+@settings(max_examples=60)
+@given(
+    data=st.data(),
+    vocab=st.integers(2, 300),
+    batch=st.integers(1, 4),
+    temperature=st.floats(0.1, 2.0),
+    top_p=st.one_of(st.just(1.0), st.floats(0.05, 0.999)),
+    coarse=st.booleans(),
+)
+def test_sampling_kernel_matches_the_definition(data, vocab, batch, temperature, top_p, coarse):
+    kernel = kernels.sampling_kernel()
+    assert kernel is not None
+    k = data.draw(st.integers(1, min(vocab, kernels.MAX_TOP_K)))
+    # Coarse logits (a few values) make ties common; fine ones exercise the two-pass selection.
+    values = st.integers(-3, 3).map(float) if coarse else st.floats(-20, 20, allow_nan=False, width=32)
+    logits = torch.tensor(data.draw(st.lists(st.lists(values, min_size=vocab, max_size=vocab),
+                                             min_size=batch, max_size=batch)), dtype=torch.float32)
+    noise = torch.empty(batch, k).exponential_(generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    tokens = kernel(logits, k, temperature, top_p, noise)
+    for r in range(batch):
+        want, clear = _reference_token(logits[r], k, temperature, top_p, noise[r])
+        assume(clear)
+        assert tokens[r].item() == want
+
+
+def test_sampling_kernel_on_a_real_vocabulary_row():
+    # A Qwen3-sized vocabulary (151,936) with the report's settings: the two-pass top-k over many groups.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 151936, generator=g) * 4
+    noise = torch.empty(3, 20).exponential_(generator=g)
+    tokens = kernels.sampling_kernel()(logits, 20, 0.6, 0.95, noise)
+    for r in range(3):
+        want, clear = _reference_token(logits[r], 20, 0.6, 0.95, noise[r])
+        assert clear and tokens[r].item() == want
+
+
+def test_sampling_kernel_rows_of_minus_inf_and_nan():
+    # A vocabulary mask leaves -inf entries; a NaN never wins; the top token always stays possible.
+    logits = torch.full((2, 50), float("-inf"))
+    logits[0, 7] = 1.0
+    logits[1, :] = float("nan")
+    logits[1, 30] = -2.0
+    noise = torch.ones(2, 5)
+    assert kernels.sampling_kernel()(logits, 5, 1.0, 0.9, noise).tolist() == [7, 30]
+
+
+def test_sampling_frequencies_with_the_kernel():
+    # 20,000 draws of one row follow the filtered distribution (top-k 4, T 0.8, top-p 0.9).
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5] + [-30.0] * 58)
+    n = 20000
+    noise = torch.empty(n, 4).exponential_(generator=torch.Generator().manual_seed(1))
+    tokens = kernels.sampling_kernel()(base.expand(n, -1).contiguous(), 4, 0.8, 0.9, noise)
+    p = torch.softmax(base[:4] / 0.8, 0)
+    keep = (torch.cumsum(p, 0) - p) < 0.9
+    expected = torch.zeros(64)
+    expected[:4] = torch.where(keep, p, 0) / torch.where(keep, p, 0).sum()
+    counts = torch.bincount(tokens, minlength=64).float() / n
+    assert torch.allclose(counts, expected, atol=0.015)
+
+
+# ------------------------------------------------------------------------------------ building
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """An empty kernel cache and no remembered builds, restored afterwards."""
+    monkeypatch.setenv("QWEN3REPRO_KERNEL_CACHE", str(tmp_path / "cache"))
+    kernels._build.cache_clear()
+    kernels._writable_cache.cache_clear()
+    yield tmp_path / "cache"
+    kernels._build.cache_clear()
+    kernels._writable_cache.cache_clear()
+
+
+def test_builds_once_into_the_cache(fresh_build):
+    assert kernels.attention_kernel(16, 2) is not None
+    built = sorted(p.name for p in fresh_build.iterdir())
+    assert len(built) == 1 and built[0].startswith("decode_attention-") and built[0].endswith(".so")
+    kernels._build.cache_clear()  # a new process: loads the cached library, compiles nothing
+    mtime = (fresh_build / built[0]).stat().st_mtime_ns
+    assert kernels.attention_kernel(16, 2) is not None
+    assert sorted(p.name for p in fresh_build.iterdir()) == built
+    assert (fresh_build / built[0]).stat().st_mtime_ns == mtime
+    assert kernels.attention_kernel(32, 2) is not None  # another head shape: another library
+    assert len(list(fresh_build.iterdir())) == 2
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler-here", "false"])
+def test_without_a_working_compiler_generation_falls_back(fresh_build, monkeypatch, compiler):
+    monkeypatch.setenv("CC", compiler)
+    with pytest.warns(UserWarning, match="PyTorch operations"):
+        assert kernels.attention_kernel(16, 2) is None
+    with pytest.warns(UserWarning, match="PyTorch operations"):
+        assert kernels.sampling_kernel() is None
+    model = MODELS[2]
+    gens = generate(model, [[1, 2, 3], [4]], GREEDY, max_new_tokens=5, return_logprobs=True)
+    monkeypatch.delenv("CC")
+    kernels._build.cache_clear()
+    assert [g.token_ids for g in gens] == [g.token_ids for g in generate(model, [[1, 2, 3], [4]], GREEDY, max_new_tokens=5)]
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", "0")
+    assert kernels.attention_kernel(16, 2) is None and kernels.sampling_kernel() is None
+    assert _DenseDecodeStep(MODELS[2], 2, 8).kernel is None
+
+
+def test_unsupported_head_shapes_use_torch():
+    assert kernels.attention_kernel(24, 2) is None  # not a multiple of 16
+    assert kernels.attention_kernel(32, 17) is None  # more query heads per KV head than the kernel holds
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _buffers(b=2, hk=1, g=2, d=16, t=32):
+    return dict(
+        qkv=torch.zeros(b, hk * (g + 2) * d), qk_norm=torch.ones(hk * (g + 1), d), eps=1e-6,
+        rope=torch.zeros(t, 1, d // 2, 2), positions=torch.zeros(b, dtype=torch.long),
+        keys=torch.zeros(b * hk, d, t), values=torch.zeros(b * hk, t, d), bias=None,
+        scores=torch.zeros(b * hk, g, t), out=torch.zeros(b, hk * g * d), kv_heads=hk,
+    )
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(positions=torch.zeros(2, dtype=torch.int32)), "positions"),
+    (dict(keys=torch.zeros(2, 16, 30)), "multiple of 16"),
+    (dict(values=torch.zeros(2, 16, 32)), "values"),
+    (dict(scores=torch.zeros(2, 3, 32)), "scores"),
+    (dict(qkv=torch.zeros(2, 64, dtype=torch.float64)), "float32"),
+    (dict(keys=torch.zeros(2, 32, 16).transpose(1, 2)), "contiguous"),
+    (dict(bias=torch.zeros(2, 1, 16)), "bias"),
+])
+def test_attention_bind_refuses_bad_buffers(change, message):
+    kernel = kernels.attention_kernel(16, 2)
+    with pytest.raises(ValueError, match=message):
+        kernel.bind(**{**_buffers(), **change})
+
+
+def test_attention_call_refuses_a_slot_outside_the_cache():
+    call = kernels.attention_kernel(16, 2).bind(**_buffers())
+    call(31, 1)
+    with pytest.raises(ValueError, match="slot 32"):
+        call(32, 1)
+
+
+def test_sampling_kernel_refuses_bad_arguments():
+    kernel = kernels.sampling_kernel()
+    with pytest.raises(ValueError, match="top-k"):
+        kernel(torch.zeros(1, 10), 11, 1.0, 1.0, torch.ones(1, 11))
+    with pytest.raises(ValueError, match="noise"):
+        kernel(torch.zeros(1, 10), 3, 1.0, 1.0, torch.ones(1, 4))
+    with pytest.raises(ValueError, match="unit stride"):
+        kernel(torch.zeros(10, 2).t(), 1, 1.0, 1.0, torch.ones(2, 1))
+
+
+def test_sampling_params_unchanged_by_the_kernel_path():
+    # The kernel serves top-k without min-p only; with min-p the PyTorch path runs and still filters.
+    assert THINKING_SAMPLING.min_p == 0 and THINKING_SAMPLING.top_k == 20
+    model = MODELS[2]
+    gens = generate(model, [[5, 6]] * 8, SamplingParams(temperature=1.0, top_k=10, min_p=0.5), max_new_tokens=4, seed=0)
+    assert all(len(g.token_ids) == 4 for g in gens)
