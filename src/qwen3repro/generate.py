@@ -19,7 +19,10 @@ How a batch is decoded
   fused and norm-folded weights and a RoPE table (RoPE as one complex multiplication), kept across
   calls while the model's parameters are unchanged; per call the padding bias and a workspace; keys
   are kept transposed for the attention matmuls, which replace SDPA (slow on CPU for one query per
-  row). Other models (MoE, dual chunk attention, half precision) run through `model.forward`.
+  row). On a CPU in float32, each layer's QK-norm, RoPE, cache writes and attention are one call of a
+  compiled kernel (`qwen3repro.kernels`, built at first use with the system's C compiler; without one,
+  the PyTorch operations run, with the same results up to rounding). Other models (MoE, dual chunk
+  attention, half precision) run through `model.forward`.
 * Sampling is vectorised over the batch, in this order (the one vLLM uses for these knobs):
   presence penalty (subtract `presence_penalty` from every token already generated in this row),
   temperature, top-k, top-p (nucleus: the smallest set of most likely tokens whose probability
@@ -28,7 +31,8 @@ How a batch is decoded
   `torch.Generator` so a seed reproduces a run. Temperature 0 is greedy (argmax). With top-k on,
   everything after the penalty runs on the k candidates only, found by a two-pass top-k (group
   maxima, then the top k among the best groups' members) that is much cheaper than `torch.topk`
-  over a whole vocabulary row.
+  over a whole vocabulary row. On a CPU, top-k without min-p (the report's settings) is one call of a
+  compiled kernel doing the same, from the same noise draws.
 * Each row stops on its own at a stop token (kept as the last generated token) or at
   `max_new_tokens`; finished rows are dropped from the batch (and from the KV cache) once they
   make up half of it. The engine counts finished rows itself, so a step without a stop token needs

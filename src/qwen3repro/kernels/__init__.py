@@ -75,7 +75,7 @@ def _build(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | N
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         warnings.warn(f"no C compiler ({compiler!r}) found: the generation engine uses PyTorch operations "
-                      "instead of its compiled decode kernels (slower, same results)", stacklevel=3)
+                      "instead of its compiled decode kernels (slower; the same arithmetic)", stacklevel=3)
         return None
     text = (_SOURCES / source).read_text()
     macros = [f"-D{k}={v}" for k, v in defines]
@@ -100,7 +100,7 @@ def _build(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | N
         except OSError as e:
             errors.append(f"{' '.join(flags)}: loading {target.name}: {e}")
     warnings.warn(f"compiling {source} failed; the generation engine uses PyTorch operations instead "
-                  f"(slower, same results):\n" + "\n".join(errors), stacklevel=3)
+                  f"(slower; the same arithmetic):\n" + "\n".join(errors), stacklevel=3)
     return None
 
 
