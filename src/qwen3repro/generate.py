@@ -437,7 +437,6 @@ class _DenseDecodeStep:
         self.kernel = None
         if proto.device.type == "cpu" and proto.dtype == torch.float32:
             self.kernel = kernels.attention_kernel(w.d, w.g)
-            self.rope_pairs = torch.view_as_real(self.rope)  # [P, 1, D/2, 2]: (cos, sin) per frequency
         # The kernel reads keys a vector (16 slots) at a time: the buffers' length is rounded up to that.
         lanes = kernels.LANES if self.kernel is not None else 1
         self.capacity = -(-max_len // lanes) * lanes
@@ -569,30 +568,37 @@ class _DenseDecodeStep:
         if t > self.max_len:
             raise ValueError(f"cache overflow: {t} tokens do not fit in max_len={self.max_len}")
         if self.kernel is not None:
-            return self._kernel_step(token, positions)
-        bias = self.bias.narrow(2, 0, t) if self.bias is not None else None
-        rope = self.rope.index_select(0, positions)  # [B, 1, D/2]
+            attend, threads = self._attention_calls(), torch.get_num_threads()
+            ws.positions.copy_(positions)
+        else:
+            attend = [None] * len(w.layers)
+            bias = self.bias.narrow(2, 0, t) if self.bias is not None else None
+            rope = self.rope.index_select(0, positions)  # [B, 1, D/2]
         x = F.embedding(token, w.embed)  # [B, hidden]
         # Every line below uses as few tensor operations as it can (each costs microseconds of overhead).
         # RMSNorm: x · (mean(x²) + eps)^-½, the mean as a matmul with a column of 1/n that also adds eps
         # (cheaper here than `mean` + `add`, or `F.rms_norm`, which runs several operations inside).
-        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, _), (keys, values_4d, values) in zip(
-            w.layers, self.buffers
+        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, _), (keys, values_4d, values), kernel_call in zip(
+            w.layers, self.buffers, attend
         ):
             torch.addmm(eps1, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
             torch.mm(torch.mul(x, ws.r, out=ws.xn), w_qkv, out=ws.qkv)
-            # QK-norm per head (q's weight carries 1/√D), then RoPE as one complex multiplication.
-            torch.mul(ws.qk, ws.qk, out=ws.qk_sq_3d)
-            torch.addmm(eps_qk, ws.qk_sq, mean_d, out=ws.qk_r).rsqrt_()
-            torch.mul(ws.qk, ws.qk_r_3d, out=ws.qk_normed).mul_(w_qk)
-            torch.mul(ws.qk_normed_c, rope, out=ws.rotated_c)
-            keys.select(2, slot).copy_(ws.k)
-            values_4d.select(2, slot).copy_(ws.v)
-            if bias is None:
-                scores = torch.bmm(ws.q, keys.narrow(2, 0, t))
+            if kernel_call is not None:
+                # Everything down to the attention output, in one compiled call (kernels/decode_attention.c).
+                kernel_call(slot, threads)
             else:
-                scores = torch.baddbmm(bias, ws.q, keys.narrow(2, 0, t))
-            torch.bmm(torch.softmax(scores, dim=-1), values.narrow(1, 0, t), out=ws.att)
+                # QK-norm per head (q's weight carries 1/√D), then RoPE as one complex multiplication.
+                torch.mul(ws.qk, ws.qk, out=ws.qk_sq_3d)
+                torch.addmm(eps_qk, ws.qk_sq, mean_d, out=ws.qk_r).rsqrt_()
+                torch.mul(ws.qk, ws.qk_r_3d, out=ws.qk_normed).mul_(w_qk)
+                torch.mul(ws.qk_normed_c, rope, out=ws.rotated_c)
+                keys.select(2, slot).copy_(ws.k)
+                values_4d.select(2, slot).copy_(ws.v)
+                if bias is None:
+                    scores = torch.bmm(ws.q, keys.narrow(2, 0, t))
+                else:
+                    scores = torch.baddbmm(bias, ws.q, keys.narrow(2, 0, t))
+                torch.bmm(torch.softmax(scores, dim=-1), values.narrow(1, 0, t), out=ws.att)
             x = torch.addmm(x, ws.att_2d, w_o)
             torch.addmm(eps2, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
             torch.mm(torch.mul(x, ws.r, out=ws.xn), w_gu, out=ws.gu)
@@ -601,34 +607,20 @@ class _DenseDecodeStep:
         x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
         return torch.mm(x, w.lm_head).float()
 
-    def _kernel_step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`__call__` with each layer's QK-norm, RoPE, cache writes and attention done by one compiled call
-        (kernels/decode_attention.c, the same arithmetic): ~10 fewer tensor operations per layer."""
-        import torch.nn.functional as F
-
-        w, ws, slot = self.w, self.ws, self.length
+    def _attention_calls(self) -> list:
+        """The compiled attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v) of each layer, bound
+        to the current buffers (made at the first step after `_bind`; see `kernels.AttentionKernel`)."""
         if self._attend is None:
+            w, ws = self.w, self.ws
             ws.positions = torch.empty(ws.qkv.shape[0], dtype=torch.long)
             ws.scores = ws.qkv.new_empty(self.keys.shape[1], w.g, self.capacity)  # attention weights
+            rope_pairs = torch.view_as_real(self.rope)  # [P, 1, D/2, 2]: (cos, sin) per frequency
             self._attend = [
-                self.kernel.bind(ws.qkv, w_qk, qk_eps, self.rope_pairs, ws.positions, keys, values, self.bias,
+                self.kernel.bind(ws.qkv, w_qk, qk_eps, rope_pairs, ws.positions, keys, values, self.bias,
                                  ws.scores, ws.att, w.hk)
                 for (_, _, _, w_qk, *_), qk_eps, (keys, _, values) in zip(w.layers, w.qk_eps, self.buffers)
             ]
-        ws.positions.copy_(positions)
-        threads, mean_h = torch.get_num_threads(), w.mean_h
-        x = F.embedding(token, w.embed)  # [B, hidden]
-        for (eps1, w_qkv, _, _, w_o, eps2, w_gu, w_down, _), attend in zip(w.layers, self._attend):
-            torch.addmm(eps1, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
-            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_qkv, out=ws.qkv)
-            attend(slot, threads)  # writes k, v at `slot` and the attention output into ws.att
-            x = torch.addmm(x, ws.att_2d, w_o)
-            torch.addmm(eps2, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
-            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_gu, out=ws.gu)
-            x = torch.addmm(x, F.silu(ws.gate).mul_(ws.up), w_down)
-        self.length = slot + 1
-        x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
-        return torch.mm(x, w.lm_head).float()
+        return self._attend
 
 
 # ---------------------------------------------------------------------------------- the engine
