@@ -256,6 +256,10 @@ def test_sampling_kernel_refuses_bad_arguments():
     kernel = kernels.sampling_kernel()
     with pytest.raises(ValueError, match="top-k"):
         kernel(torch.zeros(1, 10), 11, 1.0, 1.0, torch.ones(1, 11))
+    k = kernels.MAX_TOP_K  # the C file's MAX_K: the largest k it takes
+    assert kernel(torch.zeros(1, 300), k, 1.0, 1.0, torch.ones(1, k)).tolist() == [0]
+    with pytest.raises(ValueError, match="top-k"):
+        kernel(torch.zeros(1, 300), k + 1, 1.0, 1.0, torch.ones(1, k + 1))
     with pytest.raises(ValueError, match="noise"):
         kernel(torch.zeros(1, 10), 3, 1.0, 1.0, torch.ones(1, 4))
     with pytest.raises(ValueError, match="unit stride"):

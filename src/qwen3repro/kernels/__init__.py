@@ -34,7 +34,7 @@ __all__ = ["attention_kernel", "sampling_kernel", "enabled", "cache_dir"]
 
 _SOURCES = Path(__file__).resolve().parent
 LANES = 16  # floats per vector in decode_attention.c: the head dimension must be a multiple of it
-MAX_TOP_K = 256  # sample_top_k.c's candidate arrays
+MAX_TOP_K = 256  # sample_top_k.c's MAX_K (its candidate arrays): the two must be equal
 
 
 def enabled() -> bool:

@@ -15,9 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_K 256
-#define CHUNK 16
-
+#define MAX_K 256  /* candidate arrays on the stack; qwen3repro.kernels.MAX_TOP_K must equal it */
+#define CHUNK 16   /* entries tested against the threshold at once in the second pass */
 
 /* Insert (value, v) into the descending list top[0..n) of at most k entries; NaN never enters, and an
  * equal value goes after the ones already there. */
