@@ -94,6 +94,26 @@ class Plan:
                 return n
         raise KeyError(key)
 
+    # What evaluations ask of a plan: which roles ran a stage, where its output is, and the
+    # scale's settings for an evaluation or experiment.
+    def has(self, role: str, stage: str) -> bool:
+        return any(n.key == f"{role}/{stage}" for n in self.nodes)
+
+    def roles_with(self, stage: str) -> list[str]:
+        """The roles whose chain includes `stage`, in the scale's role order."""
+        return [role for role in self.settings.roles if self.has(role, stage)]
+
+    def stage_dir(self, role: str, stage: str) -> Path:
+        return self.node(f"{role}/{stage}").out_dir
+
+    def eval_settings(self, name: str) -> dict[str, Any]:
+        """The scale's `[evals.<name>]` table (empty when absent)."""
+        return dict(self.scale_config.get("evals", {}).get(name, {}))
+
+    def experiment_settings(self, name: str) -> dict[str, Any]:
+        """The scale's `[experiments.<name>]` table (empty when absent)."""
+        return dict(self.scale_config.get("experiments", {}).get(name, {}))
+
 
 # ----------------------------------------------------------------------------- planning
 def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = ()) -> Plan:
