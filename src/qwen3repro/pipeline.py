@@ -35,7 +35,8 @@ from .lineage import LINEAGE_FILE, chain_hash, is_up_to_date, make_lineage, read
 from .recipes import deep_merge, load_recipe, load_scale, parse_override, recipe_lineage
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext, write_json_atomic
-from .train.metrics import default_printer, format_duration
+from .progress import format_duration
+from .train.metrics import default_printer
 
 STAGE_FILE = "stage.json"
 # Each stage's parent checkpoint (within one role) and what kind of stage it is.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..stages.common import write_json_atomic
-from ..train.metrics import format_duration
+from ..progress import format_duration
 from . import report
 
 

@@ -23,7 +23,8 @@ import torch
 
 from ..generate import SamplingParams, generate
 from ..stages.common import write_json_atomic
-from ..train.metrics import MetricsLog, format_duration
+from ..progress import format_duration
+from ..train.metrics import MetricsLog
 
 # Sampling of the Filtering evaluation: the report's recommended thinking-mode settings
 # (Qwen3 model cards: temperature 0.6, top-p 0.95, top-k 20), one sample per query, seeded.

@@ -67,7 +67,8 @@ from ..rl.selection import USED_QUERIES_FILE, SelectionResult, load_used_uids, s
 from ..tokenizer import Tokenizer
 from ..train import checkpoint as ckpt
 from ..train.loop import TrainConfig, build_optimizer, resolve_device, run_identity
-from ..train.metrics import MetricsLog, ProgressClock, format_duration
+from ..progress import Progress, format_duration
+from ..train.metrics import MetricsLog
 from .common import StageContext, copy_tokenizer, write_json_atomic
 
 # The report's headline for this stage (§4.2): Qwen3-235B-A22B's AIME'24 over 170 RL steps.
@@ -468,7 +469,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
                 f"{len(queries)} queries, loss {cfg.loss_type}, eps {cfg.epsilon_low}/{cfg.epsilon_high}, "
                 f"beta {cfg.beta}, mu {cfg.mu}, entropy control {cfg.entropy_control}")
     metrics.truncate_to(step if step > 0 else -1)  # a fresh run starts a fresh log
-    clock = ProgressClock(step, cfg.steps, elapsed_before)
+    clock = Progress(cfg.steps, done=step, elapsed_before=elapsed_before, name=cfg.name)
     model.train()
 
     def lr_at(offset: int) -> float:
@@ -529,17 +530,15 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
         else:
             record["entropy_coef"] = controller.coef
         step += 1
+        clock.update(step)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             record.update(run_eval())
         record["elapsed_s"] = clock.elapsed()
         metrics.append({k: v for k, v in record.items() if v is not None})
         if step % cfg.log_every == 0 or step == cfg.steps:
-            line = (f"{cfg.name} step {step:>{len(str(cfg.steps))}d}/{cfg.steps} ({100.0 * step / cfg.steps:5.1f}%) | "
-                    f"reward {record['reward']:.3f} | entropy {record.get('entropy', float('nan')):.4f} | "
-                    f"len {record['response_length']:.1f} | clip {record.get('clip_fraction', 0.0):.3f} | "
-                    f"kl {record.get('kl', 0.0):.4f} | zero-var {record['zero_variance_share']:.2f} | "
-                    f"elapsed {format_duration(clock.elapsed())} | "
-                    f"eta {format_duration(clock.eta(step) or float('nan'))}")
+            line = clock.line(f"reward {record['reward']:.3f}", f"entropy {record.get('entropy', float('nan')):.4f}",
+                              f"len {record['response_length']:.1f}", f"clip {record.get('clip_fraction', 0.0):.3f}",
+                              f"kl {record.get('kl', 0.0):.4f}", f"zero-var {record['zero_variance_share']:.2f}")
             if "eval/pass@1" in record:
                 pk = f"pass@{cfg.eval_k}"
                 line += f" | pass@1 {record['eval/pass@1']:.3f} {pk} {record['eval/' + pk]:.3f}"

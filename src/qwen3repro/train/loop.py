@@ -57,7 +57,8 @@ from torch import nn
 from ..config import ConfigError, config_hash, strict_fields
 from ..losses import masked_cross_entropy
 from . import checkpoint as ckpt
-from .metrics import MetricsLog, ProgressClock, default_printer, format_progress
+from ..progress import Progress
+from .metrics import MetricsLog, default_printer
 from .schedule import DECAY_SHAPES, WSDSchedule
 
 PRECISIONS = ("fp32", "bf16")
@@ -419,7 +420,7 @@ def train(
             ckpt.restore_rng_state(rng)
         return {f"eval/{k}": _num(v) if isinstance(v, (torch.Tensor, int, float)) else v for k, v in results.items()}
 
-    clock = ProgressClock(step, cfg.steps, elapsed_before)
+    clock = Progress(cfg.steps, done=step, elapsed_before=elapsed_before)
     losses: dict[int, float] = {}
     last_eval: dict[str, Any] = {}
     last_ckpt = ckpt.find_latest(out_dir)
@@ -475,6 +476,7 @@ def train(
             )
         optimizer.step()
         step += 1
+        clock.update(step)
         step_loss = loss_sum / total_w if total_w > 0 else 0.0
         losses[step] = step_loss
         tokens_seen += step_tokens
@@ -501,10 +503,10 @@ def train(
                 **(last_eval if evaluated else {}),
             }
             metrics_log.append({k: v for k, v in record.items() if v is not None})
-            line = format_progress(
-                step, cfg.steps, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s,
-                elapsed_s=now, eta_s=clock.eta(step),
-            )
+            fields = [f"loss {step_loss:.4f}", f"lr {lr:.2e}", f"gnorm {grad_norm:.3f}"]
+            if tok_s is not None:
+                fields.append(f"{tok_s:,.0f} tok/s")
+            line = clock.line(*fields)
             if evaluated:
                 line += "".join(f" | {k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float))
             say(line)
