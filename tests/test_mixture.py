@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from qwen3repro.data.mixture import (
-    STAGE_CATEGORY_WEIGHTS,
     REASONING_CATEGORIES,
     MixtureError,
     SourceSpec,
@@ -132,22 +131,30 @@ def test_synthetic_source(files, tmp_path):
         StageMixture("s2", [SourceSpec("synthetic", "s7", n_docs=3)], cache_dir=tmp_path).load()
 
 
+def _recipe_weights() -> dict[str, dict[str, float]]:
+    from qwen3repro.recipes import load_recipe
+
+    return {stage: load_recipe(stage)["category_weights"] for stage in ("s1", "s2", "s3")}
+
+
 def test_stage_weights_follow_report():
-    for stage, w in STAGE_CATEGORY_WEIGHTS.items():
+    weights = _recipe_weights()
+    for stage, w in weights.items():
         assert abs(sum(w.values()) - 1) < 1e-9, stage
-    share = {s: sum(v for k, v in w.items() if k in REASONING_CATEGORIES) for s, w in STAGE_CATEGORY_WEIGHTS.items()}
+    share = {s: sum(v for k, v in w.items() if k in REASONING_CATEGORIES) for s, w in weights.items()}
     assert share["s2"] > share["s1"]  # report §3.2: S2 raises STEM/code/reasoning/synthetic
-    assert STAGE_CATEGORY_WEIGHTS["s3"]["long"] == max(STAGE_CATEGORY_WEIGHTS["s3"].values())
+    assert weights["s3"]["long"] == max(weights["s3"].values())
 
 
 def test_stage_mixture_from_categories(files, tmp_path):
     web, code, math = specs(files, weights=(1, 1, 1))
-    mix = stage_mixture("s2", {"web": [web], "code": [code], "math": [math]}, seed=0, cache_dir=tmp_path)
-    w = STAGE_CATEGORY_WEIGHTS["s2"]
+    w = _recipe_weights()["s2"]
+    mix = stage_mixture("s2", {"web": [web], "code": [code], "math": [math]}, category_weights=w, seed=0,
+                        cache_dir=tmp_path)
     total = w["web"] + w["code"] + w["math"]
     assert mix.probabilities == pytest.approx([w["web"] / total, w["code"] / total, w["math"] / total])
     with pytest.raises(MixtureError, match="unknown categories"):
-        stage_mixture("s2", {"poetry": [web]})
+        stage_mixture("s2", {"poetry": [web]}, category_weights=w)
 
 
 def test_hub_source_goes_through_load_dataset(monkeypatch, tmp_path):

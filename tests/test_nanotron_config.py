@@ -36,7 +36,7 @@ def test_every_generated_yaml_loads_with_nanotron_and_passes_our_checks(tmp_path
     n = 0
     for model in REAL_MODELS:
         mc0 = REAL_MODELS[model]
-        for stage in config_gen.STAGES:
+        for stage in config_gen.full_stages(config_gen.load_settings()):
             spec = config_gen.build_stage_spec(stage, model, run_dir=tmp_path)
             assert config_gen.validate(spec) == [], (model, stage)
             yaml_path, _ = config_gen.write_stage_config(spec)
@@ -75,15 +75,43 @@ def test_every_generated_yaml_loads_with_nanotron_and_passes_our_checks(tmp_path
 
 def test_every_default_plan_fits():
     for model in REAL_MODELS:
-        for stage in config_gen.STAGES:
+        for stage in config_gen.full_stages(config_gen.load_settings()):
             mem = config_gen.build_stage_spec(stage, model).plan().memory()
             assert mem["total"] <= 0.9 * 80 * GIB, (model, stage, mem["total"] / GIB)
 
 
-def test_s3_length_mix_and_rope_from_recipes():
-    facts = config_gen.stage_facts("s3")
-    assert facts["rope_theta"] == 1e6 and facts["length_mix"] == {"[16384, 32768]": 0.75, "[4096, 16384)": 0.25}
-    assert config_gen.stage_facts("s1")["rope_theta"] == 1e4
+def test_stage_facts_come_from_the_recipes():
+    """Length policy, RoPE base, length mix, parents and roles are the recipes' (the tiny scale reads the same)."""
+    from qwen3repro.recipes import load_recipe, load_stage_graph
+
+    settings, graph = config_gen.load_settings(), load_stage_graph()
+    s1, s3 = (config_gen.resolve_stage(s, settings, graph) for s in ("s1", "s3"))
+    assert s3.seq_len == load_recipe("s3")["seq_len_factor"] * s1.seq_len == 32768
+    assert s3.rope_theta == 1e6 and s1.rope_theta == 1e4
+    assert s3.length_mix_tokens() == [{"tokens": [16384, 32768], "share": 0.75}, {"tokens": [4096, 16384], "share": 0.25}]
+    assert config_gen.resolve_stage("s2", settings, graph).rope_theta == 1e4  # inherited from S1's recipe
+    assert config_gen.resolve_stage("cold-start", settings, graph).rope_theta == 1e6  # inherited from S3's
+    # Reasoning RL is not trained through nanotron: fusion starts from the nearest ancestor that is.
+    assert graph["fusion"].parent == "reasoning-rl"
+    assert config_gen.resolve_stage("fusion", settings, graph).parent == "cold-start"
+    assert config_gen.resolve_stage("s2", settings, graph).lr_from == "s1"
+    with pytest.raises(config_gen.ConfigError, match="not trained through nanotron"):
+        config_gen.resolve_stage("reasoning-rl", settings, graph)
+    fusion = config_gen.resolve_stage("fusion", settings, graph)
+    assert fusion.train["decay_fraction"] == load_recipe("fusion")["sft"]["train"]["decay_fraction"]
+    # Who the report trains through a stage: the recipe's roles against full/models.toml's role of each model.
+    assert config_gen.build_stage_spec("cold-start", "qwen3-235b-a22b").in_report_pipeline
+    assert not config_gen.build_stage_spec("cold-start", "qwen3-8b").in_report_pipeline
+    assert config_gen.build_stage_spec("distill", "qwen3-8b").in_report_pipeline
+
+
+def test_a_derived_size_stated_by_the_scale_is_an_error():
+    settings = config_gen.load_settings()
+    settings["stages"]["s3"] = {**settings["stages"]["s3"], "seq_len": 16384}
+    from qwen3repro.recipes import load_stage_graph
+
+    with pytest.raises(config_gen.ConfigError, match="comes from the parent"):
+        config_gen.resolve_stage("s3", settings, load_stage_graph())
 
 
 # ---------------------------------------------------------------------------------- parameter counts

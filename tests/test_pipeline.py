@@ -126,12 +126,12 @@ def test_post_training_stages_chain_and_hand_over_used_queries(micro_run):
 def test_control_recipe_extends_and_takes_the_scale_sizes_of_what_it_controls():
     plan = build_plan("micro")
     cold, control = plan.node("flagship/cold-start").config, plan.node("flagship/cold-start-unfiltered").config
-    assert control.data == "coldstart-unfiltered" and cold.data == "coldstart"
+    assert control.responses == "unfiltered" and cold.responses == "filtered"
     differing = {k for k in cold.__dict__ if getattr(cold, k) != getattr(control, k)}
-    assert differing == {"name", "data", "description"}
-    shorter = build_plan("micro", overrides=["stages.cold-start-unfiltered.steps=1"])
-    assert shorter.node("flagship/cold-start-unfiltered").config.steps == 1
-    assert shorter.node("flagship/cold-start").config.steps == cold.steps
+    assert differing == {"name", "responses", "description"}
+    shorter = build_plan("micro", overrides=["stages.cold-start-unfiltered.sft.steps=1"])
+    assert shorter.node("flagship/cold-start-unfiltered").config.sft["steps"] == 1
+    assert shorter.node("flagship/cold-start").config.sft["steps"] == cold.sft["steps"]
 
 
 def test_recipe_extends_cycle_is_named(tmp_path):
@@ -175,7 +175,7 @@ def test_small_scale_is_tiny_with_longer_post_training():
     for node in small.nodes:
         if node.kind in ("tokenizer", "pretrain"):
             assert expected_hash(node) == expected_hash(tiny.node(node.key)), node.key
-    assert small.node("flagship/cold-start").config.steps > tiny.node("flagship/cold-start").config.steps
+    assert small.node("flagship/cold-start").config.sft["steps"] > tiny.node("flagship/cold-start").config.sft["steps"]
     assert expected_hash(small.node("flagship/fusion")) != expected_hash(tiny.node("flagship/fusion"))
 
 

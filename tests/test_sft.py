@@ -1,4 +1,5 @@
-"""The shared SFT stage: assistant-only loss, batching, run + resume, strict config."""
+"""The shared SFT stage (assistant-only loss, batching, run + resume, strict config) and the cold-start
+stage that builds its data and trains with it."""
 import json
 
 import pytest
@@ -7,17 +8,18 @@ import torch
 from qwen3repro.chat import tokenize_conversation
 from qwen3repro.coldstart.pipeline import to_messages, write_jsonl
 from qwen3repro.coldstart.reasoner import CONCLUSION, assemble, summary_text
-from qwen3repro.config import ConfigError
+from qwen3repro.config import ConfigError, config_hash
 from qwen3repro.data import tasks
 from qwen3repro.lineage import make_lineage, read_lineage, write_lineage
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
-from qwen3repro.stages import sft
+from qwen3repro.rl.selection import USED_QUERIES_FILE
+from qwen3repro.stages import coldstart, sft
+from qwen3repro.stages.coldstart import ColdStartStageConfig
 from qwen3repro.stages.common import StageContext
 from qwen3repro.tokenizer import train_tokenizer
 
 QUIET = dict(printer=lambda line: None)
-
 
 
 def conversation(family, seed, difficulty=2):
@@ -165,24 +167,38 @@ def test_run_and_resume(tmp_path, parent, monkeypatch):
     assert Qwen3.from_pretrained(ref) is not None and (ref / "tokenizer.json").exists()
 
 
-def test_run_on_the_coldstart_pipeline_with_packing(tmp_path, parent):
-    cfg = stage_cfg("coldstart", batching="pack", steps=None, epochs=1.0, seq_len=384, n_eval=2,
-                    coldstart={"n_queries": 24, "n_validation": 4, "n_candidates": 2, "families": ["add", "mul"]})
-    out = sft.run(cfg, parent, StageContext(tmp_path / "cs", tmp_path / "cache", **QUIET))
-    report = json.loads((out / "coldstart_report.json").read_text())
-    ev = json.loads((out / "eval.json").read_text())
-    assert report["counts_add_up"]
-    assert ev["n_train"] + ev["n_eval"] + ev["dropped_too_long"] == report["selection"]["filtered"]
+def test_coldstart_stage_builds_its_data_then_trains_with_packing(tmp_path, parent):
+    """The cold-start stage: data pipeline, used queries for RL, the SFT trainer, and its own lineage."""
+    table = {"n_queries": 24, "n_validation": 4, "n_candidates": 2, "families": ["add", "mul"]}
+    sft_table = {"batching": "pack", "epochs": 1.0, "seq_len": 384, "batch_size": 4, "n_eval": 2,
+                 "train": {"lr": 1e-3, "log_every": 2, "ckpt_every": 2}}
+    for responses in ("filtered", "unfiltered"):
+        cfg = ColdStartStageConfig.from_dict({"name": "cs", "responses": responses, "coldstart": table,
+                                              "sft": sft_table})
+        out = coldstart.run(cfg, parent, StageContext(tmp_path / responses, tmp_path / "cache", **QUIET))
+        report = json.loads((out / "coldstart_report.json").read_text())
+        ev = json.loads((out / "eval.json").read_text())
+        assert report["counts_add_up"]
+        assert ev["n_train"] + ev["n_eval"] + ev["dropped_too_long"] == report["selection"][responses]
+        assert json.loads((out / USED_QUERIES_FILE).read_text()) == report["used_uids"][responses]
+        lineage = read_lineage(out)
+        assert lineage.complete and lineage.config_hash == config_hash(cfg)  # the stage's own config
 
 
 def test_unknown_config_keys_are_named():
     with pytest.raises(ConfigError, match="bogus"):
-        sft.SFTConfig.from_dict({"name": "x", "data": "coldstart", "seq_len": 8, "batch_size": 1, "steps": 1,
+        sft.SFTConfig.from_dict({"name": "x", "data": "x.jsonl", "seq_len": 8, "batch_size": 1, "steps": 1,
                                  "bogus": 2})
     with pytest.raises(ConfigError, match="lrr"):
         stage_cfg("x.jsonl", train={"lrr": 1})
     with pytest.raises(ConfigError, match="n_querys"):
-        stage_cfg("coldstart", coldstart={"n_querys": 3})
+        ColdStartStageConfig.from_dict({"name": "cs", "coldstart": {"n_querys": 3},
+                                        "sft": {"seq_len": 8, "batch_size": 1, "steps": 1}})
+    with pytest.raises(ConfigError, match="set `data` of the stage itself"):
+        ColdStartStageConfig.from_dict({"name": "cs", "sft": {"data": "x", "seq_len": 8, "batch_size": 1, "steps": 1}})
+    with pytest.raises(ConfigError, match="responses"):
+        ColdStartStageConfig.from_dict({"name": "cs", "responses": "some",
+                                        "sft": {"seq_len": 8, "batch_size": 1, "steps": 1}})
     with pytest.raises(ConfigError, match="exactly one"):
         stage_cfg("x.jsonl", epochs=1.0)
     with pytest.raises(ConfigError, match="batching"):
@@ -190,13 +206,12 @@ def test_unknown_config_keys_are_named():
 
 
 def test_cold_start_recipe_resolves_with_a_scale_table():
-    from qwen3repro.recipes import deep_merge, load_recipe
+    from qwen3repro.recipes import deep_merge, load_recipe, split_recipe
 
-    scale = {"name": "cold-start", "seq_len": 512, "batch_size": 16, "steps": 400,
-             "coldstart": {"n_queries": 1200, "n_validation": 100}, "train": {"lr": 1e-3}}
-    cfg = sft.SFTConfig.from_dict(deep_merge(load_recipe("cold-start"), scale))
-    assert cfg.data == "coldstart" and cfg.coldstart["n_candidates"] == 4
-    from qwen3repro.coldstart.pipeline import ColdStartConfig
-
-    cs = ColdStartConfig.from_dict(cfg.coldstart)
+    scale = {"name": "cold-start", "coldstart": {"n_queries": 1200, "n_validation": 100},
+             "sft": {"seq_len": 512, "batch_size": 16, "steps": 400, "train": {"lr": 1e-3}}}
+    cfg = ColdStartStageConfig.from_dict(deep_merge(split_recipe(load_recipe("cold-start"))[1], scale))
+    assert cfg.responses == "filtered" and cfg.coldstart["n_candidates"] == 4
+    cs = cfg.data_config()
     assert cs.rates().wrong_answer == 0.12 and cs.filter_thresholds().similarity_max_containment == 0.5
+    assert cfg.sft_config().batching == "pack" and cfg.sft_config().train["lr"] == 1e-3

@@ -3,10 +3,13 @@
     qwen3repro pipeline tiny            # = make tiny-pipeline
     qwen3repro pipeline micro --dry-run # print every resolved stage config and exit
 
-A scale file (`tiny/<scale>.toml`) names the roles (the flagship and the student), the chain of
-pretraining stages each role goes through, the control runs, and the sizes. Every stage's config
-is its recipe (`recipes/<stage>.toml`) deep-merged with the scale's `[stages.<stage>]` table, then
-the role's `[roles.<role>.stages.<stage>]` table, then `--set` overrides.
+The stage graph comes from the recipes (`recipes.StageGraph`: each recipe's `kind`, `parent` and
+`roles`). A scale file (`tiny/<scale>.toml`) names its roles (the flagship and the student, each a
+registry model), the stages it runs, and their sizes; a stage runs for every role its recipe names.
+Every stage's config is its recipe (`recipes/<stage>.toml`) deep-merged with the scale's
+`[stages.<stage>]` table, then the role's `[roles.<role>.stages.<stage>]` table, then `--set`
+overrides; what the recipe derives from the parent (sequence length, a continued LR and batch size)
+is filled in from the parent's resolved config.
 
 Skipping and resuming. Each stage directory gets `stage.json` (its resolved config and lineage
 hash) when it starts and `lineage.json` when it is complete. A complete directory whose lineage
@@ -18,7 +21,7 @@ retrieval, the MoE load-balancing experiment) and `REPORT.md`.
 """
 from __future__ import annotations
 
-import importlib
+import copy
 import json
 import os
 import shutil
@@ -32,48 +35,37 @@ import torch
 
 from .config import ConfigError, config_hash, strict_fields
 from .lineage import LINEAGE_FILE, chain_hash, is_up_to_date, make_lineage, read_lineage
-from .recipes import deep_merge, load_recipe, load_scale, parse_override, recipe_lineage
+from .recipes import (StageFacts, deep_merge, load_recipe, load_scale, load_stage_graph, parse_override, recipe_lineage,
+                      split_recipe)
+from .stages import coldstart, fusion, grpo, pretrain, sft
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext, write_json_atomic
 from .progress import format_duration
 from .train.metrics import default_printer
 
 STAGE_FILE = "stage.json"
-# Each stage's parent checkpoint (within one role) and what kind of stage it is.
-PARENTS = {
-    "s1": "tokenizer", "s2": "s1", "s1-control": "s1", "s3": "s2",
-    "cold-start": "s3", "cold-start-unfiltered": "s3",   # the Filtering claim's control
-    "reasoning-rl": "cold-start", "fusion": "reasoning-rl",
-}
-STAGE_KINDS = {
-    "s1": "pretrain", "s2": "pretrain", "s1-control": "pretrain", "s3": "pretrain",
-    "cold-start": "sft", "cold-start-unfiltered": "sft", "reasoning-rl": "grpo", "fusion": "fusion",
-}
-SCALE_SECTIONS = ("pipeline", "tokenizer", "roles", "stages", "evals", "experiments")
-
+SCALE_SECTIONS = ("pipeline", "roles", "stages", "evals", "experiments")
 
 @dataclass(frozen=True)
 class PipelineSettings:
     roles: tuple[str, ...]
-    chain: tuple[str, ...]
-    controls: tuple[str, ...] = ()
-    control_roles: tuple[str, ...] = ()
-    post_chain: tuple[str, ...] = ()
-    """Post-training stages after the chain (cold start, reasoning RL, fusion), for `post_roles`."""
-    post_roles: tuple[str, ...] = ()
+    """The models this scale trains (each a `[roles.<role>]` table naming its registry model)."""
+    stages: tuple[str, ...]
+    """The stages this scale runs, each after its parent. A stage runs once for every role its recipe
+    names (`roles`) among this scale's roles; a root stage (the tokenizer) runs once for all."""
     threads: int = 2
     reuse: str = ""
     """Another scale whose completed stages are copied here when their lineage hash is the one this
     scale wants (same config, same parents): a larger scale that only lengthens post-training
     starts from the smaller scale's pretraining instead of redoing it. Empty: train everything."""
     claims: tuple[str, ...] = ()
-    """The claims to measure (names in `evals.claims.CLAIMS`); empty: all of them."""
+    """The claims to measure (names in the claims registry); empty: all of them."""
 
 
 @dataclass
 class StageNode:
     key: str                      # "tokenizer", "flagship/s1", ...
-    kind: str                     # "tokenizer" or a STAGE_KINDS value
+    kind: str                     # a STAGE_KINDS key
     config: Any
     out_dir: Path
     parent: "StageNode | None" = None
@@ -117,6 +109,29 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- planning
+# Each kind of stage (a recipe's `kind`): the module whose `run(cfg, parent_dir, ctx)` trains it, and its
+# config class.
+STAGE_KINDS = {
+    "tokenizer": (tokenizer_stage, tokenizer_stage.TokenizerConfig),
+    "pretrain": (pretrain, pretrain.PretrainConfig),
+    "sft": (sft, sft.SFTConfig),
+    "coldstart": (coldstart, coldstart.ColdStartStageConfig),
+    "grpo": (grpo, grpo.GRPOConfig),
+    "fusion": (fusion, fusion.FusionConfig),
+}
+
+
+def stage_module(kind: str):
+    if kind not in STAGE_KINDS:
+        raise ConfigError(f"unknown stage kind {kind!r}; known: {sorted(STAGE_KINDS)}")
+    return STAGE_KINDS[kind][0]
+
+
+def config_class(kind: str) -> type:
+    stage_module(kind)
+    return STAGE_KINDS[kind][1]
+
+
 def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = ()) -> Plan:
     """Resolve every stage config of `scale` (strictly) without running anything."""
     raw = load_scale(scale)
@@ -128,63 +143,77 @@ def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: l
     settings = PipelineSettings(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in strict_fields(PipelineSettings, raw.get("pipeline", {}),
                                                              f"tiny/{scale}.toml [pipeline]").items()})
+    graph = load_stage_graph()
+    graph.order(settings.stages)
     root = Path(out_root) / scale
     roles = raw.get("roles", {})
     for role in settings.roles:
         if role not in roles:
             raise ConfigError(f"tiny/{scale}.toml: role {role!r} has no [roles.{role}] table")
-    tok_cfg = tokenizer_stage.TokenizerConfig.from_dict(deep_merge(load_recipe("tokenizer"), raw.get("tokenizer", {})))
-    tok_node = StageNode("tokenizer", "tokenizer", tok_cfg, root / "tokenizer")
-    nodes = [tok_node]
+    nodes: list[StageNode] = []
+    shared: dict[str, StageNode] = {}
+    for stage in settings.stages:  # root stages (the tokenizer): one run shared by every role
+        if graph[stage].is_root:
+            sizes = raw.get("stages", {}).get(stage, {})
+            node = StageNode(stage, graph[stage].kind, _resolve(graph[stage], sizes, f"{stage}."), root / stage)
+            shared[stage] = node
+            nodes.append(node)
     for role in settings.roles:
         role_raw = dict(roles[role])
         role_stages = role_raw.pop("stages", {})
         strict_fields(_RoleFields, role_raw, f"tiny/{scale}.toml [roles.{role}]")
-        stage_names = (list(settings.chain) + (list(settings.post_chain) if role in settings.post_roles else [])
-                       + (list(settings.controls) if role in settings.control_roles else []))
-        by_name: dict[str, StageNode] = {}
-        for stage in stage_names:
-            if stage not in PARENTS:
-                raise ConfigError(f"unknown stage {stage!r} in tiny/{scale}.toml; known stages: {sorted(PARENTS)}")
+        by_name: dict[str, StageNode] = dict(shared)
+        for stage in settings.stages:
+            facts = graph[stage]
+            if facts.is_root or role not in facts.roles:
+                continue
+            parent = by_name.get(facts.parent)
+            if parent is None:
+                raise ConfigError(f"tiny/{scale}.toml: stage {stage!r} of role {role!r} needs its parent "
+                                  f"{facts.parent!r} in [pipeline] stages")
             # A recipe that `extends` another also takes the scale's sizes of that stage first, so
             # a control run is the same size as what it controls unless the scale says otherwise.
-            merged: dict[str, Any] = {}
+            sizes: dict[str, Any] = {}
             for name in recipe_lineage(stage):
-                merged = deep_merge(merged, raw.get("stages", {}).get(name, {}), f"{name}.")
-                merged = deep_merge(merged, role_stages.get(name, {}), f"{role}.{name}.")
-            merged = deep_merge(load_recipe(stage), merged, f"{stage}.")
-            merged["name"] = stage
-            if PARENTS[stage] == "tokenizer":
-                merged.setdefault("model", role_raw["model"])
-            cfg = _config_class(STAGE_KINDS[stage]).from_dict(merged)
-            parent_name = PARENTS[stage]
-            parent = tok_node if parent_name == "tokenizer" else by_name.get(parent_name)
-            if parent is None:
-                raise ConfigError(f"stage {stage!r} of role {role!r} needs {parent_name!r} earlier in the chain")
-            node = StageNode(f"{role}/{stage}", STAGE_KINDS[stage], cfg, root / role / stage, parent)
+                sizes = deep_merge(sizes, raw.get("stages", {}).get(name, {}), f"{name}.")
+                sizes = deep_merge(sizes, role_stages.get(name, {}), f"{role}.{name}.")
+            sizes = _derived_from_parent(facts, parent, sizes, f"tiny/{scale}.toml [stages.{stage}]")
+            if parent.parent is None:  # the first stage after the tokenizer builds the role's model
+                sizes.setdefault("model", role_raw["model"])
+            node = StageNode(f"{role}/{stage}", facts.kind, _resolve(facts, sizes, f"{stage}."),
+                             root / role / stage, parent)
             by_name[stage] = node
             nodes.append(node)
     return Plan(scale, root, settings, nodes, raw)
 
 
-# Each stage kind's module (`run(cfg, parent_checkpoint, ctx)`) and config class. Imported lazily:
-# post-training pulls in more modules than pretraining needs.
-STAGE_MODULES = {"pretrain": ("pretrain", "PretrainConfig"), "sft": ("sft", "SFTConfig"),
-                 "grpo": ("grpo", "GRPOConfig"), "fusion": ("fusion", "FusionConfig")}
+def _resolve(facts: StageFacts, sizes: Mapping[str, Any], where: str):
+    """The stage config: its recipe (without the graph keys) with the scale's sizes merged on top."""
+    _, recipe = split_recipe(load_recipe(facts.name))
+    merged = deep_merge(recipe, sizes, where)
+    if not facts.is_root:
+        merged["name"] = facts.name
+    return config_class(facts.kind).from_dict(merged)
 
 
-def _stage_module(kind: str):
-    if kind not in STAGE_MODULES:
-        raise ConfigError(f"unknown stage kind {kind!r}; known: {sorted(STAGE_MODULES)}")
-    return importlib.import_module(f".stages.{STAGE_MODULES[kind][0]}", __package__)
-
-
-def _config_class(kind: str):
-    return getattr(_stage_module(kind), STAGE_MODULES[kind][1])
-
-
-def _run_stage(node: StageNode, ctx: StageContext) -> None:
-    _stage_module(node.kind).run(node.config, node.parent.out_dir, ctx)
+def _derived_from_parent(facts: StageFacts, parent: StageNode, sizes: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`sizes` with what the recipe derives from the parent: its sequence length x `seq_len_factor`, and
+    its peak LR and batch size when the stage continues them. The scale must not state them too."""
+    out = copy.deepcopy(dict(sizes))
+    derived: list[tuple[tuple[str, ...], Any]] = []
+    if facts.seq_len_factor is not None:
+        derived.append((("seq_len",), parent.config.seq_len * facts.seq_len_factor))
+    if facts.continues_parent_lr:
+        derived += [(("batch_size",), parent.config.batch_size), (("train", "lr"), parent.config.train["lr"])]
+    for path, value in derived:
+        table = out
+        for key in path[:-1]:
+            table = table.setdefault(key, {})
+        if path[-1] in table:
+            raise ConfigError(f"{where}: {'.'.join(path)} comes from the parent stage (recipes/{facts.name}.toml); "
+                              "remove it from the scale")
+        table[path[-1]] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -295,10 +324,7 @@ def _run_nodes(plan: Plan, only: set[str] | None, say: Callable[[str], None]) ->
             continue
         ctx = StageContext(out_dir=node.out_dir, cache_dir=cache_dir, printer=say)
         say(f"=== {node.key}")
-        if node.kind == "tokenizer":
-            tokenizer_stage.run(node.config, None, ctx)
-        else:
-            _run_stage(node, ctx)
+        stage_module(node.kind).run(node.config, node.parent.out_dir if node.parent else None, ctx)
         node.seconds = time.perf_counter() - t0
         node.status = f"trained in {format_duration(node.seconds)}"
 

@@ -1,11 +1,16 @@
-"""Recipes and scales: where a stage's settings come from.
+"""Recipes and scales: where a stage's settings come from, and the stage graph.
 
-A *recipe* (`recipes/<stage>.toml`) holds the scale-free settings of one stage: which corpus, the
-LR schedule's shape, RoPE base changes, length ratios. A *scale* (`tiny/<scale>.toml`, and
-`full/` for the real models) sets the sizes: models, lengths, token budgets, batch sizes, LR. The
-resolved config of a stage is the recipe deep-merged with the scale's `[stages.<name>]` table and
-then with command-line overrides (`key.sub=value`). Every level is checked strictly: a key that the
-stage's config class does not know is an error naming it.
+A *recipe* (`recipes/<stage>.toml`) holds everything scale-free about one stage: what the Qwen3
+report says about it (its place in the pipeline, its sequence-length policy, RoPE base, schedule
+shape, length mix) and the settings of its mechanism. A *scale* (`tiny/<scale>.toml`, and `full/`
+for the real models) sets the sizes: models, the base sequence length, token budgets, batch sizes,
+LR. The resolved config of a stage is the recipe deep-merged with the scale's `[stages.<name>]`
+table and then with command-line overrides (`key.sub=value`). Every level is checked strictly: a
+key that the stage's config class does not know is an error naming it.
+
+The stage graph is read from the recipes alone (`StageFacts`, the keys in `GRAPH_KEYS`): both the
+tiny pipeline and the full-scale config generator walk it, so adding a stage is one recipe file
+(plus, for a new kind of stage, one `run` function).
 
 Files are TOML (readable, commented, no code execution). They are located relative to the
 repository root (`QWEN3REPRO_ROOT`, else the directory above `src/`, else the working directory).
@@ -15,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -133,3 +139,109 @@ def load_scale(scale: str, root: Path | None = None) -> dict[str, Any]:
     """The scale file `tiny/<scale>.toml`, with any `extends` chain resolved: a larger scale can be
     a smaller one with some sizes changed, and states only those."""
     return _merge_chain(_extends_chain("tiny", scale, "scale", root))
+
+
+# ----------------------------------------------------------------------------- the stage graph
+GRAPH_KEYS = ("kind", "parent", "roles", "seq_len_factor", "continues_parent_lr")
+
+
+@dataclass(frozen=True)
+class StageFacts:
+    """What a recipe says about a stage's place in the pipeline; the same at every scale."""
+
+    name: str
+    kind: str
+    """Which `run` function trains it (the tiny pipeline's `STAGE_KINDS`; the full scale maps kinds
+    to what nanotron runs)."""
+    parent: str | None
+    """The stage whose output this one starts from; None for a root (the tokenizer)."""
+    roles: tuple[str, ...]
+    """The models the report trains through this stage: "flagship" (the largest dense and MoE models),
+    "student" (the smaller ones, distilled from the flagships)."""
+    seq_len_factor: int | None = None
+    """Sequence length = this x the parent's (S3: 8x S1's, as 32,768 is 8x 4,096); None: a size the
+    scale sets."""
+    continues_parent_lr: bool = False
+    """The stage continues its parent's peak LR and batch size (S2 decays from S1's stable LR)."""
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+
+def stage_facts(name: str, raw: Mapping[str, Any]) -> StageFacts:
+    """The graph keys of one resolved recipe, checked; the error names the recipe and the key."""
+    where = f"recipes/{name}.toml"
+    kind, parent, roles = raw.get("kind"), raw.get("parent"), raw.get("roles")
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"{where}: `kind` (which run function trains the stage) is required")
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"{where}: `parent` must be a stage name, got {parent!r}")
+    if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
+        raise ConfigError(f"{where}: `roles` must be a non-empty list of role names, got {roles!r}")
+    factor = raw.get("seq_len_factor")
+    if factor is not None and (not isinstance(factor, int) or isinstance(factor, bool) or factor < 1):
+        raise ConfigError(f"{where}: `seq_len_factor` must be an integer >= 1, got {factor!r}")
+    continues = raw.get("continues_parent_lr", False)
+    if not isinstance(continues, bool):
+        raise ConfigError(f"{where}: `continues_parent_lr` must be true or false, got {continues!r}")
+    if parent is None and (factor is not None or continues):
+        raise ConfigError(f"{where}: a stage without a parent cannot take its length or LR from one")
+    return StageFacts(name, kind, parent, tuple(roles), factor, continues)
+
+
+def split_recipe(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(graph keys, the stage's own settings) of a resolved recipe."""
+    return ({k: v for k, v in raw.items() if k in GRAPH_KEYS}, {k: v for k, v in raw.items() if k not in GRAPH_KEYS})
+
+
+class StageGraph:
+    """Every recipe's `StageFacts`, with parents checked to exist and to form no cycle."""
+
+    def __init__(self, facts: Mapping[str, StageFacts]) -> None:
+        self.facts = dict(facts)
+        for f in self.facts.values():
+            if f.parent is not None and f.parent not in self.facts:
+                raise ConfigError(f"recipes/{f.name}.toml: parent {f.parent!r} has no recipe; "
+                                  f"stages: {', '.join(sorted(self.facts))}")
+        for name in self.facts:
+            self.ancestors(name)  # raises on a cycle
+
+    def __getitem__(self, name: str) -> StageFacts:
+        if name not in self.facts:
+            raise ConfigError(f"unknown stage {name!r}; stages (recipes/): {', '.join(sorted(self.facts))}")
+        return self.facts[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.facts
+
+    def ancestors(self, name: str) -> list[str]:
+        """`name`'s parent, grandparent, ... up to its root."""
+        out, cur = [], self[name].parent
+        while cur is not None:
+            if cur in out or cur == name:
+                raise ConfigError(f"recipes/: the parents form a cycle through {' -> '.join([name, *out, cur])}")
+            out.append(cur)
+            cur = self[cur].parent
+        return out
+
+    def nearest(self, name: str, candidates: set[str] | frozenset[str]) -> str | None:
+        """The closest ancestor of `name` among `candidates` (a scale that skips a stage starts its
+        child from the skipped stage's own parent)."""
+        return next((a for a in self.ancestors(name) if a in candidates), None)
+
+    def order(self, names: list[str] | tuple[str, ...]) -> list[str]:
+        """`names` in their given order, checked: each stage's parent comes earlier (or is absent)."""
+        seen: set[str] = set()
+        for name in names:
+            parent = self[name].parent
+            if parent is not None and parent in names and parent not in seen:
+                raise ConfigError(f"stage {name!r} is listed before its parent {parent!r}")
+            seen.add(name)
+        return list(names)
+
+
+def load_stage_graph(root: Path | None = None) -> StageGraph:
+    """The graph of every recipe under `<root>/recipes/`."""
+    directory = (root or repo_root()) / "recipes"
+    return StageGraph({p.stem: stage_facts(p.stem, load_recipe(p.stem, root)) for p in sorted(directory.glob("*.toml"))})

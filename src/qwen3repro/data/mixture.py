@@ -10,10 +10,10 @@ corpora. Both go through one interface:
   them with ``datasets.interleave_datasets`` (probabilities = normalised weights, a seed, a
   stopping strategy), so the same seed gives the same sequence of documents.
 
-``STAGE_CATEGORY_WEIGHTS`` gives the report's qualitative mix per stage as category weights
-(§3.2: S1 broad general and multilingual text; S2 a higher share of STEM, code, reasoning and
-synthetic data; S3 long documents); :func:`stage_mixture` turns a category → sources table into
-a mixture with those weights. Hub datasets are loaded with ``datasets.load_dataset(id)`` and
+A pretraining stage's recipe gives the report's qualitative mix as category weights
+(`category_weights`; §3.2: S1 broad general and multilingual text; S2 a higher share of STEM, code,
+reasoning and synthetic data; S3 long documents); :func:`stage_mixture` turns a category → sources
+table into a mixture with those weights. Hub datasets are loaded with ``datasets.load_dataset(id)`` and
 are never touched by the tests, which use local stand-ins.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ class SourceSpec:
         return self.name or f"{self.kind}:{self.path_or_id}"
 
 
-def _data_files(spec: SourceSpec, ext: tuple[str, ...]) -> list[str] | str:
+def data_files(spec: SourceSpec, ext: tuple[str, ...]) -> list[str] | str:
     path = spec.path_or_id
     if os.path.isdir(path):
         files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith(ext))
@@ -90,7 +90,7 @@ def load_source(spec: SourceSpec, *, seed: int = 0, cache_dir: str | os.PathLike
     if spec.kind in ("parquet", "jsonl"):
         builder = "parquet" if spec.kind == "parquet" else "json"
         ext = (".parquet",) if spec.kind == "parquet" else (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-        files = _data_files(spec, ext)
+        files = data_files(spec, ext)
         return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split, streaming=spec.streaming, cache_dir=hf_cache)
     # synthetic
     from .synthetic import STAGES, build_corpus
@@ -183,17 +183,8 @@ class StageMixture:
 
 
 # ---------------------------------------------------------------------------- per-stage weights
-# Category weights per stage, from the report's qualitative description (§3.2); the report gives
-# no numbers, so these are our choices, tuned to keep the direction of each statement:
-# S1 is broad general and multilingual text with some code/math; S2 "increas[es] the proportion
-# of STEM, coding, reasoning, and synthetic data"; S3 is long documents (75/25 length mix applied
-# when the long corpus is built). The tiny synthetic kinds in `synthetic.STAGE_KIND_WEIGHTS`
-# follow the same split.
-STAGE_CATEGORY_WEIGHTS: Mapping[str, Mapping[str, float]] = {
-    "s1": {"web": 0.55, "multilingual": 0.20, "code": 0.10, "math": 0.05, "stem": 0.05, "synthetic": 0.05},
-    "s2": {"web": 0.20, "multilingual": 0.10, "code": 0.25, "math": 0.20, "stem": 0.10, "synthetic": 0.15},
-    "s3": {"long": 0.80, "web": 0.10, "code": 0.05, "math": 0.05},
-}
+# A pretraining stage's category weights are in its recipe (`category_weights`); categories the code knows
+# as reasoning-dense, for checks that S2 raises their share (report §3.2).
 REASONING_CATEGORIES = frozenset({"code", "math", "stem", "synthetic"})
 
 
@@ -201,16 +192,15 @@ def stage_mixture(
     stage: str,
     sources_by_category: Mapping[str, Sequence[SourceSpec]],
     *,
+    category_weights: Mapping[str, float],
     seed: int = 0,
     stopping_strategy: str = "first_exhausted",
-    category_weights: Mapping[str, float] | None = None,
     **kwargs: Any,
 ) -> StageMixture:
-    """A stage's mixture: each category gets its stage weight, split among its sources by their
-    own weights. Categories without sources are dropped (their weight is redistributed)."""
-    weights = category_weights or STAGE_CATEGORY_WEIGHTS.get(stage)
-    if weights is None:
-        raise MixtureError(f"unknown stage {stage!r}; known: {', '.join(STAGE_CATEGORY_WEIGHTS)}")
+    """A stage's mixture: each category gets its weight (the stage recipe's `category_weights`), split
+    among its sources by their own weights. Categories without sources are dropped (their weight is
+    redistributed)."""
+    weights = category_weights
     unknown = set(sources_by_category) - set(weights)
     if unknown:
         raise MixtureError(f"stage {stage!r}: unknown categories {sorted(unknown)}; known: {', '.join(weights)}")

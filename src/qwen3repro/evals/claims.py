@@ -38,7 +38,7 @@ def claim_s2_reasoning(plan, say) -> list[ClaimRow]:
 
     settings = plan.scale_config.get("evals", {}).get("s2_reasoning", {})
     rows = []
-    for role in plan.settings.control_roles:
+    for role in plan.roles_with("s1-control"):
         dirs = {s: plan.root / role / s for s in ("s1", "s2", "s1-control")}
         if not all((d / "lineage.json").exists() for d in dirs.values()):
             rows.append(ClaimRow("s2_reasoning", "S2 raises reasoning", "-", "not measured", None,
@@ -125,7 +125,7 @@ def _post_training_claim(module: str, name: str, stage: str) -> Callable:
     """`evals.<module>.claim_<name>`, measured when the scale's post-training chain includes `stage`
     (imported lazily: it pulls in the generation and reward code)."""
     def claim(plan, say) -> list[ClaimRow]:
-        if not plan.settings.post_roles or stage not in plan.settings.post_chain:
+        if not plan.roles_with(stage):
             return []
         return getattr(importlib.import_module(f".{module}", __package__), f"claim_{name}")(plan, say)
     return claim
@@ -154,7 +154,7 @@ def add_copy_diagnoses(plan, rows: list[ClaimRow], printer: Callable[[str], None
     from .copying import copy_probe, no_copy_diagnosis
 
     probes: dict[str, Any] = {}
-    default_role = (plan.settings.post_roles or plan.settings.control_roles or plan.settings.roles)[0]
+    default_role = (plan.roles_with("cold-start") or plan.roles_with("s1-control") or plan.settings.roles)[0]
     # A model that retrieves the pass key at its trained length copies what the retrieval rows need,
     # whatever the prose probe says: those rows' failures are the long-context mechanism's own.
     # Row names are "<claim>" or "<claim>[<role>/<variant>]".

@@ -128,7 +128,7 @@ def claim_filtering(plan, say) -> list:
 
     rows = []
     settings = plan.scale_config.get("evals", {}).get("filtering", {})
-    for role in plan.settings.post_roles:
+    for role in plan.roles_with("cold-start"):
         dirs = {"filtered": plan.root / role / "cold-start", "unfiltered": plan.root / role / "cold-start-unfiltered"}
         if not all((d / "lineage.json").exists() for d in dirs.values()):
             rows.append(ClaimRow("filtering", "Filtering the cold-start data helps", "-", "not measured", None,
@@ -201,7 +201,7 @@ def claim_grpo(plan, say) -> list:
     from .claims import ClaimRow
 
     rows = []
-    for role in plan.settings.post_roles:
+    for role in plan.roles_with("cold-start"):
         d = plan.root / role / "reasoning-rl"
         if not (d / "lineage.json").exists():
             rows.append(ClaimRow("grpo", "GRPO raises pass@1", "-", "not measured", None,

@@ -17,7 +17,7 @@ from ..config import ConfigError
 
 
 @click.command("full", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--stage", required=True, help="s1 | s2 | s3 | cold-start | fusion | distill")
+@click.option("--stage", required=True, help="a stage that full/stages.toml sizes, e.g. s2 (its recipe says the rest)")
 @click.option("--model", "model_name", required=True, help="a real Qwen3 model, e.g. qwen3-0.6b (`qwen3repro model list`)")
 @click.option("--nodes", type=int, default=None, help="number of nodes (default: the model's entry in full/models.toml)")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default 8)")
@@ -46,8 +46,7 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
     parent = spec.parent_checkpoint
     click.echo(f"  starts from {parent} ({spec.parent} stage's last checkpoint)" if parent else "  starts from random init")
     if not spec.in_report_pipeline:
-        click.echo(f"  note: the report runs {stage} only for the "
-                   f"{'flagship' if spec.facts.get('models') == 'flagship' else 'student'} models")
+        click.echo(f"  note: the report runs {stage} only for the {' and '.join(spec.facts.roles)} models")
     for line in spec.data_lines():
         click.echo(line)
     click.echo(f"  config      {yaml_path} (nanotron, loads with get_config_from_file)")

@@ -5,18 +5,22 @@
 
 Where each value comes from:
 
+* the stage itself: its recipe (`recipes/<stage>.toml`, through `recipes.StageGraph` and `resolve_stage`): kind,
+  parent (the nearest ancestor this scale trains), roles, sequence-length policy (S2 = S1's length, S3 = 8x),
+  RoPE base (ABF: 1e4 in S1/S2, 1e6 from S3 on, inherited along the chain), schedule shape and the other
+  scale-free optimisation settings (every field of its train table but the sizes), document masking, length mix
+  and data category weights — the same files the tiny scale reads;
 * model shape: `models.registry.REAL_MODELS` (via `Qwen3NTConfig.from_model_config`), with the stage's RoPE base
-  (ABF: 1e4 in S1/S2, 1e6 from S3 on) and `max_position_embeddings` = the stage's sequence length;
-* layout: `full/models.toml` (tp, pp; long_tp/long_pp at 32k) and the command line (nodes, GPUs per node);
-  dp = world / (tp·pp);
-* sizes: `full/stages.toml` (sequence length, tokens, warmup; LR and batch for the SFT stages);
-* LR and batch size of S1–S3: the scaling law in `full/stages.toml` ([scaling_law]) evaluated at the stage's
-  compute C = FLOPs per token × tokens;
-* schedule shape: `recipes/<stage>.toml` ([train]: decay_start/decay_fraction/decay_end, decay_shape,
-  min_lr_ratio, weight_decay, betas, clip_grad_norm; top level: rope_theta) when the file exists, else
-  `STAGE_FACTS` below. The warmup–stable–decay schedule is computed by `train.schedule.WSDSchedule` and mapped
-  to nanotron 0.4's `lr_warmup_steps` / `lr_decay_starting_step` / `lr_decay_steps` / `min_decay_lr`
-  (0.4 knows linear and cosine decay, not 1-sqrt);
+  and `max_position_embeddings` = the stage's sequence length;
+* layout: `full/models.toml` (tp, pp; long_tp/long_pp at 32k; each model's role, flagship or student) and the
+  command line (nodes, GPUs per node); dp = world / (tp·pp);
+* sizes: `full/stages.toml` (the stages this scale trains; S1's and the SFT stages' sequence length, tokens,
+  warmup; LR and batch for the SFT stages);
+* LR and batch size of S1–S3: the scaling law in `full/stages.toml` ([scaling_law]) evaluated at the compute
+  C = FLOPs per token × tokens of the stage, or of the parent a stage continues (S2 decays from S1's LR);
+* the schedule: `train.TrainConfig.schedule()` (warmup–stable–decay, `train.schedule.WSDSchedule`), mapped to
+  nanotron 0.4's `lr_warmup_steps` / `lr_decay_starting_step` / `lr_decay_steps` / `min_decay_lr` (0.4 knows
+  linear and cosine decay, not 1-sqrt);
 * chaining: each stage starts from the previous stage's last checkpoint (`model.init_method.path`: weights
   only, fresh optimizer and schedule, as SmolLM3's long-context runs did); restarts of the same stage resume
   from its own `checkpoints_path` (`checkpoints.resume_checkpoint_path`, set by the launcher when one exists);
@@ -40,78 +44,125 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import ConfigError
-from ..models.registry import REAL_MODELS, get_model_config
+from ..data.mixture import SourceSpec, stage_mixture
+from ..models.registry import HUB_IDS, REAL_MODELS, get_model_config
 from ..perf import train_step_flops
-from ..recipes import load_toml, repo_root
+from ..recipes import StageGraph, load_recipe, load_stage_graph, load_toml, repo_root, split_recipe
+from ..train.loop import TrainConfig
 from ..train.schedule import WSDSchedule
 from .plan import Layout, Plan
 
-STAGES = ("s1", "s2", "s3", "cold-start", "fusion", "distill")
+# ===================================================================================== STAGES
+# The stages the full scale trains are those `full/stages.toml` sizes; everything else about a stage comes from
+# its recipe (`recipes.StageGraph`): kind, parent, roles, sequence-length policy, RoPE base, schedule shape,
+# length mix, document masking, data category weights. A stage whose parent is not trained here (reasoning RL
+# is not nanotron's) starts from its nearest ancestor that is.
 
-# ===================================================================================== STAGE FACTS
-# The one place that states the stage facts this module needs. `recipes/<stage>.toml` overrides them when it
-# exists (keys read: rope_theta; [train] decay_start, decay_fraction, decay_end, decay_shape, min_lr_ratio,
-# weight_decay, betas, clip_grad_norm). Report §3.2: S1 and S2 at 4,096 tokens with RoPE base 1e4 (the
-# released configs say 1e6 because they are post-S3), S2's accelerated decay, S3 at 32,768 tokens with base
-# 1e6 (ABF) and a 75/25 length mix (75% of documents in [16,384, 32,768], 25% in [4,096, 16,384]).
-# Post-training: the flagships go cold start -> reasoning RL -> fusion -> general RL; the students go
-# off-policy -> on-policy distillation (§4). RL stages are not generated here yet, so fusion starts from the
-# cold-start checkpoint until reasoning RL exists at full scale. `lr_from`: S2 continues S1's stable LR and
-# batch size (then decays), so both come from S1's scaling-law point.
-STAGE_FACTS: dict[str, dict[str, Any]] = {
-    "s1": dict(kind="pretrain", parent=None, rope_theta=10_000.0,
-               train=dict(decay_fraction=0.0, decay_shape="linear", min_lr_ratio=0.1)),
-    "s2": dict(kind="pretrain", parent="s1", rope_theta=10_000.0, lr_from="s1",
-               train=dict(decay_start=0, decay_shape="cosine", min_lr_ratio=0.1)),
-    "s3": dict(kind="pretrain", parent="s2", rope_theta=1_000_000.0,
-               length_mix={"[16384, 32768]": 0.75, "[4096, 16384)": 0.25},
-               train=dict(decay_fraction=1.0, decay_shape="cosine", min_lr_ratio=0.1)),
-    "cold-start": dict(kind="sft", parent="s3", rope_theta=1_000_000.0, models="flagship",
-                       train=dict(decay_fraction=1.0, decay_shape="cosine", min_lr_ratio=0.1)),
-    "fusion": dict(kind="sft", parent="cold-start", rope_theta=1_000_000.0, models="flagship",
-                   train=dict(decay_fraction=1.0, decay_shape="cosine", min_lr_ratio=0.1)),
-    "distill": dict(kind="sft", parent="s3", rope_theta=1_000_000.0, models="student",
-                    train=dict(decay_fraction=1.0, decay_shape="cosine", min_lr_ratio=0.1)),
-}
-FLAGSHIPS = ("qwen3-235b-a22b", "qwen3-32b")
-TRAIN_DEFAULTS = dict(weight_decay=0.1, betas=[0.9, 0.95], clip_grad_norm=1.0)
+# How nanotron trains each kind of stage: packed documents, or masked conversations with the loss on assistant
+# tokens only. The cold start and fusion build their conversations at tiny scale and read them from real
+# datasets here; both train like an SFT stage.
+NANOTRON_KINDS = {"pretrain": "pretrain", "sft": "sft", "coldstart": "sft", "fusion": "sft"}
+# Where each kind keeps its optimisation settings in its recipe: a stage that builds its data first trains with
+# the SFT stage's settings, in its `[sft]` table.
+TRAIN_TABLE = {"pretrain": ("train",), "sft": ("train",), "coldstart": ("sft", "train"), "fusion": ("sft", "train")}
+# TrainConfig fields that are sizes or bookkeeping: the full scale sets these itself (full/stages.toml, the
+# layout, nanotron's checkpointing); every other field of a recipe's train table is read.
+SHARDS_DIRNAME = "sft-shards"  # a SFT stage's masked conversation shards, in its run folder
+SCALE_TRAIN_FIELDS = frozenset({"steps", "lr", "warmup_steps", "grad_accum", "ckpt_every", "keep_last", "log_every",
+                                "seed", "device", "precision"})
 CHECKPOINT_EVERY = 500  # steps; a stage's step count is rounded up to a multiple, so its last step is saved
-RECIPE_TRAIN_KEYS = ("decay_start", "decay_fraction", "decay_end", "decay_shape", "min_lr_ratio",
-                     "weight_decay", "betas", "clip_grad_norm")
 # ================================================================================================
 
 
-def check_names(stage: str, model: str) -> None:
-    """A wrong stage or model name is an error listing the valid ones."""
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
-    if model not in REAL_MODELS:
-        raise ConfigError(f"unknown model {model!r}; valid models: {', '.join(REAL_MODELS)}")
+@dataclass(frozen=True)
+class FullStage:
+    """One stage as the full scale trains it: its recipe's facts, resolved against the stages it sizes."""
+
+    name: str
+    kind: str
+    """How nanotron trains it: 'pretrain' or 'sft' (`NANOTRON_KINDS` of the recipe's kind)."""
+    recipe_kind: str
+    parent: str | None
+    """The nearest ancestor this scale trains (None: random initialisation)."""
+    roles: tuple[str, ...]
+    seq_len: int
+    rope_theta: float
+    lr_from: str
+    """The stage whose scaling-law point gives the peak LR and batch size (itself, or the parent it continues)."""
+    train: dict[str, Any]
+    """The recipe's scale-free optimisation settings (schedule shape, weight decay, betas, clipping)."""
+    document_masking: bool
+    length_mix: tuple[tuple[float, float, float], ...] | None
+    category_weights: dict[str, float] | None
+    recipe: dict[str, Any]
+    """The whole resolved recipe, recorded in the sidecar."""
+
+    def length_mix_tokens(self) -> list[dict[str, Any]] | None:
+        """The length mix in tokens at this stage's length: [{"tokens": [lo, hi], "share": s}, ...]."""
+        if not self.length_mix:
+            return None
+        return [{"tokens": [int(lo * self.seq_len), int(hi * self.seq_len)], "share": share}
+                for lo, hi, share in self.length_mix]
 
 
 def full_dir(root: Path | None = None) -> Path:
     return (root or repo_root()) / "full"
 
 
-def stage_facts(stage: str, root: Path | None = None) -> dict[str, Any]:
-    """STAGE_FACTS[stage] with `recipes/<stage>.toml` (when present) applied on top."""
-    facts = json.loads(json.dumps(STAGE_FACTS[stage]))
-    path = (root or repo_root()) / "recipes" / f"{stage}.toml"
-    facts["recipe"] = None
-    if path.is_file():
-        recipe = load_toml(path)
-        facts["recipe"] = str(path.relative_to(root or repo_root()))
-        if "rope_theta" in recipe:
-            facts["rope_theta"] = float(recipe["rope_theta"])
-        train = recipe.get("train", {})
-        picked = {k: train[k] for k in RECIPE_TRAIN_KEYS if k in train}
-        if picked:
-            # The recipe states the whole schedule shape: drop our defaults for the decay window.
-            for k in ("decay_start", "decay_fraction", "decay_end"):
-                if any(key in picked for key in ("decay_start", "decay_fraction", "decay_end")):
-                    facts["train"].pop(k, None)
-            facts["train"].update(picked)
-    return facts
+def full_stages(settings: Mapping[str, Any]) -> tuple[str, ...]:
+    """The stages `full/stages.toml` sizes, in its order."""
+    return tuple(settings.get("stages", {}))
+
+
+def check_names(stage: str, model: str, settings: Mapping[str, Any]) -> None:
+    """A wrong stage or model name is an error listing the valid ones."""
+    if stage not in full_stages(settings):
+        raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(full_stages(settings))}")
+    if model not in REAL_MODELS:
+        raise ConfigError(f"unknown model {model!r}; valid models: {', '.join(REAL_MODELS)}")
+
+
+def resolve_stage(stage: str, settings: Mapping[str, Any], graph: StageGraph, root: Path | None = None) -> FullStage:
+    """`stage`'s recipe facts as the full scale trains them."""
+    facts = graph[stage]
+    if facts.kind not in NANOTRON_KINDS:
+        raise ConfigError(f"stage {stage!r} (kind {facts.kind!r}) is not trained through nanotron; kinds it trains: "
+                          f"{', '.join(NANOTRON_KINDS)}")
+    sized = set(full_stages(settings))
+    size = settings["stages"][stage]
+    _, recipe = split_recipe(load_recipe(stage, root))
+    if facts.seq_len_factor is None:
+        if "seq_len" not in size:
+            raise ConfigError(f"full/stages.toml [stages.{stage}]: seq_len is required")
+        seq_len = int(size["seq_len"])
+    else:
+        if "seq_len" in size:
+            raise ConfigError(f"full/stages.toml [stages.{stage}]: seq_len comes from the parent stage "
+                              f"(recipes/{stage}.toml: {facts.seq_len_factor}x); remove it")
+        if facts.parent not in sized:
+            raise ConfigError(f"{stage}: its length derives from {facts.parent!r}, which full/stages.toml does not size")
+        seq_len = resolve_stage(facts.parent, settings, graph, root).seq_len * facts.seq_len_factor
+    theta = next((load_recipe(s, root)["rope_theta"] for s in (stage, *graph.ancestors(stage))
+                  if "rope_theta" in load_recipe(s, root)), None)
+    if theta is None:
+        raise ConfigError(f"{stage}: no recipe on its path from the root states rope_theta")
+    lr_from = stage
+    while graph[lr_from].continues_parent_lr:
+        lr_from = graph[lr_from].parent
+    table: Any = recipe
+    for key in TRAIN_TABLE[facts.kind]:
+        table = table.get(key, {})
+    train = {k: v for k, v in table.items() if k not in SCALE_TRAIN_FIELDS}
+    TrainConfig.from_dict({**train, "steps": 1})  # the same strict check as the tiny stages
+    mix = recipe.get("length_mix")
+    return FullStage(
+        name=stage, kind=NANOTRON_KINDS[facts.kind], recipe_kind=facts.kind, parent=graph.nearest(stage, sized),
+        roles=facts.roles, seq_len=seq_len, rope_theta=float(theta), lr_from=lr_from, train=train,
+        document_masking=bool(recipe.get("document_masking", NANOTRON_KINDS[facts.kind] == "sft")),
+        length_mix=tuple(tuple(float(x) for x in row) for row in mix) if mix else None,
+        category_weights=dict(recipe["category_weights"]) if recipe.get("category_weights") else None,
+        recipe=recipe,
+    )
 
 
 @dataclass
@@ -132,7 +183,7 @@ class StageSpec:
     data: dict
     parent: str | None
     run_dir: Path
-    facts: dict
+    facts: FullStage
     settings: dict
     recompute: bool = False
 
@@ -166,13 +217,11 @@ class StageSpec:
     @property
     def is_sft(self) -> bool:
         """Cold start, fusion and off-policy distillation: conversations, loss on assistant tokens only."""
-        return self.facts["kind"] == "sft"
+        return self.facts.kind == "sft"
 
     @property
     def shards_path(self) -> Path:
         """Where `sft_data` writes this stage's masked shards (and where the launcher reads them by default)."""
-        from .sft_data import SHARDS_DIRNAME
-
         return self.run_dir / self.model / self.stage / SHARDS_DIRNAME
 
     def data_lines(self) -> list[str]:
@@ -195,17 +244,19 @@ class StageSpec:
                 f"{self.stage} --model {self.model})",
             ]
         else:
-            lines.append("  mask        every token counts (documents packed with document masking)")
+            masking = "with" if self.facts.document_masking else "without"
+            lines.append(f"  mask        every token counts (documents packed {masking} document masking)")
         return lines
 
     @property
+    def role(self) -> str:
+        """The model's role in the report's pipeline (full/models.toml): 'flagship' or 'student'."""
+        return str(self.settings["models"][self.model]["role"])
+
+    @property
     def in_report_pipeline(self) -> bool:
-        who = self.facts.get("models")
-        if who == "flagship":
-            return self.model in FLAGSHIPS
-        if who == "student":
-            return self.model not in FLAGSHIPS
-        return True
+        """Whether the report trains this model through this stage (the recipe's roles)."""
+        return self.role in self.facts.roles
 
     def plan(self) -> Plan:
         d = self.settings["defaults"]
@@ -241,7 +292,7 @@ class StageSpec:
             "optimizer": {
                 "zero_stage": 1, "weight_decay": float(self.train["weight_decay"]),
                 "clip_grad": float(self.train["clip_grad_norm"]), "accumulate_grad_in_fp32": True,
-                "adam_eps": 1e-8, "adam_beta1": float(self.train["betas"][0]),
+                "adam_eps": float(self.train["eps"]), "adam_beta1": float(self.train["betas"][0]),
                 "adam_beta2": float(self.train["betas"][1]), "torch_adam_is_fused": True,
                 "learning_rate_scheduler": {
                     "learning_rate": self.lr,
@@ -261,13 +312,14 @@ class StageSpec:
     def sidecar(self) -> dict:
         return {
             "generated_by": "qwen3repro.nanotron.config_gen (do not edit; regenerate)",
-            "stage": self.stage, "model": self.model, "kind": self.facts["kind"],
-            "in_report_pipeline": self.in_report_pipeline,
-            "recipe": self.facts.get("recipe"),
+            "stage": self.stage, "model": self.model, "kind": self.facts.kind, "recipe_kind": self.facts.recipe_kind,
+            "role": self.role, "in_report_pipeline": self.in_report_pipeline,
+            "recipe_file": f"recipes/{self.stage}.toml", "recipe": self.facts.recipe,
             "parent_stage": self.parent,
             "parent_checkpoint": str(self.parent_checkpoint) if self.parent else None,
             "seq_len": self.seq_len, "rope_theta": self.rope_theta, "recompute_layers": self.recompute,
-            "length_mix": self.facts.get("length_mix"),
+            "document_masking": self.facts.document_masking,
+            "length_mix": self.facts.length_mix_tokens(),
             "tokens": self.tokens, "lr": self.lr,
             "schedule": dataclasses.asdict(self.schedule),
             "layout": {**dataclasses.asdict(self.layout), "dp": self.layout.dp, "world": self.layout.world},
@@ -284,8 +336,6 @@ def checkpoint_interval(steps: int) -> int:
 
 
 def _hub_id(model: str) -> str:
-    from ..models.registry import HUB_IDS
-
     return HUB_IDS[model]
 
 
@@ -306,31 +356,32 @@ def scaling_law(settings: dict, model: str, seq_len: int, tokens: int) -> tuple[
     return law["lr_coef"] * c ** law["lr_exp"], int(law["batch_coef"] * c ** law["batch_exp"])
 
 
-def data_sources(stage: str, settings: dict) -> dict:
-    """The stage's sources as validated `SourceSpec` dicts, with category weights for pretraining stages."""
-    from ..data.mixture import STAGE_CATEGORY_WEIGHTS, SourceSpec, stage_mixture
-
-    table = settings.get("data", {}).get(stage)
+def data_sources(facts: FullStage, settings: dict) -> dict:
+    """The stage's sources as validated `SourceSpec` dicts; a pretraining stage's categories are weighted by its
+    recipe's `category_weights`."""
+    table = settings.get("data", {}).get(facts.name)
     if not table:
-        raise ConfigError(f"full/stages.toml has no [data.{stage}] table")
+        raise ConfigError(f"full/stages.toml has no [data.{facts.name}] table")
     if "sources" in table:
         specs = [SourceSpec(**s) for s in table["sources"]]
         return {"sources": [dataclasses.asdict(s) for s in specs], "category_weights": None}
+    if not facts.category_weights:
+        raise ConfigError(f"full/stages.toml [data.{facts.name}] lists categories, but recipes/{facts.name}.toml "
+                          "has no category_weights")
     by_cat = {cat: [SourceSpec(**s) for s in srcs] for cat, srcs in table.items()}
-    mixture = stage_mixture(stage, by_cat)
-    return {"sources": [dataclasses.asdict(s) for s in mixture.sources],
-            "category_weights": dict(STAGE_CATEGORY_WEIGHTS[stage])}
+    mixture = stage_mixture(facts.name, by_cat, category_weights=facts.category_weights)
+    return {"sources": [dataclasses.asdict(s) for s in mixture.sources], "category_weights": facts.category_weights}
 
 
 def build_stage_spec(stage: str, model: str, nodes: int | None = None, gpus_per_node: int | None = None,
                      root: Path | None = None, run_dir: Path | None = None) -> StageSpec:
-    check_names(stage, model)
     root = root or repo_root()
     settings = load_settings(root)
-    facts = stage_facts(stage, root)
+    check_names(stage, model, settings)
+    facts = resolve_stage(stage, settings, load_stage_graph(root), root)
     size = settings["stages"][stage]
     preset = settings["models"][model]
-    seq_len = int(size["seq_len"])
+    seq_len = facts.seq_len
     long = seq_len > 4096
     gpn = int(gpus_per_node or settings["defaults"]["gpus_per_node"])
     tp = int(preset["long_tp"] if long else preset["tp"])
@@ -343,9 +394,9 @@ def build_stage_spec(stage: str, model: str, nodes: int | None = None, gpus_per_
     if problems:
         raise ConfigError(f"{model} {stage}: " + "; ".join(problems))
     tokens = int(size["tokens"])
-    if facts["kind"] == "pretrain":
-        src = settings["stages"][facts.get("lr_from") or stage]
-        lr, batch_tokens = scaling_law(settings, model, int(src["seq_len"]), int(src["tokens"]))
+    if facts.kind == "pretrain":
+        source = resolve_stage(facts.lr_from, settings, load_stage_graph(root), root)
+        lr, batch_tokens = scaling_law(settings, model, source.seq_len, int(settings["stages"][facts.lr_from]["tokens"]))
     else:
         lr, batch_tokens = float(size["lr"]), int(size["batch_tokens"])
     mbs = 1 if long else int(preset["micro_batch_size"])
@@ -355,24 +406,20 @@ def build_stage_spec(stage: str, model: str, nodes: int | None = None, gpus_per_
     every = checkpoint_interval(steps)
     steps = math.ceil(steps / every) * every
     parent_steps = None
-    if facts["parent"] is not None:
-        parent_steps = build_stage_spec(facts["parent"], model, nodes=nodes, gpus_per_node=gpus_per_node,
+    if facts.parent is not None:
+        parent_steps = build_stage_spec(facts.parent, model, nodes=nodes, gpus_per_node=gpus_per_node,
                                         root=root, run_dir=run_dir).schedule.total_steps
-    train = {**TRAIN_DEFAULTS, **facts["train"]}
-    if train.get("decay_shape") not in ("linear", "cosine"):
-        raise ConfigError(f"{stage}: decay_shape {train.get('decay_shape')!r} is not available in nanotron 0.4 "
+    train = TrainConfig.from_dict({**facts.train, "steps": steps, "lr": lr,
+                                   "warmup_steps": min(int(size.get("warmup_steps", 0)), steps - 1)})
+    if train.decay_shape not in ("linear", "cosine"):
+        raise ConfigError(f"{stage}: decay_shape {train.decay_shape!r} is not available in nanotron 0.4 "
                           "(linear or cosine)")
-    schedule = WSDSchedule(
-        base_lr=lr, total_steps=steps, warmup_steps=min(int(size.get("warmup_steps", 0)), steps - 1),
-        decay_fraction=float(train.get("decay_fraction", 0.2)), decay_start=train.get("decay_start"),
-        decay_end=train.get("decay_end"), min_lr_ratio=float(train.get("min_lr_ratio", 0.1)),
-        decay_shape=train["decay_shape"],
-    )
     return StageSpec(
-        stage=stage, model=model, layout=layout, seq_len=seq_len, rope_theta=float(facts["rope_theta"]),
-        tokens=tokens, lr=float(lr), micro_batch_size=mbs, grad_accum=grad_accum, schedule=schedule, train=train,
-        data=data_sources(stage, settings), parent=facts["parent"], run_dir=Path(run_dir or Path("runs") / "full"),
-        facts=facts, settings=settings, recompute=recompute, parent_steps=parent_steps,
+        stage=stage, model=model, layout=layout, seq_len=seq_len, rope_theta=facts.rope_theta,
+        tokens=tokens, lr=float(lr), micro_batch_size=mbs, grad_accum=grad_accum, schedule=train.schedule(),
+        train=train.to_dict(), data=data_sources(facts, settings), parent=facts.parent,
+        run_dir=Path(run_dir or Path("runs") / "full"), facts=facts, settings=settings, recompute=recompute,
+        parent_steps=parent_steps,
     )
 
 
@@ -390,11 +437,6 @@ def validate(spec: StageSpec) -> list[str]:
         problems.append(f"KV heads {mc.num_key_value_heads} < tp {spec.layout.tp} (replication not implemented)")
     if spec.layout.pp > mc.num_hidden_layers:
         problems.append(f"pp {spec.layout.pp} > {mc.num_hidden_layers} layers")
-    want_len = int(spec.settings["stages"][spec.stage]["seq_len"])
-    if spec.seq_len != want_len:
-        problems.append(f"sequence length {spec.seq_len} != {want_len}")
-    if spec.rope_theta != float(stage_facts(spec.stage)["rope_theta"]):
-        problems.append(f"RoPE base {spec.rope_theta} differs from the stage's")
     return problems
 
 
@@ -429,7 +471,7 @@ def generate_all(out_root: Path, nodes: Mapping[str, int] | None = None) -> list
     paths = []
     settings = load_settings()
     for model in REAL_MODELS:
-        for stage in STAGES:
+        for stage in full_stages(settings):
             n = (nodes or {}).get(model) or int(settings["models"][model]["nodes"])
             spec = build_stage_spec(stage, model, nodes=n, run_dir=out_root)
             paths.append(write_stage_config(spec)[0])
@@ -437,6 +479,6 @@ def generate_all(out_root: Path, nodes: Mapping[str, int] | None = None) -> list
 
 
 __all__ = [
-    "STAGES", "STAGE_FACTS", "StageSpec", "build_stage_spec", "write_stage_config", "validate", "check_names",
-    "load_with_nanotron", "generate_all", "stage_facts", "scaling_law", "load_settings",
+    "FullStage", "StageSpec", "build_stage_spec", "check_names", "full_stages", "generate_all", "load_settings",
+    "load_with_nanotron", "resolve_stage", "scaling_law", "validate", "write_stage_config",
 ]

@@ -74,16 +74,17 @@ def nanotron_batches(loader, model, device):
             })
 
 
-def stage_kind(yaml_path: str | Path) -> str:
-    """'pretrain' or 'sft', from the sidecar that config_gen writes next to the YAML."""
+def read_sidecar(yaml_path: str | Path) -> dict:
+    """The sidecar config_gen writes next to the YAML: the stage's kind ('pretrain' or 'sft'), document masking,
+    data sources, ..."""
     side = Path(yaml_path).with_name(Path(yaml_path).stem + ".qwen3repro.json")
     if not side.is_file():
         raise FileNotFoundError(f"{side} not found: generate the stage's config with `make full ... DRY_RUN=1`")
-    return json.loads(side.read_text())["kind"]
+    return json.loads(side.read_text())
 
 
 def make_loader(kind: str, data: str, *, seq_len: int, micro_batch_size: int, seed: int, dp_rank: int,
-                dp_size: int, eot_id: int, vocab_size: int | None = None):
+                dp_size: int, eot_id: int, vocab_size: int | None = None, document_masking: bool = True):
     """This data-parallel rank's loader: masked conversation shards for SFT stages, packed documents otherwise.
 
     The kind of data must match the stage: SFT on unmasked token shards would train on the prompts too, and
@@ -103,7 +104,7 @@ def make_loader(kind: str, data: str, *, seq_len: int, micro_batch_size: int, se
     # Each data-parallel rank packs its own shard of the documents (TP/PP ranks of a replica see the same data).
     docs = load_documents(data).shard(num_shards=dp_size, index=dp_rank, contiguous=False)
     return PackingLoader(docs, seq_len=seq_len, batch_size=micro_batch_size, eot_id=eot_id, seed=seed,
-                         document_masking=True, too_long="split", drop_last=True)
+                         document_masking=document_masking, too_long="split", drop_last=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="pretraining: token shards (parquet/arrow with an input_ids "
                         "column); SFT stages: the masked shard folder written by qwen3repro.nanotron.sft_data")
     args = parser.parse_args(argv)
-    kind = stage_kind(args.config_file)  # before the (slow) trainer start, so a wrong --data fails fast
+    sidecar = read_sidecar(args.config_file)  # before the (slow) trainer start, so a wrong --data fails fast
+    kind = sidecar["kind"]
 
     import torch
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     mc = cfg.model.model_config
     loader = make_loader(kind, args.data, seq_len=cfg.tokens.sequence_length, micro_batch_size=cfg.tokens.micro_batch_size,
                          seed=cfg.data.seed, dp_rank=dist.get_rank(pc.dp_pg), dp_size=pc.dp_pg.size(),
-                         eot_id=mc.bos_token_id, vocab_size=mc.vocab_size)
+                         eot_id=mc.bos_token_id, vocab_size=mc.vocab_size,
+                         document_masking=sidecar["document_masking"])
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model  # DDP-wrapped or not
     trainer.train(nanotron_batches(loader, model, torch.device("cuda")))
 

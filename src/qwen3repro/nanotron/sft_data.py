@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import random
@@ -48,14 +49,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
+from ..chat import CHAT_TEMPLATE
+from ..data.mixture import SourceSpec, data_files, load_source
 from ..data.packing import IGNORE_INDEX, DataError
+from ..stages.sft import SFTLoader, tokenize_example
+from ..tokenizer import Tokenizer
+from .config_gen import SHARDS_DIRNAME, build_stage_spec
 
 FORMAT = "qwen3repro-sft-masked"
 FORMAT_VERSION = 1
 COLUMNS = ("input_ids", "labels", "position_ids", "segment_ids")
-SHARDS_DIRNAME = "sft-shards"
 
 
 # ----------------------------------------------------------------------------- reading conversations
@@ -89,17 +98,13 @@ def _jsonl_conversations(spec, files: Sequence[str]) -> Iterator[tuple[str, list
 
 def read_conversations(spec) -> Iterator[tuple[str, list[dict]]]:
     """(where, messages) for every conversation of one source (`data.mixture.SourceSpec` or its dict)."""
-    from ..data.mixture import SourceSpec, _data_files, load_source
-
     if isinstance(spec, Mapping):
         spec = SourceSpec(**spec)
     if spec.kind == "synthetic":
         raise DataError(f"source {spec.label}: synthetic corpora are pretraining text, not conversations")
     if spec.kind == "jsonl":
-        files = _data_files(spec, (".jsonl", ".json"))
+        files = data_files(spec, (".jsonl", ".json"))
         if isinstance(files, str):  # one file, or a glob
-            import glob
-
             pattern, files = files, sorted(glob.glob(files))
             if not files:
                 raise DataError(f"source {spec.label}: no file matches {pattern}")
@@ -127,15 +132,10 @@ def interleave(streams: Sequence[Iterator], weights: Sequence[float], seed: int 
 
 # ----------------------------------------------------------------------------- writing shards
 def chat_template_hash() -> str:
-    from ..chat import CHAT_TEMPLATE
-
     return hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()[:16]
 
 
 def _write_parquet(path: Path, batch: Mapping[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cols = {k: pa.array(list(batch[k].numpy().astype(np.int32)), type=pa.list_(pa.int32())) for k in COLUMNS}
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(pa.table(cols), tmp)
@@ -154,10 +154,6 @@ def write_sft_shards(sources: Sequence[Any], tokenizer: Any, out_dir: str | Path
 
     `tokenizer`: a `qwen3repro.tokenizer.Tokenizer` (or a transformers fast tokenizer). `limit` stops after
     that many conversations read (all parts together), e.g. for a smoke run."""
-    from ..data.mixture import SourceSpec
-    from ..stages.sft import SFTLoader, tokenize_example
-    from ..tokenizer import Tokenizer
-
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_hf(tokenizer)
     if not 0 <= part < parts:
@@ -274,8 +270,6 @@ class MaskedShardLoader:
 
     def __init__(self, path: str | Path, *, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None) -> None:
-        import datasets
-
         manifests = read_manifests(path)
         if manifests[0]["seq_len"] != seq_len:
             raise DataError(f"{path}: shards were packed to {manifests[0]['seq_len']} tokens, the stage trains at "
@@ -304,8 +298,6 @@ class MaskedShardLoader:
         return self.rows_per_rank // self.micro_batch_size
 
     def __iter__(self):
-        import torch
-
         rows = self.rows(self.epoch)
         self.epoch += 1
         for a in range(0, len(rows), self.micro_batch_size):
@@ -326,11 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from ..tokenizer import Tokenizer
-    from .config_gen import build_stage_spec
-
     spec = build_stage_spec(args.stage, args.model)
-    if spec.facts["kind"] != "sft":
+    if not spec.is_sft:
         parser.error(f"stage {args.stage} is pretraining: it reads token shards, not conversations")
     name = args.tokenizer or spec.nanotron_dict()["tokenizer"]["tokenizer_name_or_path"]
     manifest = write_sft_shards(spec.data["sources"], Tokenizer.load(name), args.out or spec.shards_path,

@@ -36,8 +36,8 @@ one model does both and switches on `/think` and `/no_think`. What one run does:
 5. `fusion_data.jsonl` ({"messages", "category", "meta"} per line) and `fusion_report.json`
    (counts per category, acceptance rate, language shares) are written before training; a rerun
    with the same data settings and parent reuses them.
-6. **Training**: `stages.sft.run(..., conversations=...)` — the same trainer and assistant-only
-   loss as the cold start — from the parent checkpoint; the stage's `lineage.json` is rewritten
+6. **Training**: `stages.sft.fine_tune` — the same trainer and assistant-only loss as the cold
+   start — from the parent checkpoint; the stage writes its `lineage.json`
    last with this config's hash so the pipeline sees a complete fusion stage.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..chat import BUDGET_SENTENCE, EMPTY_THINK, TEMPLATE_STOP_THINKING, parse, render, wants_thinking
+from ..chat import (BUDGET_SENTENCE, EMPTY_THINK, TEMPLATE_STOP_THINKING, parse, render, tokenize_conversation,
+                    wants_thinking)
 from ..config import ConfigError, config_hash, strict_fields
 from ..data import tasks
 from ..data.synthetic import frame_uid
@@ -62,6 +63,7 @@ from ..models.qwen3 import Qwen3
 from ..rewards import REWARDS
 from ..tokenizer import Tokenizer
 from .common import StageContext, write_json_atomic
+from .sft import SFTConfig, fine_tune
 
 DATA_FILE = "fusion_data.jsonl"
 REPORT_FILE = "fusion_report.json"
@@ -174,17 +176,8 @@ class FusionConfig:
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
-    def sft_config(self, data: str = DATA_FILE):
-        from .sft import SFTConfig
-
-        table = dict(self.sft)
-        for key in ("name", "data"):
-            if key in table:
-                raise ConfigError(f"{self.name}: set `{key}` of the fusion stage itself, not in its sft table")
-        try:
-            return SFTConfig.from_dict({**table, "name": self.name, "data": data, "seed": table.get("seed", self.seed)})
-        except TypeError as exc:  # a required field (seq_len, batch_size) is missing
-            raise ConfigError(f"{self.name}: the sft table is incomplete: {exc}") from None
+    def sft_config(self) -> SFTConfig:
+        return SFTConfig.for_stage(self.name, self.sft, data=DATA_FILE, seed=self.seed)
 
     def data_key(self) -> dict[str, Any]:
         """The fields that decide the data set (everything but the training table and description)."""
@@ -488,8 +481,6 @@ def data_report(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer | Non
                         "rare_pretraining_weight": dict(zip(world.language_names, world.language_weights))[RARE_LANGUAGE]},
     }
     if tokenizer is not None and seq_len is not None:
-        from ..chat import tokenize_conversation
-
         lengths = [len(tokenize_conversation(tokenizer, r["messages"])[0]) for r in records]
         out["tokens"] = {"max": max(lengths, default=0), "mean": sum(lengths) / max(len(lengths), 1),
                          "longer_than_seq_len": sum(n > seq_len + 1 for n in lengths), "seq_len": seq_len}
@@ -556,12 +547,10 @@ def build_fusion_data(cfg: FusionConfig, model: Qwen3, tokenizer: Tokenizer, *, 
     return records, report
 
 
-def run(cfg: FusionConfig, parent: Path, ctx: StageContext, *, lineage_parent: Path | None = None,
+def run(cfg: FusionConfig, parent: Path, ctx: StageContext, *,
         score_fn: Callable[[tasks.TaskItem, str], float] | None = None) -> Path:
     """Build the fusion set from the reasoning-RL checkpoint `parent` and fine-tune it into
     `ctx.out_dir` (the data is reused, and training resumed, when a cut run is rerun)."""
-    from . import sft
-
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parent = Path(parent)
@@ -583,11 +572,8 @@ def run(cfg: FusionConfig, parent: Path, ctx: StageContext, *, lineage_parent: P
         del model
         write_records(data_path, records)
         write_json_atomic(report_path, {"key": key, **report})
-    sft_cfg = cfg.sft_config(str(data_path))
-    sft.run(sft_cfg, parent, ctx, conversations=[r["messages"] for r in records], lineage_parent=lineage_parent)
-    lineage = make_lineage(cfg.name, cfg, lineage_parent or parent,
-                           data_hashes={"conversations": sft.conversations_hash([r["messages"] for r in records])})
-    write_lineage(out, lineage)
+    data_hash = fine_tune(cfg.sft_config(), parent, ctx, [r["messages"] for r in records])
+    write_lineage(out, make_lineage(cfg.name, cfg, parent, data_hashes={"conversations": data_hash}))
     return out
 
 

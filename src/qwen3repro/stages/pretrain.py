@@ -77,6 +77,9 @@ class PretrainConfig:
     32 x 64 tokens, against ~1,500 of 8 x 256."""
     copy_warmup_span: tuple[int, int] = DEFAULT_SPAN_RANGE
     """[shortest, longest] repeated span in warm-up documents (a document is span + span + EOT)."""
+    category_weights: Mapping[str, float] = field(default_factory=dict)
+    """Real-data category weights of the stage's mixture (web, code, math, ...): what the full scale trains
+    on (`data.mixture.stage_mixture`). The synthetic corpus (`corpus`) has document kinds of its own."""
     seed: int = 0
     train: Mapping[str, Any] = field(default_factory=dict)
     """TrainConfig fields except `steps` (derived from `tokens`)."""
@@ -207,7 +210,7 @@ def heldout_loss_fn(tokenizer: Tokenizer, seq_len: int, docs_per_language: int):
 
 
 # ----------------------------------------------------------------------------- the stage
-def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext, *, lineage_parent: Path | None = None) -> Path:
+def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext) -> Path:
     """Train one pretraining stage from `parent` (a checkpoint dir with a tokenizer, and a model
     except for S1) into `ctx.out_dir`; resumes a cut run of the same config."""
     out = Path(ctx.out_dir)
@@ -244,7 +247,7 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext, *, lineage_
     final_eval = {k.removeprefix("eval/"): v for k, v in summary["eval"].items()}
     write_json_atomic(out / "eval.json", {"stage": cfg.name, "final_loss": summary["loss"], **final_eval,
                                           "tokens_seen": summary["tokens_seen"], "elapsed_s": summary["elapsed_s"]})
-    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent))
+    write_lineage(out, make_lineage(cfg.name, cfg, parent))
     return out
 
 

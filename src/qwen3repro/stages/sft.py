@@ -1,10 +1,9 @@
 """Supervised fine-tuning on chats: the stage shared by the long-CoT cold start (Qwen3 report
 §4.1), thinking-mode fusion (§4.3) and off-policy strong-to-weak distillation (§4.5).
 
-Input: conversations (lists of messages) from the cold-start pipeline (`data = "coldstart"` or
-`"coldstart-unfiltered"`, built from the `coldstart` table), from a JSONL file
-({"messages": [...]} per line), or handed to `run` directly by a later stage. Each conversation is
-rendered with the Qwen3 chat template and tokenised by `chat.tokenize_conversation`, whose mask is 1
+Input: conversations (lists of messages) from a JSONL file ({"messages": [...]} per line: `run`, the
+`sft` kind of stage), or handed to `fine_tune` by a stage that builds its own data first (the cold
+start, thinking-mode fusion). Each conversation is rendered with the Qwen3 chat template and tokenised by `chat.tokenize_conversation`, whose mask is 1
 exactly on what the assistant produces; the loss is next-token cross-entropy on those tokens only
 (labels of every other position are -100), averaged over assistant tokens across the whole
 optimizer step (`num_tokens` weighting of `train.loop`).
@@ -16,8 +15,9 @@ each conversation and no compute goes to padding. A conversation longer than `se
 is dropped and counted, never truncated (truncation would cut off the answer it is trained on).
 
 `n_eval` conversations are held out before training; their assistant-token loss is the stage's
-eval metric. The stage resumes a cut run (`train.loop`), writes `eval.json`, and `lineage.json`
-last, with the hash of its training data.
+eval metric. `fine_tune` resumes a cut run (`train.loop`) and writes the model, tokenizer and
+`eval.json`; the stage that called it writes `lineage.json` last, with its own config and the hash
+of the training data.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import torch
 from ..chat import tokenize_conversation
 from ..config import ConfigError, strict_fields
 from ..data.packing import IGNORE_INDEX
+from ..coldstart.pipeline import read_jsonl
 from ..lineage import make_lineage, write_lineage
-from ..rl.selection import USED_QUERIES_FILE
 from ..losses import masked_cross_entropy
 from ..models.qwen3 import Qwen3
 from ..tokenizer import Tokenizer
@@ -43,15 +43,14 @@ from ..train.loop import TrainConfig, train
 from .common import StageContext, copy_tokenizer, write_json_atomic
 
 BATCHING = ("pad", "pack")
-COLDSTART_SOURCES = ("coldstart", "coldstart-unfiltered")
 
 
 @dataclass(frozen=True)
 class SFTConfig:
     name: str
-    """Stage name (the output directory's name): cold-start, cold-start-unfiltered, fusion, ..."""
+    """Stage name (the output directory's name)."""
     data: str
-    """'coldstart', 'coldstart-unfiltered', or the path of a JSONL file of conversations."""
+    """The JSONL file of conversations (a stage that builds its data names the file it wrote)."""
     seq_len: int
     """Longest conversation in tokens (longer ones are dropped and counted) and the packed row length."""
     batch_size: int
@@ -62,8 +61,6 @@ class SFTConfig:
     """Passes over the training conversations (steps = ceil(epochs · batches per epoch / grad_accum))."""
     batching: str = "pad"
     """'pad' (pad to the longest in the batch) or 'pack' (rows of seq_len with segment ids)."""
-    coldstart: Mapping[str, Any] = field(default_factory=dict)
-    """`coldstart.ColdStartConfig` fields when `data` is a cold-start source."""
     n_eval: int = 32
     """Conversations held out for the eval loss (0: none)."""
     enable_thinking: bool = True
@@ -88,16 +85,23 @@ class SFTConfig:
         if "steps" in self.train:
             raise ConfigError("sft: set `steps` (or `epochs`) at the stage level, not in train")
         TrainConfig.from_dict({**self.train, "steps": 1})  # validate now, naming unknown keys
-        if self.data in COLDSTART_SOURCES:
-            from ..coldstart.pipeline import ColdStartConfig
-
-            ColdStartConfig.from_dict(self.coldstart)
-        elif self.coldstart:
-            raise ConfigError(f"sft: a `coldstart` table needs data in {COLDSTART_SOURCES}, got {self.data!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SFTConfig":
         return cls(**strict_fields(cls, d, "sft stage"))
+
+    @classmethod
+    def for_stage(cls, name: str, table: Mapping[str, Any], *, data: str, seed: int) -> "SFTConfig":
+        """The training config of a stage that builds its own data first: its `[sft]` table, with the
+        stage's name, its data file and (unless the table sets one) its seed."""
+        table = dict(table)
+        for key in ("name", "data"):
+            if key in table:
+                raise ConfigError(f"{name}: set `{key}` of the stage itself, not in its sft table")
+        try:
+            return cls.from_dict({**table, "name": name, "data": data, "seed": table.get("seed", seed)})
+        except TypeError as exc:  # a required field (seq_len, batch_size) is missing
+            raise ConfigError(f"{name}: the sft table is incomplete: {exc}") from None
 
     def train_config(self, batches_per_epoch: int) -> TrainConfig:
         accum = int(self.train.get("grad_accum", 1))
@@ -270,31 +274,13 @@ def heldout_loss_fn(examples: Sequence[Example], pad_id: int, batch_size: int = 
 
 
 # ----------------------------------------------------------------------------- the stage
-def load_conversations(cfg: SFTConfig, out: Path) -> list[list[dict]]:
-    if cfg.data in COLDSTART_SOURCES:
-        from ..coldstart.pipeline import ColdStartConfig, build_coldstart_dataset
-
-        filtered, unfiltered, report = build_coldstart_dataset(ColdStartConfig.from_dict(cfg.coldstart), out_dir=out)
-        which = "filtered" if cfg.data == "coldstart" else "unfiltered"
-        # The queries this cold start trains on: reasoning RL must not reuse them (§4.2, criterion 1).
-        write_json_atomic(out / USED_QUERIES_FILE, report["used_uids"][which])
-        return filtered if which == "filtered" else unfiltered
-    from ..coldstart.pipeline import read_jsonl
-
-    path = Path(cfg.data)
-    if not path.exists():
-        raise ConfigError(f"sft stage {cfg.name}: data file {path} does not exist")
-    return read_jsonl(path)
-
-
 def conversations_hash(conversations: Sequence[Sequence[Mapping]]) -> str:
     return hashlib.sha256(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def run(cfg: SFTConfig, parent: Path, ctx: StageContext, *, conversations: Sequence[Sequence[Mapping]] | None = None,
-        lineage_parent: Path | None = None) -> Path:
-    """Fine-tune the parent checkpoint on conversations (given, or from `cfg.data`) into
-    `ctx.out_dir`; resumes a cut run of the same config and data."""
+def fine_tune(cfg: SFTConfig, parent: Path, ctx: StageContext, conversations: Sequence[Sequence[Mapping]]) -> str:
+    """Fine-tune the parent checkpoint on `conversations` into `ctx.out_dir` (model, tokenizer, eval.json);
+    resumes a cut run of the same config and data. Returns the conversations' hash for the caller's lineage."""
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if parent is None or not (Path(parent) / "config.json").exists():
@@ -305,7 +291,7 @@ def run(cfg: SFTConfig, parent: Path, ctx: StageContext, *, conversations: Seque
         longer = Qwen3(model.config.replace(max_position_embeddings=cfg.seq_len))
         longer.load_state_dict(model.state_dict())
         model = longer
-    convs = [list(c) for c in (conversations if conversations is not None else load_conversations(cfg, out))]
+    convs = [list(c) for c in conversations]
     data_hash = conversations_hash(convs)
     random.Random(f"sft-split|{cfg.seed}").shuffle(convs)
     n_eval = min(cfg.n_eval, len(convs) // 2)
@@ -331,9 +317,19 @@ def run(cfg: SFTConfig, parent: Path, ctx: StageContext, *, conversations: Seque
         "n_eval": len(eval_examples), "dropped_too_long": dropped + dropped_eval,
         "assistant_token_share": n_assistant / max(n_tokens, 1), "tokens_seen": summary["tokens_seen"],
         "elapsed_s": summary["elapsed_s"]})
-    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent, data_hashes={"conversations": data_hash}))
-    return out
+    return data_hash
 
 
-__all__ = ["BATCHING", "DROP_NO_ASSISTANT", "DROP_TOO_LONG", "Example", "SFTConfig", "SFTLoader", "heldout_loss_fn",
-           "load_conversations", "make_example", "run", "sft_loss", "tokenize_conversations", "tokenize_example"]
+def run(cfg: SFTConfig, parent: Path, ctx: StageContext) -> Path:
+    """The `sft` stage: fine-tune the parent checkpoint on the conversations of the JSONL file `cfg.data`."""
+    path = Path(cfg.data)
+    if not path.is_file():
+        raise ConfigError(f"sft stage {cfg.name}: data file {path} does not exist")
+    data_hash = fine_tune(cfg, parent, ctx, read_jsonl(path))
+    write_lineage(ctx.out_dir, make_lineage(cfg.name, cfg, parent, data_hashes={"conversations": data_hash}))
+    return Path(ctx.out_dir)
+
+
+__all__ = ["BATCHING", "DROP_NO_ASSISTANT", "DROP_TOO_LONG", "Example", "SFTConfig", "SFTLoader", "conversations_hash",
+           "fine_tune", "heldout_loss_fn", "make_example", "run", "sft_loss", "tokenize_conversations",
+           "tokenize_example"]
