@@ -15,6 +15,7 @@ from qwen3repro.generate import (
     GREEDY,
     NON_THINKING_SAMPLING,
     THINKING_SAMPLING,
+    DenseDecodeStep,
     SamplingParams,
     ThinkingBudget,
     apply_min_p,
@@ -208,13 +209,11 @@ def _prompts():
 @pytest.mark.parametrize("kernels", ["1", "0"])  # compiled decode kernels, or PyTorch operations only
 @pytest.mark.parametrize("name", ["micro", "micro-moe"])
 def test_logprobs_match_full_forward(micro, name, kernels, monkeypatch):
-    from qwen3repro.generate import _DenseDecodeStep
-
     monkeypatch.setenv("QWEN3REPRO_KERNELS", kernels)
     if name == "micro-moe":  # MoE layers decode through model.forward (no fast step)
         torch.manual_seed(0)
         micro = Qwen3(get_model_config(name)).eval()
-    assert _DenseDecodeStep.supports(micro) == (name == "micro")
+    assert DenseDecodeStep.supports(micro) == (name == "micro")
     prompts = _prompts()
     for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5), GREEDY):
         gens = generate(micro, prompts, params, max_new_tokens=12, return_logprobs=True, seed=1)

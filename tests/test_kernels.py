@@ -23,7 +23,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qwen3repro import kernels
-from qwen3repro.generate import GREEDY, THINKING_SAMPLING, SamplingParams, _DenseDecodeStep, generate
+from qwen3repro.generate import GREEDY, THINKING_SAMPLING, DenseDecodeStep, SamplingParams, generate
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
 
@@ -54,7 +54,7 @@ def _steps(model, prompts, feed, use_kernel: bool, keep_at: int | None = None):
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QWEN3REPRO_KERNELS", "1" if use_kernel else "0")
-        step = _DenseDecodeStep(model, b, width + len(feed))
+        step = DenseDecodeStep(model, b, width + len(feed))
     assert (step.kernel is not None) == use_kernel
     out = [step.prefill(ids, positions, None if bool(mask.all()) else mask)]
     pos = torch.tensor([len(p) for p in prompts])
@@ -212,7 +212,7 @@ def test_without_a_working_compiler_generation_falls_back(fresh_build, monkeypat
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("QWEN3REPRO_KERNELS", "0")
     assert kernels.attention_kernel(16, 2) is None and kernels.sampling_kernel() is None
-    assert _DenseDecodeStep(MODELS[2], 2, 8).kernel is None
+    assert DenseDecodeStep(MODELS[2], 2, 8).kernel is None
 
 
 def test_unsupported_head_shapes_use_torch():

@@ -1,16 +1,16 @@
 /* One decode step of a Qwen3 attention layer for a batch of rows, fused into one call.
  *
- * What the generation engine's `_DenseDecodeStep` does with ~10 tensor operations per layer (QK-norm,
+ * What the generation engine's `DenseDecodeStep` does with ~10 tensor operations per layer (QK-norm,
  * RoPE, two cache writes, q·kᵀ, softmax, p·v), each costing microseconds of dispatch at rollout sizes,
  * done here in one pass per (row, KV head) while its keys and values are in cache.
  *
  * Compiled at first use by `qwen3repro.kernels` with HEAD_DIM and GROUP (query heads per KV head)
  * fixed, so every inner loop has a constant trip count and vectorises. Plain C with GCC vector
  * extensions (portable: a vector wider than the machine's is split by the compiler), OpenMP over
- * the (row, KV head) pairs. The arithmetic follows `_DenseDecodeStep.__call__`; results agree with
+ * the (row, KV head) pairs. The arithmetic follows `DenseDecodeStep.__call__`; results agree with
  * it to float rounding (tests/test_kernels.py).
  *
- * Layouts (all float32, contiguous, as `_DenseDecodeStep` keeps them):
+ * Layouts (all float32, contiguous, as `DenseDecodeStep` keeps them):
  *   qkv     [B, qkv_stride]: per row the q/k heads grouped by KV head ([GROUP q heads, 1 k head] for
  *           each), then the Hk v heads; each q/k head's dimensions in RoPE pair order
  *           (x_0, x_{D/2}, x_1, x_{D/2+1}, ...);

@@ -1,7 +1,8 @@
 /* Top-k / top-p sampling of one token per row, fused into one call.
  *
- * The arithmetic of `qwen3repro.generate._sample` for top-k > 0 and no min-p (the report's thinking and
- * non-thinking settings), which costs about a dozen tensor operations per decode step in PyTorch:
+ * The arithmetic of `qwen3repro.generate.sampling.sample` for top-k > 0 and no min-p (the report's
+ * thinking and non-thinking settings), which costs about a dozen tensor operations per decode step
+ * in PyTorch:
  *   1. the k largest logits of the row, in descending order (ties: the lower token id first);
  *   2. probabilities softmax(values / temperature) over those k;
  *   3. top-p: zero every probability whose preceding mass (cumulative sum before it) reaches top_p
