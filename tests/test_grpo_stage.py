@@ -341,9 +341,9 @@ def test_stage_reads_cold_start_uids_and_refuses_an_unlearnable_set(tmp_path, pa
 
 
 def test_recipe_resolves_strictly_with_a_scale_table():
-    from qwen3repro.recipes import deep_merge, load_recipe
+    from qwen3repro.recipes import deep_merge, load_recipe, split_recipe
 
-    recipe = load_recipe("reasoning-rl")
+    recipe = split_recipe(load_recipe("reasoning-rl"))[1]
     scale = {"steps": 60, "n_queries": 96, "lr": 5e-5, "max_new_tokens": 160, "eval_items": 96}
     cfg = grpo.GRPOConfig.from_dict({**deep_merge(recipe, scale), "name": "reasoning-rl"})
     assert (cfg.epsilon_low, cfg.epsilon_high, cfg.loss_type, cfg.mu) == (0.2, 0.28, "dapo", 2)

@@ -65,10 +65,8 @@ from ..rl.rollout import (
 )
 from ..rl.selection import USED_QUERIES_FILE, SelectionResult, load_used_uids, screen, select_queries
 from ..tokenizer import Tokenizer
-from ..train import checkpoint as ckpt
-from ..train.loop import TrainConfig, build_optimizer, resolve_device, run_identity
-from ..progress import Progress, format_duration
-from ..train.metrics import MetricsLog
+from ..progress import format_duration
+from ..train.loop import TrainConfig, TrainingRun, resolve_device
 from .common import StageContext, copy_tokenizer, write_json_atomic
 
 # The report's headline for this stage (§4.2): Qwen3-235B-A22B's AIME'24 over 170 RL steps.
@@ -220,10 +218,12 @@ class GRPOConfig:
         return SamplingParams(temperature=self.eval_temperature, top_p=self.eval_top_p, top_k=self.eval_top_k)
 
     def train_config(self) -> TrainConfig:
-        """The optimiser settings as a TrainConfig (for `build_optimizer` and the run identity)."""
+        """The optimiser settings as a TrainConfig over optimizer steps (`mu` x `mini_batches` per generation
+        step): AdamW, linear warm-up then a constant LR (a WSD schedule without decay), checkpoint cadence."""
         return TrainConfig(steps=self.steps * self.mu * self.mini_batches, lr=self.lr, betas=self.betas,
                            weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, decay_fraction=0.0,
-                           clip_grad_norm=self.clip_grad_norm, seed=self.seed, device=self.device)
+                           clip_grad_norm=self.clip_grad_norm, seed=self.seed, device=self.device,
+                           ckpt_every=self.ckpt_every, keep_last=self.keep_last, log_every=self.log_every)
 
 
 # ----------------------------------------------------------------------------- queries and eval
@@ -416,8 +416,7 @@ def _select(cfg: GRPOConfig, parent: Path, out: Path, model, tokenizer, ctx: Sta
     return result, used
 
 
-def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Path | None = None,
-        score_fn: ScoreFn = verifier_score) -> Path:
+def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn = verifier_score) -> Path:
     """Train reasoning RL from the cold-start checkpoint `parent` into `ctx.out_dir` (resumes a cut run).
 
     `score_fn` replaces the verifier registry (tests use toy rewards); the default scores every
@@ -437,8 +436,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
         reason = (f"no learnable queries were selected ({dict(selection.reasons)}): "
                   "the cold-start model solves none or all of the candidates")
         if cfg.skip_if_nothing_learnable and not cfg.fallback_to_screened:
-            return _finish_untrained(cfg, parent, out, model, tokenizer, selection, reason, ctx, score_fn,
-                                     lineage_parent)
+            return _finish_untrained(cfg, parent, out, model, tokenizer, selection, reason, ctx, score_fn)
         if not cfg.fallback_to_screened:
             raise RuntimeError(f"{cfg.name}: {reason}; set fallback_to_screened for a wiring run")
         queries = screen(candidate_queries(cfg), used)[0][:cfg.n_queries]
@@ -446,52 +444,32 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
     stream = QueryStream(queries, cfg.seed)
     heldout = eval_queries(cfg)
 
-    tcfg = cfg.train_config()
-    optimizer = build_optimizer(model, tcfg)
+    run = TrainingRun(model, cfg.train_config(), out, total=cfg.steps, name=cfg.name, printer=ctx.printer,
+                      run_extra={"stage": cfg.name, "grpo": config_hash(_identity_fields(cfg)),
+                                 "selection": config_hash([q.uid for q in queries])})
     controller = EntropyController(cfg.entropy_control, cfg.entropy_coef, cfg.entropy_coef_delta,
                                    cfg.entropy_coef_max, cfg.entropy_target_ratio, gain=cfg.entropy_gain)
-    identity = run_identity(model, tcfg, {"stage": cfg.name, "grpo": config_hash(_identity_fields(cfg)),
-                                          "selection": config_hash([q.uid for q in queries])})
-    metrics = MetricsLog(str(out / "metrics.jsonl"))
-    ckpt.clean_stale(str(out))
-    step, opt_steps, elapsed_before = 0, 0, 0.0
-    latest = ckpt.find_latest(str(out))
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, expected_identity=identity)
-        step, opt_steps = int(state["step"]), int(state["opt_steps"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        stream.load_state_dict(state["loader"])
-        controller.load_state_dict(state["entropy_controller"])
-        ctx.say(f"{cfg.name}: resumed from {latest} at step {step}/{cfg.steps}")
+    step, opt_steps = run.step, int(run.state.get("opt_steps", 0))
+    if run.resumed_from is not None:
+        stream.load_state_dict(run.state["loader"])
+        controller.load_state_dict(run.state["entropy_controller"])
     else:
-        torch.manual_seed(cfg.seed)
         ctx.say(f"{cfg.name}: {cfg.steps} steps x {cfg.queries_per_step} queries x {cfg.group_size} rollouts, "
                 f"{len(queries)} queries, loss {cfg.loss_type}, eps {cfg.epsilon_low}/{cfg.epsilon_high}, "
                 f"beta {cfg.beta}, mu {cfg.mu}, entropy control {cfg.entropy_control}")
-    metrics.truncate_to(step if step > 0 else -1)  # a fresh run starts a fresh log
-    clock = Progress(cfg.steps, done=step, elapsed_before=elapsed_before, name=cfg.name)
-    model.train()
-
-    def lr_at(offset: int) -> float:
-        k = opt_steps + offset
-        return cfg.lr * min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
     def run_eval() -> dict[str, float]:
-        res = evaluate_pass_at_k(model, tokenizer, heldout, k=cfg.eval_k, sampling=cfg.eval_sampling,
-                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919, score_fn=score_fn)
-        model.train()
+        res = run.evaluate(lambda m: evaluate_pass_at_k(m, tokenizer, heldout, k=cfg.eval_k, sampling=cfg.eval_sampling,
+                                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919,
+                                                        score_fn=score_fn))
         return {f"eval/{k}": v for k, v in res.items()}
 
     def save(at_step: int) -> str:
-        return ckpt.save_step_checkpoint(
-            str(out), at_step, keep_last=cfg.keep_last, model=model, optimizer=optimizer,
-            trainer_state={"step": at_step, "opt_steps": opt_steps, "run_identity": identity,
-                           "run_hash": config_hash(identity), "elapsed_s": clock.elapsed(),
-                           "entropy_controller": controller.state_dict(), "grpo_config": asdict(cfg)},
-            loader_state=stream.state_dict(), rng_state=ckpt.capture_rng_state())
+        return run.save(at_step, loader_state=stream.state_dict(), opt_steps=opt_steps,
+                        entropy_controller=controller.state_dict(), grpo_config=asdict(cfg))
 
     if step == 0:
-        metrics.append({"step": 0, **run_eval()})
+        run.log({"step": 0, **run_eval()})
     while step < cfg.steps:
         step_seed = cfg.seed * 1_000_003 + step
         generator = torch.Generator(device=torch_device).manual_seed(step_seed)  # sampling
@@ -517,8 +495,9 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
             delta = ref_logps - old_logps
             record.update(entropy=entropy_now, kl=float(masked_mean(torch.exp(delta) - delta - 1, mask)),
                           sampler_logp_gap=float(masked_mean((old_logps - batch.sampler_logps).abs(), mask)))
-            updates = optimisation_passes(model, optimizer, batch, old_logps, ref_logps, cfg, controller,
-                                          entropy_now, shuffler, lr_at)
+            first_opt_step = opt_steps
+            updates = optimisation_passes(model, run.optimizer, batch, old_logps, ref_logps, cfg, controller,
+                                          entropy_now, shuffler, lambda k: run.schedule.lr(first_opt_step + k))
             opt_steps += len(updates)
             for key in ("loss", "grad_norm", "clip_fraction", "ratio_mean", "lr"):
                 record[key] = sum(u[key] for u in updates) / len(updates)
@@ -530,36 +509,32 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, lineage_parent: Pat
         else:
             record["entropy_coef"] = controller.coef
         step += 1
-        clock.update(step)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             record.update(run_eval())
-        record["elapsed_s"] = clock.elapsed()
-        metrics.append({k: v for k, v in record.items() if v is not None})
+        record["elapsed_s"] = run.elapsed()
+        fields: list[str] = []
         if step % cfg.log_every == 0 or step == cfg.steps:
-            line = clock.line(f"reward {record['reward']:.3f}", f"entropy {record.get('entropy', float('nan')):.4f}",
-                              f"len {record['response_length']:.1f}", f"clip {record.get('clip_fraction', 0.0):.3f}",
-                              f"kl {record.get('kl', 0.0):.4f}", f"zero-var {record['zero_variance_share']:.2f}")
+            fields = [f"reward {record['reward']:.3f}", f"entropy {record.get('entropy', float('nan')):.4f}",
+                      f"len {record['response_length']:.1f}", f"clip {record.get('clip_fraction', 0.0):.3f}",
+                      f"kl {record.get('kl', 0.0):.4f}", f"zero-var {record['zero_variance_share']:.2f}"]
             if "eval/pass@1" in record:
                 pk = f"pass@{cfg.eval_k}"
-                line += f" | pass@1 {record['eval/pass@1']:.3f} {pk} {record['eval/' + pk]:.3f}"
-            ctx.say(line)
+                fields.append(f"pass@1 {record['eval/pass@1']:.3f} {pk} {record['eval/' + pk]:.3f}")
+        run.log(record, *fields)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
             save(step)
 
-    final = ckpt.find_latest(str(out))
-    if final is None or ckpt.read_trainer_state(final)["step"] != cfg.steps:
-        final = save(step)
-    ckpt.publish(final, str(out))
+    run.finish(step, save)
     copy_tokenizer(parent, out)
-    records = metrics.read()
+    records = run.metrics.read()
     plot_curves(records, out / PLOT_FILE, title=f"{cfg.name}: GRPO ({cfg.entropy_control} entropy control)")
     write_json_atomic(out / "eval.json", summarize(cfg, records, selection))
-    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent))
+    write_lineage(out, make_lineage(cfg.name, cfg, parent))
     return out
 
 
 def _finish_untrained(cfg: GRPOConfig, parent: Path, out: Path, model, tokenizer, selection: SelectionResult,
-                      reason: str, ctx: StageContext, score_fn: ScoreFn, lineage_parent: Path | None) -> Path:
+                      reason: str, ctx: StageContext, score_fn: ScoreFn) -> Path:
     """No learnable query: publish the starting model unchanged, with its held-out pass@k and the reason."""
     ctx.say(f"{cfg.name}: SKIPPED, {reason}; the output is the cold-start model unchanged")
     before = evaluate_pass_at_k(model, tokenizer, eval_queries(cfg), k=cfg.eval_k, sampling=cfg.eval_sampling,
@@ -573,7 +548,7 @@ def _finish_untrained(cfg: GRPOConfig, parent: Path, out: Path, model, tokenizer
                     "pass@1_by_family_after": {k.split("/", 1)[1]: v for k, v in before.items()
                                                if k.startswith("pass@1/")}})
     write_json_atomic(out / "eval.json", summary)
-    write_lineage(out, make_lineage(cfg.name, cfg, lineage_parent or parent))
+    write_lineage(out, make_lineage(cfg.name, cfg, parent))
     return out
 
 

@@ -1,4 +1,6 @@
-"""The one training loop every stage reuses (pretraining S1-S3, SFT, GRPO, distillation).
+"""The one training loop of every supervised stage (pretraining S1-S3, SFT), and the run state it
+shares with reinforcement learning (`TrainingRun`: GRPO steps through the same optimizer, schedule,
+checkpoints, resume, metrics and progress line).
 
     summary = train(model, loader, loss_fn, cfg, out_dir, resume="auto")
 
@@ -56,8 +58,8 @@ from torch import nn
 
 from ..config import ConfigError, config_hash, strict_fields
 from ..losses import masked_cross_entropy
-from . import checkpoint as ckpt
 from ..progress import Progress
+from . import checkpoint as ckpt
 from .metrics import MetricsLog, default_printer
 from .schedule import DECAY_SHAPES, WSDSchedule
 
@@ -306,7 +308,9 @@ def run_identity(model: nn.Module, cfg: TrainConfig, extra: Mapping[str, Any] | 
     return json.loads(json.dumps(ident, sort_keys=True, default=str))
 
 
-def _resolve_resume(out_dir: str, resume: str | os.PathLike | None) -> str | None:
+def resolve_resume(out_dir: str, resume: str | os.PathLike | None) -> str | None:
+    """The checkpoint to continue from: "auto" (the newest in out_dir, if any), None (a fresh run, refused
+    when out_dir already holds checkpoints) or a path (a checkpoint, or a run directory holding some)."""
     if resume is None:
         existing = ckpt.list_checkpoints(out_dir)
         if existing:
@@ -319,12 +323,132 @@ def _resolve_resume(out_dir: str, resume: str | os.PathLike | None) -> str | Non
         return ckpt.find_latest(out_dir)
     path = os.fspath(resume)
     if not ckpt.is_complete(path):
-        # Allow pointing at a run directory rather than at one checkpoint.
         latest = ckpt.find_latest(path) if os.path.isdir(path) else None
         if latest is None:
             raise ckpt.CheckpointError(f"resume: no complete checkpoint at {path}")
         path = latest
     return path
+
+
+
+# ----------------------------------------------------------------------------- the run state
+class TrainingRun:
+    """The run state every training loop shares: `train` below and GRPO's generation steps.
+
+        run = TrainingRun(model, cfg, out_dir, run_extra={...}, printer=say)
+        step = run.step                         # 0, or where a cut run stopped
+        while step < total:
+            lr = run.set_lr(opt_step)           # cfg's WSD schedule, a pure function of the step
+            ...                                 # forward, backward, optimizer.step(): the loop's own business
+            step += 1
+            run.log({"step": step, ...}, f"loss {loss:.4f}")    # metrics.jsonl + the progress line
+            if due: run.save(step, loader_state=..., **extra)  # atomic step checkpoint
+        run.finish(step, save)                  # the final checkpoint published into out_dir
+
+    It owns what no loop should copy: device and precision, the AdamW optimizer, the schedule, the
+    run identity (model config, train config, the caller's run-defining extras) checked on resume,
+    resume itself (model, optimizer and RNG restored; the trainer state and loader cursor handed
+    back in `state`), seeding a fresh run, `metrics.jsonl` (cut back to the resumed step, so a log
+    always reads as one run), the progress line with its ETA, atomic step checkpoints pruned to
+    `keep_last`, and publishing the last one. What a step is belongs to the loop: an optimizer step
+    for `train`, a generation step of several optimizer steps for GRPO. `total` counts the loop's
+    steps (default `cfg.steps`); `cfg.steps` counts optimizer steps and sizes the schedule.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | os.PathLike, *,
+                 total: int | None = None, run_extra: Mapping[str, Any] | None = None,
+                 printer: Callable[[str], None] | None = None, resume: str | os.PathLike | None = "auto",
+                 name: str = "") -> None:
+        self.out_dir = os.path.abspath(os.fspath(out_dir))
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.say = printer or default_printer()
+        self.cfg, self.name = cfg, name
+        self.total = cfg.steps if total is None else total
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        label = name or "train"
+        if self.precision != cfg.precision:
+            self.say(f"{label}: precision {cfg.precision} is not supported on {self.device}; using {self.precision}")
+        model.to(self.device)
+        model.train()
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.schedule = cfg.schedule()
+        self.identity = run_identity(model, cfg, run_extra)
+        self.identity_hash = config_hash(self.identity)
+        self.metrics = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"))
+
+        ckpt.clean_stale(self.out_dir)
+        self.resumed_from = resolve_resume(self.out_dir, resume)
+        self.state: dict[str, Any] = {}
+        """The resumed checkpoint's trainer state (empty on a fresh run); `state["loader"]` is the cursor."""
+        if self.resumed_from is not None:
+            self.state = ckpt.load_checkpoint(self.resumed_from, model=model, optimizer=self.optimizer,
+                                              expected_identity=self.identity)
+            self.say(f"{label}: resumed from {self.resumed_from} at step {int(self.state['step'])}/{self.total}")
+        else:
+            seed_everything(cfg.seed)
+            n_params = sum(p.numel() for p in self.params)
+            self.say(f"{label}: fresh run, {n_params:,} trainable parameters, {self.total} steps, "
+                     f"device {self.device}, {self.precision}")
+        self.step = int(self.state.get("step", 0))
+        # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
+        self.metrics.truncate_to(self.step if self.resumed_from is not None else -1)
+        self.progress = Progress(self.total, done=self.step, elapsed_before=float(self.state.get("elapsed_s", 0.0)),
+                                 name=name)
+        self.last_checkpoint = ckpt.find_latest(self.out_dir)
+
+    # ------------------------------------------------------------------ during the run
+    def set_lr(self, opt_step: int) -> float:
+        """Set and return the schedule's LR for optimizer step `opt_step` (0-based)."""
+        lr = self.schedule.lr(opt_step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def elapsed(self) -> float:
+        return self.progress.elapsed()
+
+    def log(self, record: Mapping[str, Any], *fields: str) -> None:
+        """Append `record` (None values dropped) to metrics.jsonl; with `fields`, print the progress line."""
+        self.progress.update(int(record["step"]))
+        self.metrics.append({k: v for k, v in record.items() if v is not None})
+        if fields:
+            self.say(self.progress.line(*fields))
+
+    def evaluate(self, eval_fn: Callable[[nn.Module], Mapping[str, Any]]) -> dict[str, Any]:
+        """`eval_fn(model)` in eval mode without gradients, leaving every RNG as it was (so evaluating does
+        not change what training draws next)."""
+        rng = ckpt.capture_rng_state()
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return dict(eval_fn(self.model))
+        finally:
+            self.model.train()
+            ckpt.restore_rng_state(rng)
+
+    def save(self, step: int, *, loader_state: Any, **trainer_state: Any) -> str:
+        """An atomic step checkpoint: model, optimizer, RNG, the loader cursor and the trainer state (the
+        run's identity and elapsed time, plus what the loop passes)."""
+        self.last_checkpoint = ckpt.save_step_checkpoint(
+            self.out_dir, step, keep_last=self.cfg.keep_last, model=self.model, optimizer=self.optimizer,
+            trainer_state={"step": step, "train_config": self.cfg.to_dict(),
+                           "train_config_hash": config_hash(self.cfg.to_dict()), "run_identity": self.identity,
+                           "run_hash": self.identity_hash, "elapsed_s": self.elapsed(),
+                           "precision": self.precision, **trainer_state},
+            loader_state=loader_state, rng_state=ckpt.capture_rng_state())
+        return self.last_checkpoint
+
+    def finish(self, step: int, save: Callable[[int], str]) -> str:
+        """Publish the checkpoint of the last step into out_dir (saving it with `save(step)` when it is not on
+        disk, e.g. a run resumed after its end whose last checkpoint was pruned); returns its path."""
+        final = ckpt.find_latest(self.out_dir)
+        if final is None or ckpt.read_trainer_state(final)["step"] != step:
+            final = save(step)
+        ckpt.publish(final, self.out_dir)
+        return final
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -353,83 +477,27 @@ def train(
     "checkpoint" (the final step checkpoint), "out_dir", "resumed_from", "tokens_seen",
     "elapsed_s", "precision"}.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    say = printer or default_printer()
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    if precision != cfg.precision:
-        say(f"train: precision {cfg.precision} is not supported on {device}; using {precision}")
-
-    model.to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
-    schedule = cfg.schedule()
-    identity = run_identity(model, cfg, run_extra)
-    ident_hash = config_hash(identity)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    run = TrainingRun(model, cfg, out_dir, run_extra=run_extra, printer=printer, resume=resume)
+    device, precision, optimizer, params = run.device, run.precision, run.optimizer, run.params
     stream = _BatchStream(loader)
-    metrics_log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
-
-    ckpt.clean_stale(out_dir)
-    resume_path = _resolve_resume(out_dir, resume)
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, model=model, optimizer=optimizer, expected_identity=identity)
-        step = int(state["step"])
-        tokens_seen = int(state.get("tokens_seen", 0))
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        stream.restore(state.get("loader"))
-        say(f"train: resumed from {resume_path} at step {step}/{cfg.steps}")
-    else:
-        seed_everything(cfg.seed)
-        n_params = sum(p.numel() for p in params)
-        say(f"train: fresh run, {n_params:,} trainable parameters, {cfg.steps} steps, device {device}, {precision}")
-    metrics_log.truncate_to(step)
+    stream.restore(run.state.get("loader"))
+    step, tokens_seen = run.step, int(run.state.get("tokens_seen", 0))
 
     def save(at_step: int) -> str:
-        return ckpt.save_step_checkpoint(
-            out_dir,
-            at_step,
-            keep_last=cfg.keep_last,
-            model=model,
-            optimizer=optimizer,
-            trainer_state={
-                "step": at_step,
-                "scheduler": {"step": at_step, "next_lr": schedule.lr(at_step) if at_step < cfg.steps else None},
-                "train_config": cfg.to_dict(),
-                "train_config_hash": config_hash(cfg.to_dict()),
-                "run_identity": identity,
-                "run_hash": ident_hash,
-                "tokens_seen": tokens_seen,
-                "elapsed_s": clock.elapsed(),
-                "precision": precision,
-            },
-            loader_state=stream.state(),
-            rng_state=ckpt.capture_rng_state(),
-        )
+        next_lr = run.schedule.lr(at_step) if at_step < cfg.steps else None
+        return run.save(at_step, loader_state=stream.state(), tokens_seen=tokens_seen,
+                        scheduler={"step": at_step, "next_lr": next_lr})
 
     def run_eval() -> dict[str, float]:
-        rng = ckpt.capture_rng_state()
-        model.eval()
-        try:
-            with torch.no_grad():
-                results = dict(eval_fn(model))
-        finally:
-            model.train()
-            ckpt.restore_rng_state(rng)
+        results = run.evaluate(eval_fn)
         return {f"eval/{k}": _num(v) if isinstance(v, (torch.Tensor, int, float)) else v for k, v in results.items()}
 
-    clock = Progress(cfg.steps, done=step, elapsed_before=elapsed_before)
     losses: dict[int, float] = {}
     last_eval: dict[str, Any] = {}
-    last_ckpt = ckpt.find_latest(out_dir)
-    window_tokens, window_t0 = 0, clock.elapsed()
+    window_tokens, window_t0 = 0, run.elapsed()
 
     while step < cfg.steps:
-        lr = schedule.lr(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = run.set_lr(step)
         optimizer.zero_grad(set_to_none=True)
         total_w, loss_sum = 0.0, 0.0
         msums: dict[str, float] = {}
@@ -443,7 +511,7 @@ def train(
             if not math.isfinite(loss_val):
                 raise TrainingDivergedError(
                     f"non-finite loss ({loss_val}) at step {step + 1} (micro-batch {micro + 1}/{cfg.grad_accum}); "
-                    f"nothing was saved for this step; last good checkpoint: {last_ckpt or 'none'}"
+                    f"nothing was saved for this step; last good checkpoint: {run.last_checkpoint or 'none'}"
                 )
             if micro == 0:
                 weighted = "num_tokens" in mets
@@ -472,11 +540,10 @@ def train(
         if not math.isfinite(grad_norm):
             raise TrainingDivergedError(
                 f"non-finite gradient norm ({grad_norm}) at step {step + 1}; nothing was saved for this step; "
-                f"last good checkpoint: {last_ckpt or 'none'}"
+                f"last good checkpoint: {run.last_checkpoint or 'none'}"
             )
         optimizer.step()
         step += 1
-        clock.update(step)
         step_loss = loss_sum / total_w if total_w > 0 else 0.0
         losses[step] = step_loss
         tokens_seen += step_tokens
@@ -487,7 +554,7 @@ def train(
             last_eval = run_eval()
             evaluated = True
         if step % cfg.log_every == 0 or step == cfg.steps or evaluated:
-            now = clock.elapsed()
+            now = run.elapsed()
             tok_s = window_tokens / max(now - window_t0, 1e-9) if window_tokens else None
             window_tokens, window_t0 = 0, now
             record: dict[str, Any] = {
@@ -502,21 +569,16 @@ def train(
                 **{k: v / total_w for k, v in msums.items()},
                 **(last_eval if evaluated else {}),
             }
-            metrics_log.append({k: v for k, v in record.items() if v is not None})
             fields = [f"loss {step_loss:.4f}", f"lr {lr:.2e}", f"gnorm {grad_norm:.3f}"]
             if tok_s is not None:
                 fields.append(f"{tok_s:,.0f} tok/s")
-            line = clock.line(*fields)
             if evaluated:
-                line += "".join(f" | {k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float))
-            say(line)
+                fields += [f"{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)]
+            run.log(record, *fields)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-            last_ckpt = save(step)
+            save(step)
 
-    final = ckpt.find_latest(out_dir)
-    if final is None or ckpt.read_trainer_state(final)["step"] != cfg.steps:
-        final = save(step)  # e.g. resumed from a completed run whose last checkpoint was pruned
-    ckpt.publish(final, out_dir)
+    final = run.finish(step, save)
     return {
         "step": step,
         "steps": cfg.steps,
@@ -524,10 +586,10 @@ def train(
         "losses": losses,
         "eval": last_eval,
         "checkpoint": final,
-        "out_dir": out_dir,
-        "resumed_from": resume_path,
+        "out_dir": run.out_dir,
+        "resumed_from": run.resumed_from,
         "tokens_seen": tokens_seen,
-        "elapsed_s": clock.elapsed(),
+        "elapsed_s": run.elapsed(),
         "precision": precision,
     }
 
@@ -557,6 +619,7 @@ __all__ = [
     "PRECISIONS",
     "TrainConfig",
     "TrainingDivergedError",
+    "TrainingRun",
     "build_optimizer",
     "causal_lm_loss",
     "parameter_groups",
