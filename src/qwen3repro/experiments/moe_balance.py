@@ -22,15 +22,16 @@ losses. So this experiment builds the batches the mechanism needs:
 * **a mixed global batch** — an optimizer step accumulates `micro_batches_per_step` micro-batches
   whose kinds are drawn by systematic sampling in proportion to each kind's share of the training
   tokens, so every step sees the corpus mixture;
-* **the two losses, same coefficient** — micro: the mean over the step's micro-batches of
-  E·Σ_i f_i^j P_i^j (`losses.load_balancing_loss` per micro-batch, transformers' convention);
-  global: `losses.GlobalBatchLoadBalancer` with f̄ counted over all micro-batches of the step
-  (detached) and P local and differentiable: Σ_j E·Σ_i f̄_i P_i^j / N = E·Σ_i f̄_i P̄_i.
-* **per-layer LBL** (`lbl_layers = "per_layer"`) — each MoE layer's loss over its own experts,
-  averaged over layers, as in Switch, Megatron and Qiu et al. transformers' `load_balancing_loss_func`
-  (`"pooled"`) pools all layers' rows into one f and P, so a surplus on expert i of one layer cancels
-  a deficit on expert i of another although they are different experts: at the tiny scale the
-  pooled loss sat at its uniform value (k) while every layer stayed ~2.5x imbalanced (max/mean).
+* **the two losses, same coefficient** — `losses.load_balancing_loss` with its two scopes. micro:
+  the mean over the step's micro-batches of E·Σ_i f_i^j P_i^j (transformers' convention); global:
+  f̄ counted over all micro-batches of the step (detached) and P local and differentiable:
+  Σ_j E·Σ_i f̄_i P_i^j / N = E·Σ_i f̄_i P̄_i.
+* **per-layer LBL** (`lbl_layers = "per_layer"`, the loss's `layers` setting) — each MoE layer's
+  loss over its own experts, averaged over layers, as in Switch, Megatron and Qiu et al.
+  transformers' `load_balancing_loss_func` (`"pooled"`) pools all layers' rows into one f and P,
+  so a surplus on expert i of one layer cancels a deficit on expert i of another although they
+  are different experts: at the tiny scale the pooled loss sat at its uniform value (k) while
+  every layer stayed ~2.5x imbalanced (max/mean).
 
 The step runs its micro-batches in one forward pass (rows are independent: causal attention, no
 batch statistics), which is numerically the same as accumulating their gradients and lets the
@@ -79,7 +80,7 @@ import torch
 from ..config import ConfigError, config_hash
 from ..data.packing import PackingLoader
 from ..data.synthetic import build_corpus, generate_documents
-from ..losses import GlobalBatchLoadBalancer, load_balancing_loss, masked_cross_entropy
+from ..losses import LBL_LAYERS, LBL_SCOPES, load_balancing_loss, masked_cross_entropy
 from ..models.qwen3 import Qwen3
 from ..models.registry import get_model_config
 from ..stages.common import copy_tokenizer, write_json_atomic
@@ -89,8 +90,8 @@ from ..train.metrics import MetricsLog
 
 CLAIM = ("Global-batch LBL: lower global expert-load imbalance than micro-batch LBL at equal or lower "
          "loss, and higher expert specialisation by data domain (Qiu et al. 2025, used for Qwen3-MoE).")
-MODES = ("micro", "global")
-LBL_LAYERS = ("per_layer", "pooled")
+MODES = LBL_SCOPES
+"""The two arms: the load-balancing loss's two scopes, ("micro", "global")."""
 
 
 # ============================================================================ settings
@@ -240,13 +241,13 @@ def selection_counts(router_logits: Sequence[torch.Tensor], micro_batches: int, 
 
 
 def step_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, mode: str, lbl_layers: str = "per_layer"):
-    """CE over the step + coef · (micro- or global-batch LBL); both LBLs and both imbalances are logged.
+    """CE over the step + coef · the load-balancing loss of scope `mode`; both scopes' losses and both
+    imbalances are logged.
 
-    The step's rows are `batch["domain"].shape[0]` equal micro-batches in order. micro: mean over
-    micro-batches j of E·Σ_i f_i^j P_i^j; global: `GlobalBatchLoadBalancer` (f̄ over all micro-batches,
-    detached; P per micro-batch), Σ_j E·Σ_i f̄_i P_i^j·(rows_j/N) = E·Σ_i f̄_i P̄_i. With
-    lbl_layers="per_layer" either loss is computed per MoE layer and averaged over layers; with
-    "pooled" all layers' rows share one f and P (transformers' convention)."""
+    The step's rows are `batch["domain"].shape[0]` equal micro-batches in order, all in one forward, so
+    the global scope's counts are those of this forward. micro: mean over micro-batches j of
+    E·Σ_i f_i^j P_i^j; global: E·Σ_i f̄_i P̄_i with f̄ over all micro-batches (detached). `lbl_layers`
+    is the loss's `layers` setting ("per_layer" or "pooled")."""
     cfg = model.config
     m = int(batch["domain"].shape[0])
     x = batch["input_ids"]
@@ -254,31 +255,15 @@ def step_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, mode: str, lbl
         raise ValueError(f"{x.shape[0]} rows do not split into {m} equal micro-batches")
     out = model(x, output_router_logits=True)
     ce = masked_cross_entropy(out.logits, batch["labels"])
-    e, k = cfg.num_experts, cfg.num_experts_per_tok
-    rows = x.shape[0] // m * x.shape[1]  # routed rows per micro-batch and layer
-    layer_groups = [[r] for r in out.router_logits] if lbl_layers == "per_layer" else [list(out.router_logits)]
+    k = cfg.num_experts_per_tok
 
-    def micro_lbl() -> torch.Tensor:
-        total = 0.0
-        for group in layer_groups:
-            total = total + sum(load_balancing_loss([r[j * rows:(j + 1) * rows] for r in group], e, k)
-                                for j in range(m)) / m
-        return total / len(layer_groups)
-
-    def global_lbl() -> torch.Tensor:
-        total = 0.0
-        for group in layer_groups:
-            micro = [[r[j * rows:(j + 1) * rows] for r in group] for j in range(m)]
-            balancer = GlobalBatchLoadBalancer(e, k)
-            for mb in micro:
-                balancer.accumulate(mb)
-            balancer.finalize()
-            total = total + sum(balancer.loss(mb) for mb in micro)
-        return total / len(layer_groups)
+    def lbl(scope: str) -> torch.Tensor:
+        return load_balancing_loss(out.router_logits, cfg.num_experts, k, scope=scope, layers=lbl_layers,
+                                   micro_batches=m)
 
     with torch.no_grad():
-        other = global_lbl() if mode == "micro" else micro_lbl()
-    aux = micro_lbl() if mode == "micro" else global_lbl()
+        other = lbl("global" if mode == "micro" else "micro")
+    aux = lbl(mode)
     counts = selection_counts(out.router_logits, m, k).numpy()  # [M, L, E]
     metrics = {
         "num_tokens": int((batch["labels"] != -100).sum()), "ce": ce.detach(), "lbl": aux.detach(),
