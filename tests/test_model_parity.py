@@ -166,9 +166,11 @@ def test_moe_router_logits_and_aux_loss_match_transformers(tmp_path):
     for a, b in zip(out.router_logits, ref.router_logits):
         assert a.shape == (3 * 9, MOE.num_experts)
         assert (a - b).abs().max().item() <= ATOL
-    aux = load_balancing_loss(out.router_logits, MOE.num_experts, MOE.num_experts_per_tok)
+    # transformers' aux loss is the micro scope, all layers pooled
+    aux = load_balancing_loss(out.router_logits, MOE.num_experts, MOE.num_experts_per_tok, scope="micro", layers="pooled")
     assert aux.item() == pytest.approx(ref.aux_loss.item(), abs=1e-5)
-    aux_m = load_balancing_loss(out_masked.router_logits, MOE.num_experts, MOE.num_experts_per_tok, mask)
+    aux_m = load_balancing_loss(out_masked.router_logits, MOE.num_experts, MOE.num_experts_per_tok, mask,
+                                scope="micro", layers="pooled")
     assert aux_m.item() == pytest.approx(ref_masked.aux_loss.item(), abs=1e-5)
     # transformers adds coef * aux to the CE loss: recover the same total from our pieces.
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())

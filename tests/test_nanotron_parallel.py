@@ -1,11 +1,11 @@
 """The nanotron Qwen3 model against our plain model on CPU, 2 gloo processes (tiny configs).
 
 For TP=2 (our loop on nanotron's parallel context) and PP=2 (nanotron's AllForwardAllBackward pipeline engine,
-with per-layer activation recomputation on), dense (RoPE base 1e4) and MoE (base 1e6 with YaRN), with two
-micro-batches per step, a packed document boundary and a loss mask: the step's loss and every parameter gradient
-(each rank's shard) equal those of `Qwen3` with the same weights, where the reference adds the same global-batch
-load-balancing loss through `losses.GlobalBatchLoadBalancer`. Tolerance: fp32, rtol 1e-4 / atol 1e-6
-(the only differences are summation order across shards).
+with per-layer activation recomputation on), dense (RoPE base 1e4) and MoE (base 1e6 with YaRN; the load-balancing
+loss per layer and pooled), with two micro-batches per step, a packed document boundary and a loss mask: the step's
+loss and every parameter gradient (each rank's shard) equal those of `Qwen3` with the same weights, where the
+reference adds the global-scope load-balancing loss through `losses.load_balancing_loss`. Tolerance: fp32, rtol 1e-4
+/ atol 1e-6 (the only differences are summation order across shards).
 
 Also: nanotron `save_weights` at TP=2 or PP=2 -> `nanotron_to_hf` -> `Qwen3.from_pretrained` gives the reference
 logits, and `hf_to_nanotron` -> nanotron `load_weights` gives back every rank's shards.
@@ -41,8 +41,8 @@ def _batches(cfg, n_micro=2, b=2, s=12):
     return out
 
 
-def _reference(cfg, mbs):
-    from qwen3repro.losses import GlobalBatchLoadBalancer, masked_cross_entropy
+def _reference(cfg, mbs, lbl_layers):
+    from qwen3repro.losses import ExpertCounts, load_balancing_loss, masked_cross_entropy
     from qwen3repro.models.qwen3 import Qwen3
     from qwen3repro.nanotron.model import segment_ids_from_positions
 
@@ -53,18 +53,21 @@ def _reference(cfg, mbs):
         return ref(mb["input_ids"], position_ids=mb["position_ids"],
                    segment_ids=segment_ids_from_positions(mb["position_ids"]), output_router_logits=True)
 
-    bal = GlobalBatchLoadBalancer(cfg.num_experts, cfg.num_experts_per_tok) if cfg.is_moe else None
-    if bal is not None:
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    step_counts = None
+    if cfg.is_moe:  # the step's counts first, over both micro-batches
         with torch.no_grad():
             for mb in mbs:
-                bal.accumulate(fwd(mb).router_logits)
-        bal.finalize()
+                counts = ExpertCounts.of(fwd(mb).router_logits, e, k, layers=lbl_layers)
+                step_counts = counts if step_counts is None else step_counts + counts
     total = 0.0
     for mb in mbs:
         out = fwd(mb)
-        loss = masked_cross_entropy(out.logits, mb["label_ids"], mb["label_mask"]) / len(mbs)
-        if bal is not None:
-            loss = loss + cfg.router_aux_loss_coef * bal.loss(out.router_logits)
+        loss = masked_cross_entropy(out.logits, mb["label_ids"], mb["label_mask"])
+        if step_counts is not None:
+            loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(out.router_logits, e, k, layers=lbl_layers,
+                                                                           step_counts=step_counts)
+        loss = loss / len(mbs)
         loss.backward()
         total += float(loss)
     return ref, total
@@ -80,13 +83,13 @@ def _worker(rank, world, port, mode, tmpdir):
 
     tp, pp = (2, 1) if mode == "tp" else (1, 2)
     pc = compat.cpu_parallel_context(tp=tp, pp=pp)
-    for cfg_name in ("micro", "micro-moe"):
-        _check(pc, mode, cfg_name, f"{tmpdir}/{cfg_name}")
+    for cfg_name, lbl_layers in (("micro", "per_layer"), ("micro-moe", "per_layer"), ("micro-moe", "pooled")):
+        _check(pc, mode, cfg_name, lbl_layers, f"{tmpdir}/{cfg_name}-{lbl_layers}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _check(pc, mode, cfg_name, tmpdir):
+def _check(pc, mode, cfg_name, lbl_layers, tmpdir):
     from qwen3repro.models.qwen3 import Qwen3
     from qwen3repro.models.registry import get_model_config
     from qwen3repro.nanotron.convert import (
@@ -106,10 +109,11 @@ def _check(pc, mode, cfg_name, tmpdir):
         cfg = cfg.replace(router_aux_loss_coef=0.5, rope_theta=1e6,
                           rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})
     mbs = _batches(cfg)
-    ref, ref_loss = _reference(cfg, mbs)
+    ref, ref_loss = _reference(cfg, mbs, lbl_layers)
 
     # PP runs with per-layer activation recomputation, TP without: both must give the same gradients.
-    nt_cfg = Qwen3NTConfig.from_model_config(cfg, recompute_layers=(mode == "pp"), attn_implementation="sdpa")
+    nt_cfg = Qwen3NTConfig.from_model_config(cfg, recompute_layers=(mode == "pp"), attn_implementation="sdpa",
+                                             lbl_layers=lbl_layers)
     model = build_qwen3(nt_cfg, pc, device=torch.device("cpu"))
     # the plan's pipeline placement is nanotron's
     from qwen3repro.nanotron.plan import pipeline_assignment

@@ -353,6 +353,34 @@ def test_grad_accum_2x4_equals_1x8(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------- step preparation
+def test_prepare_step_sees_the_step_micro_batches_before_their_forwards(tmp_path):
+    events = []
+
+    def prepare(model, micro_batches):
+        events.append(("prepare", [int(b["input_ids"][0, 0]) for b in micro_batches]))
+
+    def loss_fn(model, batch):
+        events.append(("loss", int(batch["input_ids"][0, 0])))
+        return causal_lm_loss(model, batch)
+
+    batches = [{"input_ids": torch.full((2, 6), i + 1), "labels": torch.full((2, 6), i + 1)} for i in range(6)]
+    train(micro_model(), ListLoader(batches), loss_fn, base_cfg(steps=3, grad_accum=2, ckpt_every=0), tmp_path,
+          prepare_step=prepare, **QUIET)
+    assert events == [("prepare", [1, 2]), ("loss", 1), ("loss", 2), ("prepare", [3, 4]), ("loss", 3), ("loss", 4),
+                      ("prepare", [5, 6]), ("loss", 5), ("loss", 6)]
+
+
+def test_a_prepare_step_that_does_nothing_changes_nothing(tmp_path):
+    """A loss without step preparation trains bit for bit as with a no-op one (same batches, same order)."""
+    cfg = base_cfg(steps=4, ckpt_every=0)
+    a = train(micro_model(), packing(), noisy_loss, cfg, tmp_path / "a", **QUIET)
+    b = train(micro_model(), packing(), noisy_loss, cfg, tmp_path / "b", prepare_step=lambda m, mbs: None, **QUIET)
+    assert a["losses"] == b["losses"]
+    wa, wb = Qwen3.from_pretrained(tmp_path / "a").state_dict(), Qwen3.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_metrics_one_line_per_logged_step_after_resume(tmp_path):
     cfg = base_cfg(steps=8, log_every=2, ckpt_every=4, grad_accum=1)

@@ -2,23 +2,52 @@
 
 MoE load balancing
 ------------------
-For E experts, top-k routing, router probabilities p_t = softmax(logits_t) and a set of T routed
-tokens (all sparse layers pooled, as transformers does):
+For E experts and top-k routing, each MoE layer ℓ gives every routed token t router probabilities
+p_{ℓ,t} = softmax(logits_{ℓ,t}). Over a set S of routed rows (the *scope*, below) and a set of layers
+g (the *group*, below):
 
-    f_i = (1/T) Σ_t 1[i ∈ TopK(p_t)]        (selection frequency; sums to k, not 1)
-    P_i = (1/T) Σ_t p_{t,i}                  (mean router probability)
-    LBL = E · Σ_i f_i · P_i                  (uniform routing gives k)
+    f_i = (1/|S|) Σ_{t∈S} 1[i ∈ TopK(p_t)]     selection frequency (detached; sums to k, not 1)
+    P_i = (1/|S|) Σ_{t∈S} p_{t,i}               mean router probability (carries the gradient)
+    LBL = E · Σ_i f_i · P_i                     (= k when routing is uniform)
 
-`load_balancing_loss` is this over one micro-batch (Switch Transformer style), numerically equal to
-transformers' `load_balancing_loss_func`. `GlobalBatchLoadBalancer` computes the global-batch variant
-used for Qwen3-MoE (Qiu et al. 2025, "Demons in the Detail"): f̄ is counted over every micro-batch of
-the optimizer step and every data-parallel rank, while P stays local and differentiable.
+`load_balancing_loss` computes it with two explicit settings:
+
+* scope — which rows f counts. "micro": each micro-batch on its own (Switch Transformer; what
+  transformers' `load_balancing_loss_func` does per forward). "global": every micro-batch of the
+  optimizer step on every data-parallel rank (Qiu et al. 2025, "Demons in the Detail", as used to
+  train Qwen3-MoE): f̄ is constant for the step and P stays local and differentiable. The micro loss
+  asks every micro-batch — often a few sequences of one domain — to spread over all experts, which
+  forbids experts from specialising by domain; the global loss asks only the whole step.
+* layers — which rows share one f and P. "per_layer": each MoE layer over its own experts, the loss
+  averaged over layers (Switch, Megatron, Qiu et al.). "pooled": all layers' rows in one f and P
+  (transformers' convention); it lets a surplus on expert i of one layer cancel a deficit on expert i
+  of another although they are different experts, and the MoE experiment (`experiments.moe_balance`)
+  found it sitting at its uniform value k while every layer stayed ~2.5x imbalanced (max/mean).
+
+The default is global and per layer, the form the experiment shows balancing the experts.
+
+The global scope needs f̄ before the step's first backward. A trainer therefore counts first:
+`ExpertCounts.of(...)` per micro-batch without autograd, summed, then `all_reduce()` over the
+data-parallel ranks, and passes the result as `step_counts` to every micro-batch's loss (or it keeps
+the graphs of all micro-batches alive, counts from their outputs and backwards once). Each call
+returns the mean over *its* routed rows of the per-row loss E·Σ_i f̄_i p_{t,i}; so a trainer that
+combines its micro-batches weighted by routed rows (and ranks by averaging, as data parallelism
+does) optimises exactly E·Σ_i f̄_i P̄_i of the step. Without `step_counts` the call is taken to hold
+the whole step (f̄ from its own rows).
+
+Both forms are a mean over layers of per-layer terms E·Σ_i f_i P_{ℓ,i} (per_layer: f of the layer
+itself; pooled: f of all layers, since pooled P is the mean of the layers' P), which lets a
+pipeline-parallel model add the loss layer by layer (`nanotron.model`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+LBL_SCOPES = ("micro", "global")
+LBL_LAYERS = ("per_layer", "pooled")
 
 
 def _as_layers(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -33,26 +62,28 @@ def _flat_mask(attention_mask: torch.Tensor | None, device: torch.device) -> tor
     return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
 
 
-def router_statistics(
-    router_logits: torch.Tensor | Sequence[torch.Tensor],
-    num_experts: int,
-    top_k: int,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    with_counts: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(selection counts [E] (no grad), probability sums [E] (differentiable), number of rows).
+def _check_settings(scope: str | None, layers: str) -> None:
+    if scope is not None and scope not in LBL_SCOPES:
+        raise ValueError(f"load-balancing scope must be one of {LBL_SCOPES}, got {scope!r}")
+    if layers not in LBL_LAYERS:
+        raise ValueError(f"load-balancing layers must be one of {LBL_LAYERS}, got {layers!r}")
 
-    Rows of every layer are pooled; rows whose `attention_mask` entry is 0 (padding) are left out.
-    `attention_mask` is [B, S] (or anything with B·S entries) matching each layer's [B·S, E] logits.
-    """
-    layers = _as_layers(router_logits)
-    device = layers[0].device
-    mask = _flat_mask(attention_mask, device)
+
+def _groups(layer_logits: list[torch.Tensor], layers: str) -> list[list[torch.Tensor]]:
+    """The layers that share one f and P: each alone (per_layer) or all together (pooled)."""
+    return [[lg] for lg in layer_logits] if layers == "per_layer" else [layer_logits]
+
+
+def _group_statistics(
+    group: Sequence[torch.Tensor], num_experts: int, top_k: int, mask: torch.Tensor | None, with_counts: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(top-k selection counts [E] (no grad), probability sums [E] (differentiable), routed rows) of
+    the rows of every layer in `group`; rows whose `mask` entry is 0 (padding) are left out."""
+    device = group[0].device
     counts = torch.zeros(num_experts, dtype=torch.float32, device=device) if with_counts else None
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
     rows = torch.zeros((), dtype=torch.float32, device=device)
-    for logits in layers:
+    for logits in group:
         probs = torch.softmax(logits.float(), dim=-1)
         if with_counts:
             with torch.no_grad():
@@ -72,126 +103,131 @@ def router_statistics(
     return counts, prob_sum, rows
 
 
+def _micro_batch_slices(layer_logits: list[torch.Tensor], mask: torch.Tensor | None, micro_batches: int):
+    """Split every layer's rows (and the flat mask) into `micro_batches` equal consecutive parts."""
+    n_rows = layer_logits[0].shape[0]
+    if micro_batches < 1 or n_rows % micro_batches:
+        raise ValueError(f"{n_rows} routed rows do not split into {micro_batches} equal micro-batches")
+    if mask is not None and mask.numel() != n_rows:
+        raise ValueError(f"attention_mask has {mask.numel()} entries for {n_rows} routed rows per layer")
+    n = n_rows // micro_batches
+    return [(slice(j * n, (j + 1) * n), None if mask is None else mask[j * n:(j + 1) * n]) for j in range(micro_batches)]
+
+
+@dataclass(frozen=True)
+class ExpertCounts:
+    """Top-k selection counts of each balancing group over a set of routed rows (no gradient).
+
+    counts [G, E] and rows [G] (float64, exact integers at any scale), G = number of MoE layers for
+    "per_layer", 1 for "pooled". Add the counts of the step's micro-batches with `+` and sum them over
+    data-parallel ranks with `all_reduce()`; `frequencies` is then f̄ of the global scope.
+    """
+
+    counts: torch.Tensor
+    rows: torch.Tensor
+    layers: str
+
+    @classmethod
+    @torch.no_grad()
+    def of(
+        cls,
+        router_logits: torch.Tensor | Sequence[torch.Tensor],
+        num_experts: int,
+        top_k: int,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        layers: str = "per_layer",
+    ) -> "ExpertCounts":
+        """The counts of one forward's router logits (per-layer [tokens, E]; rows masked out by a 0 in
+        `attention_mask` [B, S] are not counted)."""
+        _check_settings(None, layers)
+        layer_logits = [lg.detach() for lg in _as_layers(router_logits)]
+        mask = _flat_mask(attention_mask, layer_logits[0].device)
+        stats = [_group_statistics(g, num_experts, top_k, mask, with_counts=True) for g in _groups(layer_logits, layers)]
+        return cls(torch.stack([c for c, _, _ in stats]).double(), torch.stack([r for _, _, r in stats]).double(), layers)
+
+    def __add__(self, other: "ExpertCounts") -> "ExpertCounts":
+        if other.layers != self.layers or other.counts.shape != self.counts.shape:
+            raise ValueError(f"cannot add {other.layers} counts {tuple(other.counts.shape)} to "
+                             f"{self.layers} counts {tuple(self.counts.shape)}")
+        return ExpertCounts(self.counts + other.counts.to(self.counts.device), self.rows + other.rows.to(self.rows.device),
+                            self.layers)
+
+    def all_reduce(self, group=None) -> "ExpertCounts":
+        """The counts summed over the ranks of `group` (all ranks by default) when torch.distributed is
+        initialised; otherwise these counts."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self
+        buf = torch.cat([self.counts, self.rows[:, None]], dim=1)
+        torch.distributed.all_reduce(buf, group=group)
+        return ExpertCounts(buf[:, :-1], buf[:, -1], self.layers)
+
+    @property
+    def frequencies(self) -> torch.Tensor:
+        """f̄ [G, E] = counts / rows, float32."""
+        return (self.counts / self.rows[:, None]).float()
+
+
 def load_balancing_loss(
     router_logits: torch.Tensor | Sequence[torch.Tensor],
     num_experts: int,
     top_k: int,
     attention_mask: torch.Tensor | None = None,
+    *,
+    scope: str = "global",
+    layers: str = "per_layer",
+    micro_batches: int = 1,
+    step_counts: ExpertCounts | None = None,
 ) -> torch.Tensor:
-    """Micro-batch LBL = E · Σ_i f_i P_i over the pooled rows of all layers (transformers' convention).
+    """E·Σ_i f_i·P_i over one forward's routed rows, averaged over the layer groups (module doc).
 
-    router_logits: per-layer logits [tokens, E] (tuple/list, or a stacked [L, tokens, E] tensor).
+    router_logits: per-layer logits [tokens, E] (tuple/list, or a stacked [L, tokens, E] tensor), whose
+    rows are `micro_batches` equal consecutive micro-batches (a forward may hold several micro-batches
+    of the step). attention_mask [B, S]: rows where it is 0 (padding) are not routed rows.
+
+    scope="micro": the mean over the micro-batches of each one's LBL (f and P of that micro-batch).
+    With layers="pooled" and one micro-batch this is transformers' `load_balancing_loss_func`.
+
+    scope="global": E·Σ_i f̄_i·P_i with f̄ from `step_counts` (counted over the whole step: every
+    micro-batch and data-parallel rank) or, without them, from these rows (the forward holds the whole
+    step), and P the mean over these rows; the micro-batches' probability sums are formed one by one.
     """
-    counts, prob_sum, rows = router_statistics(router_logits, num_experts, top_k, attention_mask)
-    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
-
-
-class GlobalBatchLoadBalancer:
-    """Global-batch load-balancing loss (Qiu et al. 2025), as used to train Qwen3-MoE.
-
-    Math. Let one optimizer step see micro-batches j = 1..k on each of R data-parallel ranks, with
-    c_i the number of times expert i is in a token's top-k over *all* of them (all layers pooled) and
-    N the number of routed rows over all of them. Then f̄_i = c_i / N is a constant for the step
-    (detached), and the loss is
-
-        LBL_global = E · Σ_i f̄_i · P̄_i,      P̄_i = mean router probability of expert i,
-
-    where P̄ is local to each rank and differentiable. Each micro-batch j contributes
-
-        term_j = E · Σ_i f̄_i · (Σ_{t∈j} p_{t,i}) / N_local,
-
-    with N_local the rows of this rank's k micro-batches. So Σ_j term_j = E · Σ_i f̄_i · P̄_i(rank),
-    i.e. for k equal-size micro-batches it equals `load_balancing_loss` on their concatenation (when
-    f̄ is global), and averaging over ranks (what DDP does to gradients) gives the global-batch loss.
-    With one micro-batch and one rank it is exactly `load_balancing_loss`. Because each term already
-    carries its 1/k share, a trainer that divides its CE loss by k should add the terms undivided.
-
-    Why it helps: the micro-batch loss pushes every micro-batch (often a handful of sequences from
-    one domain) to be balanced, which fights expert specialisation; the global count only asks the
-    whole corpus-level batch to be balanced.
-
-    Use in a trainer (f̄ must be known before the first backward, so counts come first):
-
-        balancer = GlobalBatchLoadBalancer(E, k)
-        balancer.reset()
-        with torch.no_grad():                       # phase 1: counts only
-            for mb in micro_batches:
-                out = model(mb.input_ids, attention_mask=mb.mask, output_router_logits=True)
-                balancer.accumulate(out.router_logits, mb.mask)
-        balancer.finalize()                         # all-reduce counts over data-parallel ranks
-        for mb in micro_batches:                    # phase 2: the usual forward/backward
-            out = model(mb.input_ids, attention_mask=mb.mask, output_router_logits=True)
-            loss = ce(out.logits, mb) / len(micro_batches)
-            loss = loss + coef * balancer.loss(out.router_logits, mb.mask)
-            loss.backward()
-
-    Phase 1 costs a forward without autograd per micro-batch (about a third of a training step). A
-    trainer that can keep the k graphs alive may instead call `accumulate` on the phase-2 outputs,
-    `finalize`, and then sum `loss(...)` of every micro-batch and backward once. Calling `loss`
-    before `finalize` raises, so the step can never silently use partial counts.
-    """
-
-    def __init__(self, num_experts: int, top_k: int, process_group=None) -> None:
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.process_group = process_group
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new optimizer step."""
-        self.counts: torch.Tensor | None = None  # [E] selection counts (local, then global)
-        self.rows: torch.Tensor | None = None  # routed rows (local, then global)
-        self.local_rows: torch.Tensor | None = None
-        self.finalized = False
-
-    @torch.no_grad()
-    def accumulate(
-        self, router_logits: torch.Tensor | Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None
-    ) -> None:
-        """Add one micro-batch's top-k selection counts (no gradient)."""
-        if self.finalized:
-            raise RuntimeError("accumulate() after finalize(): call reset() to start a new step")
-        counts, _, rows = router_statistics(
-            [lg.detach() for lg in _as_layers(router_logits)], self.num_experts, self.top_k, attention_mask
-        )
-        if self.counts is None:
-            self.counts, self.rows = counts, rows
+    _check_settings(scope, layers)
+    layer_logits = _as_layers(router_logits)
+    mask = _flat_mask(attention_mask, layer_logits[0].device)
+    parts = _micro_batch_slices(layer_logits, mask, micro_batches)
+    groups = _groups(layer_logits, layers)
+    if scope == "micro" and step_counts is not None:
+        raise ValueError("step_counts are the global scope's; the micro scope counts each micro-batch itself")
+    if step_counts is not None and (step_counts.layers != layers or step_counts.counts.shape != (len(groups), num_experts)):
+        raise ValueError(f"step_counts are {step_counts.layers} counts {tuple(step_counts.counts.shape)}; this loss needs "
+                         f"{layers} counts ({len(groups)}, {num_experts})")
+    total = 0.0
+    for g, group in enumerate(groups):
+        stats = [_group_statistics([lg[rows] for lg in group], num_experts, top_k, part_mask,
+                                   with_counts=scope == "micro" or step_counts is None)
+                 for rows, part_mask in parts]
+        terms = 0
+        if scope == "micro":
+            for counts, prob_sum, n in stats:
+                terms = terms + num_experts * torch.sum((counts / n) * (prob_sum / n))
+            total = total + terms / micro_batches
+            continue
+        if step_counts is None:
+            f_bar = ExpertCounts(sum(c for c, _, _ in stats).double()[None], sum(n for _, _, n in stats).double()[None],
+                                 layers).frequencies[0]
         else:
-            self.counts, self.rows = self.counts + counts, self.rows + rows
-
-    def finalize(self) -> torch.Tensor:
-        """Sum counts over data-parallel ranks (when torch.distributed is initialised); return f̄ [E]."""
-        if self.counts is None:
-            raise RuntimeError("finalize() before any accumulate()")
-        self.local_rows = self.rows.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            buf = torch.cat([self.counts, self.rows.reshape(1)])
-            torch.distributed.all_reduce(buf, group=self.process_group)
-            self.counts, self.rows = buf[:-1], buf[-1]
-        self.finalized = True
-        return self.frequencies
-
-    @property
-    def frequencies(self) -> torch.Tensor:
-        """f̄_i = global selection count / global rows (detached)."""
-        if not self.finalized:
-            raise RuntimeError("frequencies are known only after finalize()")
-        return (self.counts / self.rows).detach()
-
-    def loss(
-        self, router_logits: torch.Tensor | Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """This micro-batch's term E · Σ_i f̄_i · (Σ_t p_{t,i}) / N_local (gradient through p only)."""
-        if not self.finalized:
-            raise RuntimeError("loss() needs the step's counts: call accumulate() per micro-batch, then finalize()")
-        _, prob_sum, _ = router_statistics(
-            router_logits, self.num_experts, self.top_k, attention_mask, with_counts=False
-        )
-        f_bar = self.frequencies.to(prob_sum.device)
-        return self.num_experts * torch.sum(f_bar * prob_sum) / self.local_rows.to(prob_sum.device)
+            f_bar = step_counts.frequencies[g].to(stats[0][1].device)
+        n_rows = 0
+        for _, _, n in stats:
+            n_rows = n_rows + n
+        for _, prob_sum, _ in stats:
+            terms = terms + num_experts * torch.sum(f_bar * prob_sum) / n_rows
+        total = total + terms
+    return total / len(groups)
 
 
-__all__ = ["router_statistics", "load_balancing_loss", "GlobalBatchLoadBalancer"]
+__all__ = ["LBL_SCOPES", "LBL_LAYERS", "ExpertCounts", "load_balancing_loss"]
 
 
 # ----------------------------------------------------------------------------- language modelling

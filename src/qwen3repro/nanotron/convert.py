@@ -28,6 +28,9 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 
+# Fields of the nanotron model config (`model.Qwen3NTConfig`) that say how to train, not what the model is.
+TRAINING_ONLY_FIELDS = ("is_qwen3_config", "attn_implementation", "recompute_layers", "lbl_layers")
+
 MODEL_CONFIG_JSON = "model_config.json"
 _SHARD_RE = re.compile(r"^model_(?P<name>.+?)(?:_pp-rank-(?P<pp>\d+)-of-\d+_tp-rank-(?P<tp>\d+)-of-\d+)?\.safetensors$")
 # Parameters that nanotron shards over TP (the rest are replicated): suffix of the nanotron name.
@@ -198,7 +201,8 @@ def read_checkpoint_config(ckpt: str | Path) -> ModelConfig:
         import yaml
 
         mc = dict(yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["model_config"])
-        mc.pop("is_qwen3_config", None), mc.pop("attn_implementation", None)
+        for key in TRAINING_ONLY_FIELDS:
+            mc.pop(key, None)
         return ModelConfig.from_dict(mc)
     raise FileNotFoundError(f"{ckpt}: neither {MODEL_CONFIG_JSON} nor config.yaml says which model this is")
 

@@ -2,7 +2,7 @@
 
 Built as nanotron's own Llama is built, but for Qwen3, and with the math imported from the modules the tiny
 model uses (`models.attention.RMSNorm`/`rotate`/`rope_tables`/`build_attention_mask`/`_attend`,
-`models.rope.rope_parameters`/`rope_cos_sin`, `models.moe.route`/`Experts`, `losses.router_statistics`):
+`models.rope.rope_parameters`/`rope_cos_sin`, `models.moe.route`/`Experts`, `losses.load_balancing_loss`):
 
 * token embedding: `TensorParallelEmbedding` (vocabulary split over TP);
 * attention: one fused column-parallel `qkv_proj` with `contiguous_chunks=(nq·d, nkv·d, nkv·d)` and an
@@ -20,17 +20,21 @@ model uses (`models.attention.RMSNorm`/`rotate`/`rope_tables`/`build_attention_m
   has no expert parallelism (no all-to-all dispatch), so experts are never split *between* ranks;
 * loss: `sharded_cross_entropy` over vocabulary-sharded logits, masked mean over `label_mask` (per micro-batch,
   or over the whole optimizer step after `weight_by_tokens`, as the SFT stages use it); for MoE plus
-  `router_aux_loss_coef` x the global-batch load-balancing loss (below);
+  `router_aux_loss_coef` x the load-balancing loss (below);
 * one `PipelineBlock` per decoder layer (plus embedding, final norm, LM head, loss), balanced by FLOPs.
 
-Global-batch load balancing (Qiu et al. 2025; `losses.GlobalBatchLoadBalancer` is the same math for the plain
-model). f̄ (expert selection frequencies over the whole optimizer step, all layers pooled) must be known before
-the first backward, so a trainer first calls `count_experts(model, micro_batches)`: a forward without autograd
-that counts top-k selections and all-reduces them over the pipeline (layers live on different stages) and the
-data-parallel group (not TP: its ranks hold identical routers and inputs). Each sparse layer then adds
-E·Σ_i f̄_i·Σ_t p_{t,i} / (L_sparse·T) to a running `aux_loss` tensor that travels with the hidden states
-through the pipeline; the engine's division by the number of micro-batches makes the step's sum equal to the
-balancer's loss.
+Load balancing: `losses.load_balancing_loss` with scope "global" and the config's `lbl_layers` ("per_layer" by
+default; module doc of `losses`). nanotron's pipeline engine runs one micro-batch at a time, and a layer sees only its
+own rows, so neither can see the rest of the step. The global scope still holds: the trainer (`launch.py`) takes the
+step's micro-batches from the loader before handing them to the engine and calls `count_experts(model,
+micro_batches)`, a forward without autograd that counts top-k selections per sparse layer (`losses.ExpertCounts`)
+and sums them over the pipeline group (layers live on different stages) and the data-parallel group (not TP: its
+ranks hold identical routers and inputs), so f̄ covers every micro-batch of the step on every DP rank. Each sparse
+layer then adds its term, the layer's `load_balancing_loss` divided by the number of sparse layers (both layer
+settings are a mean over layers of such terms), to a running `aux_loss` tensor that travels with the hidden states
+through the pipeline. P stays local: each micro-batch's term is the mean over its own rows, the engine divides by the
+number of (equal-size) micro-batches and data parallelism averages gradients over ranks, which together give the
+step's E·Σ_i f̄_i P̄_i.
 
 Parallel layout per model (full/models.toml, full/README.md): TP inside a node (ALL_REDUCE mode) + DP with ZeRO-1
 for every model: TP 1 (0.6B, 1.7B), 2 (4B), 4 (8B), 8 (14B) at 4k tokens, twice that (max 8) at 32k; 32B TP 8 x
@@ -48,11 +52,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..losses import router_statistics
+from ..losses import LBL_LAYERS, ExpertCounts, load_balancing_loss
 from ..models.attention import RMSNorm, _attend, build_attention_mask, rope_tables, rotate
 from ..models.moe import Experts, route
 from ..models.rope import rope_cos_sin, rope_parameters
 from .compat import import_nanotron, normalise_sharded_metadata
+from .convert import TRAINING_ONLY_FIELDS
 
 import_nanotron()
 
@@ -114,15 +119,19 @@ class Qwen3NTConfig:
     attn_implementation: str = "auto"
     # Activation recomputation per decoder layer (torch.utils.checkpoint; nanotron 0.4 has none of its own).
     recompute_layers: bool = False
+    # MoE: which rows share one f and P in the load-balancing loss (`losses.LBL_LAYERS`).
+    lbl_layers: str = "per_layer"
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+        if self.lbl_layers not in LBL_LAYERS:
+            raise ValueError(f"lbl_layers must be one of {LBL_LAYERS}, got {self.lbl_layers!r}")
         self.to_model_config()  # validates every field with ModelConfig's checks
 
     def to_model_config(self) -> ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("is_qwen3_config", "attn_implementation", "recompute_layers"):
+        for key in TRAINING_ONLY_FIELDS:
             d.pop(key)
         return ModelConfig.from_dict(d)
 
@@ -247,46 +256,47 @@ class Qwen3NTMLP(nn.Module):
 class Qwen3NTMoE(nn.Module):
     """Router + experts, each expert split over TP along its intermediate dimension (module doc)."""
 
-    def __init__(self, config: ModelConfig, tp_pg, num_sparse_layers: int) -> None:
+    def __init__(self, config: ModelConfig, tp_pg, num_sparse_layers: int, sparse_index: int, lbl_layers: str) -> None:
         super().__init__()
         tp, i = tp_pg.size(), config.moe_intermediate_size
         self.tp_pg = tp_pg
         self.num_experts, self.top_k, self.norm_topk_prob = config.num_experts, config.num_experts_per_tok, config.norm_topk_prob
-        self.num_sparse_layers = num_sparse_layers
+        self.num_sparse_layers, self.lbl_layers = num_sparse_layers, lbl_layers
+        self.sparse_index = sparse_index  # this layer's place among the model's sparse layers
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, config.hidden_size, i // tp)
         for name, split in (("gate_up_proj", SplitConfig(split_dim=1, contiguous_chunks=(i, i))),
                             ("down_proj", SplitConfig(split_dim=2))):
             setattr(self.experts, name, create_sharded_parameter_from_config(getattr(self.experts, name), tp_pg, split))
-        # Set by `count_experts` for the current optimizer step (f̄, [E], identical on every rank).
-        self.register_buffer("expert_frequencies", None, persistent=False)
+        # While `counting`: this layer's selection counts over the step's micro-batches on this rank. Then
+        # `count_experts` sets `step_counts` (the counts f̄ is taken from, summed over PP and DP) for the step.
         self.counting = False
-        self.counts: Optional[torch.Tensor] = None
-        self.rows = 0.0
+        self.counts: Optional[ExpertCounts] = None
+        self.step_counts: Optional[ExpertCounts] = None
 
     def forward(self, x, aux_loss):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         router_logits = self.gate(x)
-        if self.counting:  # phase 1 of the global-batch LBL: selection counts only
-            counts, _, rows = router_statistics([router_logits.detach()], self.num_experts, self.top_k)
+        if self.counting:  # the step's counting pass (`count_experts`)
+            counts = ExpertCounts.of([router_logits], self.num_experts, self.top_k, layers="per_layer")
             self.counts = counts if self.counts is None else self.counts + counts
-            self.rows += float(rows)
         weights, experts = route(router_logits, self.top_k, self.norm_topk_prob)
         # Inputs are replicated over TP and each rank computes a partial sum over its slice of every expert:
         # identity forward / all-reduce backward on the inputs, all-reduce forward on the output.
         y = self.experts(differentiable_identity(x, self.tp_pg), differentiable_identity(weights, self.tp_pg), experts)
         y = differentiable_all_reduce_sum(y, self.tp_pg).view(shape)
-        if self.expert_frequencies is not None:
-            _, prob_sum, rows = router_statistics([router_logits], self.num_experts, self.top_k, with_counts=False)
-            term = self.num_experts * torch.sum(self.expert_frequencies * prob_sum) / (rows * self.num_sparse_layers)
-            aux_loss = aux_loss + term.reshape(1)
+        if self.step_counts is not None:
+            lbl = load_balancing_loss([router_logits], self.num_experts, self.top_k, scope="global",
+                                      layers=self.lbl_layers, step_counts=self.step_counts)
+            aux_loss = aux_loss + (lbl / self.num_sparse_layers).reshape(1)
         return y, aux_loss
 
 
 class Qwen3NTDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, tp_pg, tp_mode, async_comm: bool, attn_implementation: str,
-                 layer_idx: int, inv_freq: torch.Tensor, attention_factor: float, recompute: bool = False) -> None:
+                 layer_idx: int, inv_freq: torch.Tensor, attention_factor: float, recompute: bool = False,
+                 lbl_layers: str = "per_layer") -> None:
         super().__init__()
         self.recompute = recompute
         self.is_sparse = config.is_sparse_layer(layer_idx)
@@ -295,7 +305,9 @@ class Qwen3NTDecoderLayer(nn.Module):
         self.self_attn = Qwen3NTAttention(config, tp_pg, tp_mode, async_comm, attn_implementation)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         n_sparse = sum(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
-        self.mlp = Qwen3NTMoE(config, tp_pg, n_sparse) if self.is_sparse else Qwen3NTMLP(config, tp_pg, tp_mode, async_comm)
+        sparse_index = sum(config.is_sparse_layer(i) for i in range(layer_idx))
+        self.mlp = (Qwen3NTMoE(config, tp_pg, n_sparse, sparse_index, lbl_layers) if self.is_sparse
+                    else Qwen3NTMLP(config, tp_pg, tp_mode, async_comm))
         self.inv_freq, self.attention_factor = inv_freq, attention_factor  # float32, not parameters
 
     def forward(self, hidden_states, position_ids, aux_loss=None):
@@ -389,6 +401,7 @@ class Qwen3ForTraining(NanotronModel):
         super().__init__()
         attn_impl = config.attn_implementation if isinstance(config, Qwen3NTConfig) else "auto"
         recompute = config.recompute_layers if isinstance(config, Qwen3NTConfig) else False
+        lbl_layers = config.lbl_layers if isinstance(config, Qwen3NTConfig) else "per_layer"
         mc = _as_model_config(config)
         self.config, self.model_config = config, mc
         self.parallel_context, self.parallel_config = parallel_context, parallel_config
@@ -415,7 +428,7 @@ class Qwen3ForTraining(NanotronModel):
                 p2p=self.p2p, module_builder=Qwen3NTDecoderLayer,
                 module_kwargs=dict(config=mc, tp_pg=tp_pg, tp_mode=tp_mode, async_comm=async_comm,
                                    attn_implementation=attn_impl, layer_idx=i, inv_freq=inv_freq,
-                                   attention_factor=attention_factor, recompute=recompute),
+                                   attention_factor=attention_factor, recompute=recompute, lbl_layers=lbl_layers),
                 module_input_keys=stream, module_output_keys=stream,
             )
             for i in range(mc.num_hidden_layers)
@@ -573,34 +586,39 @@ def sparse_layers(model: nn.Module):
 
 
 @torch.no_grad()
-def count_experts(model: Qwen3ForTraining, micro_batches) -> Optional[torch.Tensor]:
-    """Phase 1 of the global-batch LBL for one optimizer step: count top-k selections over every micro-batch,
-    all-reduce over the pipeline and data-parallel groups, and give f̄ to every sparse layer. Returns f̄."""
+def count_experts(model: Qwen3ForTraining, micro_batches) -> Optional[ExpertCounts]:
+    """The counting pass of the global-scope LBL for one optimizer step: count every sparse layer's top-k
+    selections over every micro-batch, sum them over the pipeline and data-parallel groups, and give each sparse
+    layer the counts its loss takes f̄ from (its own for "per_layer", all layers' for "pooled"). Returns the
+    per-layer counts of the step ([sparse layers, E])."""
     if not model.model_config.is_moe:
         return None
+    mc, pc = model.model_config, model.parallel_context
     layers = sparse_layers(model)
     for m in layers:
-        m.counting, m.counts, m.rows, m.expert_frequencies = True, None, 0.0, None
+        m.counting, m.counts, m.step_counts = True, None, None
     try:
         for mb in micro_batches:
             model(**pipeline_inputs(model, mb))
     finally:
         for m in layers:
             m.counting = False
-    pc = model.parallel_context
-    e = model.model_config.num_experts
+    # One row per sparse layer of the whole model; this pipeline stage fills the rows of the layers it holds.
+    n_sparse = sum(mc.is_sparse_layer(i) for i in range(mc.num_hidden_layers))
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    buf = torch.zeros(e + 1, dtype=torch.float32, device=device)
+    counts = torch.zeros(n_sparse, mc.num_experts, dtype=torch.float64, device=device)
+    rows = torch.zeros(n_sparse, dtype=torch.float64, device=device)
     for m in layers:
         if m.counts is not None:
-            buf[:e] += m.counts.to(device)
-            buf[e] += m.rows
-    dist.all_reduce(buf, group=pc.pp_pg)
-    dist.all_reduce(buf, group=pc.dp_pg)
-    f_bar = buf[:e] / buf[e]
+            counts[m.sparse_index] = m.counts.counts[0].to(device)
+            rows[m.sparse_index] = m.counts.rows[0].to(device)
+    step = ExpertCounts(counts, rows, "per_layer").all_reduce(pc.pp_pg).all_reduce(pc.dp_pg)
+    pooled = ExpertCounts(step.counts.sum(0, keepdim=True), step.rows.sum(0, keepdim=True), "pooled")
     for m in layers:
-        m.expert_frequencies = f_bar
-    return f_bar
+        i = m.sparse_index
+        m.step_counts = (ExpertCounts(step.counts[i:i + 1], step.rows[i:i + 1], "per_layer")
+                         if m.lbl_layers == "per_layer" else pooled)
+    return step
 
 
 __all__ = [

@@ -7,16 +7,16 @@ What differs between the stages is data only in the recipes (`recipes/s1.toml` �
 changes this stage applies when the recipe asks: a new `rope_theta` and a longer
 `max_position_embeddings`.
 
-MoE models add the load-balancing loss. `load_balancing = "micro"` computes it per micro-batch of
-`lbl_micro_batch` sequences (what transformers does per forward), `"global"` pools the expert
-selection frequencies over the whole step (Qiu et al. 2025, used for Qwen3-MoE). Within one
-process and one optimizer step the global form is the micro-batch formula on the concatenation of
-all micro-batches (`losses.GlobalBatchLoadBalancer` does the same across gradient accumulation and
-data-parallel ranks at scale).
+MoE models add the load-balancing loss (`losses.load_balancing_loss`) with the recipe's two settings:
+`load_balancing` is its scope, "global" (expert selection frequencies counted over every micro-batch
+of the optimizer step, all `grad_accum` of them: Qiu et al. 2025, used for Qwen3-MoE) or "micro"
+(each group of `lbl_micro_batch` sequences on its own); `lbl_layers` is "per_layer" or "pooled". The
+global scope needs the step's counts before its first backward, so with gradient accumulation the
+stage hands the trainer `PretrainLoss.prepare_step`, a forward without autograd over the step's
+micro-batches that counts them.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,14 +28,12 @@ from ..data.copy_warmup import DEFAULT_SPAN_RANGE, CopyWarmupLoader
 from ..data.packing import PackingLoader
 from ..data.synthetic import build_corpus, heldout_text
 from ..lineage import make_lineage, write_lineage
-from ..losses import load_balancing_loss, masked_cross_entropy
+from ..losses import LBL_LAYERS, LBL_SCOPES, ExpertCounts, load_balancing_loss, masked_cross_entropy
 from ..models.qwen3 import Qwen3
 from ..models.registry import get_model_config
 from ..tokenizer import Tokenizer
 from ..train.loop import TrainConfig, train
 from .common import StageContext, copy_tokenizer, write_json_atomic
-
-LBL_MODES = ("micro", "global")
 
 
 @dataclass(frozen=True)
@@ -59,9 +57,11 @@ class PretrainConfig:
     document_masking: bool = False
     """Attention stays inside each packed document (positions restart per document)."""
     load_balancing: str = "global"
-    """MoE only: 'micro' or 'global' load-balancing loss."""
+    """MoE only: the load-balancing loss's scope, 'global' (the optimizer step) or 'micro'."""
+    lbl_layers: str = "per_layer"
+    """MoE only: 'per_layer' (each MoE layer over its own experts) or 'pooled' (all layers in one f and P)."""
     lbl_micro_batch: int = 1
-    """MoE only: sequences per micro-batch for the 'micro' loss."""
+    """MoE only: sequences per micro-batch for the 'micro' scope (divides the batch size)."""
     router_aux_loss_coef: float | None = None
     """MoE only: overrides the model's coefficient."""
     eval_docs_per_language: int = 8
@@ -86,8 +86,14 @@ class PretrainConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if self.load_balancing not in LBL_MODES:
-            raise ConfigError(f"load_balancing must be one of {LBL_MODES}, got {self.load_balancing!r}")
+        if self.load_balancing not in LBL_SCOPES:
+            raise ConfigError(f"load_balancing must be one of {LBL_SCOPES}, got {self.load_balancing!r}")
+        if self.lbl_layers not in LBL_LAYERS:
+            raise ConfigError(f"lbl_layers must be one of {LBL_LAYERS}, got {self.lbl_layers!r}")
+        batch_sizes = (self.batch_size, self.copy_warmup_batch_size) if self.copy_warmup_steps else (self.batch_size,)
+        if self.lbl_micro_batch < 1 or any(b % self.lbl_micro_batch for b in batch_sizes):
+            raise ConfigError(f"lbl_micro_batch must be >= 1 and divide the batch size(s) {batch_sizes}, "
+                              f"got {self.lbl_micro_batch}")
         if "steps" in self.train:
             raise ConfigError("train.steps is derived from `tokens`; set tokens instead")
         if self.copy_warmup_steps < 0 or self.copy_warmup_batch_size < 1:
@@ -163,31 +169,95 @@ def tokenized_corpus(cfg: PretrainConfig, tokenizer: Tokenizer, cache_dir: Path)
     return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc=f"tokenize {cfg.name}")
 
 
-def pretrain_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, document_masking: bool,
-                  load_balancing: str, lbl_micro_batch: int):
-    """Next-token CE (+ the MoE load-balancing loss), token-weighted for the trainer."""
-    kwargs: dict[str, Any] = {}
+def _model_inputs(batch: Mapping[str, torch.Tensor], document_masking: bool) -> dict[str, Any]:
     if document_masking:
-        kwargs.update(position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        return {"position_ids": batch["position_ids"], "segment_ids": batch["segment_ids"]}
+    return {}
+
+
+@dataclass(frozen=True)
+class StepRouting:
+    """One optimizer step's routing on this rank, counted before its first backward (global-scope LBL)."""
+
+    counts: ExpertCounts
+    """Top-k selection counts over the step's micro-batches (and data-parallel ranks)."""
+    rows: int
+    """Routed rows (tokens through each MoE layer) of the step's micro-batches."""
+    tokens: int
+    """Target tokens of the step's micro-batches: the trainer's weights."""
+
+
+def pretrain_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, document_masking: bool,
+                  load_balancing: str = "global", lbl_layers: str = "per_layer", lbl_micro_batch: int = 1,
+                  step: StepRouting | None = None):
+    """Next-token CE (+ coef x the MoE load-balancing loss), token-weighted for the trainer.
+
+    LBL scope "micro": the mean over groups of `lbl_micro_batch` sequences of each group's loss.
+    "global": f̄ from `step` (the step's counts, `PretrainLoss.prepare_step`) or, without it, from
+    this forward, which then holds the whole step (grad_accum = 1). The trainer weights micro-batch
+    j by its target tokens w_j, while the LBL is a mean over routed rows R_j, so the global term is
+    scaled by (R_j / w_j)·(W / N), W and N the step's tokens and rows (1 when every routed row has
+    a target): the trainer's weighted mean over the step, optimised and logged as `lbl`, is then
+    exactly E·Σ_i f̄_i P̄_i of the step.
+    """
     is_moe = model.config.is_moe
-    out = model(batch["input_ids"], output_router_logits=is_moe, **kwargs)
+    out = model(batch["input_ids"], output_router_logits=is_moe, **_model_inputs(batch, document_masking))
     labels = batch["labels"]
     ce = masked_cross_entropy(out.logits, labels)
-    metrics: dict[str, Any] = {"num_tokens": int((labels != -100).sum()), "ce": ce.detach()}
+    num_tokens = int((labels != -100).sum())
+    metrics: dict[str, Any] = {"num_tokens": num_tokens, "ce": ce.detach()}
     loss = ce
     if is_moe:
         cfg = model.config
-        b, s = batch["input_ids"].shape
-        if load_balancing == "global":
-            aux = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok)
-        else:  # mean over micro-batches of `lbl_micro_batch` sequences, each balanced on its own
-            per_layer = [r.view(b, s, -1) for r in out.router_logits]
-            groups = range(0, b, lbl_micro_batch)
-            aux = sum(load_balancing_loss([r[g:g + lbl_micro_batch].reshape(-1, r.shape[-1]) for r in per_layer],
-                                          cfg.num_experts, cfg.num_experts_per_tok) for g in groups) / len(groups)
+        e, k = cfg.num_experts, cfg.num_experts_per_tok
+        if load_balancing == "micro":
+            aux = load_balancing_loss(out.router_logits, e, k, scope="micro", layers=lbl_layers,
+                                      micro_batches=batch["input_ids"].shape[0] // lbl_micro_batch)
+        else:
+            aux = load_balancing_loss(out.router_logits, e, k, scope="global", layers=lbl_layers,
+                                      step_counts=None if step is None else step.counts)
+            if step is not None:
+                # A micro-batch without targets has trainer weight 0: its rows' share cannot enter.
+                rows = batch["input_ids"].numel()
+                aux = aux * ((rows / num_tokens) * (step.tokens / step.rows) if num_tokens else 0.0)
         loss = ce + cfg.router_aux_loss_coef * aux
         metrics["lbl"] = aux.detach()
     return loss, metrics
+
+
+class PretrainLoss:
+    """The stage's loss_fn (`pretrain_loss` with the recipe's settings) and, for the global-scope
+    LBL of a MoE trained with gradient accumulation, the trainer's `prepare_step`: a forward without
+    autograd over the step's micro-batches that counts their expert selections (summed over
+    data-parallel ranks when torch.distributed is initialised) before the first backward."""
+
+    def __init__(self, *, document_masking: bool, load_balancing: str = "global", lbl_layers: str = "per_layer",
+                 lbl_micro_batch: int = 1) -> None:
+        self.settings = dict(document_masking=document_masking, load_balancing=load_balancing,
+                             lbl_layers=lbl_layers, lbl_micro_batch=lbl_micro_batch)
+        self.step: StepRouting | None = None
+        self._counted_on: list[Mapping[str, torch.Tensor]] = []  # the micro-batches `step` was counted on
+
+    @torch.no_grad()
+    def prepare_step(self, model: Qwen3, micro_batches: list[Mapping[str, torch.Tensor]]) -> None:
+        cfg = model.config
+        counts, rows, tokens = None, 0, 0
+        for batch in micro_batches:
+            out = model(batch["input_ids"], output_router_logits=True,
+                        **_model_inputs(batch, self.settings["document_masking"]))
+            c = ExpertCounts.of(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok,
+                                layers=self.settings["lbl_layers"])
+            counts = c if counts is None else counts + c
+            rows += batch["input_ids"].numel()
+            tokens += int((batch["labels"] != -100).sum())
+        self.step = StepRouting(counts.all_reduce(), rows, tokens)
+        self._counted_on = list(micro_batches)
+
+    def __call__(self, model: Qwen3, batch: Mapping[str, torch.Tensor]):
+        if self.step is not None and not any(batch is b for b in self._counted_on):
+            raise RuntimeError("the step's expert counts were taken on other micro-batches: give the trainer "
+                               "prepare_step=loss.prepare_step so it counts every step")
+        return pretrain_loss(model, batch, **self.settings, step=self.step)
 
 
 def heldout_loss_fn(tokenizer: Tokenizer, seq_len: int, docs_per_language: int):
@@ -235,12 +305,15 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext) -> Path:
     ctx.say(f"{cfg.name}: {cfg.tokens:,} tokens = {cfg.corpus_steps} steps x {cfg.batch_size} x {cfg.seq_len}"
             f" (corpus {cfg.corpus}, {len(docs):,} documents, {tokens_per_epoch:,} tokens/epoch)"
             f", rope_theta {model.config.rope_theta:g}")
-    loss_fn = functools.partial(pretrain_loss, document_masking=cfg.document_masking,
-                                load_balancing=cfg.load_balancing, lbl_micro_batch=cfg.lbl_micro_batch)
+    loss_fn = PretrainLoss(document_masking=cfg.document_masking, load_balancing=cfg.load_balancing,
+                           lbl_layers=cfg.lbl_layers, lbl_micro_batch=cfg.lbl_micro_batch)
+    # The global-scope LBL counts the step's micro-batches first; one micro-batch holds its step itself.
+    counts_first = model.config.is_moe and cfg.load_balancing == "global" and tcfg.grad_accum > 1
     eval_fn = heldout_loss_fn(tokenizer, min(cfg.seq_len, 256), cfg.eval_docs_per_language) \
         if cfg.eval_docs_per_language else None
     summary = train(model, loader, loss_fn, tcfg, out, resume="auto", eval_fn=eval_fn,
                     eval_every=max(1, tcfg.steps // 4), printer=ctx.printer,
+                    prepare_step=loss_fn.prepare_step if counts_first else None,
                     run_extra={"stage": cfg.name, "corpus": cfg.corpus, "corpus_offset": cfg.corpus_offset,
                                "n_docs": cfg.n_docs, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size})
     copy_tokenizer(parent, out)
@@ -255,4 +328,5 @@ def tokens_per_step(cfg: PretrainConfig) -> int:
     return cfg.seq_len * cfg.batch_size * int(cfg.train.get("grad_accum", 1))
 
 
-__all__ = ["PretrainConfig", "run", "pretrain_loss", "build_model", "tokenized_corpus", "tokens_per_step"]
+__all__ = ["PretrainConfig", "run", "pretrain_loss", "PretrainLoss", "StepRouting", "build_model", "tokenized_corpus",
+           "tokens_per_step"]

@@ -7,6 +7,7 @@ checkpoints, resume, metrics and progress line).
 What a step does (`cfg.grad_accum` micro-batches per optimizer step):
 
     lr = schedule(step)                                       # pure function of the step (schedule.py)
+    prepare_step(model, [batch_1, ..., batch_k])              # only when given (below)
     for each micro-batch i:  loss_i, metrics_i = loss_fn(model, batch_i)      # under autocast if bf16
                              (w_i · loss_i).backward()        # w_i = metrics_i["num_tokens"] or 1
     grads /= Σ w_i                                            # token-weighted mean over the step
@@ -21,6 +22,12 @@ token of the optimizer step, whatever the split into micro-batches (2×4 equals 
 unequal padding). Without it every micro-batch has weight 1 (mean of micro-batch means). Logged
 values: `loss` is that weighted mean; other metrics are weighted means too, except `num_tokens`,
 which is summed. Report `num_tokens` for every micro-batch or for none (mixing is an error).
+
+Step preparation. A loss that depends on the whole optimizer step (the MoE load-balancing loss of
+global scope needs the step's expert selection counts before the first backward) passes
+`prepare_step(model, micro_batches)`: the loop then draws the step's `grad_accum` micro-batches first
+(moved to the device), calls it once under the same autocast, and feeds the same batches to
+`loss_fn`. Without it the loop draws each micro-batch just before its forward.
 
 Loader contract. `loader` is re-iterable: `iter(loader)` yields batches (anything `loss_fn` takes;
 tensors in dicts/lists/tuples are moved to the device) and ends at the end of an epoch, after which
@@ -464,6 +471,7 @@ def train(
     eval_every: int | None = None,
     run_extra: Mapping[str, Any] | None = None,
     printer: Callable[[str], None] | None = None,
+    prepare_step: Callable[[nn.Module, list[Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `cfg.steps` optimizer steps; write checkpoints and metrics under `out_dir`.
 
@@ -471,7 +479,9 @@ def train(
     None (start fresh; refuses a directory that already holds checkpoints), or a checkpoint path.
     eval_fn(model) -> dict of numbers, run (no grad, eval mode, RNG-neutral) every `eval_every`
     steps and at the end; results are logged as "eval/<key>". run_extra: further run-defining
-    values (recipe name, data hashes, ...) checked on resume like the configs.
+    values (recipe name, data hashes, ...) checked on resume like the configs. prepare_step(model,
+    micro_batches): called once per step with the step's micro-batches before their forward passes
+    (module doc, "Step preparation").
 
     Returns {"step", "steps", "loss", "losses" ({step: loss} trained in this call), "eval",
     "checkpoint" (the final step checkpoint), "out_dir", "resumed_from", "tokens_seen",
@@ -502,8 +512,13 @@ def train(
         total_w, loss_sum = 0.0, 0.0
         msums: dict[str, float] = {}
         step_tokens, counted_tokens = 0, 0
+        prepared = None
+        if prepare_step is not None:
+            prepared = [move_to_device(stream.next(), device) for _ in range(cfg.grad_accum)]
+            with autocast_context(precision, device):
+                prepare_step(model, prepared)
         for micro in range(cfg.grad_accum):
-            batch = move_to_device(stream.next(), device)
+            batch = prepared[micro] if prepared is not None else move_to_device(stream.next(), device)
             with autocast_context(precision, device):
                 loss, mets = loss_fn(model, batch)
             mets = dict(mets or {})
