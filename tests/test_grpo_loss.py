@@ -1,10 +1,19 @@
-"""Peer tests: `losses.grpo_loss` and `losses.group_advantages` against TRL 1.16's GRPOTrainer.
+"""Peer tests: `losses.group_advantages` and `losses.grpo_loss` against TRL 1.16's GRPOTrainer.
 
-TRL's `_compute_loss` is an instance method; following TRL's own tests, the trainer object is made
-with `object.__new__` and given only the attributes the method reads, and the model call
-(`_get_per_token_logps_and_entropies`) is replaced by one that returns our policy log-probs. Loss
-values *and gradients* (w.r.t. the policy log-probs) must agree: on-policy the loss is ≈ 0 while its
-gradient is not. Inputs (log-probs, old/ref log-probs, advantages, masks) come from Hypothesis.
+TRL computes both inside instance methods of `GRPOTrainer`; following TRL's own tests, the trainer
+object is made with `object.__new__` and given only the attributes the method reads:
+
+* advantages: `_generate_and_score_completions`, with generation (`_generate`) and reward scoring
+  (`_calculate_rewards`) replaced by stand-ins that return fixed completions and our rewards, so the
+  advantages come out of TRL's own normalisation code (one reward function of weight 1, which is
+  how our GRPO stage scores: rewards are already summed per completion);
+* loss: `_compute_loss`, with the model call (`_get_per_token_logps_and_entropies`) replaced by one
+  that returns our policy log-probs. Loss values *and gradients* (w.r.t. the policy log-probs) must
+  agree: on-policy the loss is ≈ 0 while its gradient is not.
+
+Every loss type and every advantage scale is a separate test case; the inputs (rewards with ties
+and missing values, log-probs, old/ref log-probs, advantages with zeros, masks with empty rows)
+come from Hypothesis, with the corner cases pinned as explicit examples.
 """
 from __future__ import annotations
 
@@ -13,36 +22,132 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from qwen3repro.losses import group_advantages, grpo_loss
+from qwen3repro.losses import ADVANTAGE_EPS, ADVANTAGE_SCALES, GRPO_LOSS_TYPES, group_advantages, grpo_loss
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+NAN = float("nan")
 
 
-def _trl():
+def _grpo_trainer_class():
     try:
         from trl import GRPOTrainer
-        from trl.trainer.utils import nanstd
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"TRL is not importable ({type(exc).__name__}: {exc}); install the dev extra (trl==1.16.0)")
-    return GRPOTrainer, nanstd
+    return GRPOTrainer
 
 
-def _trainer(loss_type, eps_low, eps_high, beta, max_completion_length, policy_logps):
-    GRPOTrainer, _ = _trl()
-    tr = object.__new__(GRPOTrainer)
+def _one_process_accelerator():
     ident = lambda x: x  # noqa: E731
-    tr.accelerator = SimpleNamespace(
-        num_processes=1, gather=ident, reduce=lambda x, reduction: x,
-        pad_across_processes=lambda x, dim, pad_index: x, gather_for_metrics=ident, sync_gradients=True,
+    return SimpleNamespace(
+        num_processes=1, process_index=0, device=torch.device("cpu"), gather=ident, gather_for_metrics=ident,
+        reduce=lambda x, reduction: x, pad_across_processes=lambda x, dim, pad_index: x, sync_gradients=True,
     )
+
+
+# ----------------------------------------------------------------------------- advantages
+def _scoring_trainer(rewards: torch.Tensor, group_size: int, scale: str):
+    """A GRPOTrainer whose `_generate_and_score_completions` scores one-token completions with `rewards`."""
+    n = rewards.numel()
+    tr = object.__new__(_grpo_trainer_class())
+    tr.accelerator = _one_process_accelerator()
+    tr.model = SimpleNamespace(training=True, is_gradient_checkpointing=False)
+    tr.args = SimpleNamespace(
+        steps_per_generation=1, gradient_accumulation_steps=1, per_device_train_batch_size=n,
+        gradient_checkpointing_kwargs=None,
+    )
+    tr.num_iterations = 1
+    tr.environment_factories = tr.environments = tr.tools = None
+    tr.pad_to_multiple_of = None
+    tr.mask_truncated_completions = False
+    tr._tokenizer = SimpleNamespace(pad_token_id=0)
+    tr.use_vllm = tr.vllm_importance_sampling_correction = False
+    tr.beta = 0.0
+    tr.num_generations = group_size
+    tr.multi_objective_aggregation = "sum_then_normalize"
+    tr.reward_weights = torch.ones(1)
+    tr.reward_func_names = ["reward"]
+    tr.scale_rewards = scale
+    tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    tr._logs = {"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
+                "extra": defaultdict(list), "images": []}
+    tr._pending_extra_logs, tr._pending_metrics = {}, {}
+    tr.log_multimodal = False
+    # (prompt ids, completion ids, tool mask, completion texts, sampling log-probs, extra fields, images, tool images)
+    tr._generate = lambda prompts: ([[1]] * n, [[2]] * n, None, ["c"] * n, None, {}, None, None)
+    tr._calculate_rewards = lambda inputs, prompts, completions, ids: rewards[:, None].clone()
+    return tr
+
+
+def trl_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    tr = _scoring_trainer(rewards, group_size, scale)
+    out = tr._generate_and_score_completions([{"prompt": "p"}] * rewards.numel())
+    return out["advantages"]
+
+
+@st.composite
+def grouped_rewards(draw):
+    """Rewards [groups·size] from a small set of values: ties (all-equal groups) and NaN ("no reward") are common."""
+    groups = draw(st.integers(1, 4))
+    size = draw(st.integers(1, 6))
+    values = draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, -1.0, 3.0, NAN]),
+                           min_size=groups * size, max_size=groups * size))
+    return torch.tensor(values, dtype=torch.float32), size
+
+
+@pytest.mark.parametrize("scale", ADVANTAGE_SCALES)
+@settings(max_examples=25)
+@given(batch=grouped_rewards())
+@example(batch=(torch.tensor([1.0, 1.0, 1.0, 1.0]), 4))  # one tied group: no signal
+@example(batch=(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5, 0.5]), 3))  # a tied group beside a live one
+@example(batch=(torch.tensor([1.0, NAN, 0.0, NAN]), 2))  # a group with one scored completion: its std is NaN
+@example(batch=(torch.tensor([NAN, NAN, 0.0, 1.0]), 2))  # a group with no reward at all
+@example(batch=(torch.tensor([0.5, 2.0]), 1))  # groups of one
+@example(batch=(torch.tensor([3.0]), 1))  # a single completion
+def test_group_advantages_equal_trl(scale, batch):
+    rewards, size = batch
+    ours = group_advantages(rewards.clone(), size, scale)
+    theirs = trl_advantages(rewards, size, scale)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+@settings(max_examples=30)
+@given(batch=grouped_rewards())
+def test_group_scaled_advantages_are_centred_with_unit_std(batch):
+    """Per group of size > 1: advantages over the scored completions sum to 0, and their sample std is
+    std/(std + ε) (≈ 1 unless the group is tied, 0 when it is); missing rewards get 0."""
+    rewards, size = batch
+    adv = group_advantages(rewards, size, "group").view(-1, size).double()
+    r = rewards.view(-1, size).double()
+    for a_g, r_g in zip(adv, r):
+        scored = ~torch.isnan(r_g)
+        assert torch.all(a_g[~scored] == 0)
+        if scored.sum() < 2:
+            assert torch.all(a_g == 0)  # no std from fewer than two rewards: no signal
+            continue
+        assert abs(float(a_g[scored].sum())) < 1e-5
+        std = float(r_g[scored].std(unbiased=True))
+        expected = std / (std + ADVANTAGE_EPS)
+        assert float(a_g[scored].std(unbiased=True)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_group_advantages_ignore_missing_rewards():
+    r = torch.tensor([1.0, NAN, 0.0, 1.0])
+    a = group_advantages(r, 4)
+    assert a[1] == 0.0
+    kept = torch.tensor([1.0, 0.0, 1.0])
+    torch.testing.assert_close(a[[0, 2, 3]], group_advantages(kept, 3))
+
+
+# ----------------------------------------------------------------------------- loss
+def _loss_trainer(loss_type, eps_low, eps_high, beta, max_completion_length, policy_logps):
+    tr = object.__new__(_grpo_trainer_class())
+    tr.accelerator = _one_process_accelerator()
     tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     tr.model = SimpleNamespace(training=True)
-    tr.args = SimpleNamespace(
-        use_bias_correction_kl=True, delta=None, steps_per_generation=1,
-    )
+    tr.args = SimpleNamespace(use_bias_correction_kl=True, delta=None, steps_per_generation=1)
     tr.loss_type = loss_type
     tr.epsilon_low, tr.epsilon_high = eps_low, eps_high
     tr.beta = beta
@@ -59,44 +164,64 @@ def _trainer(loss_type, eps_low, eps_high, beta, max_completion_length, policy_l
     return tr
 
 
-@st.composite
-def batches(draw):
-    b = draw(st.integers(1, 5))
-    t = draw(st.integers(1, 7))
-    seed = draw(st.integers(0, 2**31 - 1))
+def make_batch(b, t, seed, old_noise, lengths, zero_adv, on_policy):
+    """Policy/old/ref log-probs [b, t], advantages [b] (zero where `zero_adv`), mask from `lengths`."""
     g = torch.Generator().manual_seed(seed)
     logps = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
-    # Old and reference log-probs near the policy's, so some ratios fall inside and some outside the clip range.
-    old = logps + torch.randn(b, t, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.0, 0.1, 0.5]))
+    # Old and reference log-probs near the policy's, so some ratios fall inside and some outside the clip range
+    # (old_noise = 0: every ratio is exactly 1, on the clip range's inside).
+    old = logps + torch.randn(b, t, generator=g, dtype=torch.float64) * old_noise
     ref = logps + torch.randn(b, t, generator=g, dtype=torch.float64) * 0.3
-    adv = torch.randn(b, generator=g, dtype=torch.float64)
-    lengths = torch.tensor(draw(st.lists(st.integers(0, t), min_size=b, max_size=b)))
-    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
-    on_policy = draw(st.booleans())
+    adv = torch.randn(b, generator=g, dtype=torch.float64).masked_fill(torch.tensor(zero_adv), 0.0)
+    mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).long()
     return logps, (None if on_policy else old), ref, adv, mask
 
 
-@settings(max_examples=20)
+@st.composite
+def loss_batches(draw):
+    b = draw(st.integers(1, 5))
+    t = draw(st.integers(1, 7))
+    return make_batch(
+        b, t,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        old_noise=draw(st.sampled_from([0.0, 0.1, 0.5])),
+        lengths=draw(st.lists(st.integers(0, t), min_size=b, max_size=b)),  # 0: an empty row
+        zero_adv=draw(st.lists(st.booleans(), min_size=b, max_size=b)),  # a tied group's advantage is 0
+        on_policy=draw(st.booleans()),
+    )
+
+
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+@settings(max_examples=25)
 @given(
-    batch=batches(),
-    loss_type=st.sampled_from(LOSS_TYPES),
+    batch=loss_batches(),
     beta=st.sampled_from([0.0, 0.04]),
     eps=st.sampled_from([(0.2, 0.2), (0.2, 0.28), (0.1, 0.3)]),
+    extra_items=st.integers(0, 9),
+    extra_length=st.integers(0, 3),
 )
-def test_grpo_loss_equals_trl(batch, loss_type, beta, eps):
+@example(batch=make_batch(3, 4, 1, 0.5, [0, 0, 0], [False] * 3, False), beta=0.04, eps=(0.2, 0.28),
+         extra_items=0, extra_length=0)  # every row empty
+@example(batch=make_batch(3, 5, 2, 0.5, [5, 0, 2], [False] * 3, False), beta=0.04, eps=(0.2, 0.2),
+         extra_items=3, extra_length=2)  # one empty row
+@example(batch=make_batch(2, 3, 3, 0.0, [3, 1], [True, True], True), beta=0.0, eps=(0.2, 0.2),
+         extra_items=0, extra_length=0)  # tied groups only: zero advantages on-policy
+def test_grpo_loss_equals_trl(loss_type, batch, beta, eps, extra_items, extra_length):
     logps, old, ref, adv, mask = batch
     eps_low, eps_high = eps
-    max_len = logps.shape[1] + 3  # dr_grpo's constant differs from the padded width on purpose
+    max_len = logps.shape[1] + extra_length  # dr_grpo's constant may exceed the padded width
+    # dapo's normaliser counts the active tokens of the whole generation batch, of which this may be a part
+    num_items = mask.sum().to(torch.float64) + extra_items
 
     ours_in = logps.clone().requires_grad_(True)
     ours = grpo_loss(
         ours_in, old, adv, mask, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, beta=beta,
-        ref_logps=ref if beta else None, max_completion_length=max_len,
+        ref_logps=ref if beta else None, max_completion_length=max_len, num_items=num_items,
     )
     (g_ours,) = torch.autograd.grad(ours, ours_in)
 
     trl_in = logps.clone().requires_grad_(True)
-    tr = _trainer(loss_type, eps_low, eps_high, beta, max_len, trl_in)
+    tr = _loss_trainer(loss_type, eps_low, eps_high, beta, max_len, trl_in)
     b, t = logps.shape
     inputs = {
         "prompt_ids": torch.zeros(b, 2, dtype=torch.long),
@@ -104,7 +229,7 @@ def test_grpo_loss_equals_trl(batch, loss_type, beta, eps):
         "completion_ids": torch.zeros(b, t, dtype=torch.long),
         "completion_mask": mask,
         "advantages": adv,
-        "num_items_in_batch": mask.sum().to(torch.float64),
+        "num_items_in_batch": num_items,
     }
     if old is not None:
         inputs["old_per_token_logps"] = old
@@ -115,6 +240,7 @@ def test_grpo_loss_equals_trl(batch, loss_type, beta, eps):
 
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
     torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=0)
+    assert torch.all(g_ours[mask == 0] == 0)  # padding never receives gradient
 
 
 def test_on_policy_loss_is_zero_but_gradient_is_not():
@@ -124,40 +250,6 @@ def test_on_policy_loss_is_zero_but_gradient_is_not():
     loss = grpo_loss(logps, None, adv, torch.ones(4, 6), loss_type="dapo")
     (grad,) = torch.autograd.grad(loss, logps)
     assert abs(loss.item()) < 1e-6 and grad.abs().sum() > 0
-
-
-@settings(max_examples=30)
-@given(
-    groups=st.integers(1, 4),
-    size=st.integers(1, 6),
-    values=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, -1.0, 3.0]), min_size=24, max_size=24),
-    scale=st.sampled_from(["group", "batch", "none"]),
-)
-def test_group_advantages_equal_trl_formula(groups, size, values, scale):
-    _, nanstd = _trl()
-    rewards = torch.tensor(values[: groups * size])
-    mean = rewards.view(-1, size).mean(dim=1).repeat_interleave(size)
-    expected = rewards - mean
-    if scale == "group":
-        std = nanstd(rewards.view(-1, size), dim=1).repeat_interleave(size) if size > 1 else torch.zeros_like(rewards)
-        expected = expected / (std + 1e-4)
-    elif scale == "batch":
-        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        expected = expected / (std + 1e-4)
-    expected = torch.nan_to_num(expected, nan=0.0)
-    torch.testing.assert_close(group_advantages(rewards, size, scale), expected, atol=1e-6, rtol=1e-6)
-    if size > 1:  # Bessel's correction: the same as torch.std(unbiased=True)
-        torch.testing.assert_close(
-            nanstd(rewards.view(-1, size), dim=1), rewards.view(-1, size).std(dim=1, unbiased=True)
-        )
-
-
-def test_group_advantages_ignore_missing_rewards():
-    r = torch.tensor([1.0, float("nan"), 0.0, 1.0])
-    a = group_advantages(r, 4)
-    assert a[1] == 0.0
-    kept = torch.tensor([1.0, 0.0, 1.0])
-    torch.testing.assert_close(a[[0, 2, 3]], group_advantages(kept, 3))
 
 
 def test_bad_arguments():

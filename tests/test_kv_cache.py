@@ -1,4 +1,6 @@
-"""KV cache: prefill + incremental decoding gives the logits of one full forward (dense and MoE)."""
+"""KV cache, dense and MoE: prefill + incremental decoding gives the logits of one full forward; the cache
+holds, slot by slot, the RoPE-rotated keys and the values a full forward computes; crop rewinds and reorder
+keeps the right rows (with their padding flags and positions)."""
 from __future__ import annotations
 
 import pytest
@@ -19,6 +21,41 @@ CONFIGS = {
 }
 torch.manual_seed(0)
 MODELS = {name: Qwen3(cfg).eval() for name, cfg in CONFIGS.items()}
+
+
+def _full_forward_keys_values(model, ids):
+    """Per layer, the keys (after QK-norm and RoPE) and values [B, Hk, S, D] of a cache-free forward.
+
+    Keys are read before RoPE (the k_norm output) and rotated here with the textbook rotate-half
+    formula, θ_i = base^(−2i/D), so that the check does not go through the model's own RoPE helpers.
+    """
+    cfg = model.config
+    b, s = ids.shape
+    hk, d = cfg.num_key_value_heads, cfg.head_dim
+    seen = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        hooks.append(attn.k_norm.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("k", i), out)))
+        hooks.append(attn.v_proj.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("v", i), out)))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    theta = cfg.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = torch.arange(s, dtype=torch.float64)[:, None] * theta[None, :]  # [S, D/2]
+    cos = torch.cat([angle.cos(), angle.cos()], -1)[None, :, None].float()
+    sin = torch.cat([angle.sin(), angle.sin()], -1)[None, :, None].float()
+    keys, values = [], []
+    for i in range(cfg.num_hidden_layers):
+        k = seen[("k", i)]  # [B, S, Hk, D]
+        k1, k2 = k[..., : d // 2], k[..., d // 2 :]
+        rotated = k * cos + torch.cat([-k2, k1], -1) * sin
+        keys.append(rotated.transpose(1, 2))
+        values.append(seen[("v", i)].view(b, s, hk, d).transpose(1, 2))
+    return torch.stack(keys), torch.stack(values)
 
 
 @given(
@@ -106,11 +143,90 @@ def test_cache_overflow_and_crop():
         got = model(other, kv_cache=cache).logits
         full = model(torch.cat([ids[:, :4], other], 1)).logits[:, 4:]
     torch.testing.assert_close(got, full, atol=ATOL, rtol=0)
+    # the rewound slots hold the new tokens' keys and values
+    keys, values = _full_forward_keys_values(model, torch.cat([ids[:, :4], other], 1))
+    assert cache.length == 6
+    torch.testing.assert_close(cache.k[:, :, :, :6], keys, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache.v[:, :, :, :6], values, atol=ATOL, rtol=0)
 
 
-def test_cache_dtype_and_shape():
-    model = MODELS["moe"]
-    cache = model.new_kv_cache(2, 7)
+@given(
+    name=st.sampled_from(sorted(MODELS)),
+    batch=st.integers(1, 3),
+    prompt=st.integers(1, 8),
+    chunks=st.lists(st.integers(1, 3), max_size=4),
+    spare=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=15)
+def test_cache_holds_the_keys_and_values_of_a_full_forward(name, batch, prompt, chunks, spare, seed):
+    model = MODELS[name]
     cfg = model.config
-    assert cache.k.shape == (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 7, cfg.head_dim)
-    assert cache.k.dtype == torch.float32 and cache.length == 0
+    total = prompt + sum(chunks)
+    ids = torch.randint(0, cfg.vocab_size, (batch, total), generator=torch.Generator().manual_seed(seed))
+    cache = model.new_kv_cache(batch, total + spare)
+    assert cache.k.shape == (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, total + spare, cfg.head_dim)
+    assert cache.k.dtype == cache.v.dtype == torch.float32 and cache.length == 0
+    with torch.no_grad():
+        model(ids[:, :prompt], kv_cache=cache)
+        start = prompt
+        for n in chunks:
+            model(ids[:, start : start + n], kv_cache=cache)
+            start += n
+    keys, values = _full_forward_keys_values(model, ids)
+    assert cache.length == total
+    torch.testing.assert_close(cache.k[:, :, :, :total], keys, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache.v[:, :, :, :total], values, atol=ATOL, rtol=0)
+    assert torch.all(cache.k[:, :, :, total:] == 0) and torch.all(cache.v[:, :, :, total:] == 0)  # untouched slots
+    assert torch.equal(cache.positions[:, :total], torch.arange(total).expand(batch, total))
+    assert not cache.has_padding and bool(cache.valid.all())
+
+
+@given(
+    name=st.sampled_from(sorted(MODELS)),
+    lengths=st.lists(st.integers(1, 7), min_size=2, max_size=4),
+    before=st.integers(0, 2),
+    after=st.integers(1, 3),
+    data=st.data(),
+)
+@settings(max_examples=15)
+def test_reorder_keeps_the_chosen_rows(name, lengths, before, after, data):
+    """Left-padded batch; decode `before` steps, keep/reorder rows (beam search, dropping finished
+    sequences), decode `after` more steps passing only the new tokens: every kept row's logits equal
+    those of its sequence alone, so its keys, values, positions and padding flags moved with it."""
+    model = MODELS[name]
+    b, width = len(lengths), max(lengths)
+    keep = data.draw(st.lists(st.integers(0, b - 1), min_size=1, max_size=b, unique=True), label="keep")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    seqs = [torch.randint(0, model.config.vocab_size, (n + before + after,), generator=g) for n in lengths]
+    prompt = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        prompt[i, width - n :] = seqs[i][:n]
+        mask[i, width - n :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    index = torch.tensor(keep)
+    with torch.no_grad():
+        cache = model.new_kv_cache(b, width + before + after)
+        model(prompt, attention_mask=mask, position_ids=pos, kv_cache=cache)
+        next_pos = pos[:, -1:] + 1
+        for t in range(before):
+            tok = torch.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None]
+            model(tok, attention_mask=torch.ones(b, 1, dtype=torch.long), position_ids=next_pos, kv_cache=cache)
+            next_pos = next_pos + 1
+        k_before, v_before = cache.k.clone(), cache.v.clone()
+        valid_before, positions_before = cache.valid.clone(), cache.positions.clone()
+        cache.reorder(index)
+        assert cache.batch_size == len(keep)
+        assert torch.equal(cache.k, k_before[:, index]) and torch.equal(cache.v, v_before[:, index])
+        assert torch.equal(cache.valid, valid_before[index]) and torch.equal(cache.positions, positions_before[index])
+        next_pos = next_pos[index]
+        got = []
+        for t in range(before, before + after):
+            tok = torch.stack([seqs[i][lengths[i] + t] for i in keep])[:, None]
+            got.append(model(tok, position_ids=next_pos, kv_cache=cache).logits[:, -1])
+            next_pos = next_pos + 1
+        for row, i in enumerate(keep):
+            n = lengths[i]
+            alone = model(seqs[i][None, : n + before + after]).logits[0, n + before :]
+            torch.testing.assert_close(torch.stack([x[row] for x in got]), alone, atol=ATOL, rtol=0)

@@ -8,12 +8,17 @@
 * every default plan fits in 90% of an 80 GiB GPU;
 * the nanotron model's parameter count equals the registry's for every real model (built on the meta device,
   one gloo process: nothing allocated);
-* the memory estimate equals a hand computation for Qwen3-0.6B (S2) and Qwen3-235B-A22B (S1);
+* the memory estimate's parameters, weight, gradient and optimizer bytes per GPU are what nanotron's own model
+  holds on each GPU (built in bf16 on the meta device in two gloo processes, for a dense tied model and an
+  untied MoE, unsharded, TP=2 and PP=2); the whole estimate, activations included, equals a hand computation
+  for Qwen3-0.6B (S2) and Qwen3-235B-A22B (S1);
 * `full --dry-run` prints a complete plan; a wrong stage or model lists the valid names; without --dry-run on
   a machine without GPUs it says that GPUs are needed.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
 
 import pytest
@@ -23,7 +28,7 @@ pytest.importorskip("nanotron")
 
 from qwen3repro.models.registry import REAL_MODELS, count_parameters  # noqa: E402
 from qwen3repro.nanotron import config_gen  # noqa: E402
-from qwen3repro.nanotron.plan import GIB  # noqa: E402
+from qwen3repro.nanotron.plan import GIB, Layout, stage_parameters  # noqa: E402
 
 STAGE_LEN = {"s1": (4096, 1e4), "s2": (4096, 1e4), "s3": (32768, 1e6),
              "cold-start": (32768, 1e6), "fusion": (32768, 1e6), "distill": (32768, 1e6)}
@@ -52,6 +57,9 @@ def test_every_generated_yaml_loads_with_nanotron_and_passes_our_checks(tmp_path
             assert mc.rope_theta == theta
             # the architecture is the registry's
             assert mc.to_model_config().replace(rope_theta=mc0.rope_theta, max_position_embeddings=mc0.max_position_embeddings) == mc0
+            # what the memory estimate assumes: bf16 weights, fp32 gradient accumulation, ZeRO-1
+            assert str(cfg.model.dtype) == "torch.bfloat16"
+            assert cfg.optimizer.accumulate_grad_in_fp32 and cfg.optimizer.zero_stage == 1
             sched = cfg.optimizer.learning_rate_scheduler
             assert cfg.tokens.train_steps % cfg.checkpoints.checkpoint_interval == 0  # the last step is saved
             if stage == "s1":
@@ -140,6 +148,64 @@ def test_nanotron_parameter_count_equals_registry():
     torch.multiprocessing.spawn(_count_worker, args=(_free_port(),), nprocs=1, join=True)
 
 
+# ---------------------------------------------------------------------------------- memory against nanotron
+# (tp, pp, dp) layouts of two processes, and the models measured in each: a dense model with tied embeddings
+# (the tied LM head is a second copy on another pipeline stage) and an untied MoE (experts split over TP).
+MEASURED_LAYOUTS = ((1, 1, 2), (2, 1, 1), (1, 2, 1))
+MEASURED_MODELS = ("qwen3-0.6b", "qwen3-30b-a3b")
+# Bytes per parameter element, from the dtypes the generated config asks for (checked on the YAML above):
+# bf16 weights; fp32 gradients (`accumulate_grad_in_fp32`); fp32 master weights + Adam's two fp32 moments,
+# sharded over dp by ZeRO-1.
+GRADIENT_BYTES = torch.float32.itemsize
+OPTIMIZER_BYTES = 3 * torch.float32.itemsize
+
+
+def _held_by_each_gpu_worker(rank, port, out_dir):
+    from qwen3repro.nanotron import compat
+
+    compat.init_gloo(rank, 2, port)
+    import nanotron.distributed as dist
+
+    from qwen3repro.nanotron.model import build_qwen3
+
+    held = {}
+    for tp, pp, dp in MEASURED_LAYOUTS:
+        pc = compat.cpu_parallel_context(tp=tp, pp=pp, dp=dp)
+        for name in MEASURED_MODELS:
+            model = build_qwen3(REAL_MODELS[name], pc, dtype=torch.bfloat16, device=torch.device("meta"))
+            params = {id(p): p for p in model.parameters()}  # a parameter tied within one GPU is held once
+            held[f"{name} tp={tp} pp={pp}"] = dict(
+                pp_rank=dist.get_rank(pc.pp_pg),
+                elements=sum(p.numel() for p in params.values()),
+                bytes=sum(p.numel() * p.element_size() for p in params.values()),
+            )
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(held, f)
+
+
+def test_memory_estimate_counts_what_nanotron_holds_on_each_gpu(tmp_path):
+    torch.multiprocessing.spawn(_held_by_each_gpu_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in MEASURED_MODELS:
+        base = config_gen.build_stage_spec("s2", name).plan()
+        for tp, pp, _ in MEASURED_LAYOUTS:
+            key = f"{name} tp={tp} pp={pp}"
+            per_stage = {}
+            for r in ranks:  # both TP shards (or both data-parallel replicas) hold the same amount
+                per_stage.setdefault(r[key]["pp_rank"], r[key])
+                assert r[key] == per_stage[r[key]["pp_rank"]], key
+            assert sorted(per_stage) == list(range(pp)), key
+            assert [st["params"] for st in stage_parameters(REAL_MODELS[name], tp, pp)] == [
+                per_stage[r]["elements"] for r in range(pp)], key
+            plan = dataclasses.replace(base, layout=Layout(nodes=1, gpus_per_node=8, tp=tp, pp=pp))
+            mem = plan.memory()
+            held = per_stage[mem["stage"]]
+            assert mem["params"] == held["elements"], key
+            assert mem["weights"] == held["bytes"], key
+            assert mem["gradients"] == GRADIENT_BYTES * held["elements"], key
+            assert mem["optimizer"] == OPTIMIZER_BYTES * held["elements"] / plan.layout.dp, key
+
+
 # ---------------------------------------------------------------------------------- memory by hand
 def test_memory_estimate_by_hand_qwen3_0_6b():
     spec = config_gen.build_stage_spec("s2", "qwen3-0.6b")
@@ -147,14 +213,26 @@ def test_memory_estimate_by_hand_qwen3_0_6b():
     assert (lay.nodes, lay.gpus_per_node, lay.tp, lay.pp, lay.dp) == (1, 8, 1, 1, 8)
     assert spec.micro_batch_size == 4 and not spec.recompute
     mem = spec.plan().memory()
-    P = 596_049_920  # tied: embedding once; the whole model on one GPU
+    # Qwen3-0.6B: vocab 151,936, hidden 1,024, 16 query heads and 8 KV heads of 128, MLP 3,072, 28 layers, tied.
+    #   embedding (= LM head)  151,936 x 1,024                                    = 155,582,464
+    #   one layer: q 1,024 x 2,048 + k, v 2 x 1,024 x 1,024 + o 2,048 x 1,024       =   6,291,456
+    #              gate, up, down 3 x 1,024 x 3,072                                 =   9,437,184
+    #              q_norm, k_norm 2 x 128 + two layer norms 2 x 1,024               =       2,304
+    #              together                                                         =  15,730,944
+    #   28 layers                                                                   = 440,466,432
+    #   final norm                                                                  =       1,024
+    #   total: the whole model on one GPU                                           = 596,049,920
+    P = 596_049_920
     assert mem["params"] == P
-    assert mem["weights"] == 2 * P and mem["gradients"] == 4 * P and mem["optimizer"] == 12 * P / 8
+    # bf16 weights 2 B, fp32 gradients 4 B, fp32 master + m + v 12 B over dp = 8 (ZeRO-1), per parameter
+    assert mem["weights"] == 1_192_099_840
+    assert mem["gradients"] == 2_384_199_680
+    assert mem["optimizer"] == 894_074_880
     tokens = 4 * 4096
     per_layer = 8 * 1024 + 6 * (16 + 8) * 128 + 8 * 3072  # 51,200 bytes per token
     act = 28 * per_layer * tokens + 2 * 1024 * tokens + 8 * 151936 * tokens
     assert mem["activations"] == act == 43_436_212_224
-    assert mem["total"] == 2 * P + 4 * P + 12 * P / 8 + act
+    assert mem["total"] == 1_192_099_840 + 2_384_199_680 + 894_074_880 + act
 
 
 def test_memory_estimate_by_hand_qwen3_235b_a22b():
