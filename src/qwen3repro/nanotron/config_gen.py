@@ -44,7 +44,7 @@ from ..models.registry import REAL_MODELS, get_model_config
 from ..perf import train_step_flops
 from ..recipes import load_toml, repo_root
 from ..train.schedule import WSDSchedule
-from .plan import Layout, Plan
+from .plan import Layout, RunPlan
 
 STAGES = ("s1", "s2", "s3", "cold-start", "fusion", "distill")
 
@@ -207,12 +207,12 @@ class StageSpec:
             return self.model not in FLAGSHIPS
         return True
 
-    def plan(self) -> Plan:
+    def plan(self) -> RunPlan:
         d = self.settings["defaults"]
-        return Plan(self.model, self.stage, self.layout, self.seq_len, self.micro_batch_size, self.grad_accum,
-                    self.tokens, self.lr, zero_stage=1, recompute=self.recompute, gpu_memory_gib=float(d["gpu_memory_gib"]),
-                    peak_tflops=float(d["peak_tflops_bf16"]), mfu=float(d["mfu"]), config=self.model_config,
-                    train_steps=self.schedule.total_steps)
+        return RunPlan(self.model, self.stage, self.layout, self.seq_len, self.micro_batch_size, self.grad_accum,
+                       self.tokens, self.lr, zero_stage=1, recompute=self.recompute, gpu_memory_gib=float(d["gpu_memory_gib"]),
+                       peak_tflops=float(d["peak_tflops_bf16"]), mfu=float(d["mfu"]), config=self.model_config,
+                       train_steps=self.schedule.total_steps)
 
     # ------------------------------------------------------------------------------------ outputs
     def nanotron_dict(self) -> dict:
