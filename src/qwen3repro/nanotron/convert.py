@@ -27,6 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..models.hf import from_hub_state_dict, read_safetensors
+from ..models.qwen3 import Qwen3
+from .compat import import_nanotron
 
 MODEL_CONFIG_JSON = "model_config.json"
 _SHARD_RE = re.compile(r"^model_(?P<name>.+?)(?:_pp-rank-(?P<pp>\d+)-of-\d+_tp-rank-(?P<tp>\d+)-of-\d+)?\.safetensors$")
@@ -132,8 +135,6 @@ def load_state_dict_into(model, sd: Dict[str, torch.Tensor], config: ModelConfig
 # ------------------------------------------------------------------------------------ on disk
 def read_nanotron_weights(ckpt: str | Path) -> Dict[str, torch.Tensor]:
     """Every parameter of a nanotron checkpoint, unsharded, by nanotron name (any TP/PP layout)."""
-    from .compat import import_nanotron
-
     import_nanotron()
     from nanotron.serialize.metadata import TensorMetadata
 
@@ -167,8 +168,6 @@ def read_nanotron_weights(ckpt: str | Path) -> Dict[str, torch.Tensor]:
 
 def write_nanotron_weights(nt: Dict[str, torch.Tensor], ckpt: str | Path) -> None:
     """Write unsharded nanotron tensors as a TP=1/PP=1 checkpoint that nanotron re-shards on load."""
-    from .compat import import_nanotron
-
     import_nanotron()
     from nanotron.constants import CHECKPOINT_VERSION
     from nanotron.parallel.parameters import SlicesPair
@@ -205,8 +204,6 @@ def read_checkpoint_config(ckpt: str | Path) -> ModelConfig:
 
 def nanotron_to_hf(ckpt: str | Path, out: str | Path, config: Optional[ModelConfig] = None) -> Path:
     """nanotron checkpoint (any layout) -> Hugging Face directory loadable by `Qwen3.from_pretrained`/transformers."""
-    from ..models.qwen3 import Qwen3
-
     config = config or read_checkpoint_config(ckpt)
     sd = nt_to_ours(read_nanotron_weights(ckpt), config)
     with torch.device("meta"):
@@ -222,8 +219,6 @@ def nanotron_to_hf(ckpt: str | Path, out: str | Path, config: Optional[ModelConf
 
 def hf_to_nanotron(hf_dir: str | Path, out: str | Path) -> Path:
     """Hugging Face directory -> nanotron checkpoint (weights + model_config.json), loadable at any TP/PP."""
-    from ..models.hf import from_hub_state_dict, read_safetensors
-
     config = ModelConfig.from_json(str(Path(hf_dir) / "config.json"))
     sd = from_hub_state_dict(read_safetensors(hf_dir), config)
     write_nanotron_weights(ours_to_nt(sd, config), out)
