@@ -16,7 +16,6 @@ top-level, inside functions, under `if`/`try` — whether or not a test happens 
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,7 @@ class Import:
     """One import statement's reference to a top-level name, or to a project module."""
 
     module: str      # the importing module
-    target: str      # dotted name as imported (a project module, or a third-party top-level name)
+    target: str      # a project module (the longest prefix of the name that is one), or a top-level name
     line: int
     local: bool      # inside a function body
 
@@ -196,10 +195,27 @@ def shortest_cycle(graph: dict[str, dict[str, Import]], start: str, members: set
 
 
 def test_module_walk_sees_the_package():
-    # Guards the two tests below against passing vacuously (a wrong path finds no modules).
+    # Guards the tests below against passing vacuously (a wrong path finds no modules, a wrong
+    # resolution no edges): one import of each form, resolved.
     assert f"{PACKAGE}.cli" in MODULES and f"{PACKAGE}.models.qwen3" in MODULES
-    edges = import_graph()[f"{PACKAGE}.models.qwen3"]
-    assert f"{PACKAGE}.config" in edges
+    graph = import_graph()
+    assert f"{PACKAGE}.config" in graph[f"{PACKAGE}.models.qwen3"]              # from ..config import X
+    assert f"{PACKAGE}.models.hf" in graph[f"{PACKAGE}.models.qwen3"]           # from . import hf
+    assert f"{PACKAGE}.rewards.code" in graph[f"{PACKAGE}.rewards"]             # from . import code (package)
+    assert f"{PACKAGE}.rewards" in graph[f"{PACKAGE}.coldstart.filters"]        # from ..rewards import name
+    assert f"{PACKAGE}.coldstart" in graph[f"{PACKAGE}.evals.posttrain"]        # enclosing package of a target
+    local = {(i.target, i.local) for i in imports_of(f"{PACKAGE}.nanotron.launch")}
+    assert (f"{PACKAGE}.nanotron.model", True) in local and ("nanotron", True) in local
+
+
+def test_cycle_finder_on_a_known_graph():
+    def imp(a, b):
+        return Import(a, b, 1, False)
+
+    edges = {"a": ["b"], "b": ["c"], "c": ["a", "d"], "d": [], "e": ["f"], "f": ["e"], "g": ["a"]}
+    graph = {v: {w: imp(v, w) for w in ws} for v, ws in edges.items()}
+    assert strongly_connected(graph) == [["a", "b", "c"], ["e", "f"]]
+    assert [i.target for i in shortest_cycle(graph, "a", {"a", "b", "c"})] == ["b", "c", "a"]
 
 
 def test_no_import_cycles():
