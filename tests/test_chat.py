@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qwen3repro import chat
+from qwen3repro import chat_template
 from qwen3repro.chat import (
     CHAT_TEMPLATE,
     STOP_THINKING_DIRECTIVE,
@@ -307,7 +307,7 @@ def conversations_with_answer(draw):
 @given(conversations_with_answer(), st.booleans())
 def test_generation_prompt_is_a_prefix_of_the_answer(conversation, enable_thinking):
     messages, tools = conversation
-    assume(chat._last_query_index(messages) < len(messages) - 1)
+    assume(chat_template._last_query_index(messages) < len(messages) - 1)
     full = render(messages, tools)
     answer_body = [text for text, trained in render_pieces(messages, tools) if trained][-1]
     assert answer_body.startswith("<think>\n")
@@ -499,7 +499,7 @@ def test_loss_mask_properties(tok, conversation):
 @given(conversations_with_answer())
 def test_generation_prompt_tokens_are_a_prefix(tok, conversation):
     messages, tools = conversation
-    assume(chat._last_query_index(messages) < len(messages) - 1)
+    assume(chat_template._last_query_index(messages) < len(messages) - 1)
     prompt_ids = tok.encode(render(messages[:-1], tools, add_generation_prompt=True))
     ids, mask = tokenize_conversation(tok, messages, tools)
     assert ids[: len(prompt_ids)] == prompt_ids

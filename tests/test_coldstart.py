@@ -1,6 +1,7 @@
 """Long-CoT cold-start data pipeline (Qwen3 report §4.1): pool, reasoner, filters, counts."""
 import io
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,11 +9,12 @@ import torch
 from qwen3repro.coldstart import filters as F
 from qwen3repro.coldstart.pipeline import (ColdStartConfig, build_coldstart_dataset, counts_add_up, evaluate_outputs,
                                            heldout_queries, read_jsonl, REPORT_FILE)
-from qwen3repro.coldstart.pool import Query, build_pool, task_query
+from qwen3repro.coldstart.pool import build_pool
 from qwen3repro.coldstart.reasoner import (CONCLUSION, DEFECTS, DefectRates, ModelGenerator, OpenAICompatibleGenerator,
                                            SyntheticReasoner, assemble, summary_text)
 from qwen3repro.config import ConfigError
 from qwen3repro.data import tasks
+from qwen3repro.data.queries import NO_VERIFIER, Query
 from qwen3repro.data.world import build_world
 
 
@@ -42,33 +44,33 @@ def only(flags, kind=None):
                                                     ("order", 7, 5)])
 def test_clean_responses_pass_every_detector(detectors, family, seed, difficulty):
     item = tasks.generate(family, seed, difficulty)
-    assert only(detectors.detect(clean(item), task_query(item)))
+    assert only(detectors.detect(clean(item), Query.from_task(item)))
 
 
 def test_wrong_final_answer_is_caught(detectors):
     wrong = str(int(ITEM.answer) + 1)
     lines = list(ITEM.trace_steps[:-1]) + [ITEM.trace_steps[-1][: -len(ITEM.answer)] + wrong]
-    assert only(detectors.detect(clean(lines=lines, think_answer=wrong, summary_answer=wrong), task_query(ITEM)),
+    assert only(detectors.detect(clean(lines=lines, think_answer=wrong, summary_answer=wrong), Query.from_task(ITEM)),
                 "wrong_answer")
 
 
 def test_substantial_repetition_is_caught(detectors):
     steps = list(ITEM.trace_steps)
     looped = steps[:2] + steps[1:3] * 6 + steps[3:]
-    assert only(detectors.detect(clean(lines=looped), task_query(ITEM)), "repetition")
+    assert only(detectors.detect(clean(lines=looped), Query.from_task(ITEM)), "repetition")
 
 
 def test_guesswork_is_caught(detectors):
     text = clean(lines=["this looks like roughly " + ITEM.answer])
-    assert only(detectors.detect(text, task_query(ITEM)), "guesswork")
+    assert only(detectors.detect(text, Query.from_task(ITEM)), "guesswork")
     # A trace with half its steps missing is still too little reasoning for the difficulty.
-    assert detectors.detect(clean(lines=[ITEM.trace_steps[-1]]), task_query(ITEM))["guesswork"]
+    assert detectors.detect(clean(lines=[ITEM.trace_steps[-1]]), Query.from_task(ITEM))["guesswork"]
 
 
 def test_thinking_summary_inconsistency_is_caught(detectors):
     other = str(int(ITEM.answer) + 10)
-    assert only(detectors.detect(clean(think_answer=other), task_query(ITEM)), "inconsistency")
-    flags = detectors.detect(clean(summary_answer=other), task_query(ITEM))
+    assert only(detectors.detect(clean(think_answer=other), Query.from_task(ITEM)), "inconsistency")
+    flags = detectors.detect(clean(summary_answer=other), Query.from_task(ITEM))
     assert flags["inconsistency"] and flags["wrong_answer"]
 
 
@@ -78,15 +80,15 @@ def test_language_mixing_is_caught(detectors):
     sentence = WORLD.render("Dorsk", WORLD.random_frame(random.Random(1)))
     lines = list(ITEM.trace_steps)
     lines.insert(2, sentence)
-    assert only(detectors.detect(clean(lines=lines), task_query(ITEM)), "language_mixing")
+    assert only(detectors.detect(clean(lines=lines), Query.from_task(ITEM)), "language_mixing")
     # A query in that language licenses the language in the answer.
-    q = Query("x", sentence + "\n" + ITEM.question, "math", ITEM, "task", {"item": ITEM})
+    q = replace(Query.from_task(ITEM), uid="x", question=sentence + "\n" + ITEM.question)
     assert not detectors.detect(clean(lines=lines), q)["language_mixing"]
 
 
 def test_copy_of_a_validation_item_is_caught(detectors):
     lines = [f"this is like {VAL.question}", *VAL.trace_steps, f"which gives {VAL.answer}", *ITEM.trace_steps]
-    assert only(detectors.detect(clean(lines=lines), task_query(ITEM)), "validation_copy")
+    assert only(detectors.detect(clean(lines=lines), Query.from_task(ITEM)), "validation_copy")
 
 
 # ----------------------------------------------------------------------------- malformed output
@@ -100,30 +102,31 @@ def test_copy_of_a_validation_item_is_caught(detectors):
     ITEM.answer,  # no think block at all
 ])
 def test_malformed_output_scores_wrong_without_crashing(detectors, text):
-    q = task_query(ITEM)
+    q = Query.from_task(ITEM)
     assert F.score_response(text, q).score == 0.0
     assert detectors.detect(text, q)["wrong_answer"]
     assert evaluate_outputs([text], [q], detectors)["accuracy"] == 0.0
 
 
 def test_a_correct_summary_answer_scores_one():
-    assert F.score_response(clean(), task_query(ITEM)).score == 1.0
+    assert F.score_response(clean(), Query.from_task(ITEM)).score == 1.0
     assert F.final_answer("In short: x.\nAnswer: 12") == "12" and F.final_answer("just 7\n") == "just 7"
 
 
 # ----------------------------------------------------------------------------- query filter
 def test_query_filter_rejects_with_counted_reasons():
     t = F.FilterThresholds()
-    easy = task_query(tasks.generate("add", 0, 2))
-    hard = task_query(ITEM)
+    easy = Query.from_task(tasks.generate("add", 0, 2))
+    hard = Query.from_task(ITEM)
     no_verifier = Query("n", "Write a poem about a dog.", "open_ended")
-    multi = Query("m", "12+34=\nAlso answer this: 5*6=", "multi_question", None, "task", {"item": easy.item})
-    near = task_query(VAL)
+    multi = Query("m", "12+34=\nAlso answer this: 5*6=", "multi_question", verifier="task",
+                  reference={"item": easy.item.to_dict()})
+    near = Query.from_task(VAL)
     detectors = F.ResponseFilter(t, validation=[VAL], world=WORLD)
     solver = F.BoundedMentalSolver(max_steps=len(easy.item.trace_steps))
     kept, rejected = F.filter_queries([easy, hard, no_verifier, multi, near], solver, t, detectors)
     assert kept == [hard]
-    assert rejected == {"no_verifier": 1, "multiple_subquestions": 1, "near_validation": 1, "answered_without_cot": 1}
+    assert rejected == {NO_VERIFIER: 1, "multiple_subquestions": 1, "near_validation": 1, "answered_without_cot": 1}
 
 
 def test_subquestion_count():
@@ -162,7 +165,7 @@ def test_pipeline_counts_add_up_and_filtered_set_is_clean(tmp_path):
     assert report["counts_add_up"] and counts_add_up(report)
     qf, rf = report["query_filter"], report["response_filter"]
     assert qf["input"] == 120 == qf["kept"] + sum(qf["rejected"].values())
-    assert qf["rejected"]["no_verifier"] > 0 and qf["rejected"]["multiple_subquestions"] > 0
+    assert qf["rejected"][NO_VERIFIER] > 0 and qf["rejected"]["multiple_subquestions"] > 0
     assert report["generation"]["candidates"] == 3 * qf["kept"]
     assert rf["input"] == rf["removed"] + rf["clean"]
     assert len(filtered) == report["selection"]["filtered"] and len(unfiltered) == qf["kept"]
@@ -206,7 +209,7 @@ def test_model_generator_on_a_micro_model():
     tok = train_tokenizer(texts, 300)
     torch.manual_seed(0)
     model = Qwen3(get_model_config("micro").replace(eos_token_id=tok.endoftext_id, bos_token_id=None))
-    q = task_query(ITEM)
+    q = Query.from_task(ITEM)
     gen = ModelGenerator(model, tok, max_new_tokens=6)
     (cands,) = gen.generate([q], 2, seed=0)
     assert len(cands) == 2 and all(c.labels is None for c in cands)
@@ -219,7 +222,7 @@ def test_model_generator_on_a_micro_model():
 
 def test_openai_compatible_generator_builds_the_request_without_network():
     gen = OpenAICompatibleGenerator("http://localhost:8000/v1/", "qwq-32b", api_key_env="COLDSTART_TEST_KEY")
-    req = gen.build_request(task_query(ITEM), 4, seed=7)
+    req = gen.build_request(Query.from_task(ITEM), 4, seed=7)
     body = json.loads(req.data)
     assert req.full_url == "http://localhost:8000/v1/chat/completions" and req.get_method() == "POST"
     assert body["n"] == 4 and body["model"] == "qwq-32b" and body["messages"][0]["content"] == ITEM.question
@@ -234,7 +237,7 @@ def test_openai_compatible_generator_builds_the_request_without_network():
     payload = {"choices": [{"message": {"reasoning_content": "1+1=2", "content": "Answer: 2"}},
                            {"message": {"content": "<think>\nx\n</think>\n\n3"}}]}
     gen.opener = lambda request, timeout: FakeResponse(json.dumps(payload).encode())
-    (cands,) = gen.generate([task_query(ITEM)], 2)
+    (cands,) = gen.generate([Query.from_task(ITEM)], 2)
     assert cands[0].text == "<think>\n1+1=2\n</think>\n\nAnswer: 2" and cands[1].text.endswith("3")
 
 
@@ -245,7 +248,7 @@ def test_bare_answer_summaries_pass_the_task_reward_and_the_filters(detectors):
     filtered, _, report = build_coldstart_dataset(cfg)
     assert report["counts_add_up"] and filtered
     text = clean().rsplit("\n\n", 1)[0] + "\n\n" + ITEM.answer
-    assert only(detectors.detect(text, task_query(ITEM)))
+    assert only(detectors.detect(text, Query.from_task(ITEM)))
     assert get_reward("task")(text, item=ITEM).score == 1.0
     with pytest.raises(ConfigError, match="summary_style"):
         ColdStartConfig(summary_style="essay")

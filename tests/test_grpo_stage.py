@@ -12,13 +12,14 @@ from hypothesis import strategies as st
 import torch
 
 from qwen3repro.config import ConfigError
+from qwen3repro.data.queries import Query
 from qwen3repro.lineage import make_lineage, write_lineage
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
 from qwen3repro.rewards import RewardResult
 from qwen3repro.rl.entropy import EntropyController, masked_mean, token_entropy
 from qwen3repro.rl.rollout import (
-    Query, QueryStream, build_batch, collect_rollouts, policy_logprobs, prompt_ids, sample_groups,
+    QueryStream, build_batch, collect_rollouts, policy_logprobs, prompt_ids, sample_groups,
 )
 from qwen3repro.stages import grpo
 from qwen3repro.stages.common import StageContext

@@ -138,6 +138,19 @@ def test_atomic_save_keeps_the_old_checkpoint_on_failure(saved, monkeypatch):
     assert not [p for p in saved.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_one_checkpoint_error_for_loading_and_resuming(saved):
+    """The loader and the trainer raise the same class, which both `except ValueError` and `except
+    RuntimeError` catch; the trainer's message adds the path and the model class to the loader's."""
+    from qwen3repro.train import CheckpointError as TrainCheckpointError
+    from qwen3repro.train.checkpoint import load_model_weights
+
+    assert TrainCheckpointError is CheckpointError
+    assert issubclass(CheckpointError, ValueError) and issubclass(CheckpointError, RuntimeError)
+    _edit_weights(saved, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match=r"model weights do not load into Qwen3 \(.*model\.norm\.weight"):
+        load_model_weights(Qwen3(ModelConfig(**MOE)), str(saved))
+
+
 def test_parse_size():
     assert parse_size("200KB") == 200_000
     assert parse_size("5GB") == 5 * 10**9

@@ -206,6 +206,33 @@ def test_memory_estimate_counts_what_nanotron_holds_on_each_gpu(tmp_path):
             assert mem["optimizer"] == OPTIMIZER_BYTES * held["elements"] / plan.layout.dp, key
 
 
+def test_nanotron_model_config_is_model_config_plus_nanotron_settings():
+    """`Qwen3NTConfig` is generated from `ModelConfig`: the same fields and defaults (but the inference-only
+    ones) plus nanotron's settings, mutable (nanotron's trainer pads the vocabulary in place), and every
+    registry model survives the round trip."""
+    import dataclasses
+
+    from qwen3repro.config import ModelConfig
+    from qwen3repro.nanotron.model import INFERENCE_ONLY_FIELDS, NANOTRON_FIELDS, Qwen3NTConfig
+
+    ours = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in INFERENCE_ONLY_FIELDS]
+    settings = [name for name, _, _ in NANOTRON_FIELDS]
+    theirs = [f.name for f in dataclasses.fields(Qwen3NTConfig)]
+    assert sorted(theirs) == sorted(ours + settings)
+    assert [n for n in theirs if n in ours] == ours  # the YAML lists the model's fields in ModelConfig's order
+    required = {f.name: 8 for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING}
+    nt = Qwen3NTConfig(**required)
+    assert nt.to_model_config() == ModelConfig(**required)  # same defaults
+    assert {name: getattr(nt, name) for name in settings} == {name: default for name, _, default in NANOTRON_FIELDS}
+    nt.vocab_size = 16
+    assert nt.to_model_config().vocab_size == 16
+    for name, mc in REAL_MODELS.items():
+        assert Qwen3NTConfig.from_model_config(mc).to_model_config() == mc, name
+    with pytest.raises(ValueError, match="attn_implementation"):
+        Qwen3NTConfig(**required, attn_implementation="eager")
+
+
 # ---------------------------------------------------------------------------------- memory by hand
 def test_memory_estimate_by_hand_qwen3_0_6b():
     spec = config_gen.build_stage_spec("s2", "qwen3-0.6b")

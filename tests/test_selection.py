@@ -13,7 +13,7 @@ from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
 from qwen3repro.rewards import RewardResult
 from qwen3repro.rl import selection as sel
-from qwen3repro.rl.rollout import Query
+from qwen3repro.data.queries import NO_VERIFIER, Query
 from qwen3repro.tokenizer import train_tokenizer
 
 
@@ -37,7 +37,7 @@ def test_screen_counts_every_reason_and_keeps_the_rest():
         Query.from_task(heldout),  # evaluation partition
     ]
     eligible, reasons, why = sel.screen(candidates, used_uids={items[3].uid})
-    assert reasons[sel.NO_VERIFIER] == 2
+    assert reasons[NO_VERIFIER] == 2
     assert reasons[sel.USED_IN_COLD_START] == 1
     assert reasons[sel.HELDOUT] == 1
     assert reasons[sel.DUPLICATE] == 1
@@ -98,7 +98,7 @@ def test_select_queries_measures_pass_rates_with_the_model(micro_and_tok):
 
     result = sel.select_queries(candidates, model, tok, n_select=4, k=4, ceiling=1.0, used_uids={items[1].uid},
                                 max_new_tokens=2, seed=0, score_fn=score)
-    assert result.reasons[sel.NO_VERIFIER] == 1 and result.reasons[sel.USED_IN_COLD_START] == 1
+    assert result.reasons[NO_VERIFIER] == 1 and result.reasons[sel.USED_IN_COLD_START] == 1
     measured = {u: r for u, r in result.pass_rates.items()}
     assert items[1].uid not in measured and all(seen[u] == 4 for u in measured)
     for uid, rate in measured.items():

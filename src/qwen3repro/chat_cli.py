@@ -27,6 +27,11 @@ from pathlib import Path
 
 import click
 
+from .chat import parse, render, wants_thinking
+from .generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, generate
+from .models.qwen3 import Qwen3
+from .tokenizer import Tokenizer
+
 __all__ = ["chat_command", "find_tokenizer", "ChatSession"]
 
 
@@ -55,9 +60,6 @@ class ChatSession:
 
     def reply(self, text: str) -> dict:
         """Generate the assistant's answer to `text`; returns `chat.parse` of it plus "thinking"."""
-        from .chat import parse, render, wants_thinking
-        from .generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, generate
-
         self.messages.append({"role": "user", "content": text})
         flag_messages = ([{"role": "user", "content": "/" + self.default_flag}] if self.default_flag else [])
         thinking = wants_thinking(flag_messages + self.messages, enable_thinking=self.think)
@@ -118,9 +120,6 @@ def chat_command(checkpoint: Path, think: bool, budget: int | None, temperature:
                  tokenizer_dir: str | None, prompt: str | None, seed: int | None, show_thinking: bool,
                  device: str) -> None:
     """Chat with CHECKPOINT (/think and /no_think switch modes, /reset, /exit)."""
-    from .models.qwen3 import Qwen3
-    from .tokenizer import Tokenizer
-
     tokenizer = Tokenizer.load(find_tokenizer(checkpoint, tokenizer_dir))
     model = Qwen3.from_pretrained(checkpoint, device=device).eval()
     session = ChatSession(model, tokenizer, think=think, budget=budget, temperature=temperature,

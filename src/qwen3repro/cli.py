@@ -5,7 +5,13 @@ import json
 
 import click
 
+from .chat_cli import chat_command
 from .config import ConfigError
+from .evals.cli import eval_group
+from .experiments.cli import scaling_laws_command
+from .models.registry import MODELS, count_parameters, get_model_config
+from .nanotron.cli import full_command
+from .pipeline import build_plan, describe, run_pipeline
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,8 +29,6 @@ def model() -> None:
 @model.command("list")
 def model_list() -> None:
     """List the registered model names with their parameter counts."""
-    from .models.registry import MODELS, count_parameters
-
     for name, cfg in MODELS.items():
         n = count_parameters(cfg)
         kind = f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}" if cfg.is_moe else "dense"
@@ -36,8 +40,6 @@ def model_list() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print only the parameter counts as JSON.")
 def model_info(name: str, as_json: bool) -> None:
     """Parameter counts of NAME (computed from its config, no weights allocated)."""
-    from .models.registry import count_parameters, get_model_config
-
     try:
         cfg = get_model_config(name)
     except ConfigError as e:
@@ -69,8 +71,6 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
 
     Up-to-date stages are skipped and cut stages resume; see runs/SCALE/REPORT.md afterwards.
     """
-    from .pipeline import build_plan, describe, run_pipeline
-
     try:
         if dry_run:
             click.echo(describe(build_plan(scale, out_root=out_root, overrides=list(overrides))))
@@ -81,20 +81,11 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
         raise click.ClickException(str(e)) from None
 
 
-def _register_subcommands() -> None:
-    """Command groups that live next to their code (imported lazily: heavy modules load on use)."""
-    from .chat_cli import chat_command
-    from .evals.cli import eval_group
-    from .experiments.cli import scaling_laws_command
-    from .nanotron.cli import full_command
-
-    main.add_command(eval_group)
-    main.add_command(full_command)
-    main.add_command(chat_command)
-    main.add_command(scaling_laws_command)
-
-
-_register_subcommands()
+# Command groups that live next to their code.
+main.add_command(eval_group)
+main.add_command(full_command)
+main.add_command(chat_command)
+main.add_command(scaling_laws_command)
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
+from .chat_template import CHAT_TEMPLATE, render
+
 # The 26 Qwen3 special tokens in id order (ids 151643-151668 in the released tokenizer).
 QWEN3_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -224,8 +226,6 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike, *, model_max_length: int | None = None) -> Path:
         """Write `tokenizer.json` and `tokenizer_config.json` (with our chat template) to `directory`."""
-        from qwen3repro.chat import CHAT_TEMPLATE
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(out / "tokenizer.json"))
@@ -289,9 +289,7 @@ class Tokenizer:
         enable_thinking: bool = True,
         tokenize: bool = True,
     ) -> str | list[int]:
-        """Render `messages` with the Qwen3 chat template (see `qwen3repro.chat.render`)."""
-        from qwen3repro.chat import render
-
+        """Render `messages` with the Qwen3 chat template (see `qwen3repro.chat_template.render`)."""
         text = render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                       enable_thinking=enable_thinking)
         return self.encode(text) if tokenize else text

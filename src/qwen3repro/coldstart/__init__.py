@@ -2,13 +2,13 @@
 from .filters import (BoundedMentalSolver, FilterThresholds, ResponseFilter, detector_metrics, filter_queries,
                       score_response)
 from .pipeline import ColdStartConfig, build_coldstart_dataset, evaluate_outputs, heldout_queries
-from .pool import Pool, Query, build_pool, task_query
+from .pool import Pool, build_pool, query_kind
 from .reasoner import (DEFECTS, Candidate, CandidateGenerator, DefectRates, ModelGenerator, OpenAICompatibleGenerator,
                        SyntheticReasoner)
 
 __all__ = [
     "BoundedMentalSolver", "Candidate", "CandidateGenerator", "ColdStartConfig", "DEFECTS", "DefectRates",
-    "FilterThresholds", "ModelGenerator", "OpenAICompatibleGenerator", "Pool", "Query", "ResponseFilter",
+    "FilterThresholds", "ModelGenerator", "OpenAICompatibleGenerator", "Pool", "ResponseFilter",
     "SyntheticReasoner", "build_coldstart_dataset", "build_pool", "detector_metrics", "evaluate_outputs",
-    "filter_queries", "heldout_queries", "score_response", "task_query",
+    "filter_queries", "heldout_queries", "query_kind", "score_response",
 ]

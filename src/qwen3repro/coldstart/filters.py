@@ -40,14 +40,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ..chat import parse
 from ..config import ConfigError, strict_fields
 from ..data import tasks
+from ..data.queries import NO_VERIFIER, Query
 from ..data.world import World, build_world
 from ..rewards import RewardResult, get_reward
-from .pool import Query
 from .reasoner import (ANSWER_PREFIX, CHECK_PREFIX, CONCLUSION, DEFECTS, GUESSWORK, INCONSISTENCY,
                        LANGUAGE_MIXING, REPETITION, VALIDATION_COPY, WRONG_ANSWER, wrong_value)
 
-# Query-filter rejection reasons, in the order they are checked.
-NO_VERIFIER = "no_verifier"
+# Query-filter rejection reasons, in the order they are checked (NO_VERIFIER is shared with RL selection).
 MULTIPLE_SUBQUESTIONS = "multiple_subquestions"
 NEAR_VALIDATION = "near_validation"
 ANSWERED_WITHOUT_COT = "answered_without_cot"
@@ -340,7 +339,6 @@ def detector_metrics(flags: Sequence[Mapping[str, bool]], labels: Sequence[Itera
 
 __all__ = [
     "ANSWERED_WITHOUT_COT", "BoundedMentalSolver", "FilterThresholds", "MULTIPLE_SUBQUESTIONS", "NEAR_VALIDATION",
-    "NO_VERIFIER",
     "QUERY_REJECT_REASONS", "ResponseFilter", "count_subquestions", "detector_metrics", "filter_queries",
     "final_answer", "ngrams", "reasoning_steps", "reject_reason", "score_answer", "score_response",
     "thinking_answer", "tokens",

@@ -29,12 +29,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import ConfigError, strict_fields
 from ..data import tasks
+from ..data.queries import Query
 from ..data.synthetic import s2_eval_items
 from ..data.world import build_world
 from ..stages.common import write_json_atomic
 from .filters import (BoundedMentalSolver, FilterThresholds, ResponseFilter, detector_metrics, filter_queries,
                       score_response)
-from .pool import Query, build_pool, task_query
+from .pool import build_pool
 from .reasoner import DEFECTS, SUMMARY_STYLES, WRONG_ANSWER, CandidateGenerator, DefectRates, SyntheticReasoner
 
 REPORT_FILE = "coldstart_report.json"
@@ -232,7 +233,7 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
 # ============================================================================ scoring a model's outputs
 def heldout_queries(*, n_per_cell: int = 4, seed: int = 0, families: Sequence[str] | None = None) -> list[Query]:
     """Held-out evaluation queries (the task families' evaluation partition, never in the pool)."""
-    return [task_query(item) for item in s2_eval_items(seed=seed, n_per_cell=n_per_cell, families=families)]
+    return [Query.from_task(item) for item in s2_eval_items(seed=seed, n_per_cell=n_per_cell, families=families)]
 
 
 def evaluate_outputs(texts: Sequence[str], queries: Sequence[Query], detectors: ResponseFilter) -> dict[str, Any]:

@@ -21,48 +21,20 @@ steps can drop responses that copy it (defect 6 of §4.1).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..data import tasks
+from ..data.queries import Query
 from ..data.world import NOUNS_ANIMAL, NOUNS_THING, World, build_world
 
+# The distractors' kinds, which are also their `Query.domain`.
 DISTRACTOR_KINDS = ("multi_question", "open_ended")
 
 
-@dataclass(frozen=True)
-class Query:
-    """One pool query: a question and how to verify an answer to it.
-
-    `verifier` names a reward in `qwen3repro.rewards` ("task" for our families) and `reference`
-    holds its keyword arguments (for "task": ``{"item": TaskItem}``). A query with
-    ``verifier=None`` cannot be verified and is rejected by the query filter.
-    """
-
-    uid: str
-    question: str
-    kind: str
-    """'math' | 'code' | 'logic' for verifiable items, or one of DISTRACTOR_KINDS."""
-    item: tasks.TaskItem | None = None
-    verifier: str | None = None
-    reference: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str | None:
-        return self.item.family if self.item is not None else None
-
-    @property
-    def difficulty(self) -> int | None:
-        return self.item.difficulty if self.item is not None else None
-
-    def to_dict(self) -> dict:
-        return {"uid": self.uid, "question": self.question, "kind": self.kind, "verifier": self.verifier,
-                "item": self.item.to_dict() if self.item is not None else None}
-
-
-def task_query(item: tasks.TaskItem) -> Query:
-    """A verifiable query for a task-family item (verified by the "task" reward)."""
-    return Query(item.uid, item.question, tasks.FAMILIES[item.family].kind, item, "task", {"item": item})
+def query_kind(query: Query) -> str:
+    """'math' | 'code' | 'logic' for a task item's query (its family's kind), else the distractor kind."""
+    return tasks.FAMILIES[query.item.family].kind if query.item is not None else query.domain
 
 
 @dataclass(frozen=True)
@@ -75,7 +47,8 @@ class Pool:
     def counts(self) -> dict[str, Any]:
         by_kind: dict[str, int] = {}
         for q in self.queries:
-            by_kind[q.kind] = by_kind.get(q.kind, 0) + 1
+            kind = query_kind(q)
+            by_kind[kind] = by_kind.get(kind, 0) + 1
         return {"validation_reserved": len(self.validation), "queries": len(self.queries),
                 "queries_by_kind": dict(sorted(by_kind.items()))}
 
@@ -90,7 +63,7 @@ def _multi_question(rng: random.Random, families: Sequence[str]) -> Query:
     # Crawled data often pairs such a query with one reference answer: it has a verifier, yet no
     # single verifiable answer, so only the text check of the query filter can reject it.
     return Query(tasks.item_uid("multi", question), question, "multi_question", verifier="task",
-                 reference={"item": a})
+                 reference={"item": a.to_dict()})
 
 
 def _open_ended(rng: random.Random, world: World) -> Query:
@@ -123,11 +96,11 @@ def build_pool(*, n_queries: int, n_validation: int, distractor_rate: float, see
         if rng.random() < distractor_rate:
             query = _multi_question(rng, families) if rng.random() < 0.5 else _open_ended(rng, world)
         else:
-            query = task_query(_training_item(rng, families))
+            query = Query.from_task(_training_item(rng, families))
         if query.uid not in seen:
             seen.add(query.uid)
             queries.append(query)
     return Pool(tuple(validation), tuple(queries))
 
 
-__all__ = ["DISTRACTOR_KINDS", "Pool", "Query", "build_pool", "task_query"]
+__all__ = ["DISTRACTOR_KINDS", "Pool", "build_pool", "query_kind"]

@@ -30,10 +30,12 @@ import urllib.request
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from ..chat import EMPTY_THINK, render
 from ..config import ConfigError, strict_fields
 from ..data import tasks
+from ..data.queries import Query
 from ..data.world import World, build_world
-from .pool import Query
+from ..generate import GREEDY, NON_THINKING_SAMPLING, THINKING_SAMPLING, generate
 
 # The six defect kinds of Qwen3 report §4.1 (stage 1 response filtering), in the report's order.
 WRONG_ANSWER = "wrong_answer"
@@ -270,24 +272,17 @@ class ModelGenerator:
     max_batch_size: int = 64
 
     def _prompt(self, query: Query) -> list[int]:
-        from ..chat import render
-
         text = render([{"role": "user", "content": query.question}], add_generation_prompt=True,
                       enable_thinking=self.enable_thinking)
         return self.tokenizer.encode(text)
 
     def _params(self):
-        from ..generate import NON_THINKING_SAMPLING, THINKING_SAMPLING
-
         if self.params is not None:
             return self.params
         return THINKING_SAMPLING if self.enable_thinking else NON_THINKING_SAMPLING
 
     def completions(self, queries: Sequence[Query], n: int, seed: int = 0, params=None) -> list[list[str]]:
         """`n` decoded completions per query (the text after the generation prompt)."""
-        from ..chat import EMPTY_THINK
-        from ..generate import generate
-
         prompts = [self._prompt(q) for q in queries for _ in range(n)]
         outs = generate(self.model, prompts, params or self._params(), max_new_tokens=self.max_new_tokens,
                         tokenizer=self.tokenizer, seed=seed, max_batch_size=self.max_batch_size)
@@ -301,8 +296,6 @@ class ModelGenerator:
 
     def answer(self, query: Query) -> str:
         """One greedy completion (the reference-model call of the query filter)."""
-        from ..generate import GREEDY
-
         return self.completions([query], 1, params=GREEDY)[0][0]
 
 

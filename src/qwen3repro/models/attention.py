@@ -9,7 +9,7 @@ heads, D head_dim):
    after the projection and *before* RoPE (Qwen3's QK-norm).
 3. RoPE rotates q and k by their positions (`cos`/`sin` are computed once per forward by the model).
 4. With a `KVCache`, the new k, v are written after the cached ones; attention runs over all T keys.
-5. `_attend(q, k, v, q_positions, k_positions, mask)` = softmax(q·kᵀ/√D + mask)·v, through
+5. `attend(q, k, v, q_positions, k_positions, mask)` = softmax(q·kᵀ/√D + mask)·v, through
    `torch.nn.functional.scaled_dot_product_attention` with `enable_gqa` (no K/V repetition). This is
    the one swappable step: dual chunk attention replaces it (see below).
 6. Output projection W_o.
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import dca
 
 
 class _RMSNormFull(torch.autograd.Function):
@@ -226,7 +227,7 @@ def build_attention_mask(
     return AttentionMask(allowed, is_causal=False, causal_only=attention_mask is None and segment_ids is None)
 
 
-def _attend(
+def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -285,7 +286,7 @@ class Attention(nn.Module):
             q, k = rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2)
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)
-            out = _attend(q, k, v, None, None, mask)
+            out = attend(q, k, v, None, None, mask)
         else:
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # pre-RoPE: DCA rotates at remapped positions
             out = self._dual_chunk_attend(q, k, v, mask, kv_cache, q_positions, rope)
@@ -293,8 +294,6 @@ class Attention(nn.Module):
 
     def _dual_chunk_attend(self, q, k, v, mask, kv_cache, q_positions, rope):
         """Pre-RoPE q [B, H, S, D], k/v [B, Hk, S, D] -> DCA output [B, H, S, D] (models/dca.py)."""
-        from . import dca  # imported on first use: only long-context inference needs it
-
         if not mask.causal_only:
             raise ValueError("dual chunk attention supports neither padding (attention_mask) nor segment_ids")
         if q_positions is None:
@@ -315,5 +314,5 @@ class Attention(nn.Module):
 
 
 __all__ = [
-    "RMSNorm", "KVCache", "AttentionMask", "build_attention_mask", "Attention", "_attend", "rope_tables", "rotate",
+    "RMSNorm", "KVCache", "AttentionMask", "build_attention_mask", "Attention", "attend", "rope_tables", "rotate",
 ]

@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -39,8 +39,13 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory cannot be loaded as this model (the message names the tensor or file)."""
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint is missing, incomplete, or does not fit the model (or optimizer) it is loaded into.
+
+    The message names the file, tensor or field. Both bases: a loader's callers treat a bad file as a bad
+    value (ValueError) and a trainer's treat a checkpoint it cannot resume from as a run-time failure
+    (RuntimeError); either `except` catches it.
+    """
 
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -214,14 +219,15 @@ def check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
 
 
 def load_pretrained(
-    path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    model_class: Callable[[ModelConfig], torch.nn.Module],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ):
-    """Build a `Qwen3` from a Hugging Face layout directory.
+    """Build `model_class(config)` (a `Qwen3`) from a Hugging Face layout directory and load its weights.
 
     dtype: None keeps the checkpoint's floating dtype; device: where the model lives (default CPU).
     """
-    from .qwen3 import Qwen3
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
@@ -231,7 +237,7 @@ def load_pretrained(
     files = _weight_files(path)  # refuses pickle-only directories before anything else is read
 
     with torch.device("meta"):
-        model = Qwen3(config)
+        model = model_class(config)
     expected = expected_hub_shapes(model)
     found: dict[str, tuple[int, ...]] = {}
     for f in files:

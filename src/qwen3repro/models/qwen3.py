@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import hf
 from .attention import Attention, AttentionMask, KVCache, RMSNorm, build_attention_mask, rope_tables
 from .moe import SparseMoE
 from .rope import rope_cos_sin, rope_parameters
@@ -218,15 +219,11 @@ class Qwen3(nn.Module):
         cls, path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> "Qwen3":
         """Load a Hugging Face layout directory (config.json + safetensors); see hf.py."""
-        from .hf import load_pretrained
-
-        return load_pretrained(path, device=device, dtype=dtype)
+        return hf.load_pretrained(path, cls, device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write config.json + model.safetensors (sharded above `max_shard_size`), atomically; see hf.py."""
-        from .hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        hf.save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

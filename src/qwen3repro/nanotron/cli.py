@@ -12,8 +12,12 @@ import subprocess
 import sys
 
 import click
+import torch
 
 from ..config import ConfigError
+from .config_gen import build_stage_spec, load_with_nanotron, validate, write_stage_config
+from .launch import launch_command, slurm_script
+from .sft_data import is_masked_shards
 
 
 @click.command("full", context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,8 +32,6 @@ from ..config import ConfigError
               "(default runs/full/<model>/<stage>/)")
 def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir):
     """Full-scale stage through nanotron: write the config, then launch (GPUs) or print the plan (--dry-run)."""
-    from .config_gen import build_stage_spec, load_with_nanotron, validate, write_stage_config
-
     try:
         spec = build_stage_spec(stage, model_name, nodes=nodes, gpus_per_node=gpus_per_node)
     except ConfigError as e:
@@ -52,8 +54,6 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
     click.echo(f"  config      {yaml_path} (nanotron, loads with get_config_from_file)")
     click.echo(f"  sidecar     {side_path} (stage facts, data mixture)")
 
-    from .launch import launch_command, slurm_script
-
     if spec.is_sft and not data:
         data = str(spec.shards_path)  # SFT stages read their masked shards from the stage folder by default
     if spec.layout.nodes == 1:
@@ -65,9 +65,6 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
         click.echo(f"  launch      sbatch {script}")
     if dry_run:
         return
-
-    import torch
-
     if not torch.cuda.is_available():
         click.echo(f"\nerror: launching {model_name} {stage} needs GPUs ({spec.layout.world} in the plan) and none "
                    "are visible here; use --dry-run (DRY_RUN=1) to only write the config and print the plan.",
@@ -76,8 +73,6 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
     if not data:
         raise click.UsageError("--data (tokenised shards of the stage's mixture) is needed to launch")
     if spec.is_sft:
-        from .sft_data import is_masked_shards
-
         if not is_masked_shards(data):
             raise click.UsageError(f"{stage} trains on masked conversation shards and {data} has none; write them "
                                    f"with: python -m qwen3repro.nanotron.sft_data --stage {stage} --model {model_name}")

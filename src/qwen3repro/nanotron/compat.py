@@ -32,6 +32,9 @@ import importlib.util
 import os
 import sys
 import types
+from importlib.metadata import version
+
+import torch.distributed as dist
 
 PINNED_VERSION = "0.4"
 _BUGGY_LINE = "from nanotron.config.config import LoggingArgs"
@@ -81,8 +84,6 @@ def import_nanotron() -> types.ModuleType:
 
 
 def nanotron_version() -> str:
-    from importlib.metadata import version
-
     return version("nanotron")
 
 
@@ -110,8 +111,6 @@ def normalise_sharded_metadata(model) -> None:
 # ----------------------------------------------------------------------------------- CPU test hooks
 def init_gloo(rank: int, world_size: int, port: int) -> None:
     """Start a gloo process group on localhost (tests: one call per spawned process)."""
-    import torch.distributed as dist
-
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -122,8 +121,6 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
 
 def cpu_parallel_context(tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1):
     """A nanotron `ParallelContext` over an already initialised gloo group (see module doc, item 2)."""
-    import torch.distributed as dist
-
     import_nanotron()
     from nanotron.parallel import ParallelContext
 

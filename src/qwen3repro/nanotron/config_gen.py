@@ -50,7 +50,7 @@ from ..perf import train_step_flops
 from ..recipes import StageGraph, load_recipe, load_stage_graph, load_toml, repo_root, split_recipe
 from ..train.loop import TrainConfig
 from ..train.schedule import WSDSchedule
-from .plan import Layout, Plan
+from .plan import Layout, RunPlan
 
 # ===================================================================================== STAGES
 # The stages the full scale trains are those `full/stages.toml` sizes; everything else about a stage comes from
@@ -258,12 +258,12 @@ class StageSpec:
         """Whether the report trains this model through this stage (the recipe's roles)."""
         return self.role in self.facts.roles
 
-    def plan(self) -> Plan:
+    def plan(self) -> RunPlan:
         d = self.settings["defaults"]
-        return Plan(self.model, self.stage, self.layout, self.seq_len, self.micro_batch_size, self.grad_accum,
-                    self.tokens, self.lr, zero_stage=1, recompute=self.recompute, gpu_memory_gib=float(d["gpu_memory_gib"]),
-                    peak_tflops=float(d["peak_tflops_bf16"]), mfu=float(d["mfu"]), config=self.model_config,
-                    train_steps=self.schedule.total_steps)
+        return RunPlan(self.model, self.stage, self.layout, self.seq_len, self.micro_batch_size, self.grad_accum,
+                       self.tokens, self.lr, zero_stage=1, recompute=self.recompute, gpu_memory_gib=float(d["gpu_memory_gib"]),
+                       peak_tflops=float(d["peak_tflops_bf16"]), mfu=float(d["mfu"]), config=self.model_config,
+                       train_steps=self.schedule.total_steps)
 
     # ------------------------------------------------------------------------------------ outputs
     def nanotron_dict(self) -> dict:

@@ -17,6 +17,7 @@ only for the shard metadata format.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -27,9 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..models.hf import from_hub_state_dict, read_safetensors
+from ..models.qwen3 import Qwen3
+from .compat import import_nanotron
 
-# Fields of the nanotron model config (`model.Qwen3NTConfig`) that say how to train, not what the model is.
-TRAINING_ONLY_FIELDS = ("is_qwen3_config", "attn_implementation", "recompute_layers", "lbl_layers")
+MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 MODEL_CONFIG_JSON = "model_config.json"
 _SHARD_RE = re.compile(r"^model_(?P<name>.+?)(?:_pp-rank-(?P<pp>\d+)-of-\d+_tp-rank-(?P<tp>\d+)-of-\d+)?\.safetensors$")
@@ -135,8 +138,6 @@ def load_state_dict_into(model, sd: Dict[str, torch.Tensor], config: ModelConfig
 # ------------------------------------------------------------------------------------ on disk
 def read_nanotron_weights(ckpt: str | Path) -> Dict[str, torch.Tensor]:
     """Every parameter of a nanotron checkpoint, unsharded, by nanotron name (any TP/PP layout)."""
-    from .compat import import_nanotron
-
     import_nanotron()
     from nanotron.serialize.metadata import TensorMetadata
 
@@ -170,8 +171,6 @@ def read_nanotron_weights(ckpt: str | Path) -> Dict[str, torch.Tensor]:
 
 def write_nanotron_weights(nt: Dict[str, torch.Tensor], ckpt: str | Path) -> None:
     """Write unsharded nanotron tensors as a TP=1/PP=1 checkpoint that nanotron re-shards on load."""
-    from .compat import import_nanotron
-
     import_nanotron()
     from nanotron.constants import CHECKPOINT_VERSION
     from nanotron.parallel.parameters import SlicesPair
@@ -200,17 +199,14 @@ def read_checkpoint_config(ckpt: str | Path) -> ModelConfig:
     if (ckpt / "config.yaml").is_file():
         import yaml
 
-        mc = dict(yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["model_config"])
-        for key in TRAINING_ONLY_FIELDS:
-            mc.pop(key, None)
-        return ModelConfig.from_dict(mc)
+        mc = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["model_config"]
+        # The trainer's model config is ModelConfig's fields plus how it trained (nanotron.model.NANOTRON_FIELDS).
+        return ModelConfig.from_dict({k: v for k, v in mc.items() if k in MODEL_FIELDS})
     raise FileNotFoundError(f"{ckpt}: neither {MODEL_CONFIG_JSON} nor config.yaml says which model this is")
 
 
 def nanotron_to_hf(ckpt: str | Path, out: str | Path, config: Optional[ModelConfig] = None) -> Path:
     """nanotron checkpoint (any layout) -> Hugging Face directory loadable by `Qwen3.from_pretrained`/transformers."""
-    from ..models.qwen3 import Qwen3
-
     config = config or read_checkpoint_config(ckpt)
     sd = nt_to_ours(read_nanotron_weights(ckpt), config)
     with torch.device("meta"):
@@ -226,8 +222,6 @@ def nanotron_to_hf(ckpt: str | Path, out: str | Path, config: Optional[ModelConf
 
 def hf_to_nanotron(hf_dir: str | Path, out: str | Path) -> Path:
     """Hugging Face directory -> nanotron checkpoint (weights + model_config.json), loadable at any TP/PP."""
-    from ..models.hf import from_hub_state_dict, read_safetensors
-
     config = ModelConfig.from_json(str(Path(hf_dir) / "config.json"))
     sd = from_hub_state_dict(read_safetensors(hf_dir), config)
     write_nanotron_weights(ours_to_nt(sd, config), out)

@@ -20,7 +20,13 @@ import json
 import shlex
 from pathlib import Path
 
+import torch
+
+from ..data.packing import DataError, PackingLoader, load_documents
+from ..recipes import repo_root
+from .compat import import_nanotron
 from .config_gen import StageSpec
+from .sft_data import MaskedShardLoader, is_masked_shards
 
 ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "8"}
 
@@ -40,8 +46,6 @@ def launch_command(spec: StageSpec, yaml_path: Path, data: str | None = None) ->
 
 
 def slurm_script(spec: StageSpec, yaml_path: Path, data: str | None = None, template: Path | None = None) -> str:
-    from ..recipes import repo_root
-
     template = template or repo_root() / "full" / "launch.slurm.template"
     text = template.read_text()
     values = {
@@ -89,9 +93,6 @@ def make_loader(kind: str, data: str, *, seq_len: int, micro_batch_size: int, se
 
     The kind of data must match the stage: SFT on unmasked token shards would train on the prompts too, and
     pretraining on SFT shards would train on assistant tokens only."""
-    from ..data.packing import DataError, PackingLoader, load_documents
-    from .sft_data import MaskedShardLoader, is_masked_shards
-
     masked = is_masked_shards(data)
     if kind == "sft":
         if not masked:
@@ -115,10 +116,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sidecar = read_sidecar(args.config_file)  # before the (slow) trainer start, so a wrong --data fails fast
     kind = sidecar["kind"]
-
-    import torch
-
-    from .compat import import_nanotron
 
     import_nanotron()
     import nanotron.distributed as dist

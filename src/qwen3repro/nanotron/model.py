@@ -1,7 +1,7 @@
 """Qwen3 (dense and MoE) on nanotron 0.4's parallel layers: `Qwen3ForTraining(NanotronModel)`.
 
 Built as nanotron's own Llama is built, but for Qwen3, and with the math imported from the modules the tiny
-model uses (`models.attention.RMSNorm`/`rotate`/`rope_tables`/`build_attention_mask`/`_attend`,
+model uses (`models.attention.RMSNorm`/`rotate`/`rope_tables`/`build_attention_mask`/`attend`,
 `models.rope.rope_parameters`/`rope_cos_sin`, `models.moe.route`/`Experts`, `losses.load_balancing_loss`):
 
 * token embedding: `TensorParallelEmbedding` (vocabulary split over TP);
@@ -44,25 +44,26 @@ activation recomputation (`recompute_layers`), which 0.4 lacks, fits the 32k sta
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..losses import LBL_LAYERS, ExpertCounts, load_balancing_loss
-from ..models.attention import RMSNorm, _attend, build_attention_mask, rope_tables, rotate
+from ..models.attention import RMSNorm, attend, build_attention_mask, rope_tables, rotate
 from ..models.moe import Experts, route
 from ..models.rope import rope_cos_sin, rope_parameters
+from ..perf import train_step_flops
 from .compat import import_nanotron, normalise_sharded_metadata
-from .convert import TRAINING_ONLY_FIELDS
 
 import_nanotron()
 
 from nanotron import distributed as dist  # noqa: E402
-from nanotron.models.base import NanotronModel  # noqa: E402
+from nanotron.models.base import NanotronModel, build_model  # noqa: E402
 from nanotron.parallel import ParallelContext  # noqa: E402
 from nanotron.parallel.parameters import NanotronParameter  # noqa: E402
 from nanotron.parallel.pipeline_parallel.block import PipelineBlock  # noqa: E402
@@ -86,41 +87,25 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2")
 
 
 # --------------------------------------------------------------------------------------------- config
-@dataclass
-class Qwen3NTConfig:
-    """The `model.model_config` section of a generated YAML: our `ModelConfig` fields + the attention kernel.
+# ModelConfig fields a nanotron run does not train with: dual chunk attention is an inference feature.
+INFERENCE_ONLY_FIELDS = ("dual_chunk_attention_config",)
+# What a nanotron run adds to the model: nanotron's marker of a model config, the attention kernel,
+# activation recomputation per decoder layer (torch.utils.checkpoint; nanotron 0.4 has none of its own), and
+# which rows share one f and P in the MoE load-balancing loss (`losses.LBL_LAYERS`).
+NANOTRON_FIELDS = (
+    ("is_qwen3_config", bool, True),
+    ("attn_implementation", str, "auto"),
+    ("recompute_layers", bool, False),
+    ("lbl_layers", str, "per_layer"),
+)
+
+
+class _NanotronModelConfig:
+    """The `model.model_config` section of a generated YAML: `ModelConfig`'s fields but the inference-only ones,
+    and `NANOTRON_FIELDS` (the fields are generated from `ModelConfig`: see `Qwen3NTConfig` below).
 
     nanotron's loader builds it with `get_config_from_file(path, model_config_class=Qwen3NTConfig)`.
     """
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    is_qwen3_config: bool = True
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
-    rope_theta: float = 1_000_000.0
-    rope_scaling: Optional[Dict[str, Any]] = None
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    bos_token_id: Optional[int] = 151643
-    eos_token_id: Optional[int] = 151645
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = True
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list = field(default_factory=list)
-    router_aux_loss_coef: float = 0.001
-    attn_implementation: str = "auto"
-    # Activation recomputation per decoder layer (torch.utils.checkpoint; nanotron 0.4 has none of its own).
-    recompute_layers: bool = False
-    # MoE: which rows share one f and P in the load-balancing loss (`losses.LBL_LAYERS`).
-    lbl_layers: str = "per_layer"
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -130,10 +115,9 @@ class Qwen3NTConfig:
         self.to_model_config()  # validates every field with ModelConfig's checks
 
     def to_model_config(self) -> ModelConfig:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in TRAINING_ONLY_FIELDS:
-            d.pop(key)
-        return ModelConfig.from_dict(d)
+        nanotron_only = {name for name, _, _ in NANOTRON_FIELDS}
+        return ModelConfig.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                      if f.name not in nanotron_only})
 
     @classmethod
     def from_model_config(cls, config: ModelConfig, **overrides: Any) -> "Qwen3NTConfig":
@@ -143,6 +127,34 @@ class Qwen3NTConfig:
         d["mlp_only_layers"] = list(d["mlp_only_layers"])
         d.update(overrides)
         return cls(**d)
+
+
+def _nanotron_model_fields() -> list[tuple]:
+    """`ModelConfig`'s fields as nanotron takes them, plus `NANOTRON_FIELDS`.
+
+    nanotron builds the class from the YAML mapping (`Qwen3NTConfig(**model_config)`) and its trainer
+    assigns fields (the padded vocabulary size), so the class is a mutable dataclass and a tuple default
+    becomes a list (YAML has lists). nanotron's marker comes first among the defaulted fields, where
+    nanotron's own configs put theirs, so the YAML reads in the same order.
+    """
+    required, defaulted = [], []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in INFERENCE_ONLY_FIELDS:
+            continue
+        if f.default is dataclasses.MISSING:
+            required.append((f.name, f.type))
+        elif isinstance(f.default, tuple):
+            defaulted.append((f.name, list, field(default_factory=lambda default=f.default: list(default))))
+        else:
+            defaulted.append((f.name, f.type, f.default))
+    (marker, *settings) = NANOTRON_FIELDS
+    return required + [marker] + defaulted + settings
+
+
+Qwen3NTConfig = dataclasses.make_dataclass(
+    "Qwen3NTConfig", _nanotron_model_fields(), bases=(_NanotronModelConfig,),
+    namespace={"__module__": __name__, "__doc__": _NanotronModelConfig.__doc__},
+)
 
 
 def _as_model_config(config: Union[Qwen3NTConfig, ModelConfig]) -> ModelConfig:
@@ -235,7 +247,7 @@ class Qwen3NTAttention(nn.Module):
             out = _flash_attention(q, k, v, segment_ids)
         else:
             mask = build_attention_mask(b, s, 0, segment_ids=segment_ids, device=x.device)
-            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, mask).transpose(1, 2)
+            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, mask).transpose(1, 2)
         return self.o_proj(out.reshape(b, s, self.n_q * self.d))
 
 
@@ -313,8 +325,6 @@ class Qwen3NTDecoderLayer(nn.Module):
     def forward(self, hidden_states, position_ids, aux_loss=None):
         if self.recompute and torch.is_grad_enabled():
             # Keep only the layer's inputs; the backward re-runs the layer (its TP collectives included).
-            from torch.utils.checkpoint import checkpoint
-
             return checkpoint(self._forward, hidden_states, position_ids, aux_loss, use_reentrant=False)
         return self._forward(hidden_states, position_ids, aux_loss)
 
@@ -467,8 +477,6 @@ class Qwen3ForTraining(NanotronModel):
         return {Qwen3NTDecoderLayer: attn + mlp, _LMHead: c.vocab_size * h}
 
     def get_flops_per_sec(self, iteration_time_in_sec, sequence_length, global_batch_size):
-        from ..perf import train_step_flops
-
         flops = train_step_flops(self.model_config, global_batch_size, sequence_length)
         per_gpu = flops / (iteration_time_in_sec * self.parallel_context.world_pg.size() * 1e12)
         return per_gpu, per_gpu
@@ -506,8 +514,6 @@ class Qwen3ForTraining(NanotronModel):
 def build_qwen3(config: Union[Qwen3NTConfig, ModelConfig], parallel_context: ParallelContext, parallel_config=None,
                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Qwen3ForTraining:
     """Build, place blocks on pipeline ranks and tie parameters, as nanotron's trainer does (without its CUDA calls)."""
-    from nanotron.models.base import build_model
-
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(

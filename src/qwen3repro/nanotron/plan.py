@@ -133,7 +133,9 @@ def activation_bytes_per_token_layer(config: ModelConfig, layer_idx: int, tp: in
 
 
 @dataclass
-class Plan:
+class RunPlan:
+    """The plan of one full-scale stage: its layout and batch, the memory per GPU and the time it takes."""
+
     model: str
     stage: str
     layout: Layout
@@ -230,6 +232,6 @@ class Plan:
 
 
 __all__ = [
-    "Layout", "Plan", "layer_parameters", "stage_parameters", "pipeline_assignment",
+    "Layout", "RunPlan", "layer_parameters", "stage_parameters", "pipeline_assignment",
     "activation_bytes_per_token_layer", "GIB",
 ]

@@ -56,7 +56,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import RewardResult, answer_text, register
+from .registry import RewardResult, answer_text, register
 
 __all__ = [
     "SandboxLimits",

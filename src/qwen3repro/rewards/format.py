@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ..chat import parse
-from . import RewardResult, register
+from .registry import RewardResult, register
 
 __all__ = ["think_format_reward", "think_mode_reward"]
 

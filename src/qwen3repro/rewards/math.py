@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import threading
 
-from . import RewardResult, answer_text, register
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+from .registry import RewardResult, answer_text, register
 
 __all__ = ["math_reward", "TIMEOUT_SECONDS"]
 
@@ -27,8 +29,6 @@ def _timeouts() -> int | None:
 @register("math")
 def math_reward(completion: str, answer: str) -> RewardResult:
     """1.0 if the completion's final answer equals `answer` (gold) mathematically, else 0.0."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
     timeout = _timeouts()
     try:
         gold = parse(str(answer), parsing_timeout=timeout, raise_on_error=False)

@@ -6,7 +6,7 @@ trailing full stop ignored). A missing or empty answer scores 0.
 from __future__ import annotations
 
 from ..data import tasks as _tasks
-from . import RewardResult, answer_text, register
+from .registry import RewardResult, answer_text, register
 
 __all__ = ["task_reward"]
 

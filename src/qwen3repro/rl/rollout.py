@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..chat import render
-from ..data.tasks import TaskItem
+from ..data.queries import Query
 from ..generate import SamplingParams, generate
 from ..losses import group_advantages
 from ..rewards import REWARDS, RewardResult
@@ -45,36 +45,6 @@ from .entropy import token_entropy
 # A sample counts as correct when its verifier score reaches this (the task verifiers give 0 or 1;
 # partial-credit verifiers count as correct only from half credit up).
 ACCURACY_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class Query:
-    """One query–verifier pair: the question, its verifier's registered name and reference.
-
-    `reference` holds the verifier's keyword arguments (for the "task" verifier: {"item": the
-    TaskItem as a dict}); `domain` and `difficulty` are what selection balances and tabulates.
-    A query whose `verifier` is None (or not registered) has no verifier and is rejected by selection.
-    """
-
-    uid: str
-    question: str
-    domain: str
-    difficulty: int
-    verifier: str | None
-    reference: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_task(cls, item: TaskItem, verifier: str | None = "task") -> "Query":
-        return cls(item.uid, item.question, item.family, item.difficulty, verifier, {"item": item.to_dict()})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"uid": self.uid, "question": self.question, "domain": self.domain, "difficulty": self.difficulty,
-                "verifier": self.verifier, "reference": dict(self.reference)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Query":
-        return cls(d["uid"], d["question"], d["domain"], int(d["difficulty"]), d.get("verifier"),
-                   dict(d.get("reference", {})))
 
 
 ScoreFn = Callable[[Query, str, Sequence[int]], RewardResult]

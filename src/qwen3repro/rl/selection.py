@@ -35,12 +35,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..data.queries import NO_VERIFIER, Query
 from ..data.tasks import is_heldout
 from ..rewards import REWARDS
-from .rollout import ACCURACY_THRESHOLD, Query, ScoreFn, sample_groups, verifier_score
+from .rollout import ACCURACY_THRESHOLD, ScoreFn, sample_groups, verifier_score
 
-# Reasons a candidate is not selected (the keys of `SelectionResult.reasons`).
-NO_VERIFIER = "no verifier"
+# Reasons a candidate is not selected (the keys of `SelectionResult.reasons`; NO_VERIFIER is shared with
+# the cold start's query filter).
 USED_IN_COLD_START = "used in cold start"
 # The file a cold-start SFT stage writes into its directory: the uids of the queries it trained on.
 USED_QUERIES_FILE = "used_queries.json"
@@ -229,7 +230,7 @@ def select_queries(candidates: Sequence[Query], model, tokenizer, *, n_select: i
 
 
 __all__ = [
-    "REASONS", "NO_VERIFIER", "USED_IN_COLD_START", "HELDOUT", "DUPLICATE", "NO_REWARD", "UNLEARNABLE", "TOO_EASY",
+    "REASONS", "USED_IN_COLD_START", "HELDOUT", "DUPLICATE", "NO_REWARD", "UNLEARNABLE", "TOO_EASY",
     "BELOW_CUT", "SelectionResult", "choose", "load_used_uids", "measure_pass_rates", "pass_rate_table", "screen",
     "select_queries",
 ]

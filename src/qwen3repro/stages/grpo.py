@@ -54,13 +54,14 @@ import torch
 
 from ..config import ConfigError, config_hash, strict_fields
 from ..data import tasks
+from ..data.queries import Query
 from ..generate import SamplingParams
 from ..lineage import make_lineage, write_lineage
 from ..losses import ADVANTAGE_SCALES, GRPO_LOSS_TYPES, grpo_loss
 from ..models.qwen3 import Qwen3
 from ..rl.entropy import ENTROPY_CONTROLS, ENTROPY_WINDOW, EntropyController, masked_mean
 from ..rl.rollout import (
-    ACCURACY_THRESHOLD, Query, QueryStream, RolloutBatch, ScoreFn, build_batch, collect_rollouts, policy_logprobs,
+    ACCURACY_THRESHOLD, QueryStream, RolloutBatch, ScoreFn, build_batch, collect_rollouts, policy_logprobs,
     sample_groups, verifier_score,
 )
 from ..rl.selection import USED_QUERIES_FILE, SelectionResult, load_used_uids, screen, select_queries

@@ -39,18 +39,18 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+# Aliased: this module's own save_model writes a whole checkpoint directory.
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 
 from ..config import ConfigError, ModelConfig
+from ..models.hf import CheckpointError
 
 STATE_DIR = "state"
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIXES = (".tmp-", ".old-", ".trash-")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model/optimizer it is loaded into."""
 
 
 class ConfigMismatchError(ConfigError):
@@ -243,9 +243,7 @@ def save_model(model: torch.nn.Module, path: str) -> None:
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(path)
         return
-    from safetensors.torch import save_model as _st_save_model
-
-    _st_save_model(model, os.path.join(path, "model.safetensors"))
+    save_safetensors_model(model, os.path.join(path, "model.safetensors"))
     cfg = getattr(model, "config", None)
     if isinstance(cfg, ModelConfig):
         cfg.to_json(os.path.join(path, "config.json"))
@@ -267,13 +265,9 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
             loaded = type(model).from_pretrained(path)
             model.load_state_dict(loaded.state_dict(), strict=True)
         else:
-            from safetensors.torch import load_model as _st_load_model
-
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            _st_load_model(model, weights, strict=True, device=str(device))
-    except CheckpointError:
-        raise
-    except Exception as e:
+            load_safetensors_model(model, weights, strict=True, device=str(device))
+    except Exception as e:  # a CheckpointError of the loader too: the message adds the path and the model
         raise CheckpointError(f"{path}: model weights do not load into {type(model).__name__} ({e})") from e
 
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -310,8 +311,6 @@ def run_identity(model: nn.Module, cfg: TrainConfig, extra: Mapping[str, Any] | 
     for k, v in (extra or {}).items():
         ident[f"run.{k}"] = v
     # Normalise through JSON so the in-memory identity compares equal to the stored one.
-    import json
-
     return json.loads(json.dumps(ident, sort_keys=True, default=str))
 
 
