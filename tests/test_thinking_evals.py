@@ -3,9 +3,7 @@ ThinkFollow, accuracy by mode and the budget curve on scripted models whose answ
 claims judging them: test_claims.py)."""
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +15,6 @@ from qwen3repro.config import ConfigError
 from qwen3repro.data import tasks
 from qwen3repro.evals import thinking as th
 from qwen3repro.generate import Generation
-from qwen3repro.models.qwen3 import Qwen3
-from qwen3repro.models.registry import get_model_config
 from qwen3repro.tokenizer import train_tokenizer
 
 
