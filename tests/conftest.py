@@ -29,3 +29,27 @@ torch.set_num_threads(1)
 def one_thread():
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def make_plan():
+    """A factory of pipeline `Plan`s over hand-made stage directories, for code that reads a plan
+    (the claims): `make_plan(root, {"flagship/s3": config, ...}, evals={...})`. Each key's parent is
+    the previous key of the same role; configs may be any object (a SimpleNamespace of the fields read)."""
+    from types import SimpleNamespace
+
+    from qwen3repro.pipeline import Plan, StageNode
+
+    def make(root, stages, *, evals=None, experiments=None, roles=None, threads=1):
+        nodes, last = [], {}
+        for key, config in stages.items():
+            role = key.split("/")[0]
+            node = StageNode(key, "stage", config, root / key, last.get(role))
+            nodes.append(node)
+            last[role] = node
+        roles = tuple(roles or dict.fromkeys(k.split("/")[0] for k in stages))
+        # Only what the plan's readers use of the scale's [pipeline] table.
+        settings = SimpleNamespace(roles=roles, threads=threads, reuse="", claims=())
+        return Plan("test", root, settings, nodes, {"evals": evals or {}, "experiments": experiments or {}})
+
+    return make

@@ -5,7 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qwen3repro.evals.copying import COPY_GAIN_MIN, SPAN_TOKENS, copy_probe, no_copy_diagnosis
+from qwen3repro.evals.claims.copy_probe import copies, no_copy_diagnosis
+from qwen3repro.evals.claims.settings import claim_settings
+from qwen3repro.evals.copying import SPAN_TOKENS, copy_probe
+
+COPY_GAIN_MIN = claim_settings().copy_probe.copy_gain_min
 
 
 class _Chars:
@@ -51,9 +55,9 @@ def fixed_offset(x: torch.Tensor, offset: int = SPAN_TOKENS[-1]):
 def test_oracle_copies_and_blind_model_does_not():
     tok = _Chars()
     good = copy_probe(induction_oracle, tok, n_spans=5)
-    assert good["copies"] and good["copy_gain"] > 1.5 and good["second_nll"] < good["first_nll"] / 2
+    assert copies(good) and good["copy_gain"] > 1.5 and good["second_nll"] < good["first_nll"] / 2
     blind = copy_probe(context_blind, tok, n_spans=5)
-    assert not blind["copies"] and abs(blind["copy_gain"]) < 1e-6
+    assert not copies(blind) and abs(blind["copy_gain"]) < 1e-6
     assert no_copy_diagnosis(good, "S3") == ""
     text = no_copy_diagnosis(blind, "S3")
     assert "does not copy" in text and f"< {COPY_GAIN_MIN}" in text
@@ -63,7 +67,7 @@ def test_one_fixed_distance_does_not_pass_for_copying():
     """Attending one fixed distance back copies a span of exactly that length, so the probe varies
     the span length: over the mixed lengths such a model gains far less than real copying."""
     tok = _Chars()
-    assert copy_probe(fixed_offset, tok, span_tokens=(SPAN_TOKENS[-1],), n_spans=5)["copies"]
+    assert copies(copy_probe(fixed_offset, tok, span_tokens=(SPAN_TOKENS[-1],), n_spans=5))
     mixed = copy_probe(fixed_offset, tok, n_spans=10)["copy_gain"]
     oracle = copy_probe(induction_oracle, tok, n_spans=10)["copy_gain"]
     assert mixed < oracle / 2
@@ -82,17 +86,17 @@ def test_a_checkpoint_directory_is_loaded_with_its_tokenizer(tmp_path):
     model.save_pretrained(tmp_path)
     tok.save(tmp_path)
     res = copy_probe(tmp_path, n_spans=4)
-    assert res["spans"] == 4 and not res["copies"]  # an untrained model does not copy
+    assert res["spans"] == 4 and not copies(res)  # an untrained model does not copy
 
 
 
-def test_retrieval_rows_skip_the_probe_when_the_model_retrieves_at_its_length(tmp_path):
+def test_retrieval_rows_skip_the_probe_when_the_model_retrieves_at_its_length(tmp_path, make_plan):
     """The copy diagnosis goes to a failing row only when no direct evidence says the model copies:
     a YaRN + DCA row whose plain-S3 retrieval at the trained length reproduced gets none, the same
     row without that evidence (and a failing post-training row) gets the probe's sentence."""
-    from types import SimpleNamespace
 
-    from qwen3repro.evals.claims import ClaimRow, add_copy_diagnoses
+    from qwen3repro.evals.claims import ClaimRow
+    from qwen3repro.evals.claims.copy_probe import add_copy_diagnoses
     from qwen3repro.models.qwen3 import Qwen3
     from qwen3repro.models.registry import get_model_config
     from qwen3repro.tokenizer import train_tokenizer
@@ -104,13 +108,12 @@ def test_retrieval_rows_skip_the_probe_when_the_model_retrieves_at_its_length(tm
         Qwen3(get_model_config("micro")).save_pretrained(tmp_path / "flagship" / stage)
         tok.save(tmp_path / "flagship" / stage)
     (tmp_path / "claims").mkdir()
-    plan = SimpleNamespace(root=tmp_path, settings=SimpleNamespace(post_roles=("flagship",), control_roles=(),
-                                                                   roles=("flagship",)))
+    plan = make_plan(tmp_path, {"flagship/s3": None, "flagship/cold-start": None})
 
     def rows(s3_reproduced):
         return [ClaimRow("s3_abf[flagship/passkey]", "", "", "", s3_reproduced),
                 ClaimRow("yarn_dca[flagship/passkey]", "", "", "", False, diagnosis="DCA loses far needles"),
-                ClaimRow("grpo", "", "", "", False)]
+                ClaimRow("grpo", "", "", "", False, role="flagship")]
 
     retrieving = rows(True)
     add_copy_diagnoses(plan, retrieving, printer=lambda _m: None)

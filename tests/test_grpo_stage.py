@@ -248,8 +248,6 @@ def test_config_is_strict():
         grpo.GRPOConfig(families=("poetry",))
     with pytest.raises(ConfigError, match="group_size"):
         grpo.GRPOConfig(group_size=1)
-    assert grpo.pass_at_k(8, 0, 1) == 0.0 and grpo.pass_at_k(8, 8, 8) == 1.0
-    assert grpo.pass_at_k(8, 2, 1) == pytest.approx(0.25) and grpo.pass_at_k(8, 1, 8) == 1.0
 
 
 @pytest.fixture()
@@ -278,7 +276,7 @@ def test_stage_runs_and_resumes_exactly(tmp_path, parent_dir, monkeypatch):
     full = grpo.run(cfg, parent_dir, StageContext(tmp_path / "full", tmp_path / "cache", quiet),
                     score_fn=first_token_reward)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "eval.json", "lineage.json",
-                 "selection.json", grpo.PLOT_FILE, "state/trainer.json"):
+                 "selection.json", "state/trainer.json"):
         assert (full / name).exists(), name
     records = _records(full)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
@@ -289,6 +287,7 @@ def test_stage_runs_and_resumes_exactly(tmp_path, parent_dir, monkeypatch):
     ev = json.loads((full / "eval.json").read_text())
     assert ev["eval_settings"]["samples_per_item"] == 4 and ev["pass@1_before"] is not None
     assert ev["selection"]["n_selected"] > 0
+    assert "claim" not in ev and "report" not in ev  # the stage knows nothing of the claims
 
     # Cut the run during step 3 (after the step-2 checkpoint), then resume.
     calls = {"n": 0}

@@ -1,23 +1,20 @@
-"""Thinking-mode evaluations: ThinkFollow scoring, s1's Control/Scaling, the held-out chats, and the
-claim functions on a micro model."""
+"""Thinking-mode evaluations: ThinkFollow scoring, s1's Control/Scaling, the held-out chats, and
+ThinkFollow, accuracy by mode and the budget curve on scripted models whose answers are known (the
+claims judging them: test_claims.py)."""
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
-from qwen3repro.chat import STOP_THINKING_DIRECTIVE, thinking_flag, wants_thinking
+from qwen3repro.chat import STOP_THINKING_DIRECTIVE, render, thinking_flag, wants_thinking
 from qwen3repro.config import ConfigError
 from qwen3repro.data import tasks
 from qwen3repro.evals import thinking as th
 from qwen3repro.generate import Generation
-from qwen3repro.lineage import make_lineage, write_lineage
-from qwen3repro.models.qwen3 import Qwen3
-from qwen3repro.models.registry import get_model_config
 from qwen3repro.tokenizer import train_tokenizer
 
 
@@ -97,30 +94,6 @@ def test_s1_scaling_on_hand_made_curves():
     assert th.s1_scaling([(10, 0.2), (10, 0.9), (20, 0.4)]) == pytest.approx((200 - 500) / 2)  # per 100 tokens over 10-token gaps
 
 
-def test_clearly_above_needs_more_than_noise():
-    assert th.clearly_above(0.6, 100, 0.3, 100)
-    assert not th.clearly_above(0.037, 27, 0.0, 27)      # one right answer in 27 is not a win
-    assert not th.clearly_above(0.3, 100, 0.6, 100)
-    assert not th.clearly_above(0.5, 0, 0.1, 10)
-    assert th.clearly_above(1.0, 10, 0.0, 10) and not th.clearly_above(0.0, 10, 0.0, 10)
-
-
-def test_filtering_verdict_needs_both_differences_beyond_noise():
-    from qwen3repro.evals.posttrain import filtering_verdict
-
-    def model(acc, defect, n):
-        return {"accuracy": acc, "any_defect_rate": defect, "n": n}
-
-    ok, parts = filtering_verdict(model(0.20, 0.80, 250), model(0.08, 0.92, 250))
-    assert ok and parts == []
-    # One right answer in 84 against none: higher, but within noise (the tiny run of this session).
-    ok, parts = filtering_verdict(model(1 / 84, 83 / 84, 84), model(0.0, 1.0, 84))
-    assert not ok and len(parts) == 2 and "2 standard errors" in parts[0]
-    # More accurate but not less defective (e.g. more repetition) fails on the second half alone.
-    ok, parts = filtering_verdict(model(0.20, 0.95, 250), model(0.08, 0.95, 250))
-    assert not ok and parts == ["its outputs are not less defective by more than 2 standard errors"]
-
-
 def test_doubling_grid_goes_beyond_the_longest_trace():
     assert th.doubling_grid(100) == [0, 8, 16, 32, 64, 128]
     assert th.doubling_grid(128) == [0, 8, 16, 32, 64, 128]
@@ -156,7 +129,7 @@ def test_eval_config_is_strict():
     assert th.ThinkingEvalConfig.from_dict({"budgets": [16, 0, 8, 8]}).budgets == (0, 8, 16)
 
 
-# ----------------------------------------------------------------------------- on a micro model
+# ----------------------------------------------------------------------------- on scripted models
 @pytest.fixture(scope="module")
 def tok():
     rng = random.Random(0)
@@ -165,59 +138,138 @@ def tok():
     return train_tokenizer(texts, 400)
 
 
-@pytest.fixture(scope="module")
-def plan(tmp_path_factory, tok):
-    root = tmp_path_factory.mktemp("run")
-    out = root / "flagship" / "fusion"
-    out.mkdir(parents=True)
-    tok.save(out)
-    torch.manual_seed(0)
-    Qwen3(get_model_config("micro").replace(eos_token_id=tok.endoftext_id, bos_token_id=None)).save_pretrained(out)
-    write_lineage(out, make_lineage("fusion", {"test": 1}))
-    evals = {"fusion": {"follow_n": 8, "n_per_cell": 1, "families": ["add", "order"], "max_new_tokens": 24},
-             "thinking_budget": {"n_per_cell": 1, "families": ["add"], "budgets": [0, 8, 16]}}
+class _Rows:
+    """The scripted model's "KV cache": each row's completion and the step reached."""
 
-    def node(key):
-        if key != "flagship/fusion":
-            raise KeyError(key)
-        return SimpleNamespace(out_dir=out)
+    def __init__(self):
+        self.completions, self.step = None, 0
 
-    return SimpleNamespace(root=root, scale_config={"evals": evals}, node=node)
+    def reorder(self, keep):
+        self.completions = [self.completions[i] for i in keep.tolist()]
 
 
-def test_claims_run_on_a_micro_model_and_pin_their_settings(plan):
-    torch.set_num_threads(1)
-    said = []
-    rows = th.claim_fusion(plan, said.append)
-    assert [r.name for r in rows] == ["thinkfollow", "thinking_vs_non_thinking"]
-    res = json.loads((Path(plan.root) / "claims" / "fusion.json").read_text())
-    assert res["settings"]["thinking_sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0,
-                                                    "presence_penalty": 0.0}
-    assert res["settings"]["non_thinking_sampling"]["temperature"] == 0.7
-    tf = res["thinkfollow"]
-    assert tf["n"] == 8 and 0.0 <= tf["thinkfollow"] <= 1.0
-    # A random micro model does not follow flags: the claim is measured and not reproduced.
-    assert rows[0].reproduced is (tf["thinkfollow"] >= 0.9)
-    assert res["accuracy_by_mode"]["thinking"]["n"] == len(th.eval_items(th.ThinkingEvalConfig(
-        n_per_cell=1, families=("add", "order"))))
+class ScriptedLM(nn.Module):
+    """Writes `script(prompt ids)` (a completion's text) for every prompt, whatever the sampling: its
+    token's logit is far above every other, so top-k / top-p / temperature all pick it."""
 
-    rows = th.claim_budget(plan, said.append)
-    res = json.loads((Path(plan.root) / "claims" / "thinking_budget.json").read_text())
-    assert [r["budget"] for r in res["runs"]] == [0, 8, 16]
-    # The controller enforces every budget, so s1's Control is 1 and no sample thinks past its budget.
-    assert res["s1"]["control"] == 1.0
-    assert all(r["max_thinking_tokens"] <= r["budget"] for r in res["runs"])
-    assert res["settings"]["forced_text"] == th.TEMPLATE_DIRECTIVE
-    assert Path(rows[0].plots[0]).exists() and Path(rows[0].plots[0]).stat().st_size > 1000
+    def __init__(self, tokenizer, script):
+        super().__init__()
+        self.tok, self.script = tokenizer, script
+        self.anchor = nn.Parameter(torch.zeros(1))  # the engine reads the device from a parameter
+
+    def new_kv_cache(self, batch_size, max_len, **_):
+        return _Rows()
+
+    def forward(self, input_ids, *, position_ids=None, attention_mask=None, kv_cache=None):
+        if kv_cache.completions is None:
+            keep = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            kv_cache.completions = [self.tok.encode(self.script(tuple(ids[m].tolist())))
+                                    for ids, m in zip(input_ids, keep)]
+        step = kv_cache.step
+        kv_cache.step += 1
+        logits = torch.zeros(*input_ids.shape, len(self.tok))
+        for i, ids in enumerate(kv_cache.completions):
+            logits[i, -1, ids[step] if step < len(ids) else self.tok.endoftext_id] = 100.0
+        return SimpleNamespace(logits=logits)
 
 
-def test_claims_without_a_fusion_checkpoint_are_not_measured(tmp_path):
-    def node(key):
-        raise KeyError(key)
+THINKS = "<think>\nsome steps\n</think>\n\n{answer}<|im_end|>"
+DOES_NOT_THINK = "<think>\n\n</think>\n\n{answer}<|im_end|>"
+FOLLOW_CFG = th.ThinkingEvalConfig(follow_n=16, follow_families=("add",), seed=3)
 
-    plan = SimpleNamespace(root=tmp_path, scale_config={}, node=node)
-    rows = th.claim_fusion(plan, print) + th.claim_budget(plan, print)
-    assert rows and all(r.reproduced is None and r.measured == "not measured" for r in rows)
+
+def _chats(tok, cfg=FOLLOW_CFG):
+    """The chats think_follow builds, keyed by their prompt ids."""
+    convs = th.follow_conversations(cfg.follow_n, seed=cfg.seed, families=cfg.follow_families)
+    return {tuple(tok.encode(render(c["messages"], add_generation_prompt=True))): c for c in convs}
+
+
+def _follow(tok, choose_thinking):
+    """ThinkFollow of a model that thinks when `choose_thinking(chat)` and answers correctly."""
+    chats = _chats(tok)
+
+    def script(prompt):
+        chat = chats[prompt]
+        return (THINKS if choose_thinking(chat) else DOES_NOT_THINK).format(answer=chat["item"]["answer"])
+
+    return th.think_follow(ScriptedLM(tok, script), tok, FOLLOW_CFG, max_new_tokens=24)
+
+
+def _first_flag(messages):
+    for m in messages:
+        for word in m["content"].split() if m["role"] in ("user", "system") else ():
+            if word in ("/think", "/no_think"):
+                return word
+    return None
+
+
+def test_thinkfollow_of_models_whose_behaviour_is_known(tok):
+    oracle = _follow(tok, lambda chat: chat["expected"] == "think")
+    assert oracle["thinkfollow"] == 1.0 and oracle["n"] == 16 and oracle["failures"] == []
+    assert set(oracle["by_kind"].values()) == {1.0} and oracle["by_expected"] == {"think": 1.0, "no_think": 1.0}
+    assert all(r["correct"] for r in oracle["examples"])
+    always = _follow(tok, lambda chat: True)  # half the chats ask for thinking
+    assert always["thinkfollow"] == 0.5 and always["by_expected"] == {"think": 1.0, "no_think": 0.0}
+    never = _follow(tok, lambda chat: False)
+    assert never["thinkfollow"] == 0.5 and never["by_expected"] == {"think": 0.0, "no_think": 1.0}
+    # Following the first flag instead of the last fails every conflict, and exactly the chats whose
+    # first flag is not the one that wins.
+    first = _follow(tok, lambda chat: _first_flag(chat["messages"]) != "/no_think")
+    chats = list(_chats(tok).values())
+    expected = sum((_first_flag(c["messages"]) != "/no_think") == (c["expected"] == "think") for c in chats) / 16
+    assert first["thinkfollow"] == expected < 1.0 and first["by_kind"]["conflict"] == 0.0
+    assert first["by_kind"]["system"] == 1.0  # one flag only: first and last agree
+
+
+def test_a_think_block_that_never_closes_follows_nothing(tok):
+    chats = _chats(tok)
+    res = th.think_follow(ScriptedLM(tok, lambda prompt: "<think>\nsteps and more steps"), tok, FOLLOW_CFG,
+                          max_new_tokens=8)
+    assert res["thinkfollow"] == 0.0 and len(res["failures"]) == 8 and len(chats) == 16
+
+
+def test_accuracy_by_mode_of_a_model_right_only_when_thinking(tok):
+    cfg = th.ThinkingEvalConfig(n_per_cell=2, families=("add", "mul"), max_new_tokens=48)
+    items = th.eval_items(cfg)
+    answers = {tuple(tok.encode(render([{"role": "user", "content": it.question}], add_generation_prompt=True,
+                                       enable_thinking=think))): (it, think) for it in items for think in (True, False)}
+
+    def script(prompt):
+        item, think = answers[prompt]
+        # Non-thinking prompts end in the prefilled empty block: the model writes only the answer.
+        return THINKS.format(answer=item.answer) if think else f"{int(item.answer) + 1}<|im_end|>"
+
+    res = th.accuracy_by_mode(ScriptedLM(tok, script), tok, cfg)
+    assert res["thinking"]["accuracy"] == 1.0 and res["non_thinking"]["accuracy"] == 0.0
+    assert res["thinking"]["n"] == res["non_thinking"]["n"] == len(items)
+    hard = sum(th.relative_difficulty(it) == "hard" for it in items)
+    assert res["thinking"]["n_by_relative_difficulty"]["hard"] == hard > 0
+    assert res["thinking"]["mean_thinking_tokens"] == len(tok.encode("\nsome steps\n"))
+
+
+def test_budget_curve_of_a_model_with_a_fixed_trace(tok):
+    """A model that always thinks the same n tokens, then answers right: the controller holds every
+    run within its budget (s1's Control = 1), and a budget above n leaves the trace whole (n thinking
+    tokens, every answer right)."""
+    items = th.eval_items(th.ThinkingEvalConfig(n_per_cell=1, families=("add",)))
+    by_prompt = {tuple(tok.encode(render([{"role": "user", "content": it.question}], add_generation_prompt=True,
+                                         enable_thinking=think))): (it, think) for it in items for think in (True, False)}
+    completion = "<think>\n" + " ".join(["7 + 8 = 15"] * 3) + "\n</think>\n\n{answer}<|im_end|>"
+
+    def script(prompt):  # the non-thinking baseline's prompt ends in the prefilled empty block
+        item, think = by_prompt[prompt]
+        return completion.format(answer=item.answer) if think else f"{item.answer}<|im_end|>"
+
+    ids = tok.encode(completion.format(answer=1))
+    n = ids.index(tok.think_end_id) - ids.index(tok.think_start_id) - 1
+    cfg = th.ThinkingEvalConfig(n_per_cell=1, families=("add",), budgets=(0, n // 2, n + 1))
+    res = th.budget_curve(ScriptedLM(tok, script), tok, cfg, items=items)
+    assert [r["budget"] for r in res["runs"]] == [0, n // 2, n + 1]
+    assert all(r["max_thinking_tokens"] <= r["budget"] for r in res["runs"]) and res["s1"]["control"] == 1.0
+    whole = res["runs"][-1]
+    assert whole["accuracy"] == 1.0 and whole["mean_thinking_tokens"] == n and whole["budget_hit_share"] == 0.0
+    assert res["runs"][0]["budget_hit_share"] == 1.0 and res["runs"][0]["max_thinking_tokens"] == 0
+    assert res["non_thinking_baseline"] == 1.0
 
 
 def test_follow_conversations_scale_past_the_held_out_cell_size():

@@ -34,7 +34,8 @@ import datasets
 import torch
 
 from .config import ConfigError, config_hash, strict_fields
-from .lineage import LINEAGE_FILE, chain_hash, is_up_to_date, make_lineage, read_lineage
+from .evals.claims import run_claims
+from .lineage import chain_hash, read_lineage
 from .recipes import (StageFacts, deep_merge, load_recipe, load_scale, load_stage_graph, parse_override, recipe_lineage,
                       split_recipe)
 from .stages import coldstart, fusion, grpo, pretrain, sft
@@ -336,8 +337,6 @@ def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides:
     plan = build_plan(scale, out_root=out_root, overrides=list(overrides))
     run_stages(plan, only=only, printer=say)
     if claims:
-        from .evals.claims import run_claims
-
         run_claims(plan, printer=say, only=set(plan.settings.claims) or None)
     total = time.perf_counter() - t0
     write_json_atomic(plan.root / "pipeline.json", {

@@ -46,6 +46,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import datasets
 import numpy as np
 import torch
 
@@ -65,8 +66,6 @@ def load_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], colum
     A missing path, an unreadable/corrupt file or a shard without `column` raises `DataError`
     naming the file.
     """
-    import datasets
-
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     parts = []
@@ -105,13 +104,9 @@ class _Documents:
     """Random access to token documents held in a list, array or `datasets.Dataset`."""
 
     def __init__(self, documents: Any, cache_size: int = 64) -> None:
-        try:
-            import datasets
-        except ImportError:  # pragma: no cover
-            datasets = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
-        if datasets is not None and isinstance(documents, datasets.Dataset):
+        if isinstance(documents, datasets.Dataset):
             if "input_ids" not in documents.column_names:
                 raise DataError(f"dataset has no 'input_ids' column (columns: {documents.column_names})")
             self._ds = documents.select_columns(["input_ids"]).with_format("numpy")

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+from ..config import ConfigError
+from . import longcontext as lc
+
 _DIR = click.Path(file_okay=False, path_type=Path)
 
 
@@ -31,34 +34,47 @@ def eval_group() -> None:
     """Evaluation suites (settings pinned in the repository's evals/ folder)."""
 
 
+def _trained_length(s3: Path | None) -> int:
+    """The S3 stage's sequence length, from the `stage.json` the pipeline writes into its directory."""
+    stage_file = s3 / "stage.json" if s3 is not None else None
+    if stage_file is None or not stage_file.is_file():
+        raise click.UsageError("the trained (S3) length is unknown: pass --trained-length, or --s3 with the "
+                               "S3 stage's directory (its stage.json holds the stage's seq_len)")
+    try:
+        return int(json.loads(stage_file.read_text())["config"]["seq_len"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise click.UsageError(f"{stage_file}: no config.seq_len ({e}); pass --trained-length") from None
+
+
 @eval_group.command("longcontext")
 @click.option("--s2", type=_DIR, help="S2 checkpoint directory (condition S2).")
 @click.option("--s3", type=_DIR, help="S3 checkpoint directory (conditions S3, S3+YaRN, S3+YaRN+DCA).")
+@click.option("--trained-length", type=click.IntRange(min=1),
+              help="The S3 stage's sequence length, every length's reference (default: from <s3>/stage.json).")
 @click.option("--tokenizer", type=_DIR, help="Tokenizer directory (default: the S3 checkpoint directory).")
 @click.option("--out", type=_DIR, help="Output directory for longcontext.json and the plots.")
 @click.option("--suite", type=click.Path(dir_okay=False, path_type=Path),
               help="Suite file (default: evals/longcontext.toml).")
-@click.option("--lengths", help="Override the lengths, e.g. 256,2048,8192.")
+@click.option("--lengths", help="Override the lengths in tokens, e.g. 256,2048,8192.")
 @click.option("--n-per-length", type=click.IntRange(min=1), help="Override the items per (length, variant).")
 @click.option("--variants", help="Override the variants, e.g. passkey,order.")
 @click.option("--conditions", help="Override the conditions, e.g. S3,S3+YaRN+DCA.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch intra-op threads (0: torch's default).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")
-def longcontext(s2, s3, tokenizer, out, suite, lengths, n_per_length, variants, conditions, threads, dry_run) -> None:
+def longcontext(s2, s3, trained_length, tokenizer, out, suite, lengths, n_per_length, variants, conditions, threads,
+                dry_run) -> None:
     """Retrieval by (length, depth) and loss by position for S2, S3, S3+YaRN, S3+YaRN+DCA."""
-    from ..config import ConfigError
-    from . import longcontext as lc
-
+    trained = trained_length or _trained_length(s3)
+    overrides = {
+        "lengths": _int_list(lengths),
+        "n_per_length": n_per_length,
+        "variants": _name_list(variants),
+        "conditions": _name_list(conditions),
+    }
     try:
-        settings = lc.load_suite(suite) if suite else lc.default_settings()
-        overrides = {
-            "lengths": _int_list(lengths),
-            "n_per_length": n_per_length,
-            "variants": _name_list(variants),
-            "conditions": _name_list(conditions),
-        }
-        settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+        settings = lc.suite_settings(trained, {k: v for k, v in overrides.items() if v is not None},
+                                     suite=suite or lc.DEFAULT_SUITE, where="command-line options")
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     checkpoints = {k: v for k, v in (("S2", s2), ("S3", s3)) if v is not None}
@@ -69,7 +85,7 @@ def longcontext(s2, s3, tokenizer, out, suite, lengths, n_per_length, variants, 
             "checkpoints": {k: str(v) for k, v in checkpoints.items()},
             "tokenizer": str(tokenizer or s3) if (tokenizer or s3) else None,
             "out": str(out) if out else None,
-            "items_per_condition": len(settings.lengths) * settings.n_per_length * len(settings.variants),
+            "items_per_condition": len(settings.eval_lengths) * settings.n_per_length * len(settings.variants),
             "settings": settings.resolved(),
         }, indent=2))
         return

@@ -6,6 +6,7 @@ before and continue it). A model that can copy predicts the second occurrence of
 better than the first; one that cannot pays about the same both times. The probe repeats held-out
 prose spans (`data.synthetic.heldout_text`, never trained on) back to back and reports the mean
 next-token NLL on each copy, and their difference, the copy gain. Deterministic for a checkpoint.
+Which gain counts as copying is the claims' call (`evals/claims.toml`, [copy_probe]).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from typing import Any, Sequence
 
 import torch
 
-# Below this gain (nats/token) the diagnoses say the model does not copy prose from its context. An
-# induction-capable model's second copy costs a small fraction of the first (a gain of most of the
-# first copy's ~2 nats); the tiny models trained here gain ~0.1-0.2.
-COPY_GAIN_MIN = 0.5
+from ..data.synthetic import heldout_text
+from ..models.qwen3 import Qwen3
+from ..tokenizer import Tokenizer
+
 # Span lengths vary so that attending at one fixed distance back does not pass for copying.
 SPAN_TOKENS = (24, 30, 36, 42, 48)
 N_SPANS = 20
@@ -26,15 +27,10 @@ N_SPANS = 20
 @torch.inference_mode()
 def copy_probe(model: Any, tokenizer: Any = None, *, span_tokens: Sequence[int] = SPAN_TOKENS,
                n_spans: int = N_SPANS) -> dict[str, Any]:
-    """{"first_nll", "second_nll", "copy_gain", "copies", ...} over `n_spans` held-out spans repeated
+    """{"first_nll", "second_nll", "copy_gain", "spans", "span_tokens"} over `n_spans` held-out spans repeated
     back to back. `model` is a checkpoint directory (then the tokenizer is read from it too) or a
     callable returning an object with `.logits`, with `tokenizer` given."""
-    from ..data.synthetic import heldout_text
-
     if isinstance(model, (str, Path)):
-        from ..models.qwen3 import Qwen3
-        from ..tokenizer import Tokenizer
-
         tokenizer = tokenizer or Tokenizer.load(model)
         model = Qwen3.from_pretrained(model).eval()
     first_sum = second_sum = 0.0
@@ -56,19 +52,8 @@ def copy_probe(model: Any, tokenizer: Any = None, *, span_tokens: Sequence[int] 
         raise ValueError("copy_probe: no held-out document is long enough")
     first, second = first_sum / first_n, second_sum / second_n
     gain = first - second
-    return {"first_nll": first, "second_nll": second, "copy_gain": gain, "copies": gain >= COPY_GAIN_MIN,
-            "spans": spans, "span_tokens": list(span_tokens)}
+    return {"first_nll": first, "second_nll": second, "copy_gain": gain, "spans": spans,
+            "span_tokens": list(span_tokens)}
 
 
-def no_copy_diagnosis(probe: dict[str, Any], what: str) -> str:
-    """The diagnosis sentence when `probe` says the model does not copy ('' when it does)."""
-    if probe.get("copies"):
-        return ""
-    lengths = probe["span_tokens"]
-    return (f"the {what} model does not copy prose from its context: a repeated {min(lengths)}-{max(lengths)}-token "
-            f"span costs {probe['second_nll']:.2f} nats/token the second time vs {probe['first_nll']:.2f} the first "
-            f"(copy gain {probe['copy_gain']:.2f} < {COPY_GAIN_MIN}), which limits every task that reads operands or "
-            "names back from its context, whatever the mechanism under test")
-
-
-__all__ = ["COPY_GAIN_MIN", "copy_probe", "no_copy_diagnosis"]
+__all__ = ["N_SPANS", "SPAN_TOKENS", "copy_probe"]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import plotting
 from ..data import tasks
 from ..data.synthetic import s2_eval_items
 from ..generate import GREEDY, generate
@@ -86,3 +87,20 @@ def reasoning_accuracy(model_dir: str | Path, *, n_per_cell: int, max_new_tokens
         "settings": {"decoding": "greedy", "n_per_cell": n_per_cell, "max_new_tokens": max_new_tokens,
                      "seed": seed, "prompt": "Problem: {question}\\nSolution:\\n"},
     }
+
+
+def plot_reasoning_by_family(results: dict[str, dict], out: Path) -> str:
+    """Held-out accuracy by task family, one bar per evaluated model (`reasoning_accuracy` results)."""
+    families = sorted({f for r in results.values() for f in r["by_family"]})
+    width = 0.8 / max(len(results), 1)
+    with plotting.figure(out, figsize=(7, 3.5)) as (fig, axes):
+        ax = axes[0, 0]
+        for i, (stage, r) in enumerate(results.items()):
+            ax.bar([j + i * width for j in range(len(families))], [r["by_family"].get(f, 0) for f in families],
+                   width=width, label=f"{stage} ({r['accuracy']:.0%})")
+        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(families))], families)
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title("Reasoning after S1, S2 and the S1 control (greedy)")
+        ax.legend()
+    return str(out)

@@ -8,71 +8,49 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..train.metrics import MetricsLog  # noqa: E402
+from .. import plotting
+from ..lineage import read_lineage
+from ..train.metrics import MetricsLog
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return MetricsLog(os.fspath(path)).read()
 
 
-def plot_loss_curves(stage_dirs: dict[str, Path], out: Path) -> str | None:
-    """Training loss of every stage against cumulative tokens (stages laid end to end per role)."""
-    roles: dict[str, list[tuple[str, Path]]] = {}
-    for key, d in stage_dirs.items():
-        role = key.split("/")[0]
-        roles.setdefault(role, []).append((key.split("/")[-1], d))
-    if not roles:
+def loss_curves(nodes: Sequence[Any]) -> dict[str, list[tuple[str, list[float], list[float]]]]:
+    """Per role, each stage's (name, cumulative tokens, training loss): a stage's curve starts where
+    its parent stage's (the node's `parent`) ended. `nodes` come parents first."""
+    curves: dict[str, list[tuple[str, list[float], list[float]]]] = {}
+    end: dict[str, float] = {}  # node key -> tokens at its last logged step
+    for node in nodes:
+        role, stage = node.key.split("/")[0], node.key.split("/")[-1]
+        rows = read_metrics(node.out_dir / "metrics.jsonl")
+        curves.setdefault(role, [])
+        if not rows:
+            continue
+        base = end.get(node.parent.key, 0) if node.parent is not None else 0
+        xs = [base + r.get("tokens_seen", 0) for r in rows]
+        curves[role].append((stage, xs, [r["loss"] for r in rows]))
+        end[node.key] = xs[-1]
+    return curves
+
+
+def plot_loss_curves(nodes: Sequence[Any], out: Path) -> str | None:
+    """Training loss of every stage against cumulative tokens (`loss_curves`), one panel per role."""
+    curves = loss_curves(nodes)
+    if not curves:
         return None
-    fig, axes = plt.subplots(1, len(roles), figsize=(6 * len(roles), 4), squeeze=False)
-    for ax, (role, stages) in zip(axes[0], roles.items()):
-        offset = {}
-        for stage, d in stages:
-            rows = read_metrics(d / "metrics.jsonl")
-            if not rows:
-                continue
-            base = 0
-            if stage in ("s2", "s1-control"):
-                base = offset.get("s1", 0)
-            elif stage == "s3":
-                base = offset.get("s2", offset.get("s1", 0))
-            xs = [base + r.get("tokens_seen", 0) for r in rows]
-            ax.plot(xs, [r["loss"] for r in rows], label=stage, linestyle="--" if "control" in stage else "-")
-            offset[stage] = xs[-1]
-        ax.set_title(f"{role}: training loss by stage")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return str(out)
-
-
-def plot_reasoning_by_family(results: dict[str, dict], out: Path) -> str:
-    families = sorted({f for r in results.values() for f in r["by_family"]})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / max(len(results), 1)
-    for i, (stage, r) in enumerate(results.items()):
-        ax.bar([j + i * width for j in range(len(families))], [r["by_family"].get(f, 0) for f in families],
-               width=width, label=f"{stage} ({r['accuracy']:.0%})")
-    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(families))], families)
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Reasoning after S1, S2 and the S1 control (greedy)")
-    ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    with plotting.figure(out, ncols=len(curves), figsize=(6 * len(curves), 4)) as (fig, axes):
+        for ax, (role, stages) in zip(axes[0], curves.items()):
+            for stage, xs, ys in stages:
+                ax.plot(xs, ys, label=stage, linestyle="--" if "control" in stage else "-")
+            ax.set_title(f"{role}: training loss by stage")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("loss")
+            if ax.lines:
+                ax.legend()
     return str(out)
 
 
@@ -92,8 +70,6 @@ def _reuse_lines(plan) -> list[str]:
     settings = plan.settings
     if not settings.reuse:
         return []
-    from ..lineage import read_lineage
-
     other = plan.root.parent / settings.reuse
     copied = []
     for n in plan.nodes:
@@ -113,8 +89,7 @@ def _reuse_lines(plan) -> list[str]:
 def write_report(plan, rows: Iterable) -> Path:
     root: Path = plan.root
     rows = list(rows)
-    stage_dirs = {n.key: n.out_dir for n in plan.nodes if n.kind == "pretrain"}
-    loss_plot = plot_loss_curves(stage_dirs, root / "plots" / "loss_curves.png")
+    loss_plot = plot_loss_curves([n for n in plan.nodes if n.kind == "pretrain"], root / "plots" / "loss_curves.png")
     pipeline = {}
     if (root / "pipeline.json").exists():
         pipeline = json.loads((root / "pipeline.json").read_text())

@@ -28,7 +28,6 @@ result. Sizes come from the scale's `[evals.fusion]` and `[evals.thinking_budget
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -37,22 +36,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .. import plotting
 from ..chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE, TEMPLATE_STOP_THINKING, parse, render, wants_thinking
 from ..config import ConfigError, strict_fields
 from ..data import tasks
 from ..data.synthetic import s2_eval_items
 from ..generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, Generation, SamplingParams, ThinkingBudget, generate
 from ..rewards import answer_text as reward_answer_text
-from ..stages.common import write_json_atomic
-
-# ---- the report's figures (Qwen3 technical report, arXiv 2505.09388)
-REPORT_THINKFOLLOW_STAGE3 = 88.7   # Table 22, Qwen3-32B after thinking-mode fusion
-REPORT_THINKFOLLOW_STAGE4 = 98.9   # Table 22, after general RL
-CLAIM_THINKFOLLOW = 0.90           # our claim threshold for the fused model
-REPORT_AIME24_THINKING = 85.7      # Qwen3-235B-A22B thinking (headline results)
-REPORT_AIME24_NON_THINKING = 40.1  # Table 12, non-thinking
-# Fig. 2 (Qwen3-235B-A22B, AIME'24, read off the plot): budgets 1K..32K tokens.
-REPORT_BUDGET_CURVE_AIME24 = {1024: 42.0, 2048: 43.0, 4096: 56.0, 8192: 72.5, 16384: 84.0, 32768: 86.5}
 
 # The forced text when a budget runs out: "template" = what the fusion set trains and the chat
 # template renders; "report" = the directive verbatim as printed in the report.
@@ -71,7 +61,8 @@ class ThinkingEvalConfig:
     """Sizes and settings of the thinking evaluations (the scale's [evals.fusion] and
     [evals.thinking_budget] tables; unknown keys are an error)."""
 
-    role: str = "flagship"
+    role: str = ""
+    """The role whose fused model is evaluated (empty: the first role with a fusion stage)."""
     # ---- ThinkFollow
     follow_n: int = 48
     """Held-out conversations (balanced over FOLLOW_KINDS and over the expected mode)."""
@@ -192,16 +183,6 @@ def successive_scaling(points: Sequence[tuple[float, float]], *, per: float = 10
     pts = sorted(points)
     slopes = [(fb - fa) * 100.0 / (b - a) * per for (a, fa), (b, fb) in zip(pts, pts[1:]) if b > a]
     return sum(slopes) / len(slopes) if slopes else None
-
-
-def clearly_above(p1: float, n1: int, p2: float, n2: int, z: float = 2.0) -> bool:
-    """Whether accuracy p1 (n1 items) beats p2 (n2 items) by more than z pooled standard errors
-    (a two-proportion test; z = 2 is about one-sided p < 0.025), so a claim is not decided by noise."""
-    if n1 < 1 or n2 < 1:
-        return False
-    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    return p1 - p2 > z * se if se > 0 else p1 > p2
 
 
 def doubling_grid(longest: int, start: int = 8) -> list[int]:
@@ -405,63 +386,37 @@ def budget_curve(model, tokenizer, cfg: ThinkingEvalConfig,
 def plot_budget(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Accuracy vs thinking budget (budgets as equally spaced ticks) with the non-thinking baseline,
     and thinking tokens used vs budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = result["runs"]
     xs = list(range(len(runs)))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax.plot(xs, [100 * r["accuracy"] for r in runs], marker="o", label="thinking, budget-forced")
-    ax.axhline(100 * result["non_thinking_baseline"], color="grey", ls="--", label="non-thinking")
-    for rel, style in (("hard", ":"), ("easy", "-.")):
-        ys = [r["by_relative_difficulty"].get(rel) for r in runs]
-        if all(y is not None for y in ys):
-            ax.plot(xs, [100 * y for y in ys], ls=style, lw=1, label=f"thinking, {rel} items")
-    ax.set_xticks(xs, [str(r["budget"]) for r in runs])
-    ax.set_xlabel("thinking budget (tokens)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.legend(fontsize=8)
-    ax2.plot(xs, [r["mean_thinking_tokens"] for r in runs], marker="o", label="mean thinking tokens")
-    ax2.plot(xs, [r["budget"] for r in runs], ls="--", color="grey", label="budget")
-    ax2.axhline(result["longest_reference_trace"], color="red", lw=0.8, label="longest reference trace")
-    ax2.set_xticks(xs, [str(r["budget"]) for r in runs])
-    ax2.set_xlabel("thinking budget (tokens)")
-    ax2.set_yscale("symlog", linthresh=8)
-    ax2.legend(fontsize=8)
     s1 = result["s1"]
-    fig.suptitle(title or f"accuracy vs thinking budget (n={result['n']}; s1 Control {s1['control']:.2f}, "
-                          f"Scaling {s1['scaling'] if s1['scaling'] is not None else float('nan'):.2f})")
-    fig.tight_layout()
+    title = title or (f"accuracy vs thinking budget (n={result['n']}; s1 Control {s1['control']:.2f}, "
+                      f"Scaling {s1['scaling'] if s1['scaling'] is not None else float('nan'):.2f})")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with plotting.figure(path, ncols=2, figsize=(11, 4), title=title) as (fig, axes):
+        ax, ax2 = axes[0]
+        ax.plot(xs, [100 * r["accuracy"] for r in runs], marker="o", label="thinking, budget-forced")
+        ax.axhline(100 * result["non_thinking_baseline"], color="grey", ls="--", label="non-thinking")
+        for rel, style in (("hard", ":"), ("easy", "-.")):
+            ys = [r["by_relative_difficulty"].get(rel) for r in runs]
+            if all(y is not None for y in ys):
+                ax.plot(xs, [100 * y for y in ys], ls=style, lw=1, label=f"thinking, {rel} items")
+        ax.set_xticks(xs, [str(r["budget"]) for r in runs])
+        ax.set_xlabel("thinking budget (tokens)")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.legend()
+        ax2.plot(xs, [r["mean_thinking_tokens"] for r in runs], marker="o", label="mean thinking tokens")
+        ax2.plot(xs, [r["budget"] for r in runs], ls="--", color="grey", label="budget")
+        ax2.axhline(result["longest_reference_trace"], color="red", lw=0.8, label="longest reference trace")
+        ax2.set_xticks(xs, [str(r["budget"]) for r in runs])
+        ax2.set_xlabel("thinking budget (tokens)")
+        ax2.set_yscale("symlog", linthresh=8)
+        ax2.legend()
     return path
 
 
-# ----------------------------------------------------------------------------- claims
-def _settings(plan, table: str) -> ThinkingEvalConfig:
-    return ThinkingEvalConfig.from_dict(plan.scale_config.get("evals", {}).get(table, {}))
-
-
-def _load(plan, cfg: ThinkingEvalConfig):
-    """(model, tokenizer, checkpoint dir) of the fused model, or (None, None, reason)."""
-    from ..models.qwen3 import Qwen3
-    from ..tokenizer import Tokenizer
-
-    try:
-        out = Path(plan.node(f"{cfg.role}/fusion").out_dir)
-    except KeyError:
-        return None, None, f"no {cfg.role}/fusion stage in this pipeline"
-    if not (out / "lineage.json").exists():
-        return None, None, f"missing checkpoint {out}"
-    return Qwen3.from_pretrained(out), Tokenizer.load(out), out
-
-
-def _pinned(cfg: ThinkingEvalConfig) -> dict[str, Any]:
+def pinned_settings(cfg: ThinkingEvalConfig) -> dict[str, Any]:
+    """The sampling and prompts the thinking evaluations ran with (written next to their results)."""
     return {"thinking_sampling": asdict(cfg.thinking_sampling),
             "non_thinking_sampling": asdict(cfg.non_thinking_sampling),
             "thinking_prompt": "chat template, default (thinking) mode, no flag",
@@ -469,168 +424,39 @@ def _pinned(cfg: ThinkingEvalConfig) -> dict[str, Any]:
             "heldout": "data.tasks.is_heldout", "config": asdict(cfg)}
 
 
-def claim_fusion(plan, say) -> list:
-    """ThinkFollow ≥ 90% and thinking beats non-thinking on hard held-out problems."""
-    from .claims import ClaimRow
-
-    cfg = _settings(plan, "fusion")
-    model, tokenizer, where = _load(plan, cfg)
-    if model is None:
-        return [ClaimRow("thinkfollow", "fused model follows /think and /no_think", "-", "not measured", None, where),
-                ClaimRow("thinking_vs_non_thinking", "thinking beats non-thinking on hard problems", "-",
-                         "not measured", None, where)]
-    t0 = time.perf_counter()
-    follow = think_follow(model, tokenizer, cfg)
-    say(f"claims: ThinkFollow {follow['thinkfollow']:.1%} (n={follow['n']}, {time.perf_counter() - t0:.0f}s)")
-    t1 = time.perf_counter()
-    modes = accuracy_by_mode(model, tokenizer, cfg)
-    say(f"claims: accuracy thinking {modes['thinking']['accuracy']:.1%} vs non-thinking "
-        f"{modes['non_thinking']['accuracy']:.1%} (n={modes['thinking']['n']}, {time.perf_counter() - t1:.0f}s)")
-    result = {"checkpoint": str(where), "thinkfollow": follow, "accuracy_by_mode": modes, "settings": _pinned(cfg),
-              "report": {"thinkfollow_stage3": REPORT_THINKFOLLOW_STAGE3, "thinkfollow_stage4": REPORT_THINKFOLLOW_STAGE4,
-                         "claim_threshold": CLAIM_THINKFOLLOW},
-              "seconds": round(time.perf_counter() - t0, 1)}
-    path = Path(plan.root) / "claims" / "fusion.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
-    plot = str(plot_fusion(follow, modes, path.with_suffix(".png")))
-    tf = follow["thinkfollow"]
-    by_kind = ", ".join(f"{k} {v:.0%}" for k, v in follow["by_kind"].items() if v is not None)
-    think_hard = modes["thinking"]["by_relative_difficulty"]["hard"]
-    plain_hard = modes["non_thinking"]["by_relative_difficulty"]["hard"]
-    follow_ok = tf >= CLAIM_THINKFOLLOW
-    n_hard = modes["thinking"]["n_by_relative_difficulty"]["hard"]
-    hard_ok = think_hard is not None and plain_hard is not None and clearly_above(think_hard, n_hard, plain_hard, n_hard)
-    diag_hard = ""
-    if not hard_ok:
-        diag_hard = ("thinking did not beat non-thinking on the hard items by more than 2 standard errors"
-                     if think_hard is not None else "no hard items evaluated")
-    return [
-        ClaimRow(
-            name="thinkfollow",
-            claim="After thinking-mode fusion the model follows /think and /no_think (last flag wins) in multi-turn chats",
-            report_figure=f"ThinkFollow {REPORT_THINKFOLLOW_STAGE3} after Stage 3, {REPORT_THINKFOLLOW_STAGE4} after "
-                          "Stage 4 (Table 22, Qwen3-32B); claim: >= 90%",
-            measured=f"ThinkFollow {tf:.1%} on {follow['n']} held-out 2-3 turn chats ({by_kind}; thinking "
-                     f"{follow['by_expected']['think']:.0%}, non-thinking {follow['by_expected']['no_think']:.0%})",
-            reproduced=follow_ok,
-            diagnosis="" if follow_ok else f"below 90%; failures in {path.name} show the malformed or wrong-mode turns",
-            plots=[plot],
-            details={"thinkfollow": tf, "by_kind": follow["by_kind"], "by_expected": follow["by_expected"],
-                     "result": str(path)}),
-        ClaimRow(
-            name="thinking_vs_non_thinking",
-            claim="Thinking mode beats non-thinking mode on hard problems (one fused model, two modes)",
-            report_figure=f"AIME'24 {REPORT_AIME24_THINKING} thinking vs {REPORT_AIME24_NON_THINKING} non-thinking "
-                          "(Qwen3-235B-A22B, Tables 11-12)",
-            measured=f"held-out hard items: thinking {_pct(think_hard)} vs non-thinking {_pct(plain_hard)}; all: "
-                     f"{modes['thinking']['accuracy']:.1%} vs {modes['non_thinking']['accuracy']:.1%} "
-                     f"(n={modes['thinking']['n']})",
-            reproduced=hard_ok,
-            diagnosis=diag_hard,
-            plots=[plot],
-            details={"thinking": modes["thinking"]["by_relative_difficulty"],
-                     "non_thinking": modes["non_thinking"]["by_relative_difficulty"], "result": str(path)}),
-    ]
-
-
-def plot_fusion(follow: Mapping[str, Any], modes: Mapping[str, Any], path: str | Path) -> Path:
-    """Left: ThinkFollow by case and by requested mode, with the claim's threshold. Right: accuracy
-    in thinking vs non-thinking mode by relative difficulty."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"case: {k}" for k in follow["by_kind"]] + [f"asked: {m}" for m in follow["by_expected"]]
-    values = [100 * (v or 0.0) for v in list(follow["by_kind"].values()) + list(follow["by_expected"].values())]
-    ax.bar(range(len(values)), values, color="tab:blue")
-    ax.axhline(100 * CLAIM_THINKFOLLOW, color="tab:red", ls="--", label=f"claim {CLAIM_THINKFOLLOW:.0%}")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("follows the last flag (%)")
-    ax.set_title(f"ThinkFollow {100 * follow['thinkfollow']:.1f}% (n={follow['n']})")
-    ax.legend(fontsize=8)
-    found = modes["thinking"]["by_relative_difficulty"]
-    levels = [lv for lv in ("easy", "medium", "hard") if lv in found] + [lv for lv in found
-                                                                          if lv not in ("easy", "medium", "hard")]
-    width = 0.38
-    for i, mode in enumerate(("thinking", "non_thinking")):
-        acc = [100 * (modes[mode]["by_relative_difficulty"][lv] or 0.0) for lv in levels]
-        ax2.bar([x + (i - 0.5) * width for x in range(len(levels))], acc, width, label=mode.replace("_", "-"))
-    ax2.set_xticks(range(len(levels)), levels)
-    ax2.set_ylim(0, 100)
-    ax2.set_ylabel("held-out accuracy (%)")
-    ax2.set_title("one fused model, two modes")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
+def plot_fusion(follow: Mapping[str, Any], modes: Mapping[str, Any], path: str | Path, *,
+                threshold: float | None = None) -> Path:
+    """Left: ThinkFollow by case and by requested mode, with the claim's `threshold` when given.
+    Right: accuracy in thinking vs non-thinking mode by relative difficulty."""
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with plotting.figure(path, ncols=2, figsize=(11, 4)) as (fig, axes):
+        ax, ax2 = axes[0]
+        labels = [f"case: {k}" for k in follow["by_kind"]] + [f"asked: {m}" for m in follow["by_expected"]]
+        values = [100 * (v or 0.0) for v in list(follow["by_kind"].values()) + list(follow["by_expected"].values())]
+        ax.bar(range(len(values)), values, color="tab:blue")
+        if threshold is not None:
+            ax.axhline(100 * threshold, color="tab:red", ls="--", label=f"claim {threshold:.0%}")
+            ax.legend()
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("follows the last flag (%)")
+        ax.set_title(f"ThinkFollow {100 * follow['thinkfollow']:.1f}% (n={follow['n']})")
+        found = modes["thinking"]["by_relative_difficulty"]
+        levels = [lv for lv in ("easy", "medium", "hard") if lv in found] + [lv for lv in found
+                                                                              if lv not in ("easy", "medium", "hard")]
+        width = 0.38
+        for i, mode in enumerate(("thinking", "non_thinking")):
+            acc = [100 * (modes[mode]["by_relative_difficulty"][lv] or 0.0) for lv in levels]
+            ax2.bar([x + (i - 0.5) * width for x in range(len(levels))], acc, width, label=mode.replace("_", "-"))
+        ax2.set_xticks(range(len(levels)), levels)
+        ax2.set_ylim(0, 100)
+        ax2.set_ylabel("held-out accuracy (%)")
+        ax2.set_title("one fused model, two modes")
+        ax2.legend()
     return path
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
-
-
-def claim_budget(plan, say) -> list:
-    """Accuracy rises with the thinking budget above the non-thinking baseline (Fig. 2)."""
-    from .claims import ClaimRow
-
-    cfg = _settings(plan, "thinking_budget")
-    model, tokenizer, where = _load(plan, cfg)
-    if model is None:
-        return [ClaimRow("thinking_budget", "accuracy rises with the thinking budget", "-", "not measured", None, where)]
-    t0 = time.perf_counter()
-    curve = budget_curve(model, tokenizer, cfg)
-    root = Path(plan.root) / "claims"
-    plot = plot_budget(curve, root / "thinking_budget.png")
-    result = {"checkpoint": str(where), **curve, "settings": {**_pinned(cfg), "directive": cfg.directive,
-                                                             "forced_text": TEMPLATE_DIRECTIVE if cfg.directive == "template"
-                                                             else STOP_THINKING_DIRECTIVE},
-              "report": {"fig2_aime24": REPORT_BUDGET_CURVE_AIME24, "non_thinking_aime24": REPORT_AIME24_NON_THINKING},
-              "seconds": round(time.perf_counter() - t0, 1)}
-    write_json_atomic(root / "thinking_budget.json", result)
-    runs, s1 = curve["runs"], curve["s1"]
-    say(f"claims: thinking budget {[(r['budget'], round(r['accuracy'], 3)) for r in runs]}, baseline "
-        f"{curve['non_thinking_baseline']:.3f}, s1 control {s1['control']}, scaling {s1['scaling']}")
-    top = runs[-1]["accuracy"]
-    n = curve["n"]
-    rises = (s1["scaling"] is not None and s1["scaling"] > 0
-             and clearly_above(top, n, curve["non_thinking_baseline"], n))
-    # A staircase: nothing between budget 0 and the full trace helps. Count budgets below the
-    # longest trace that beat budget 0.
-    partial = [r for r in runs[1:] if r["budget"] < curve["longest_reference_trace"]]
-    helped = sum(r["accuracy"] > runs[0]["accuracy"] for r in partial)
-    diagnosis = "" if rises else ("accuracy did not rise with the budget above the non-thinking baseline "
-                                  "(by more than 2 standard errors at the largest budget)")
-    if rises and partial and helped == 0:
-        diagnosis = "rises only once the budget covers whole traces (a staircase): partial thinking did not help"
-    curve_text = ", ".join(f"{r['budget']}: {r['accuracy']:.0%}" for r in runs)
-    return [ClaimRow(
-        name="thinking_budget",
-        claim="Accuracy rises with the thinking budget, above the non-thinking baseline (the budget ability emerges from fusion)",
-        report_figure="AIME'24 ~42 -> 86.5 for budgets 1K -> 32K; non-thinking 40.1 (Fig. 2, Qwen3-235B-A22B)",
-        measured=f"held-out accuracy by budget {{{curve_text}}}; non-thinking {curve['non_thinking_baseline']:.0%}; "
-                 f"s1 Control {s1['control']:.2f}, Scaling {_num(s1['scaling'])} pts/100 tokens "
-                 f"(successive {_num(s1['scaling_successive'])}); n={curve['n']}",
-        reproduced=rises,
-        diagnosis=diagnosis,
-        plots=[str(plot)],
-        details={"s1": s1, "budgets": curve["budgets"], "accuracy": [r["accuracy"] for r in runs],
-                 "baseline": curve["non_thinking_baseline"], "partial_budgets_beating_zero": helped,
-                 "result": str(root / "thinking_budget.json")},
-    )]
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-__all__ = ["CLAIM_THINKFOLLOW", "DIRECTIVES", "FOLLOW_KINDS", "REPORT_THINKFOLLOW_STAGE3", "TEMPLATE_DIRECTIVE",
-           "ThinkingEvalConfig", "accuracy_by_mode", "answer_text", "budget_curve", "claim_budget", "claim_fusion",
-           "clearly_above",
-           "doubling_grid", "eval_items", "follow_conversations", "follows_mode", "is_correct", "plot_budget",
-           "relative_difficulty", "s1_control", "s1_scaling", "successive_scaling", "think_follow", "thinking_tokens"]
+__all__ = ["DIRECTIVES", "FOLLOW_KINDS", "TEMPLATE_DIRECTIVE", "ThinkingEvalConfig", "accuracy_by_mode", "answer_text",
+           "budget_curve", "doubling_grid", "eval_items", "follow_conversations", "follows_mode", "is_correct",
+           "pinned_settings", "plot_budget", "plot_fusion", "relative_difficulty", "s1_control", "s1_scaling",
+           "successive_scaling", "think_follow", "thinking_tokens"]

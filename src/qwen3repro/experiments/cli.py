@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
+
+from .scaling_laws import SweepSettings, plan_lines, run_sweep
 
 
 @click.command("scaling-laws")
@@ -22,10 +25,6 @@ def scaling_laws_command(out_dir: Path, quick: bool, dry_run: bool, threads: int
     tiny/tiny.toml's S1 learning rate and batch come from the copy committed as
     tiny/scaling_laws.json.
     """
-    import torch
-
-    from .scaling_laws import SweepSettings, plan_lines, run_sweep
-
     settings = SweepSettings.quick_settings() if quick else SweepSettings()
     if dry_run:
         for line in plan_lines(settings):

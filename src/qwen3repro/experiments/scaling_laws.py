@@ -52,6 +52,7 @@ from ..data.synthetic import generate_documents
 from ..models.qwen3 import Qwen3
 from ..models.registry import count_parameters, get_model_config
 from ..stages.common import StageContext, write_json_atomic
+from ..stages import tokenizer as tokenizer_stage
 from ..stages.pretrain import PretrainConfig, pretrain_loss, tokenized_corpus
 from ..tokenizer import Tokenizer
 from ..train.loop import TrainConfig, TrainingDivergedError, train
@@ -530,8 +531,6 @@ def caveats(s: SweepSettings, opt: Mapping[str, Mapping[str, Any]], fits: Mappin
 def run_sweep(out_dir: Path, settings: SweepSettings | None = None, cache_dir: Path | None = None,
               printer: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep into `out_dir`; write `scaling_laws.json` and the plots; return the result."""
-    from ..stages import tokenizer as tokenizer_stage
-
     s = settings or SweepSettings()
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"

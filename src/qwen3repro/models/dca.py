@@ -211,7 +211,7 @@ def _explicit_partial(q, k, v, scale: float, causal: bool):
 def _fused_partial(q, k, v, scale: float, causal: bool):
     """The same through an aten SDPA kernel that returns the LSE; raises if none applies."""
     B, Hq, m, D = q.shape
-    Hkv, s = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     g = Hq // Hkv
     if g > 1:
         if causal:  # the causal mask depends on the row: give every query head its own K/V (s <= n)

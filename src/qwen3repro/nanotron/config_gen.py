@@ -50,6 +50,7 @@ from ..perf import train_step_flops
 from ..recipes import StageGraph, load_recipe, load_stage_graph, load_toml, repo_root, split_recipe
 from ..train.loop import TrainConfig
 from ..train.schedule import WSDSchedule
+from .compat import import_nanotron
 from .plan import Layout, RunPlan
 
 # ===================================================================================== STAGES
@@ -456,8 +457,6 @@ def write_stage_config(spec: StageSpec, out_dir: Path | None = None) -> tuple[Pa
 
 def load_with_nanotron(yaml_path: Path):
     """Load a generated YAML through nanotron's own loader with our model-config class."""
-    from .compat import import_nanotron
-
     import_nanotron()
     from nanotron.config import get_config_from_file
 

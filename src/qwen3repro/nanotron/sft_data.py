@@ -60,7 +60,7 @@ from ..data.mixture import SourceSpec, data_files, load_source
 from ..data.packing import IGNORE_INDEX, DataError
 from ..stages.sft import SFTLoader, tokenize_example
 from ..tokenizer import Tokenizer
-from .config_gen import SHARDS_DIRNAME, build_stage_spec
+from .config_gen import build_stage_spec
 
 FORMAT = "qwen3repro-sft-masked"
 FORMAT_VERSION = 1

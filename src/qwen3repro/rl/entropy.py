@@ -43,11 +43,12 @@ ENTROPY_CONTROLS = ("none", "bonus", "adaptive", "proportional")
 SKYWORK_COEF_DELTA = 0.005
 SKYWORK_COEF_MAX = 1.0
 # Entropy is read as a mean over this many consecutive steps, by the proportional controller (its
-# target and its reading) and by the GRPO claim (`stages.grpo`). One step's entropy is the mean
-# over one batch of rollouts, and batches differ in which queries (families, difficulties) they
-# hold and how many rollouts run to the length cap, so it swings by a third from step to step (a
-# tiny-scale run: 0.021 to 0.037 within ten steps). "Never collapsing" is about the trend; the
-# minimum of single steps mostly measures the noise.
+# target and its reading) and in the GRPO stage's eval.json, which the GRPO claim reads
+# (`stages.grpo`, `evals.claims.grpo`). One step's entropy is the mean over one batch of rollouts,
+# and batches differ in which queries (families, difficulties) they hold and how many rollouts run
+# to the length cap, so it swings by a third from step to step (a tiny-scale run: 0.021 to 0.037
+# within ten steps). "Never collapsing" is about the trend; the minimum of single steps mostly
+# measures the noise.
 ENTROPY_WINDOW = 5
 
 

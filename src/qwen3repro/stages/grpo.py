@@ -28,22 +28,18 @@ What one run does:
    model, always logged), share of zero-variance groups, groups kept and generation rounds, loss,
    grad norm, entropy coefficient; held-out pass@1 / pass@k every `eval_every` steps (and at
    steps 0 and the end) on `eval_items` held-out items (`data.tasks.is_heldout`), k samples each at
-   pinned settings (written into eval.json). A progress line with ETA, and `grpo_curves.png`.
+   pinned settings (written into eval.json; `evals.pass_at_k`). A progress line with ETA.
 4. **Checkpoints** every `ckpt_every` steps (model, optimizer, step, query cursor, entropy
    controller, RNG; atomic, via `train.checkpoint`); a cut run resumes exactly: rollouts draw from a
    generator seeded by (seed, step), so a resumed run logs the same next-step metrics as an
    uninterrupted one. The stage directory gets the final model, tokenizer, eval.json and, last,
    lineage.json.
-
-The claim it feeds (measured by the pipeline): held-out pass@1 rises by ≥ 10 points over the cold
-start (report: AIME'24 70.1 → 85.1 in 170 steps, §4.2) with entropy never below half its start.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -55,14 +51,14 @@ import torch
 from ..config import ConfigError, config_hash, strict_fields
 from ..data import tasks
 from ..data.queries import Query
+from ..evals.pass_at_k import evaluate_pass_at_k
 from ..generate import SamplingParams
 from ..lineage import make_lineage, write_lineage
 from ..losses import ADVANTAGE_SCALES, GRPO_LOSS_TYPES, grpo_loss
 from ..models.qwen3 import Qwen3
 from ..rl.entropy import ENTROPY_CONTROLS, ENTROPY_WINDOW, EntropyController, masked_mean
 from ..rl.rollout import (
-    ACCURACY_THRESHOLD, QueryStream, RolloutBatch, ScoreFn, build_batch, collect_rollouts, policy_logprobs,
-    sample_groups, verifier_score,
+    QueryStream, RolloutBatch, ScoreFn, build_batch, collect_rollouts, policy_logprobs, verifier_score,
 )
 from ..rl.selection import USED_QUERIES_FILE, SelectionResult, load_used_uids, screen, select_queries
 from ..tokenizer import Tokenizer
@@ -70,17 +66,7 @@ from ..progress import format_duration
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
 from .common import StageContext, copy_tokenizer, write_json_atomic
 
-# The report's headline for this stage (§4.2): Qwen3-235B-A22B's AIME'24 over 170 RL steps.
-REPORT_AIME24_BEFORE = 70.1
-REPORT_AIME24_AFTER = 85.1
-REPORT_RL_STEPS = 170
-# The claim's thresholds: pass@1 +10 points absolute; entropy never below half its starting value.
-CLAIM_PASS1_GAIN = 0.10
-CLAIM_ENTROPY_FLOOR = 0.5
-# It reads entropy as means over `rl.entropy.ENTROPY_WINDOW` consecutive steps (why: there).
-
 SELECTION_FILE = "selection.json"
-PLOT_FILE = "grpo_curves.png"
 
 
 @dataclass(frozen=True)
@@ -259,34 +245,6 @@ def eval_queries(cfg: GRPOConfig) -> list[Query]:
                                                             difficulties=cfg.difficulties)]
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-@torch.no_grad()
-def evaluate_pass_at_k(model, tokenizer, queries: Sequence[Query], *, k: int, sampling: SamplingParams,
-                       max_new_tokens: int, seed: int, score_fn: ScoreFn = verifier_score) -> dict[str, float]:
-    """Held-out pass@1 (mean accuracy over k samples) and pass@k, overall and per family (seeded)."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
-    per: dict[str, list[tuple[float, float]]] = {}
-    results = []
-    for start in range(0, len(queries), 16):
-        for g in sample_groups(model, tokenizer, queries[start:start + 16], k, max_new_tokens=max_new_tokens,
-                               generator=generator, score_fn=score_fn, sampling=sampling):
-            correct = sum(not math.isnan(r) and r >= ACCURACY_THRESHOLD for r in g.rewards)
-            row = (correct / k, pass_at_k(k, correct, k))
-            results.append(row)
-            per.setdefault(g.query.domain, []).append(row)
-    mean = lambda rows, i: sum(r[i] for r in rows) / max(len(rows), 1)  # noqa: E731
-    out = {"pass@1": mean(results, 0), f"pass@{k}": mean(results, 1)}
-    for fam, rows in sorted(per.items()):
-        out[f"pass@1/{fam}"] = mean(rows, 0)
-    return out
-
-
 # ----------------------------------------------------------------------------- one update
 def _clip_fraction(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float):
     """Share of counted tokens whose clipped branch is active (TRL's low/high clip ratios summed)."""
@@ -343,52 +301,6 @@ def optimisation_passes(model, optimizer, batch: RolloutBatch, old_logps: torch.
                     rec["kl"] = float(masked_mean(torch.exp(delta) - delta - 1, mask))
             records.append(rec)
     return records
-
-
-# ----------------------------------------------------------------------------- plots
-def plot_curves(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "GRPO") -> Path | None:
-    """reward, entropy, response length, clip fraction, KL, zero-variance share and held-out pass@k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r for r in records if "reward" in r]
-    evals = [r for r in records if "eval/pass@1" in r]
-    if not steps and not evals:
-        return None
-    panels = [("reward", "reward"), ("entropy", "entropy (nats/token)"), ("response_length", "response length"),
-              ("clip_fraction", "clip fraction"), ("kl", "KL to start (k3)"),
-              ("zero_variance_share", "zero-variance groups")]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
-    for ax, (key, label) in zip(axes.flat, panels):
-        xs = [r["step"] for r in steps if isinstance(r.get(key), (int, float))]
-        ax.plot(xs, [r[key] for r in steps if isinstance(r.get(key), (int, float))], lw=1.2)
-        ax.set_title(label)
-        ax.set_xlabel("step")
-        if key == "entropy" and xs:
-            start = steps[0].get("entropy")
-            if isinstance(start, (int, float)):
-                ax.axhline(CLAIM_ENTROPY_FLOOR * start, color="red", ls="--", lw=0.8, label="half of start")
-                ax.legend(fontsize=7)
-    ax = axes.flat[6]
-    for key in sorted({k for r in evals for k in r if k.startswith("eval/pass@") and "/" not in k[5:]}):
-        ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key[5:])
-    ax.set_title("held-out")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
-    ax = axes.flat[7]
-    ax.plot([r["step"] for r in steps], [r.get("entropy_coef", 0.0) for r in steps])
-    ax.set_title("entropy coefficient")
-    ax.set_xlabel("step")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -528,7 +440,6 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
     run.finish(step, save)
     copy_tokenizer(parent, out)
     records = run.metrics.read()
-    plot_curves(records, out / PLOT_FILE, title=f"{cfg.name}: GRPO ({cfg.entropy_control} entropy control)")
     write_json_atomic(out / "eval.json", summarize(cfg, records, selection))
     write_lineage(out, make_lineage(cfg.name, cfg, parent))
     return out
@@ -597,12 +508,8 @@ def summarize(cfg: GRPOConfig, records: Sequence[Mapping[str, Any]], selection: 
                           "seed": cfg.seed + 7919},
         "selection": {"n_candidates": selection.n_candidates, "n_selected": len(selection.selected),
                       "dropped": dict(selection.reasons), "k": selection.k, "ceiling": selection.ceiling},
-        "report": {"aime24_before": REPORT_AIME24_BEFORE, "aime24_after": REPORT_AIME24_AFTER,
-                   "rl_steps": REPORT_RL_STEPS},
-        "claim": {"pass1_gain_min": CLAIM_PASS1_GAIN, "entropy_floor_ratio": CLAIM_ENTROPY_FLOOR},
         "elapsed_s": records[-1].get("elapsed_s") if records else None,
     }
 
 
-__all__ = ["GRPOConfig", "run", "candidate_queries", "eval_queries", "evaluate_pass_at_k", "optimisation_passes",
-           "pass_at_k", "plot_curves", "summarize"]
+__all__ = ["GRPOConfig", "run", "candidate_queries", "eval_queries", "optimisation_passes", "summarize"]

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import ConfigError, ModelConfig, strict_fields
+from ..config import ConfigError, strict_fields
 from ..data.copy_warmup import DEFAULT_SPAN_RANGE, CopyWarmupLoader
 from ..data.packing import PackingLoader
 from ..data.synthetic import build_corpus, heldout_text
