@@ -226,7 +226,7 @@ def test_cache_written_once_and_reused(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("regenerated although the cache matches")
 
-    monkeypatch.setattr(S, "generate_documents", boom)
+    monkeypatch.setattr(S.corpora, "generate_documents", boom)
     again = S.build_corpus("s1", seed=0, n_docs=300, cache_dir=tmp_path)
     assert again["text"] == ds["text"]
     # A different config is a different directory (and would generate).

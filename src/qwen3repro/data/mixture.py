@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import datasets
 
+from .synthetic import STAGES, build_corpus
+
 SOURCE_KINDS = ("hub", "parquet", "jsonl", "synthetic")
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
 
@@ -93,8 +95,6 @@ def load_source(spec: SourceSpec, *, seed: int = 0, cache_dir: str | os.PathLike
         files = _data_files(spec, ext)
         return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split, streaming=spec.streaming, cache_dir=hf_cache)
     # synthetic
-    from .synthetic import STAGES, build_corpus
-
     if spec.path_or_id not in STAGES:
         raise MixtureError(f"source {spec.label}: synthetic path_or_id must be a stage ({', '.join(STAGES)}), got {spec.path_or_id!r}")
     if cache_dir is None or spec.n_docs is None:
