@@ -30,7 +30,6 @@ from ..cache import cached_dataset
 from ..tasks import TaskItem, is_heldout
 from ..world import PERSON_ATTRIBUTES, Entity, build_world
 from .counting import CountTokens, approx_count_tokens, count_fingerprint
-from .lengths import PASSKEY_EVAL_LENGTHS
 from .long_context import ORDER_MIN_GAP, long_context_doc
 from .prose import frame_uid, prose_text
 from .records import GENERATOR_VERSION, WORLD_SEED, content_uid, doc_rng, make_doc, records_to_dataset
@@ -69,7 +68,7 @@ def s2_eval_items(
 def passkey_eval_items(
     *,
     variant: str = "passkey",
-    lengths: Sequence[int] = PASSKEY_EVAL_LENGTHS,
+    lengths: Sequence[int],
     n_per_length: int = PASSKEY_EVAL_PER_LENGTH,
     depths: Sequence[float] | None = None,
     seed: int = 0,
@@ -79,7 +78,8 @@ def passkey_eval_items(
 ) -> list[dict]:
     """Retrieval items by (length, depth), from held-out pass-key values.
 
-    Each length gets `n_per_length` items with target-needle depths spread evenly over [0, 1]
+    `lengths` are the evaluated lengths in tokens (a scale's suite states them, from below its S3
+    row length to beyond it). Each length gets `n_per_length` items with target-needle depths spread evenly over [0, 1]
     (or the given `depths`, cycled). An item's full text (prompt + " " + target + ".") has between
     ``(1-slack)·length`` and ``length`` tokens. Fields: variant, length, depth, measured_depth,
     prompt, target (the exact value string), values (all planted values; for "order" the other

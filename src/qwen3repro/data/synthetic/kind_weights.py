@@ -41,6 +41,8 @@ S3_KIND_WEIGHTS: Mapping[str, float] = {
 }
 STAGE_KIND_WEIGHTS: Mapping[str, Mapping[str, float]] = {"s1": S1_KIND_WEIGHTS, "s2": S2_KIND_WEIGHTS, "s3": S3_KIND_WEIGHTS}
 STAGES = tuple(STAGE_KIND_WEIGHTS)
+# Stages whose documents are long-context documents, sized by the stage's length mix (`.length_mix`).
+LONG_CONTEXT_STAGES = frozenset({"s3"})
 
 # Problem families in S2 (and S1's few problems): all post-training families, arithmetic heaviest.
 PROBLEM_FAMILY_WEIGHTS: Mapping[str, float] = {"add": 0.2, "mul": 0.2, "expr": 0.25, "code": 0.2, "order": 0.15}

@@ -13,6 +13,7 @@ that hashes into the held-out partition is redrawn (:func:`short_doc`).
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Callable, Mapping
 
@@ -21,7 +22,6 @@ from ..tasks import TaskItem, is_heldout
 from ..world import PERSON_ATTRIBUTES, World
 from .counting import approx_count_tokens
 from .kind_weights import GENERAL_KINDS, PROBLEM_FAMILY_WEIGHTS
-from .lengths import S1_SEQ_LEN
 from .long_context import long_context_doc
 from .prose import frame_uid, pick_language, prose_text
 from .records import make_doc, pick
@@ -117,30 +117,47 @@ def _gen_problem(world: World, rng: random.Random) -> dict:
 # Short retrieval documents (a pass key somewhere in a paragraph, asked for at the end). General web
 # text is full of such copy-from-context patterns; at tiny scale they let the short-context stages
 # learn *what* retrieval is, so S3 only has to extend it to long range (the tiny long-context study
-# trained retrieval from S1 on, with a length curriculum).
-SHORT_RETRIEVAL_TOKENS = (48, S1_SEQ_LEN - 16)
+# trained retrieval from S1 on, with a length curriculum). Their length scales with the stage's
+# row: 48-240 tokens in tiny's rows of 256, i.e. from 3/16 to 15/16 of the row, as counted by
+# `approx_count_tokens` (these corpora are built before the tokenizer exists). That count runs
+# below the tiny tokenizer's in most languages (by 5-85% at the median on these documents), so
+# some of them are longer than a row in real tokens and the packer carries them into the next.
+SHORT_RETRIEVAL_MIN_SIXTEENTHS = 3
+SHORT_RETRIEVAL_MAX_SIXTEENTHS = 15
 
 
-def _gen_short_passkey(world: World, rng: random.Random) -> dict:
-    doc = long_context_doc(world, rng, variant="passkey", length_range=SHORT_RETRIEVAL_TOKENS,
-                           count_tokens=approx_count_tokens)
+def short_retrieval_range(seq_len: int) -> tuple[int, int]:
+    """The token range of short retrieval documents in a corpus read in rows of `seq_len` tokens."""
+    return seq_len * SHORT_RETRIEVAL_MIN_SIXTEENTHS // 16, seq_len * SHORT_RETRIEVAL_MAX_SIXTEENTHS // 16
+
+
+def short_passkey_doc(world: World, rng: random.Random, *, length_range: tuple[int, int]) -> dict:
+    """A short retrieval document of `length_range` tokens (approximately counted)."""
+    doc = long_context_doc(world, rng, variant="passkey", length_range=length_range, count_tokens=approx_count_tokens)
     return make_doc(doc["text"], "passkey", doc["lang"], doc["item_uids"], uid=doc["uid"])
 
 
-SHORT_KIND_GENERATORS: dict[str, Callable[[World, random.Random], dict]] = {
-    "prose": _gen_prose,
-    "knowledge": _gen_knowledge,
-    "parallel": _gen_parallel,
-    "code": _gen_code,
-    "arith": _gen_arith,
-    "problem": _gen_problem,
-    "passkey": _gen_short_passkey,
-}
+ShortKindGenerator = Callable[[World, random.Random], dict]
 
 
-def short_doc(world: World, rng: random.Random, kind: str) -> dict:
-    """A training document of `kind`; prose drawn into the held-out partition is redrawn."""
+def short_kind_generators(seq_len: int) -> dict[str, ShortKindGenerator]:
+    """The generator of each S1/S2 document kind, for a corpus read in rows of `seq_len` tokens
+    (only retrieval documents are sized by the row; the others have their own lengths)."""
+    return {
+        "prose": _gen_prose,
+        "knowledge": _gen_knowledge,
+        "parallel": _gen_parallel,
+        "code": _gen_code,
+        "arith": _gen_arith,
+        "problem": _gen_problem,
+        "passkey": functools.partial(short_passkey_doc, length_range=short_retrieval_range(seq_len)),
+    }
+
+
+def short_doc(world: World, rng: random.Random, generate: ShortKindGenerator, kind: str) -> dict:
+    """A training document of `kind` made by `generate`; general text drawn into the held-out
+    partition is redrawn."""
     while True:
-        doc = SHORT_KIND_GENERATORS[kind](world, rng)
+        doc = generate(world, rng)
         if kind not in GENERAL_KINDS or not is_heldout(doc["uid"]):
             return doc
