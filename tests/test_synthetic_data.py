@@ -188,7 +188,7 @@ def test_length_mix_is_for_the_long_context_corpus_only():
     base = dict(tokens=1, seq_len=512, batch_size=1, n_docs=1)
     with pytest.raises(ConfigError, match="needs a length_mix"):
         PretrainConfig(name="s3", corpus="s3", **base)
-    with pytest.raises(ConfigError, match="applies only to s3"):
+    with pytest.raises(ConfigError, match="applies only to the long-context corpus"):
         PretrainConfig(name="s1", corpus="s1", length_mix=[[0.5, 1.0, 1.0]], **base)
     cfg = PretrainConfig(name="s3", corpus="s3", length_mix=[list(r) for r in S3_MIX], **base)  # TOML gives lists
     assert cfg.length_mix == S3_MIX
@@ -201,6 +201,13 @@ def test_short_retrieval_documents_scale_with_the_row(seq_len):
     lo, hi = S.short_retrieval_range(seq_len)
     assert len(docs) > 30
     assert all(lo <= d["n_tokens"] <= hi < seq_len for d in docs), [d["n_tokens"] for d in docs]
+
+
+def test_rows_too_short_for_retrieval_documents_are_named():
+    with pytest.raises(ValueError, match="too short for short retrieval documents"):
+        S.short_retrieval_range(32)
+    with pytest.raises(ConfigError, match="rows of 32 tokens are too short"):
+        PretrainConfig(name="s1", corpus="s1", tokens=1, seq_len=32, batch_size=1, n_docs=1)
 
 
 # Tiny's corpora are fixed: its claims were measured on them. A deliberate change to generation

@@ -49,12 +49,12 @@ def corpus_length_ranges(stage: str, seq_len: int, length_mix: Sequence[Sequence
     mix = check_length_mix(length_mix)
     if stage in LONG_CONTEXT_STAGES:
         if not mix:
-            raise ValueError(f"corpus {stage!r} is long-context documents: it needs a length_mix "
+            raise ValueError(f"corpus {stage!r} (long-context documents) needs a length_mix "
                              "([[min_fraction, max_fraction, share], ...] of seq_len)")
         return length_ranges(seq_len, mix)
     if mix:
-        raise ValueError(f"corpus {stage!r} has documents of their kinds' own lengths: length_mix applies only to "
-                         f"{', '.join(sorted(LONG_CONTEXT_STAGES))}, got {list(map(list, mix))}")
+        raise ValueError(f"length_mix applies only to the long-context corpus ({', '.join(sorted(LONG_CONTEXT_STAGES))}); "
+                         f"corpus {stage!r} has documents of their kinds' own lengths, got {list(map(list, mix))}")
     return [short_retrieval_range(seq_len)]
 
 

@@ -22,7 +22,7 @@ from ..tasks import TaskItem, is_heldout
 from ..world import PERSON_ATTRIBUTES, World
 from .counting import approx_count_tokens
 from .kind_weights import GENERAL_KINDS, PROBLEM_FAMILY_WEIGHTS
-from .long_context import long_context_doc
+from .long_context import NEEDLE, PASSKEY_DIGITS, PASSKEY_QUERY, long_context_doc
 from .prose import frame_uid, pick_language, prose_text
 from .records import make_doc, pick
 
@@ -127,8 +127,15 @@ SHORT_RETRIEVAL_MAX_SIXTEENTHS = 15
 
 
 def short_retrieval_range(seq_len: int) -> tuple[int, int]:
-    """The token range of short retrieval documents in a corpus read in rows of `seq_len` tokens."""
-    return seq_len * SHORT_RETRIEVAL_MIN_SIXTEENTHS // 16, seq_len * SHORT_RETRIEVAL_MAX_SIXTEENTHS // 16
+    """The token range of short retrieval documents in a corpus read in rows of `seq_len` tokens,
+    or a ValueError when the range cannot hold a needle and its query."""
+    lo, hi = seq_len * SHORT_RETRIEVAL_MIN_SIXTEENTHS // 16, seq_len * SHORT_RETRIEVAL_MAX_SIXTEENTHS // 16
+    value = "9" * PASSKEY_DIGITS
+    fixed = approx_count_tokens(" " + NEEDLE.format(value=value)) + approx_count_tokens(f" {PASSKEY_QUERY} {value}.")
+    if hi <= fixed:
+        raise ValueError(f"rows of {seq_len} tokens are too short for short retrieval documents: a needle and its "
+                         f"query take {fixed} tokens, the documents may have at most {hi}")
+    return lo, hi
 
 
 def short_passkey_doc(world: World, rng: random.Random, *, length_range: tuple[int, int]) -> dict:
