@@ -48,7 +48,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(list(synthetic.tokenizer_training_texts(n_docs=300)), 512)
+    return train_tokenizer(list(synthetic.tokenizer_training_texts(seq_len=256, n_docs=300)), 512)
 
 
 @pytest.fixture(scope="module")

@@ -121,14 +121,18 @@ def test_bad_specs_are_named(files, tmp_path):
 
 def test_synthetic_source(files, tmp_path):
     s = [
-        SourceSpec("synthetic", "s2", n_docs=300, weight=0.5, name="tiny-s2"),
+        SourceSpec("synthetic", "s2", n_docs=300, seq_len=256, weight=0.5, name="tiny-s2"),
         SourceSpec("jsonl", str(files / "math.jsonl"), weight=0.5, name="math"),
     ]
     ds = StageMixture("s2", s, seed=0, cache_dir=tmp_path).load()
     share = collections.Counter(ds.select(range(400))["source"])
     assert abs(share["tiny-s2"] / 400 - 0.5) < 0.08
     with pytest.raises(MixtureError, match="stage"):
-        StageMixture("s2", [SourceSpec("synthetic", "s7", n_docs=3)], cache_dir=tmp_path).load()
+        StageMixture("s2", [SourceSpec("synthetic", "s7", n_docs=3, seq_len=256)], cache_dir=tmp_path).load()
+    with pytest.raises(MixtureError, match="seq_len"):
+        StageMixture("s2", [SourceSpec("synthetic", "s2", n_docs=3)], cache_dir=tmp_path).load()
+    with pytest.raises(MixtureError, match="needs a length_mix"):
+        StageMixture("s3", [SourceSpec("synthetic", "s3", n_docs=3, seq_len=512)], cache_dir=tmp_path).load()
 
 
 def _recipe_weights() -> dict[str, dict[str, float]]:

@@ -1,17 +1,38 @@
-"""The tiny synthetic world: determinism, stage mixes, long-context items, tasks, held-out
-separation, and the write-once cache."""
-import io
+"""The tiny synthetic world: determinism, stage mixes, document lengths from the stage config,
+long-context items, tasks, held-out separation, and the write-once cache."""
 import contextlib
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import math
 import random
 import re
 
 import pytest
 from hypothesis import given, strategies as st
 
+from qwen3repro.config import ConfigError
 from qwen3repro.data import synthetic as S
 from qwen3repro.data import tasks as T
 from qwen3repro.data.cache import CorruptCacheError
 from qwen3repro.data.world import LANGUAGE_SPECS, RARE_LANGUAGE, build_world
+from qwen3repro.pipeline import build_plan
+from qwen3repro.recipes import load_recipe
+from qwen3repro.stages.pretrain import PretrainConfig, tokenized_corpus
+from qwen3repro.tokenizer import train_tokenizer
+
+# Tiny's lengths (tiny/tiny.toml): rows of 256 tokens in S1/S2 and of 2,048 in S3, whose documents
+# follow the S3 recipe's length mix.
+SHORT_ROW = 256
+S3_ROW = 2048
+S3_MIX = tuple(tuple(row) for row in load_recipe("s3")["length_mix"])
+
+
+def lengths(stage: str) -> dict:
+    """The length settings of `stage`'s corpus at tiny scale."""
+    return {"seq_len": S3_ROW, "length_mix": S3_MIX} if stage == "s3" else {"seq_len": SHORT_ROW}
 
 
 def whitespace_count(text: str) -> int:
@@ -39,7 +60,7 @@ def test_world_languages_distinct_and_weighted():
 def test_world_character_inventory_small():
     chars = set()
     for stage in ("s1", "s2"):
-        for d in S.generate_documents(stage, seed=3, n_docs=400):
+        for d in S.generate_documents(stage, seed=3, n_docs=400, **lengths(stage)):
             chars |= set(d["text"])
     non_ascii = {c for c in chars if ord(c) > 127}
     assert non_ascii <= {"é", "ö"}, non_ascii
@@ -57,18 +78,18 @@ def test_world_deterministic():
 @pytest.mark.parametrize("stage", S.STAGES)
 def test_corpus_deterministic_by_seed(stage):
     n = 12 if stage == "s3" else 200
-    a = list(S.generate_documents(stage, seed=1, n_docs=n))
-    b = list(S.generate_documents(stage, seed=1, n_docs=n))
-    c = list(S.generate_documents(stage, seed=2, n_docs=n))
+    a = list(S.generate_documents(stage, seed=1, n_docs=n, **lengths(stage)))
+    b = list(S.generate_documents(stage, seed=1, n_docs=n, **lengths(stage)))
+    c = list(S.generate_documents(stage, seed=2, n_docs=n, **lengths(stage)))
     assert a == b
     assert [d["text"] for d in a] != [d["text"] for d in c]
     # Prefix-stable: `offset` continues the same corpus.
-    tail = list(S.generate_documents(stage, seed=1, n_docs=n // 2, offset=n // 2))
+    tail = list(S.generate_documents(stage, seed=1, n_docs=n // 2, offset=n // 2, **lengths(stage)))
     assert tail == a[n // 2 :]
 
 
 def test_corpus_document_format():
-    for d in S.generate_documents("s1", seed=0, n_docs=300):
+    for d in S.generate_documents("s1", seed=0, n_docs=300, **lengths("s1")):
         assert set(d) == {"text", "kind", "lang", "uid", "item_uids", "n_tokens"}
         assert d["kind"] in S.S1_KIND_WEIGHTS and d["text"] and d["item_uids"]
         assert d["n_tokens"] == S.approx_count_tokens(d["text"])
@@ -77,7 +98,7 @@ def test_corpus_document_format():
 
 
 def test_all_languages_and_kinds_present_rare_is_rare():
-    docs = list(S.generate_documents("s1", seed=0, n_docs=4000))
+    docs = list(S.generate_documents("s1", seed=0, n_docs=4000, **lengths("s1")))
     kinds = {d["kind"] for d in docs}
     assert kinds == set(S.S1_KIND_WEIGHTS)
     prose = [d for d in docs if d["kind"] == "prose"]
@@ -90,7 +111,7 @@ def test_all_languages_and_kinds_present_rare_is_rare():
 # ----------------------------------------------------------------------------- stage mixes
 def test_s2_has_larger_reasoning_share_than_s1():
     def measured(stage):
-        docs = list(S.generate_documents(stage, seed=0, n_docs=3000))
+        docs = list(S.generate_documents(stage, seed=0, n_docs=3000, **lengths(stage)))
         return sum(d["kind"] in S.REASONING_KINDS for d in docs) / len(docs)
 
     s1, s2 = measured("s1"), measured("s2")
@@ -103,16 +124,106 @@ def test_s2_has_larger_reasoning_share_than_s1():
 @pytest.mark.parametrize("count_tokens", [None, whitespace_count], ids=["approx", "whitespace"])
 def test_s3_length_mix_75_25(count_tokens):
     count = count_tokens or S.approx_count_tokens
-    docs = list(S.generate_documents("s3", seed=0, n_docs=40, count_tokens=count_tokens))
+    docs = list(S.generate_documents("s3", seed=0, n_docs=40, count_tokens=count_tokens, **lengths("s3")))
     n = [count(d["text"]) for d in docs]
     assert [d["n_tokens"] for d in docs] == n
-    long_ = sum(S.S3_SEQ_LEN // 2 <= x <= S3_MAX for x in n)
-    short = sum(S.S1_SEQ_LEN <= x < S.S3_SEQ_LEN // 2 for x in n)
+    long_ = sum(S3_ROW // 2 <= x <= S3_ROW for x in n)
+    short = sum(SHORT_ROW <= x < S3_ROW // 2 for x in n)
     assert long_ == 30 and short == 10, n
     assert {d["kind"] for d in docs} == set(S.S3_KIND_WEIGHTS)
 
 
-S3_MAX = S.S3_SEQ_LEN
+@pytest.mark.parametrize("scale", ["micro", "tiny"])
+def test_s3_length_mix_holds_at_every_scale(scale, tmp_path):
+    """The pipeline's S3 corpus, tokenized as S3 reads it: 75% of documents in [S3/2, S3] tokens,
+    25% in [S1, S3/2], none longer than S3's rows (so none is cut across rows)."""
+    plan = build_plan(scale, out_root=tmp_path)
+    s1 = plan.node("flagship/s1").config.seq_len
+    cfg = dataclasses.replace(plan.node("flagship/s3").config, n_docs=40)
+    s3 = cfg.seq_len
+    assert s3 == 8 * s1  # the report's ratio, which puts the recipe's 0.125 at the S1 length
+    tok_cfg = plan.node("tokenizer").config
+    tokenizer = train_tokenizer(S.tokenizer_training_texts(seq_len=tok_cfg.seq_len, n_docs=1000), tok_cfg.vocab_size)
+    n = [len(ids) for ids in tokenized_corpus(cfg, tokenizer, tmp_path / "cache")["input_ids"]]
+    assert max(n) <= s3, n
+    long_ = sum(s3 // 2 <= x <= s3 for x in n)
+    short = sum(s1 <= x < s3 // 2 for x in n)
+    assert long_ + short == len(n), n
+    assert abs(long_ / len(n) - 0.75) <= 2 / len(n), n  # the schedule puts 30 of 40 in the first row
+
+
+@given(weights=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=5), n=st.integers(1, 300))
+def test_mix_rows_hold_the_shares_in_every_prefix(weights, n):
+    shares = [w / sum(weights) for w in weights]
+    counts = [0] * len(shares)
+    for m, row in enumerate(itertools.islice(S.mix_rows(shares), n), start=1):
+        counts[row] += 1
+        for k in range(len(shares) - 1):  # row k lags its share by at most k documents, never leads it
+            assert math.floor(m * shares[k]) - k <= counts[k] <= math.floor(m * shares[k]), (m, k, counts)
+    assert sum(counts) == n
+
+
+def test_two_row_mix_puts_three_of_every_four_documents_in_the_first_row():
+    rows = list(itertools.islice(S.mix_rows([0.75, 0.25]), 12))
+    assert rows == [1, 0, 0, 0] * 3
+
+
+@pytest.mark.parametrize("mix, message", [
+    ([[0.5, 1.0, 0.7], [0.125, 0.5, 0.25]], "sum to 1"),
+    ([[0.5, 0.4, 1.0]], "0 < min_fraction < max_fraction <= 1"),
+    ([[0.0, 0.5, 1.0]], "0 < min_fraction < max_fraction <= 1"),
+    ([[0.5, 1.5, 1.0]], "0 < min_fraction < max_fraction <= 1"),
+    ([[0.5, 1.0]], "rows are [min_fraction, max_fraction, share]"),
+    ([[0.5, 1.0, 0.0], [0.125, 0.5, 1.0]], "share must be > 0"),
+    ("0.5, 1.0, 1.0", "list of [min_fraction, max_fraction, share] rows"),
+])
+def test_bad_length_mix_is_named(mix, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        S.check_length_mix(mix)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PretrainConfig(name="s3", corpus="s3", tokens=1, seq_len=512, batch_size=1, n_docs=1, length_mix=mix)
+
+
+def test_length_mix_is_for_the_long_context_corpus_only():
+    base = dict(tokens=1, seq_len=512, batch_size=1, n_docs=1)
+    with pytest.raises(ConfigError, match="needs a length_mix"):
+        PretrainConfig(name="s3", corpus="s3", **base)
+    with pytest.raises(ConfigError, match="applies only to the long-context corpus"):
+        PretrainConfig(name="s1", corpus="s1", length_mix=[[0.5, 1.0, 1.0]], **base)
+    cfg = PretrainConfig(name="s3", corpus="s3", length_mix=[list(r) for r in S3_MIX], **base)  # TOML gives lists
+    assert cfg.length_mix == S3_MIX
+    assert S.length_ranges(512, cfg.length_mix) == [(256, 512), (64, 256)]
+
+
+@pytest.mark.parametrize("seq_len", [64, 256])
+def test_short_retrieval_documents_scale_with_the_row(seq_len):
+    docs = [d for d in S.generate_documents("s1", seed=0, n_docs=400, seq_len=seq_len) if d["kind"] == "passkey"]
+    lo, hi = S.short_retrieval_range(seq_len)
+    assert len(docs) > 30
+    assert all(lo <= d["n_tokens"] <= hi < seq_len for d in docs), [d["n_tokens"] for d in docs]
+
+
+def test_rows_too_short_for_retrieval_documents_are_named():
+    with pytest.raises(ValueError, match="too short for short retrieval documents"):
+        S.short_retrieval_range(32)
+    with pytest.raises(ConfigError, match="rows of 32 tokens are too short"):
+        PretrainConfig(name="s1", corpus="s1", tokens=1, seq_len=32, batch_size=1, n_docs=1)
+
+
+# Tiny's corpora are fixed: its claims were measured on them. A deliberate change to generation
+# bumps GENERATOR_VERSION and records the new hashes here.
+TINY_CORPUS_SHA256 = {
+    ("s1", 300): "232766ed01a20bae80afe2b0d9cbb1d199d53931ca3d891d1b078ae4198cd309",
+    ("s2", 300): "c3226e9c033793dd51937bfd0d077943f8e4a80323a4ddd8c2e79f1494c3d2e5",
+    ("s3", 12): "1b63a56ede40a80d0df1ce2b061a673961e6ccf9ebcf68ad2823eb81d018d5ee",
+}
+
+
+@pytest.mark.parametrize("stage, n_docs", list(TINY_CORPUS_SHA256))
+def test_tiny_corpora_are_pinned(stage, n_docs):
+    docs = S.generate_documents(stage, seed=0, n_docs=n_docs, **lengths(stage))
+    blob = "\n".join(json.dumps(d, sort_keys=True, ensure_ascii=False) for d in docs)
+    assert hashlib.sha256(blob.encode()).hexdigest() == TINY_CORPUS_SHA256[stage, n_docs]
 
 
 # ----------------------------------------------------------------------------- long-context items
@@ -145,10 +256,11 @@ def test_passkey_items_depth_and_unique_answer(variant):
 
 
 def test_passkey_grid_reaches_inference_length_with_custom_counter():
-    items = S.passkey_eval_items(lengths=(S.INFERENCE_LEN,), n_per_length=2, depths=(0.0, 1.0), count_tokens=whitespace_count)
+    inference = 4 * S3_ROW  # tiny's longest evaluated length: 4x S3 (YaRN + DCA)
+    items = S.passkey_eval_items(lengths=(inference,), n_per_length=2, depths=(0.0, 1.0), count_tokens=whitespace_count)
     for it in items:
         n = whitespace_count(it["prompt"] + " " + it["target"] + ".")
-        assert 0.95 * S.INFERENCE_LEN <= n <= S.INFERENCE_LEN
+        assert 0.95 * inference <= n <= inference
     assert items[0]["measured_depth"] < 0.01 and items[1]["measured_depth"] > 0.98
 
 
@@ -205,7 +317,7 @@ def test_heldout_disjoint_from_training_by_hash():
     assert {d["lang"] for d in text} == set(build_world(0).language_names)
     keys = S.passkey_eval_items(lengths=(512,), n_per_length=10)
     for stage, n in (("s1", 3000), ("s2", 3000), ("s3", 20)):
-        train = list(S.generate_documents(stage, seed=0, n_docs=n))
+        train = list(S.generate_documents(stage, seed=0, n_docs=n, **lengths(stage)))
         S.assert_disjoint(train, problems)
         S.assert_disjoint(train, text)
         S.assert_disjoint(train, keys)
@@ -217,42 +329,52 @@ def test_heldout_disjoint_from_training_by_hash():
 
 # ----------------------------------------------------------------------------- cache
 def test_cache_written_once_and_reused(tmp_path, monkeypatch):
-    ds = S.build_corpus("s1", seed=0, n_docs=300, cache_dir=tmp_path)
+    ds = S.build_corpus("s1", seed=0, n_docs=300, cache_dir=tmp_path, **lengths("s1"))
     assert len(ds) == 300 and ds.column_names == list(S.CORPUS_FEATURES)
-    assert ds[0]["text"] == next(S.generate_documents("s1", seed=0, n_docs=1))["text"]
+    assert ds[0]["text"] == next(S.generate_documents("s1", seed=0, n_docs=1, **lengths("s1")))["text"]
     dirs = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     assert len(dirs) == 1 and dirs[0].name.startswith("s1-")
 
     def boom(*a, **k):
         raise AssertionError("regenerated although the cache matches")
 
-    monkeypatch.setattr(S, "generate_documents", boom)
-    again = S.build_corpus("s1", seed=0, n_docs=300, cache_dir=tmp_path)
+    monkeypatch.setattr(S.corpora, "generate_documents", boom)
+    again = S.build_corpus("s1", seed=0, n_docs=300, cache_dir=tmp_path, **lengths("s1"))
     assert again["text"] == ds["text"]
     # A different config is a different directory (and would generate).
     with pytest.raises(AssertionError, match="regenerated"):
-        S.build_corpus("s1", seed=1, n_docs=300, cache_dir=tmp_path)
+        S.build_corpus("s1", seed=1, n_docs=300, cache_dir=tmp_path, **lengths("s1"))
+
+
+def test_cache_key_includes_every_length_setting(tmp_path):
+    S.build_corpus("s1", seed=0, n_docs=20, cache_dir=tmp_path, seq_len=256)
+    S.build_corpus("s1", seed=0, n_docs=20, cache_dir=tmp_path, seq_len=64)
+    assert len(list(tmp_path.glob("s1-*"))) == 2
+    S.build_corpus("s3", seed=0, n_docs=2, cache_dir=tmp_path, seq_len=512, length_mix=S3_MIX)
+    S.build_corpus("s3", seed=0, n_docs=2, cache_dir=tmp_path, seq_len=1024, length_mix=S3_MIX)
+    S.build_corpus("s3", seed=0, n_docs=2, cache_dir=tmp_path, seq_len=512, length_mix=[[0.25, 1.0, 1.0]])
+    assert len(list(tmp_path.glob("s3-*"))) == 3
 
 
 def test_cache_key_includes_count_tokens(tmp_path):
-    a = S.build_corpus("s3", seed=0, n_docs=4, cache_dir=tmp_path)
-    b = S.build_corpus("s3", seed=0, n_docs=4, cache_dir=tmp_path, count_tokens=whitespace_count)
+    a = S.build_corpus("s3", seed=0, n_docs=4, cache_dir=tmp_path, **lengths("s3"))
+    b = S.build_corpus("s3", seed=0, n_docs=4, cache_dir=tmp_path, count_tokens=whitespace_count, **lengths("s3"))
     assert a["n_tokens"] != b["n_tokens"]
     assert len(list(tmp_path.glob("s3-*"))) == 2
 
 
 def test_corrupt_or_missing_shard_gives_clear_error(tmp_path):
-    S.build_corpus("s2", seed=0, n_docs=50, cache_dir=tmp_path)
+    S.build_corpus("s2", seed=0, n_docs=50, cache_dir=tmp_path, **lengths("s2"))
     (path,) = tmp_path.glob("s2-*")
     (shard,) = path.glob("*.arrow")
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(CorruptCacheError, match=shard.name):
-        S.build_corpus("s2", seed=0, n_docs=50, cache_dir=tmp_path)
+        S.build_corpus("s2", seed=0, n_docs=50, cache_dir=tmp_path, **lengths("s2"))
     shard.unlink()
     with pytest.raises(CorruptCacheError, match=f"{shard.name} is missing"):
-        S.build_corpus("s2", seed=0, n_docs=50, cache_dir=tmp_path)
+        S.build_corpus("s2", seed=0, n_docs=50, cache_dir=tmp_path, **lengths("s2"))
 
 
 def test_eval_sets_cached(tmp_path):
@@ -268,11 +390,11 @@ def test_eval_sets_cached(tmp_path):
 
 def test_unknown_stage_is_named():
     with pytest.raises(ValueError, match="'s9'"):
-        S.build_corpus("s9", seed=0, n_docs=1, cache_dir="unused")
+        S.build_corpus("s9", seed=0, n_docs=1, cache_dir="unused", **lengths("s9"))
 
 
 def test_tokenizer_sample_covers_s1_s2_and_markers():
-    texts = list(S.tokenizer_training_texts(n_docs=40))
+    texts = list(S.tokenizer_training_texts(seq_len=SHORT_ROW, n_docs=40))
     assert len(texts) == 42
     assert any("Problem:" in t for t in texts) and any("pass key" in t for t in texts)
 
@@ -288,17 +410,17 @@ def test_knowledge_probes_one_true_choice_per_language():
 
 
 def test_kind_weights_override(tmp_path):
-    ds = S.build_corpus("s3", seed=0, n_docs=8, cache_dir=tmp_path, kind_weights={"order": 1.0})
+    ds = S.build_corpus("s3", seed=0, n_docs=8, cache_dir=tmp_path, kind_weights={"order": 1.0}, **lengths("s3"))
     assert set(ds["kind"]) == {"order"}
     with pytest.raises(ValueError, match="'poetry'"):
-        S.build_corpus("s1", seed=0, n_docs=8, cache_dir=tmp_path, kind_weights={"poetry": 1.0})
+        S.build_corpus("s1", seed=0, n_docs=8, cache_dir=tmp_path, kind_weights={"poetry": 1.0}, **lengths("s1"))
 
 
 def test_translation_items_held_out_from_parallel_docs():
     w = build_world(0)
     ev = S.translation_items(n=100)
     assert all(T.is_heldout(it["uid"]) and it["src_lang"] != it["tgt_lang"] for it in ev)
-    train = [d for d in S.generate_documents("s1", seed=0, n_docs=3000) if d["kind"] == "parallel"]
+    train = [d for d in S.generate_documents("s1", seed=0, n_docs=3000, **lengths("s1")) if d["kind"] == "parallel"]
     S.assert_disjoint(train, ev)
     # Up-weighting the rare language changes the pair distribution.
     rare = S.translation_items(n=200, heldout=False, lang_weights={l: (5.0 if l == RARE_LANGUAGE else 1.0) for l in w.language_names})

@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import datasets
 
+from .synthetic import STAGES, build_corpus
+
 SOURCE_KINDS = ("hub", "parquet", "jsonl", "synthetic")
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
 
@@ -51,8 +53,12 @@ class SourceSpec:
     streaming: bool = False
     name: str | None = None
     config_name: str | None = None
-    # Synthetic sources only: how many documents to generate.
+    # Synthetic sources only: how many documents to generate, and the lengths of the stage that
+    # reads them (its row length and, for the long-context corpus, its length mix; see
+    # `synthetic.build_corpus`).
     n_docs: int | None = None
+    seq_len: int | None = None
+    length_mix: Sequence[Sequence[float]] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -93,13 +99,15 @@ def load_source(spec: SourceSpec, *, seed: int = 0, cache_dir: str | os.PathLike
         files = data_files(spec, ext)
         return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split, streaming=spec.streaming, cache_dir=hf_cache)
     # synthetic
-    from .synthetic import STAGES, build_corpus
-
     if spec.path_or_id not in STAGES:
         raise MixtureError(f"source {spec.label}: synthetic path_or_id must be a stage ({', '.join(STAGES)}), got {spec.path_or_id!r}")
-    if cache_dir is None or spec.n_docs is None:
-        raise MixtureError(f"source {spec.label}: synthetic sources need n_docs in the spec and a cache_dir")
-    return build_corpus(spec.path_or_id, seed=seed, n_docs=spec.n_docs, cache_dir=cache_dir, count_tokens=count_tokens)
+    if cache_dir is None or spec.n_docs is None or spec.seq_len is None:
+        raise MixtureError(f"source {spec.label}: synthetic sources need n_docs and seq_len in the spec and a cache_dir")
+    try:
+        return build_corpus(spec.path_or_id, seed=seed, n_docs=spec.n_docs, seq_len=spec.seq_len,
+                            length_mix=spec.length_mix, cache_dir=cache_dir, count_tokens=count_tokens)
+    except ValueError as e:
+        raise MixtureError(f"source {spec.label}: {e}") from None
 
 
 def _column_names(ds) -> list[str] | None:

@@ -26,7 +26,7 @@ import torch
 from ..config import ConfigError, strict_fields
 from ..data.copy_warmup import DEFAULT_SPAN_RANGE, CopyWarmupLoader
 from ..data.packing import PackingLoader
-from ..data.synthetic import build_corpus, heldout_text
+from ..data.synthetic import LONG_CONTEXT_STAGES, build_corpus, check_length_mix, corpus_length_ranges, heldout_text
 from ..lineage import make_lineage, write_lineage
 from ..losses import LBL_LAYERS, LBL_SCOPES, ExpertCounts, load_balancing_loss, masked_cross_entropy
 from ..models.qwen3 import Qwen3
@@ -48,6 +48,10 @@ class PretrainConfig:
     batch_size: int
     n_docs: int
     """Documents generated for the corpus (the loader loops over them if tokens exceed one epoch)."""
+    length_mix: tuple[tuple[float, float, float], ...] = ()
+    """Long-context corpus only: rows [min_fraction, max_fraction, share], `share` of the documents
+    having between min_fraction·seq_len and max_fraction·seq_len tokens (`data.synthetic.length_mix`);
+    empty for the short-document corpora, whose documents have their kinds' own lengths."""
     model: str | None = None
     """Registry name of the model to build when there is no parent model (S1)."""
     corpus_offset: int = 0
@@ -106,6 +110,11 @@ class PretrainConfig:
             raise ConfigError(f"copy_warmup_span must be [shortest, longest] with 1 <= shortest <= longest, "
                               f"got {self.copy_warmup_span!r}")
         object.__setattr__(self, "copy_warmup_span", span)
+        try:  # the corpus's checks: a valid mix, present exactly for the long-context corpus
+            object.__setattr__(self, "length_mix", check_length_mix(self.length_mix))
+            corpus_length_ranges(self.corpus, self.seq_len, self.length_mix)
+        except ValueError as e:
+            raise ConfigError(f"stage {self.name}: {e}") from None
         if self.copy_warmup_steps and int(self.train.get("grad_accum", 1)) != 1:
             raise ConfigError("copy_warmup_steps needs grad_accum = 1 (one warm-up batch per optimizer step)")
         self.train_config()  # validate now, naming unknown keys
@@ -158,9 +167,10 @@ def build_model(cfg: PretrainConfig, parent: Path | None, tokenizer: Tokenizer) 
 
 def tokenized_corpus(cfg: PretrainConfig, tokenizer: Tokenizer, cache_dir: Path):
     """The stage's corpus (cached by `build_corpus`) with an `input_ids` column."""
-    count = (lambda s: len(tokenizer.encode(s))) if cfg.corpus == "s3" else None
-    ds = build_corpus(cfg.corpus, seed=cfg.seed, n_docs=cfg.n_docs, offset=cfg.corpus_offset,
-                      cache_dir=cache_dir, count_tokens=count)
+    # Long-context documents are sized to fill rows, so they are counted with the real tokenizer.
+    count = (lambda s: len(tokenizer.encode(s))) if cfg.corpus in LONG_CONTEXT_STAGES else None
+    ds = build_corpus(cfg.corpus, seed=cfg.seed, n_docs=cfg.n_docs, seq_len=cfg.seq_len, length_mix=cfg.length_mix,
+                      offset=cfg.corpus_offset, cache_dir=cache_dir, count_tokens=count)
     backend = tokenizer.backend
 
     def encode(batch):

@@ -19,6 +19,9 @@ from .common import StageContext
 class TokenizerConfig:
     vocab_size: int
     """Total size including Qwen3's 26 special tokens (must not exceed the models' vocab_size)."""
+    seq_len: int
+    """S1's sequence length: the sample is S1 and S2 documents as those stages generate them, and
+    their short retrieval documents are sized to the row (`data.synthetic.short_retrieval_range`)."""
     n_docs: int = 6000
     """Synthetic S1+S2 documents to learn the merges from."""
     min_frequency: int = 2
@@ -32,7 +35,7 @@ class TokenizerConfig:
 def run(cfg: TokenizerConfig, parent: Path | None, ctx: StageContext) -> Path:
     out = Path(ctx.out_dir)
     ctx.say(f"tokenizer: training byte-level BPE, vocab {cfg.vocab_size}, on {cfg.n_docs} synthetic documents")
-    tok = train_tokenizer(tokenizer_training_texts(seed=cfg.seed, n_docs=cfg.n_docs), cfg.vocab_size,
+    tok = train_tokenizer(tokenizer_training_texts(seq_len=cfg.seq_len, seed=cfg.seed, n_docs=cfg.n_docs), cfg.vocab_size,
                           min_frequency=cfg.min_frequency)
     tok.save(out)
     write_lineage(out, make_lineage("tokenizer", cfg, parent))
