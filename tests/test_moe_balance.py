@@ -210,9 +210,11 @@ def test_judge_names_each_part_and_seed_disagreement():
 
 def test_settings():
     with pytest.raises(Exception, match="unknown key"):
-        mb.MoEExperimentSettings.from_mapping({"model": "micro-moe", "epochs": 3})
+        mb.MoEExperimentSettings.from_mapping({"model": "micro-moe", "seq_len": 64, "epochs": 3})
     with pytest.raises(Exception, match="seed"):
-        mb.MoEExperimentSettings.from_mapping({"seeds": [1, 1]})
+        mb.MoEExperimentSettings.from_mapping({"seq_len": 64, "seeds": [1, 1]})
+    with pytest.raises(TypeError, match="seq_len"):  # the scale states the row length
+        mb.MoEExperimentSettings.from_mapping({"tokens": 10_000})
     s = mb.MoEExperimentSettings.from_mapping({"tokens": 10_000, "seq_len": 32, "micro_batch_size": 2,
                                                "micro_batches_per_step": 4, "seeds": [3, 4]})
     assert s.steps == 10_000 // (32 * 2 * 4) and s.seeds == (3, 4)

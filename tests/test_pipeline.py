@@ -94,7 +94,7 @@ def test_cut_stage_resumes_and_stale_output_is_moved_aside(micro_run):
     # a different config for the same directory: the old output is kept, renamed, not deleted
     lines.clear()
     run_pipeline("micro", out_root=plan.root.parent, printer=lines.append, claims=False, only={"student/s2"},
-                 overrides=["stages.s2.train.lr=1e-3"])
+                 overrides=["stages.s2.train.min_lr_ratio=0.2"])
     assert any("moved aside" in line for line in lines)
     assert list(s2.parent.glob("s2.old-*"))
 

@@ -39,7 +39,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,6 +51,7 @@ from ..data.packing import PackingLoader
 from ..data.synthetic import generate_documents
 from ..models.qwen3 import Qwen3
 from ..models.registry import count_parameters, get_model_config
+from ..recipes import load_scale
 from ..stages.common import StageContext, write_json_atomic
 from ..stages import tokenizer as tokenizer_stage
 from ..stages.pretrain import PretrainConfig, pretrain_loss, tokenized_corpus
@@ -89,6 +90,11 @@ def non_embedding_params(cfg: ModelConfig) -> int:
 
 
 # ============================================================================ sweep settings
+def tiny_s1_seq_len() -> int:
+    """S1's row length at the tiny scale (tiny/tiny.toml), whose corpus and model shape the sweep fits."""
+    return int(load_scale("tiny")["stages"]["s1"]["seq_len"])
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     """The sizes, lattice, search and budgets of one sweep."""
@@ -104,7 +110,11 @@ class SweepSettings:
     tokens_per_param: float = 1.0
     """Training tokens per non-embedding parameter of every run. The tiny recipes' S1 trains
     tiny-flagship on ~0.7 and tiny-student on ~1.0 corpus tokens per parameter (tiny/tiny.toml)."""
-    seq_len: int = 256
+    seq_len: int = field(default_factory=lambda: tiny_s1_seq_len())
+    """Training row length: S1's at the tiny scale."""
+    corpus_seq_len: int = field(default_factory=lambda: tiny_s1_seq_len())
+    """The S1 corpus (and the tokenizer's sample) is generated for S1's rows at the tiny scale: its
+    retrieval documents are sized to fit them, whatever row length a sweep trains at."""
     lr_base: float = 1e-3
     lr_exponents: tuple[int, int] = (-3, 6)
     """The LR lattice: lr_base · 2^k for k in this closed range (1.25e-4 .. 6.4e-2)."""
@@ -312,7 +322,8 @@ def _eval_batches(tokenizer: Tokenizer, s: SweepSettings) -> torch.Tensor:
     eot = tokenizer.endoftext_id
     stream: list[int] = []
     need = s.eval_sequences * s.seq_len + 1
-    for d in generate_documents("s1", seed=0, n_docs=10 * s.eval_sequences + 100, offset=s.n_docs):
+    for d in generate_documents("s1", seed=0, n_docs=10 * s.eval_sequences + 100, offset=s.n_docs,
+                                seq_len=s.corpus_seq_len):
         stream += tokenizer.encode(d["text"]) + [eot]
         if len(stream) >= need:
             break
@@ -540,10 +551,12 @@ def run_sweep(out_dir: Path, settings: SweepSettings | None = None, cache_dir: P
     t0 = time.time()
     tok_dir = out_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        tokenizer_stage.run(tokenizer_stage.TokenizerConfig(vocab_size=s.tokenizer_vocab, n_docs=s.tokenizer_docs, seed=0),
+        tokenizer_stage.run(tokenizer_stage.TokenizerConfig(vocab_size=s.tokenizer_vocab, seq_len=s.corpus_seq_len,
+                                                            n_docs=s.tokenizer_docs, seed=0),
                             None, StageContext(tok_dir, cache_dir, printer))
     tokenizer = Tokenizer.load(tok_dir)
-    corpus_cfg = PretrainConfig(name="scaling-laws", corpus="s1", tokens=s.seq_len, seq_len=s.seq_len, batch_size=1,
+    corpus_cfg = PretrainConfig(name="scaling-laws", corpus="s1", tokens=s.corpus_seq_len, seq_len=s.corpus_seq_len,
+                                batch_size=1,
                                 n_docs=s.n_docs, seed=0)
     docs = tokenized_corpus(corpus_cfg, tokenizer, cache_dir)
     windows = _eval_batches(tokenizer, s)

@@ -319,7 +319,7 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext) -> Path:
                            lbl_layers=cfg.lbl_layers, lbl_micro_batch=cfg.lbl_micro_batch)
     # The global-scope LBL counts the step's micro-batches first; one micro-batch holds its step itself.
     counts_first = model.config.is_moe and cfg.load_balancing == "global" and tcfg.grad_accum > 1
-    eval_fn = heldout_loss_fn(tokenizer, min(cfg.seq_len, 256), cfg.eval_docs_per_language) \
+    eval_fn = heldout_loss_fn(tokenizer, cfg.seq_len, cfg.eval_docs_per_language) \
         if cfg.eval_docs_per_language else None
     summary = train(model, loader, loss_fn, tcfg, out, resume="auto", eval_fn=eval_fn,
                     eval_every=max(1, tcfg.steps // 4), printer=ctx.printer,

@@ -17,7 +17,7 @@ from .settings import MoEExperimentSettings
 
 def training_domains(s: MoEExperimentSettings, tokenizer: Tokenizer, cache_dir: Path) -> tuple[list[str], list[Any], list[float]]:
     """The training documents split by kind: (kinds, tokenised documents per kind, token share per kind)."""
-    ds = build_corpus(s.corpus, seed=s.seed, n_docs=s.n_docs, offset=0, cache_dir=cache_dir)
+    ds = build_corpus(s.corpus, seed=s.seed, n_docs=s.n_docs, offset=0, seq_len=s.seq_len, cache_dir=cache_dir)
     kinds = list(ds["kind"])
     backend = tokenizer.backend
     encoded = [enc.ids for enc in backend.encode_batch(list(ds["text"]), add_special_tokens=False)]

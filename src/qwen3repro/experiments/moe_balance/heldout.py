@@ -25,7 +25,8 @@ def heldout_documents(settings: MoEExperimentSettings) -> list[dict]:
     offset, chunk = settings.n_docs, max(200, 40 * settings.eval_docs_per_domain)
     kinds: set[str] | None = None
     while True:
-        batch = list(generate_documents(settings.corpus, seed=settings.seed, n_docs=chunk, offset=offset))
+        batch = list(generate_documents(settings.corpus, seed=settings.seed, n_docs=chunk, offset=offset,
+                                              seq_len=settings.seq_len))
         offset += chunk
         if kinds is None:
             kinds = {d["kind"] for d in batch}

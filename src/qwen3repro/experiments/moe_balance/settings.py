@@ -18,10 +18,11 @@ MODES = LBL_SCOPES
 class MoEExperimentSettings:
     """The `[experiments.moe]` table of a scale file (unknown keys are an error)."""
 
+    seq_len: int
+    """Row length (S1's at the scale), also the length the S1 corpus is generated for."""
     model: str = "tiny-moe"
     tokens: int = 300_000
     """Training tokens per run; steps = tokens // (seq_len · micro_batch_size · micro_batches_per_step)."""
-    seq_len: int = 256
     micro_batch_size: int = 2
     """Sequences per micro-batch, all of one domain (the micro-batch loss balances each on its own)."""
     micro_batches_per_step: int = 8
