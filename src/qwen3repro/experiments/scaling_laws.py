@@ -50,6 +50,7 @@ from ..config import ModelConfig
 from ..data.packing import PackingLoader
 from ..data.synthetic import generate_documents
 from ..models.qwen3 import Qwen3
+from .. import plotting
 from ..models.registry import count_parameters, get_model_config
 from ..recipes import load_scale
 from ..stages.common import StageContext, write_json_atomic
@@ -378,19 +379,27 @@ def run_one(size: str, batch: int, lr: float, seed: int, s: SweepSettings, token
 # ============================================================================ plots
 def _plot(results: Sequence[Mapping[str, Any]], opt: Mapping[str, Any], fits: Mapping[str, Any],
           predictions: Mapping[str, Any], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
     sizes = list(opt)
     # Each size's searched points: loss against LR (one line per batch) and against batch (one line
     # per LR); the dashed lines mark the optimum.
-    fig, axes = plt.subplots(2, len(sizes), figsize=(3.4 * len(sizes), 6.0), squeeze=False)
+    with plotting.figure(out / "loss_vs_lr_and_batch.png", nrows=2, ncols=len(sizes),
+                         figsize=(3.4 * len(sizes), 6.0)) as (_, axes):
+        _plot_searches(axes, sizes, results, opt)
+    n = np.array([opt[s]["n_params"] for s in sizes], dtype=float)
+    grid = np.geomspace(n.min() / 1.5, max(n.max(), max(p["n_params"] for p in predictions.values())) * 1.5, 50)
+    with plotting.figure(out / "power_law_fits.png", ncols=2, figsize=(9, 3.6)) as (_, axes):
+        for ax, key, fkey, label in ((axes[0, 0], "lr_opt", "lr", "optimal LR"),
+                                     (axes[0, 1], "batch_opt_tokens", "batch_tokens", "optimal batch (tokens/step)")):
+            _plot_fit(ax, sizes, opt, fits[fkey], predictions, key, fkey, label, grid)
+
+
+def _plot_searches(axes, sizes, results, opt) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     for col, size in enumerate(sizes):
         losses = _mean_over_seeds([r for r in results if r["size"] == size])
         for row, (axis, other, xlabel, key) in enumerate(((0, 1, "peak LR", "lr_opt"),
-                                                          (1, 0, "batch (sequences of 256)", "batch_opt_sequences"))):
+                                                          (1, 0, "batch (sequences)", "batch_opt_sequences"))):
             ax = axes[row, col]
             for v in sorted({q[other] for q in losses}):
                 line = sorted((q[axis], losses[q]) for q in losses if q[other] == v and math.isfinite(losses[q]))
@@ -402,40 +411,29 @@ def _plot(results: Sequence[Mapping[str, Any]], opt: Mapping[str, Any], fits: Ma
             ax.xaxis.set_major_locator(FixedLocator(sorted({q[axis] for q in losses})))
             ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-            ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
         axes[0, col].set_title(f"{size} (N={opt[size]['n_params']:,})", fontsize=9)
     for row in range(2):
         axes[row, 0].set_ylabel("held-out loss (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_lr_and_batch.png", dpi=80)
-    plt.close(fig)
 
-    n = np.array([opt[s]["n_params"] for s in sizes], dtype=float)
-    grid = np.geomspace(n.min() / 1.5, max(n.max(), max(p["n_params"] for p in predictions.values())) * 1.5, 50)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, fkey, label in ((axes[0], "lr_opt", "lr", "optimal LR"),
-                                 (axes[1], "batch_opt_tokens", "batch_tokens", "optimal batch (tokens/step)")):
-        edge_key = "lr_at_grid_edge" if fkey == "lr" else "batch_at_grid_edge"
-        inner = [s for s in sizes if not opt[s][edge_key]]
-        edge = [s for s in sizes if opt[s][edge_key]]
-        if inner:
-            ax.plot([opt[s]["n_params"] for s in inner], [opt[s][key] for s in inner], "o", label="sweep optimum")
-        if edge:
-            ax.plot([opt[s]["n_params"] for s in edge], [opt[s][key] for s in edge], "o", mfc="none",
-                    label="a bound (lattice edge), not fitted")
-        f = fits[fkey]
-        ax.plot(grid, [power_law(f, g) for g in grid], "-", label=f"{f['a']:.3g}·N^{f['b']:.3f} (R² {f['r2']:.2f})")
-        for m, p in predictions.items():
-            ax.plot([p["n_params"]], [p[fkey]], "s", label=f"{m} (predicted)")
-        values = [opt[s][key] for s in sizes] + [p[fkey] for p in predictions.values()]
-        ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label,
-               ylim=(min(values) / 2, max(values) * 2))
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out / "power_law_fits.png", dpi=80)
-    plt.close(fig)
+
+def _plot_fit(ax, sizes, opt, fit, predictions, key: str, fkey: str, label: str, grid) -> None:
+    edge_key = "lr_at_grid_edge" if fkey == "lr" else "batch_at_grid_edge"
+    inner = [s for s in sizes if not opt[s][edge_key]]
+    edge = [s for s in sizes if opt[s][edge_key]]
+    if inner:
+        ax.plot([opt[s]["n_params"] for s in inner], [opt[s][key] for s in inner], "o", label="sweep optimum")
+    if edge:
+        ax.plot([opt[s]["n_params"] for s in edge], [opt[s][key] for s in edge], "o", mfc="none",
+                label="a bound (lattice edge), not fitted")
+    ax.plot(grid, [power_law(fit, g) for g in grid], "-", label=f"{fit['a']:.3g}·N^{fit['b']:.3f} (R² {fit['r2']:.2f})")
+    for m, p in predictions.items():
+        ax.plot([p["n_params"]], [p[fkey]], "s", label=f"{m} (predicted)")
+    values = [opt[s][key] for s in sizes] + [p[fkey] for p in predictions.values()]
+    ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label,
+           ylim=(min(values) / 2, max(values) * 2))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
 
 
 # ============================================================================ the sweep
