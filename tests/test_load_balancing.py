@@ -305,7 +305,7 @@ def tokenizer_dir(tmp_path_factory):
     from qwen3repro.stages.common import StageContext
 
     out = tmp_path_factory.mktemp("tok")
-    tokenizer_stage.run(tokenizer_stage.TokenizerConfig(vocab_size=512, n_docs=300), None,
+    tokenizer_stage.run(tokenizer_stage.TokenizerConfig(vocab_size=512, seq_len=64, n_docs=300), None,
                         StageContext(out, out / "cache", printer=lambda _m: None))
     return out
 
