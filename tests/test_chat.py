@@ -126,7 +126,7 @@ def conversations(draw, allow_none=True):
     return messages, tools
 
 
-# -- the reference's rendered checks (qwen3.md §3), literally ----------------------------------
+# -- the released template's output for three small chats, written out literally ---------------
 
 
 def test_reference_rendered_checks(hf_tok):

@@ -1,7 +1,8 @@
 """Parameter counts of the registered models.
 
-The reference numbers are the model cards' figures as computed exactly in reference qwen3.md §1.4;
-they are written out here (not recomputed) so a wrong formula cannot agree with itself.
+The exact reference numbers follow from the released models' config.json files on the Hugging Face
+hub and round to the model cards' figures (CARD_ROUNDED checks that independently); they are
+written out here (not recomputed) so a wrong formula cannot agree with itself.
 """
 import json
 
@@ -52,7 +53,7 @@ def test_real_model_counts_round_to_card(name):
 
 
 def test_released_config_fields():
-    # reference qwen3.md §1.1/§1.3: shared fields, and the fields that differ from HF defaults.
+    # The released config.json files: shared fields, and the fields that differ from HF defaults.
     for cfg in REAL_MODELS.values():
         assert cfg.vocab_size == 151936 and cfg.head_dim == 128 and cfg.rope_theta == 1e6
         assert cfg.rms_norm_eps == 1e-6 and cfg.max_position_embeddings == 40960

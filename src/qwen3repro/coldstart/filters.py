@@ -165,9 +165,9 @@ class BoundedMentalSolver:
 
     Why: the report drops queries that Qwen2.5-72B-Instruct answers without chain of thought,
     i.e. those within a strong model's one-shot ability. Our tiny pretrained models answer almost
-    nothing without a trace (≈ 1% in the feasibility study), which would filter nothing; this
-    solver models a reference that can do short problems in its head, so the filter removes the
-    easiest items as in the report. A `ModelGenerator(enable_thinking=False).answer` can replace it.
+    nothing without a trace, so using one as the reference would filter nothing; this solver
+    models a reference that can do short problems in its head, so the filter removes the easiest
+    items as in the report. A `ModelGenerator(enable_thinking=False).answer` can replace it.
     """
 
     def __init__(self, max_steps: int = 3) -> None:

@@ -9,7 +9,7 @@ the problem families and trace style that post-training later renders as chats
 Families (difficulty in brackets):
 
 * ``add`` — k-digit + k-digit [k]; trace least-significant digit first, one step per digit
-  (the form the tiny reasoning study found learnable), then the assembled sum.
+  (each step needs only its two digits and the carry before it), then the assembled sum.
 * ``mul`` — k-digit × 1-digit [k]; same LSD-first style with carries.
 * ``expr`` — a chain of n operations over +, −, × by one digit [n]; each operation is worked
   digit by digit (carries/borrows), then the rewritten expression.
@@ -353,7 +353,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    # k 2..6 as in the tiny reasoning study (traces of 9k tokens fit the 256-token S2 sequences).
+    # k 2..6: a worked problem at k = 6 (~150 tokens by `approx_count_tokens`) fits the 256-token S2 rows.
     "add": Family("add", gen_add, 2, 6, "math"),
     "mul": Family("mul", gen_mul, 2, 6, "math"),
     "expr": Family("expr", gen_expr, 2, 4, "math"),

@@ -83,7 +83,7 @@ def rope_parameters(config: ModelConfig) -> tuple[torch.Tensor, float]:
     key temperature, `dca.dynamic_key_temperature`). A config.json with both keys therefore means the
     same model here and in vLLM. DCA keeps every relative distance within the trained range, so
     YaRN's interpolation on top would only compress distances the model already resolves (at tiny
-    scale it cut 8,192-token retrieval from 100% to 20% on development items).
+    scale it cut 8,192-token retrieval from 100% to 20% on development items, docs/LOG.md).
     """
     if config.rope_type == "yarn" and not config.dual_chunk_attention_config:
         return yarn_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)

@@ -1,8 +1,10 @@
 """Entropy of the policy and how the GRPO stage keeps it from collapsing.
 
 The Qwen3 report (§4.2) kept the policy's entropy "steadily increasing or stable" during reasoning
-RL. Without control it collapses: the tiny feasibility study saw it fall about 3x in 1,100 steps,
-and the share of groups with mixed rewards (the only ones that teach anything) fell with it.
+RL. Without control it tends to collapse (DAPO, arXiv 2503.14476, calls this entropy collapse), and
+the share of groups with mixed rewards (the only ones that teach anything) falls with it; at small
+scale an adaptive bonus capped at 0.01 still let it drift to 0.37 of its start in 120 steps
+(docs/LOG.md).
 
 Entropy here is the per-token entropy of the policy *at the sampling temperature* T,
 H_t = −Σ_v p_v log p_v with p = softmax(logits / T), averaged over the completion tokens — the

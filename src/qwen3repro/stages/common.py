@@ -2,7 +2,7 @@
 
 A stage is `run(cfg, parent, ctx) -> Path`: it reads the parent checkpoint directory (model,
 tokenizer), writes its own directory under `ctx.out_dir`, and returns it. The directory is the
-contract between stages (DESIGN.md): Hugging Face model files, tokenizer files, `state/`,
+contract between stages: Hugging Face model files, tokenizer files, `state/`,
 `metrics.jsonl`, `eval.json` and, written last, `lineage.json`.
 """
 from __future__ import annotations

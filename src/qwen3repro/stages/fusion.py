@@ -26,13 +26,14 @@ one model does both and switches on `/think` and `/no_think`. What one run does:
    skip the think block.
 4. **Budget examples** (a share `budget_share` of the thinking samples): the think block cut after
    a random number of its tokens, then the report's stop-thinking sentence
-   (`chat.STOP_THINKING_DIRECTIVE`), `</think>` and the answer. The tiny feasibility study found
-   the accuracy-vs-budget curve a pure staircase without such data (a forced stop mid-trace never
-   gave a right answer); trained on the reference answer, the model learns its best guess from a
-   partial trace (the digits already worked out, the rest estimated as in non-thinking mode).
+   (`chat.STOP_THINKING_DIRECTIVE`), `</think>` and the answer. Without such data nothing teaches
+   the model to answer from a cut trace, so a budget can only help where the whole trace fits in
+   it; trained on the reference answer, the model learns its best guess from a partial trace (the
+   digits already worked out, the rest estimated as in non-thinking mode).
    The chat template renders `</think>` followed by "\\n\\n" (it cannot express the "." the report
    prints after `</think>`), which is also the official client recipe's form of the directive
-   (Qwen docs, thinking_budget.md); `evals.thinking` forces the same text.
+   (the Qwen docs page "Thinking budget", docs/source/getting_started/thinking_budget.md in
+   QwenLM/Qwen3); `evals.thinking` forces the same text.
 5. `fusion_data.jsonl` ({"messages", "category", "meta"} per line) and `fusion_report.json`
    (counts per category, acceptance rate, language shares) are written before training; a rerun
    with the same data settings and parent reuses them.
@@ -68,8 +69,7 @@ from .sft import SFTConfig, fine_tune
 DATA_FILE = "fusion_data.jsonl"
 REPORT_FILE = "fusion_report.json"
 
-# The stop-thinking sentence of the report's directive (Qwen3 TR §4.3 "Thinking budget", p. 11),
-# without the "\n</think>." the template writes itself.
+# The soft switches a user or system message carries (Qwen3 TR §4.3, Table 9).
 THINK, NO_THINK = "/think", "/no_think"
 
 # Conversation categories of the fusion set (fusion_report.json counts each).

@@ -8,9 +8,9 @@ Evaluation draws use their own random streams ("eval-..."), so they do not depen
 * ``passkey`` / ``passkey_order`` (:func:`passkey_eval_items`) — one needle per document by
   (length, depth), or the position-sensitive variant: two needles with identical wording and the
   query asks for the *first* or the *last*. A model that retrieves but confuses order scores ~50%;
-  ``values`` holds the distractor so that error can be counted separately. Caveat from the tiny
-  feasibility study: a model trained with ABF at 2,048 often extrapolates the single-needle task
-  to 4× on its own, so "plain S3 < 30% at 4×" may not reproduce on it.
+  ``values`` holds the distractor so that error can be counted separately. Caveat: a model
+  trained with ABF may extrapolate the single-needle task to 4× its trained length on its own, so
+  "plain S3 < 30% at 4×" is a measurement, not a given (tiny scale: 0% at 8,192, docs/LOG.md).
 * ``heldout_text`` — prose per language, never in training, for per-language loss.
 * ``translation`` — sentence pairs whose meaning (frame hash) never appears as a parallel pair
   in training.
@@ -35,7 +35,7 @@ from .prose import frame_uid, prose_text
 from .records import GENERATOR_VERSION, WORLD_SEED, content_uid, doc_rng, make_doc, records_to_dataset
 
 S2_EVAL_PER_CELL = 40
-# ≥ 40 documents per (length, condition): the feasibility study's minimum for a claim.
+# ≥ 40 documents per (length, condition): one item moves a cell by at most 2.5 points.
 PASSKEY_EVAL_PER_LENGTH = 40
 KNOWLEDGE_CHOICES = 4
 

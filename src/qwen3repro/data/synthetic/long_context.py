@@ -21,8 +21,8 @@ from .counting import CountTokens
 from .prose import pick_language, prose_text
 from .records import content_uid, make_doc
 
-# Five digits: a byte-level BPE of 1-2k tokens barely merges digits, so a value is ~5 tokens, the
-# harder of the two value sizes in the tiny long-context study (exact match on all of them).
+# Five digits: a byte-level BPE of 1-2k tokens barely merges digits, so a value is ~5 tokens, and
+# exact match on all of them leaves a guess a 1 in 100,000 chance.
 PASSKEY_DIGITS = 5
 NEEDLE = "The pass key is {value}. Remember it. {value} is the pass key."
 PASSKEY_QUERY = "What is the pass key? The pass key is"

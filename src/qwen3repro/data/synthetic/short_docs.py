@@ -116,12 +116,11 @@ def _gen_problem(world: World, rng: random.Random) -> dict:
 
 # Short retrieval documents (a pass key somewhere in a paragraph, asked for at the end). General web
 # text is full of such copy-from-context patterns; at tiny scale they let the short-context stages
-# learn *what* retrieval is, so S3 only has to extend it to long range (the tiny long-context study
-# trained retrieval from S1 on, with a length curriculum). Their length scales with the stage's
-# row: 48-240 tokens in tiny's rows of 256, i.e. from 3/16 to 15/16 of the row, as counted by
-# `approx_count_tokens` (these corpora are built before the tokenizer exists). That count runs
-# below the tiny tokenizer's in most languages (by 5-85% at the median on these documents), so
-# some of them are longer than a row in real tokens and the packer carries them into the next.
+# learn *what* retrieval is, so S3 only has to extend it to long range. Their length scales with the
+# stage's row: 48-240 tokens in tiny's rows of 256, i.e. from 3/16 to 15/16 of the row, as counted
+# by `approx_count_tokens` (these corpora are built before the tokenizer exists). That count runs
+# below the tiny tokenizer's in most languages (by 5-85% at the median on these documents), so some
+# of them are longer than a row in real tokens and the packer carries them into the next.
 SHORT_RETRIEVAL_MIN_SIXTEENTHS = 3
 SHORT_RETRIEVAL_MAX_SIXTEENTHS = 15
 

@@ -13,8 +13,8 @@ Four conditions (`CONDITIONS`), same held-out items for each:
                     "original_max_position_embeddings": <S3 length>}`` (transformers' formulas, models/rope.py);
 * ``S3+YaRN+DCA`` — that plus ``dual_chunk_attention_config={"chunk_size": C, "local_size": W,
                     "original_max_position_embeddings": <S3 length>}`` (models/dca.py), C = ¾ and
-                    W = 1/16 of the trained length by default (ChunkLlama's defaults; the tiny
-                    feasibility study's 1536 / 128). As in vLLM, which serves this pair of keys, DCA
+                    W = 1/16 of the trained length by default (ChunkLlama's defaults; 1,536 / 128
+                    at tiny's trained length of 2,048). As in vLLM, which serves this pair of keys, DCA
                     rotates with the base RoPE frequencies (`rope.rope_parameters`: YaRN's
                     interpolation does not apply under DCA) and YaRN's temperature enters as DCA's
                     dynamic key temperature, logits × (0.1 ln(L / S3 length) + 1)^2 (1.296 at 4x).
@@ -22,21 +22,22 @@ Four conditions (`CONDITIONS`), same held-out items for each:
 Protocol choices, each a documented setting (`LongContextSettings`) pinned in the result file:
 
 * **YaRN only beyond the trained length** (`yarn_only_beyond_trained=True`). Frameworks implement
-  *static* YaRN, which costs accuracy at short lengths (the tiny study: 90%, 82% and 15% at 256 in
-  three runs); Qwen's docs advise enabling it only for long inputs. The model is therefore rebuilt
-  with or without scaling per evaluated length: lengths <= `trained_length` use the plain S3
-  configuration, longer ones the scaled one. The length that decides is the cell's nominal length
+  *static* YaRN, which scales positions whatever the input's length and so can cost accuracy on
+  short inputs; the Qwen3 model cards on the Hugging Face hub advise adding `rope_scaling` only
+  when long contexts are needed. The model is therefore rebuilt with or without scaling per
+  evaluated length: lengths <= `trained_length` use the plain S3 configuration, longer ones the
+  scaled one. The length that decides is the cell's nominal length
   (an upper bound on every item's prompt + answer tokens).
 * **DCA** is on at every length for its condition by default (`dca_only_beyond_trained=False`): it is
   training-free and designed to be harmless inside the trained length (queries within one chunk see
-  plain RoPE), so the short lengths test that (the temperature is 1 up to the trained length). The
-  tiny study found that the temperature matters (DCA alone: 8% at 8,192; with YaRN's factor: 70%).
+  plain RoPE), so the short lengths test that (the temperature is 1 up to the trained length).
   Stacking YaRN's frequency interpolation on DCA's already-in-range distances cut 8,192-token
-  retrieval to 20% on development items (item seed 1), where the vLLM arrangement kept 100%.
+  retrieval to 20% on development items (item seed 1), where the vLLM arrangement kept 100%
+  (docs/LOG.md).
 * **Retrieval** (`retrieval`): held-out pass-key items (`synthetic.passkey_eval_items`),
-  `n_per_length` per length (>= 40: the study's minimum for a claim), needle depths spread evenly
-  over the context and reported in `depth_bins` bins. Variant "passkey" (one needle) and "order"
-  (two needles, position-sensitive). Greedy decoding of the answer tokens with a KV cache
+  `n_per_length` per length (>= 40: one item moves a cell by at most 2.5 points), needle depths
+  spread evenly over the context and reported in `depth_bins` bins. Variant "passkey" (one needle)
+  and "order" (two needles, position-sensitive). Greedy decoding of the answer tokens with a KV cache
   (`decoding`), exact match with `synthetic.check_retrieval`.
 * **Loss by position** (`loss`): mean next-token NLL per position bucket over held-out S3-style
   documents of `loss_length_factor` × the trained length.

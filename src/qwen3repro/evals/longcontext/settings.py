@@ -27,12 +27,14 @@ VARIANTS = ("passkey", "order")
 YARN_FACTOR = 4.0
 # Evaluated lengths as multiples of the trained length: 1/8 ... 4x (4x = the report's claim).
 LENGTH_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
-# ChunkLlama defaults (qwen3.md §4): chunk_size = 3/4 of the pre-training length, local = 1/16.
+# ChunkLlama's defaults (`replace_with_chunkllama` in HKUNLP/ChunkLlama; An et al. 2024, arXiv 2402.17463):
+# chunk_size = 3/4 of the pre-training length, local window = 1/16.
 DCA_CHUNK_FRACTION = 3 / 4
 DCA_LOCAL_FRACTION = 1 / 16
-# Retrieval items per (length, variant): the tiny feasibility study's minimum for a claim.
+# Retrieval items per (length, variant): at 40, one item moves a cell by 2.5 points.
 N_PER_LENGTH = 40
-# Retrieval depth bins: fifths, the granularity at which the tiny study located DCA's misses.
+# Retrieval depth bins: fifths, 8 items each at 40 per length, enough to show where DCA misses (the needles
+# nearest the question at tiny scale, docs/LOG.md).
 DEPTH_BINS = 5
 # Loss documents: 16 documents of 4x the trained length (≈ 131k scored tokens at 2,048), per bucket
 # of 256 positions.
