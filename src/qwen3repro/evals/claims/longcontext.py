@@ -114,8 +114,8 @@ def variant_rows(role: str, variant: str, results: Mapping[str, Any], settings: 
         if plain >= figures.plain_s3_control_max:
             ext_diag.append(f"plain S3 already reaches {_pct(plain)} at {longest} (>= "
                             f"{figures.plain_s3_control_max:.0%}): the model extrapolates on this task without "
-                            "YaRN/DCA, so the control does not separate them (as the tiny feasibility study found "
-                            "for pass-key retrieval)")
+                            "YaRN/DCA, so the control does not separate them (a model trained with ABF can "
+                            "extrapolate single-needle retrieval on its own)")
     ext = ClaimRow(
         name=f"yarn_dca[{role}/{variant}]",
         claim=f"YaRN + DCA give 4x context at inference; plain S3 fails there ({variant})",
