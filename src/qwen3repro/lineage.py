@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import config_hash
+from .files import write_json_atomic
 
 LINEAGE_FILE = "lineage.json"
 
@@ -61,12 +62,7 @@ def make_lineage(stage: str, config: Any, parent_dir: str | os.PathLike | None =
 
 def write_lineage(directory: str | os.PathLike, lineage: Lineage) -> None:
     """Atomically write lineage.json (with the derived lineage hash for readers)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = {**asdict(lineage), "lineage_hash": lineage.hash}
-    tmp = directory / f".{LINEAGE_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / LINEAGE_FILE)
+    write_json_atomic(Path(directory) / LINEAGE_FILE, {**asdict(lineage), "lineage_hash": lineage.hash})
 
 
 def read_lineage(directory: str | os.PathLike) -> Lineage | None:
@@ -79,9 +75,3 @@ def read_lineage(directory: str | os.PathLike) -> Lineage | None:
         raise ValueError(f"{path}: corrupt lineage file ({e})") from e
     d.pop("lineage_hash", None)
     return Lineage(**d)
-
-
-def is_up_to_date(directory: str | os.PathLike, expected: Lineage) -> bool:
-    """True when `directory` holds a complete output of the same stage config and parent lineage."""
-    found = read_lineage(directory)
-    return found is not None and found.complete and found.hash == expected.hash and found.stage == expected.stage

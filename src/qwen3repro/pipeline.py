@@ -40,7 +40,8 @@ from .recipes import (StageFacts, deep_merge, load_recipe, load_scale, load_stag
                       split_recipe)
 from .stages import coldstart, fusion, grpo, pretrain, sft
 from .stages import tokenizer as tokenizer_stage
-from .stages.common import StageContext, write_json_atomic
+from .files import write_json_atomic
+from .stages.common import StageContext
 from .progress import format_duration
 from .train.metrics import default_printer
 

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from .files import atomic_write
+
 DPI = 110
 STYLE = {
     "axes.grid": True,
@@ -55,11 +57,7 @@ def figure(path: str | os.PathLike, *, nrows: int = 1, ncols: int = 1, figsize: 
 
 def save(fig, path: str | os.PathLike) -> str:
     """Write `fig` to `path` (PNG) through a temporary file; returns the path as a string."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=Path(path).suffix.lstrip(".") or "png"))
     return str(path)
 
 

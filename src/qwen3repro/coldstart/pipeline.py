@@ -32,7 +32,7 @@ from ..data import tasks
 from ..data.queries import Query
 from ..data.synthetic import s2_eval_items
 from ..data.world import build_world
-from ..stages.common import write_json_atomic
+from ..files import write_json_atomic
 from .filters import (BoundedMentalSolver, FilterThresholds, ResponseFilter, detector_metrics, filter_queries,
                       score_response)
 from .pool import build_pool

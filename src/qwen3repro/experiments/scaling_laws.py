@@ -53,7 +53,8 @@ from ..models.qwen3 import Qwen3
 from .. import plotting
 from ..models.registry import count_parameters, get_model_config
 from ..recipes import load_scale
-from ..stages.common import StageContext, write_json_atomic
+from ..files import write_json_atomic
+from ..stages.common import StageContext
 from ..stages import tokenizer as tokenizer_stage
 from ..stages.pretrain import PretrainConfig, pretrain_loss, tokenized_corpus
 from ..tokenizer import Tokenizer

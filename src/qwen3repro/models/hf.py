@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..files import atomic_write
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -258,19 +258,6 @@ def load_pretrained(
 
 
 # ------------------------------------------------------------------------------------- writing
-def _atomic_write(target: Path, write) -> None:
-    """Call write(tmp_path), then move tmp_path over target (same directory, so os.replace is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -302,18 +289,18 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
+        atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
         }
-        _atomic_write(path / SAFE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+        atomic_write(path / SAFE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
 
     hf = model.config.to_hf_dict()
     dtype = next(iter(tensors.values())).dtype
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _atomic_write(
+    atomic_write(
         path / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     )
 

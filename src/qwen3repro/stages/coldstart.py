@@ -25,7 +25,8 @@ from ..config import ConfigError, strict_fields
 from ..lineage import make_lineage, write_lineage
 from ..rl.selection import USED_QUERIES_FILE
 from . import sft
-from .common import StageContext, write_json_atomic
+from ..files import write_json_atomic
+from .common import StageContext
 
 RESPONSES = {"filtered": FILTERED_FILE, "unfiltered": UNFILTERED_FILE}
 

@@ -7,12 +7,11 @@ contract between stages: Hugging Face model files, tokenizer files, `state/`,
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from ..train.metrics import default_printer
 
@@ -43,10 +42,3 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         if not (src / name).exists():
             raise FileNotFoundError(f"{src} has no {name}: not a stage output with a tokenizer")
         shutil.copyfile(src / name, dst / name)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

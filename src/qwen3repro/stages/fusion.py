@@ -63,7 +63,8 @@ from ..lineage import make_lineage, read_lineage, write_lineage
 from ..models.qwen3 import Qwen3
 from ..rewards import REWARDS
 from ..tokenizer import Tokenizer
-from .common import StageContext, write_json_atomic
+from ..files import write_json_atomic
+from .common import StageContext
 from .sft import SFTConfig, fine_tune
 
 DATA_FILE = "fusion_data.jsonl"

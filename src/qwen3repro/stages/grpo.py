@@ -64,7 +64,8 @@ from ..rl.selection import USED_QUERIES_FILE, SelectionResult, load_used_uids, s
 from ..tokenizer import Tokenizer
 from ..progress import format_duration
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
-from .common import StageContext, copy_tokenizer, write_json_atomic
+from ..files import write_json_atomic
+from .common import StageContext, copy_tokenizer
 
 SELECTION_FILE = "selection.json"
 

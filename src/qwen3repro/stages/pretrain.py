@@ -33,7 +33,8 @@ from ..models.qwen3 import Qwen3
 from ..models.registry import get_model_config
 from ..tokenizer import Tokenizer
 from ..train.loop import TrainConfig, train
-from .common import StageContext, copy_tokenizer, write_json_atomic
+from ..files import write_json_atomic
+from .common import StageContext, copy_tokenizer
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from ..losses import masked_cross_entropy
 from ..models.qwen3 import Qwen3
 from ..tokenizer import Tokenizer
 from ..train.loop import TrainConfig, train
-from .common import StageContext, copy_tokenizer, write_json_atomic
+from ..files import write_json_atomic
+from .common import StageContext, copy_tokenizer
 
 BATCHING = ("pad", "pack")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...chat import STOP_THINKING_DIRECTIVE
-from ...stages.common import write_json_atomic
+from ...files import write_json_atomic
 from ..thinking import TEMPLATE_DIRECTIVE, budget_curve, pinned_settings, plot_budget
 from .fusion import eval_config, load_fused
 from .row import ClaimRow

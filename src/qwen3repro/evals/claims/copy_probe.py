@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from ...stages.common import write_json_atomic
+from ...files import write_json_atomic
 from ..copying import copy_probe
 from .row import ClaimRow
 from .settings import claim_settings

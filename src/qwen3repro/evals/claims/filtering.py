@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 from ...lineage import LINEAGE_FILE
 from ...progress import format_duration
-from ...stages.common import write_json_atomic
+from ...files import write_json_atomic
 from ..posttrain import measure_filtering, plot_filtering
 from .row import ClaimRow
 from .settings import claim_settings

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ...lineage import LINEAGE_FILE
 from ...models.qwen3 import Qwen3
-from ...stages.common import write_json_atomic
+from ...files import write_json_atomic
 from ...tokenizer import Tokenizer
 from ..thinking import ThinkingEvalConfig, accuracy_by_mode, pinned_settings, plot_fusion, think_follow
 from .row import ClaimRow

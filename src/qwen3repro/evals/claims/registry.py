@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...config import ConfigError
-from ...stages.common import write_json_atomic
+from ...files import write_json_atomic
 from .. import report
 from .budget import claim_budget
 from .copy_probe import add_copy_diagnoses

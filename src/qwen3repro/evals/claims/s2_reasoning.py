@@ -7,7 +7,7 @@ from typing import Callable
 
 from ...lineage import LINEAGE_FILE
 from ...progress import format_duration
-from ...stages.common import write_json_atomic
+from ...files import write_json_atomic
 from ..reasoning import plot_reasoning_by_family, reasoning_accuracy
 from .row import ClaimRow
 

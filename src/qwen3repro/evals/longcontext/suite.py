@@ -6,7 +6,6 @@ condition (`"complete": false` until the end), summarises accuracy by length and
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ...config import ConfigError
+from ...files import write_json_atomic
 from ...progress import format_duration
 from ...tokenizer import Tokenizer
 from .loss import loss_by_position, loss_documents
@@ -90,12 +90,12 @@ def run_longcontext_eval(
                                                             items=items[v], progress=progress, log=log)
             results["loss_by_position"][c] = loss_by_position(source, tok, c, settings=settings, documents=documents,
                                                               progress=progress, log=log)
-            write_json(out / RESULT_FILE, results)
+            write_json_atomic(out / RESULT_FILE, results)
         results["summary"] = summarize(results, settings)
         results["seconds"] = round(time.perf_counter() - t0, 1)
         results["complete"] = True
         results["plots"] = write_plots(results, out)
-        write_json(out / RESULT_FILE, results)
+        write_json_atomic(out / RESULT_FILE, results)
         if log:
             log(f"[longcontext] done in {format_duration(results['seconds'])}: {out / RESULT_FILE}")
         return results
@@ -137,12 +137,6 @@ def summarize(results: Mapping[str, Any], settings: LongContextSettings) -> dict
                 "extension": longest / settings.trained_length,
             }
     return out
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 __all__ = ["RESULT_FILE", "notes", "run_longcontext_eval", "summarize"]

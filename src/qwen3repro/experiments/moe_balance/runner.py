@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ...config import config_hash
-from ...stages.common import write_json_atomic
+from ...files import write_json_atomic
 from ...tokenizer import Tokenizer
 from .data import training_domains
 from .heldout import heldout_documents, measure_run
