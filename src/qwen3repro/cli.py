@@ -67,7 +67,8 @@ def model_info(name: str, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print every resolved stage config and exit.")
 def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[str, ...], no_claims: bool,
              dry_run: bool) -> None:
-    """Run the SCALE pipeline (tiny, small, micro): tokenizer -> S1 -> S2 -> S3 per role, claims, REPORT.md.
+    """Run the SCALE pipeline (tiny, small, micro: tiny/SCALE.toml): every stage the scale lists, for the roles
+    its recipe names, in the order of the stage graph (recipes/), then the claims and REPORT.md.
 
     Up-to-date stages are skipped and cut stages resume; see runs/SCALE/REPORT.md afterwards.
     """

@@ -38,15 +38,16 @@ from .evals.claims import run_claims
 from .lineage import chain_hash, read_lineage
 from .recipes import (StageFacts, deep_merge, load_recipe, load_scale, load_stage_graph, parse_override, recipe_lineage,
                       split_recipe)
+from .files import write_json_atomic
+from .progress import format_duration
 from .stages import coldstart, fusion, grpo, pretrain, sft
 from .stages import tokenizer as tokenizer_stage
-from .files import write_json_atomic
 from .stages.common import StageContext
-from .progress import format_duration
 from .train.metrics import default_printer
 
 STAGE_FILE = "stage.json"
 SCALE_SECTIONS = ("pipeline", "roles", "stages", "evals", "experiments")
+
 
 @dataclass(frozen=True)
 class PipelineSettings:
