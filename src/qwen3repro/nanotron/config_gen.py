@@ -143,8 +143,8 @@ def resolve_stage(stage: str, settings: Mapping[str, Any], graph: StageGraph, ro
         if facts.parent not in sized:
             raise ConfigError(f"{stage}: its length derives from {facts.parent!r}, which full/stages.toml does not size")
         seq_len = resolve_stage(facts.parent, settings, graph, root).seq_len * facts.seq_len_factor
-    theta = next((load_recipe(s, root)["rope_theta"] for s in (stage, *graph.ancestors(stage))
-                  if "rope_theta" in load_recipe(s, root)), None)
+    recipes_up = (load_recipe(s, root) for s in (stage, *graph.ancestors(stage)))
+    theta = next((r["rope_theta"] for r in recipes_up if "rope_theta" in r), None)  # the nearest one applies
     if theta is None:
         raise ConfigError(f"{stage}: no recipe on its path from the root states rope_theta")
     lr_from = stage
