@@ -88,7 +88,7 @@ def test_cut_stage_resumes_and_stale_output_is_moved_aside(micro_run):
     lines: list[str] = []
     again = run_pipeline("micro", out_root=plan.root.parent, printer=lines.append, claims=False,
                          only={"student/s2"})
-    assert any("resuming a cut run" in line for line in lines)
+    assert any("continuing a cut run" in line for line in lines)
     assert any("resumed from" in line for line in lines)
     assert read_lineage(s2).hash == expected_hash(again.node("student/s2"))
     # a different config for the same directory: the old output is kept, renamed, not deleted

@@ -265,7 +265,7 @@ def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
         if not same_run:
             _move_aside(node, lineage, say)
         else:
-            say(f"{node.key}: resuming a cut run")
+            say(f"{node.key}: continuing a cut run from its newest checkpoint, if it wrote one")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / STAGE_FILE, {"key": node.key, "lineage_hash": want,
                                          "config": node.config.__dict__})

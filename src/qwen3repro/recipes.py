@@ -241,6 +241,17 @@ class StageGraph:
         return list(names)
 
 
+def rope_base(stage: str, graph: StageGraph | None = None, root: Path | None = None) -> float:
+    """The RoPE base `stage` trains with: `rope_theta` of the nearest recipe on its path from the root that
+    states one (S1 states the pretraining base, S3 raises it: ABF, report §3.2)."""
+    graph = graph or load_stage_graph(root)
+    for name in (stage, *graph.ancestors(stage)):
+        recipe = load_recipe(name, root)
+        if "rope_theta" in recipe:
+            return float(recipe["rope_theta"])
+    raise ConfigError(f"{stage}: no recipe on its path from the root states rope_theta")
+
+
 def load_stage_graph(root: Path | None = None) -> StageGraph:
     """The graph of every recipe under `<root>/recipes/`."""
     directory = (root or repo_root()) / "recipes"

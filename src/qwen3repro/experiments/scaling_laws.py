@@ -52,7 +52,7 @@ from ..data.synthetic import generate_documents
 from ..models.qwen3 import Qwen3
 from .. import plotting
 from ..models.registry import count_parameters, get_model_config
-from ..recipes import load_scale
+from ..recipes import load_scale, rope_base
 from ..files import write_json_atomic
 from ..stages.common import StageContext
 from ..stages import tokenizer as tokenizer_stage
@@ -347,7 +347,7 @@ def run_one(size: str, batch: int, lr: float, seed: int, s: SweepSettings, token
     done = run_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = s.model_config(size).replace(eos_token_id=tokenizer.endoftext_id)
+    cfg = s.model_config(size).replace(eos_token_id=tokenizer.endoftext_id, rope_theta=rope_base("s1"))  # S1's base
     torch.manual_seed(seed)
     model = Qwen3(cfg)
     steps = s.steps(size, batch)

@@ -84,12 +84,9 @@ HUB_IDS: dict[str, str] = {
 
 # Tiny vocabulary: the tiny tokenizer's learned tokens + Qwen3's 26 special tokens fit in it.
 TINY_VOCAB_SIZE = 1024
-# The pretraining stages start at base 1e4; S3 raises it to 1e6 (ABF, report §3.2).
-S1_ROPE_THETA = 10_000.0
-
+# No RoPE base here: the stage that builds a model sets the one its recipe states (recipes.rope_base).
 _TINY_COMMON = dict(
     vocab_size=TINY_VOCAB_SIZE,
-    rope_theta=S1_ROPE_THETA,
     rms_norm_eps=1e-6,
     max_position_embeddings=2048,
     bos_token_id=None,

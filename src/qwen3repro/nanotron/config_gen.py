@@ -47,7 +47,7 @@ from ..config import ConfigError
 from ..data.mixture import SourceSpec, stage_mixture
 from ..models.registry import HUB_IDS, REAL_MODELS, get_model_config
 from ..perf import train_step_flops
-from ..recipes import StageGraph, load_recipe, load_stage_graph, load_toml, repo_root, split_recipe
+from ..recipes import StageGraph, load_recipe, load_stage_graph, load_toml, repo_root, rope_base, split_recipe
 from ..train.loop import TrainConfig
 from ..train.schedule import WSDSchedule
 from .compat import import_nanotron
@@ -143,10 +143,6 @@ def resolve_stage(stage: str, settings: Mapping[str, Any], graph: StageGraph, ro
         if facts.parent not in sized:
             raise ConfigError(f"{stage}: its length derives from {facts.parent!r}, which full/stages.toml does not size")
         seq_len = resolve_stage(facts.parent, settings, graph, root).seq_len * facts.seq_len_factor
-    recipes_up = (load_recipe(s, root) for s in (stage, *graph.ancestors(stage)))
-    theta = next((r["rope_theta"] for r in recipes_up if "rope_theta" in r), None)  # the nearest one applies
-    if theta is None:
-        raise ConfigError(f"{stage}: no recipe on its path from the root states rope_theta")
     lr_from = stage
     while graph[lr_from].continues_parent_lr:
         lr_from = graph[lr_from].parent
@@ -158,7 +154,7 @@ def resolve_stage(stage: str, settings: Mapping[str, Any], graph: StageGraph, ro
     mix = recipe.get("length_mix")
     return FullStage(
         name=stage, kind=NANOTRON_KINDS[facts.kind], recipe_kind=facts.kind, parent=graph.nearest(stage, sized),
-        roles=facts.roles, seq_len=seq_len, rope_theta=float(theta), lr_from=lr_from, train=train,
+        roles=facts.roles, seq_len=seq_len, rope_theta=rope_base(stage, graph, root), lr_from=lr_from, train=train,
         document_masking=bool(recipe.get("document_masking", NANOTRON_KINDS[facts.kind] == "sft")),
         length_mix=tuple(tuple(float(x) for x in row) for row in mix) if mix else None,
         category_weights=dict(recipe["category_weights"]) if recipe.get("category_weights") else None,

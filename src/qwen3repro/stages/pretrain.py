@@ -148,6 +148,8 @@ def build_model(cfg: PretrainConfig, parent: Path | None, tokenizer: Tokenizer) 
     else:
         if cfg.model is None:
             raise ConfigError(f"stage {cfg.name}: no parent model and no `model` to build")
+        if cfg.rope_theta is None:
+            raise ConfigError(f"stage {cfg.name}: a stage that builds a fresh model states its RoPE base (rope_theta)")
         base = None
         model_cfg = get_model_config(cfg.model).replace(eos_token_id=tokenizer.endoftext_id, bos_token_id=None)
         if len(tokenizer) > model_cfg.vocab_size:

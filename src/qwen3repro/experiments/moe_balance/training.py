@@ -13,6 +13,7 @@ from ...config import ConfigError
 from ...losses import load_balancing_loss, masked_cross_entropy
 from ...models.qwen3 import Qwen3
 from ...models.registry import get_model_config
+from ...recipes import rope_base
 from ...stages.common import copy_tokenizer
 from ...tokenizer import Tokenizer
 from ...train.loop import train
@@ -73,7 +74,7 @@ def train_arm(s: MoEExperimentSettings, mode: str, seed: int, domain_docs: Seque
     model_cfg = get_model_config(s.model)
     if not model_cfg.is_moe:
         raise ConfigError(f"experiments.moe.model: {s.model} is not a MoE model")
-    model_cfg = model_cfg.replace(eos_token_id=tokenizer.endoftext_id, bos_token_id=None,
+    model_cfg = model_cfg.replace(eos_token_id=tokenizer.endoftext_id, bos_token_id=None, rope_theta=rope_base("s1"),
                                   max_position_embeddings=max(model_cfg.max_position_embeddings, s.seq_len),
                                   router_aux_loss_coef=float(s.router_aux_loss_coef))
     torch.manual_seed(seed)
