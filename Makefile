@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv test test-all bench tiny-pipeline small-pipeline micro-pipeline scaling-laws clean
+.PHONY: help venv system-deps test test-all bench tiny-pipeline small-pipeline micro-pipeline scaling-laws clean
 
 help:
 	@echo "make tiny-pipeline   run the tiny replication end to end (writes runs/tiny/)"
@@ -17,7 +17,16 @@ help:
 	@echo "make full STAGE=s2 MODEL=qwen3-0.6b [NODES=4 GPUS_PER_NODE=8] [DRY_RUN=1] [DATA=shards]"
 	@echo "                     full-scale stage through nanotron: write its config, launch or print the plan"
 
-$(STAMP): pyproject.toml
+# The code reward's sandbox needs bubblewrap and libseccomp (Debian packages). As root they are installed
+# here; otherwise the sandbox refuses to run code, and this says what to install.
+system-deps:
+	@if command -v bwrap >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libseccomp.so.2; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q bubblewrap libseccomp2 >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap libseccomp2 >/dev/null; }; \
+	else echo "warning: the code sandbox needs bubblewrap and libseccomp2 (apt-get install bubblewrap libseccomp2); without them code rewards are 'no reward'"; fi
+
+$(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
@@ -26,10 +35,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) system-deps
 	$(PY) -m pytest -q -m "not gpu"
 
 bench: $(STAMP)

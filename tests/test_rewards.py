@@ -1,27 +1,14 @@
 """Rewards: the registry, math-verify answers, exact task answers, format rewards, and the code
-sandbox (time, memory, process, network and output limits; early exits; infrastructure failures)."""
+reward's code extraction (the sandbox and its harness: tests/security/)."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import threading
-import time
 
 import pytest
 
 from qwen3repro.data import tasks
 from qwen3repro.rewards import REWARDS, RewardResult, answer_text, get_reward, register
-from qwen3repro.rewards.code import (
-    SandboxLimits,
-    code_reward,
-    containment,
-    extract_code,
-    network_isolation,
-    run_sandboxed,
-    run_tests,
-)
+from qwen3repro.rewards.code import SandboxLimits, code_reward, extract_code
 from qwen3repro.rewards.format import think_format_reward, think_mode_reward
 from qwen3repro.rewards.math import math_reward
 from qwen3repro.rewards.tasks import task_reward
@@ -124,137 +111,6 @@ def test_format_rewards():
     assert think_mode_reward("42<|im_end|>", thinking=False).score == 1.0  # the prompt pre-filled the block
     assert think_mode_reward(wrap("42"), thinking=False).score == 0.0
     assert think_mode_reward("<think>\n\n</think>\n\n42", thinking=True).score == 0.0
-
-
-# ------------------------------------------------------------------------------------ sandbox
-ADD = "def add(a, b):\n    return a + b\n"
-ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
-
-
-def test_correct_solution_scores_one():
-    assert run_tests(ADD, ADD_TESTS, LIMITS).score == 1.0
-    completion = wrap("Here:\n```python\n" + ADD + "```\n")
-    assert code_reward(completion, ADD_TESTS, LIMITS).score == 1.0
-
-
-def test_wrong_solution_scores_zero():
-    r = run_tests("def add(a, b):\n    return a - b\n", ADD_TESTS, LIMITS)
-    assert r.score == 0.0 and "AssertionError" in r.reason
-
-
-def test_infinite_loop_is_killed_within_its_limit():
-    t0 = time.monotonic()
-    r = run_tests("while True:\n    pass\n", "assert True", LIMITS)
-    assert r.score == 0.0
-    assert time.monotonic() - t0 < LIMITS.wall_seconds + 1.5
-    # A loop that sleeps uses no CPU: the wall-clock limit kills it.
-    t0 = time.monotonic()
-    r = run_tests("import time\nwhile True:\n    time.sleep(1)\n", "assert True", LIMITS)
-    assert r.score == 0.0 and "wall-clock" in r.reason
-    assert time.monotonic() - t0 < LIMITS.wall_seconds + 1.5
-
-
-def test_memory_bomb_fails():
-    r = run_tests("x = bytearray(2**30)\n", "assert True", LIMITS)
-    assert r.score == 0.0 and "MemoryError" in r.reason
-    r = run_tests("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", "assert True", LIMITS)
-    assert r.score == 0.0
-
-
-def _sessions(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid and fields[0] != "Z":  # session id (field 6); zombies are dead
-                    pids.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return pids
-
-
-def test_fork_bomb_is_contained():
-    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    t0 = time.monotonic()
-    harness = f"{code}\nprint('unreachable')\n"
-    res = run_sandboxed(harness, limits=LIMITS)
-    assert time.monotonic() - t0 < LIMITS.wall_seconds + 2.0
-    assert res.infra_error is None
-    deadline = time.monotonic() + 2.0
-    while _sessions(res.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _sessions(res.pid) == []  # nothing of it survives
-    assert run_tests(code, "assert True", LIMITS).score == 0.0
-    assert "processes" in containment()
-
-
-def test_network_is_blocked():
-    mechanism = network_isolation()
-    if shutil.which("unshare") is not None and os.geteuid() == 0:
-        assert mechanism == "unshare -n"
-    if mechanism == "none":
-        pytest.skip("no network namespaces on this machine: the sandbox runs with the host network "
-                    "(documented fallback)")
-    assert mechanism in ("unshare -n", "unshare -rn") and containment()["network"] == mechanism
-    # A server on the host's loopback: reachable from here, not from inside the sandbox.
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # control: the host can connect
-        probe = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-        r = run_tests(probe, "assert True", LIMITS)
-        assert r.score == 0.0 and ("OSError" in r.reason or "Error" in r.reason)
-        r = run_tests("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n", "assert True", LIMITS)
-        assert r.score == 0.0
-    finally:
-        server.close()
-
-
-@pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit"])
-def test_exit_before_the_asserts_scores_zero(exit_call):
-    r = run_tests(ADD + exit_call + "\n", "assert add(1, 2) == 4\n", LIMITS)
-    assert r.score == 0.0
-
-
-def test_printing_a_guessed_sentinel_does_not_pass():
-    r = run_tests("print('QWEN3REPRO-TESTS-PASSED-' + '0' * 32)\nimport os\nos._exit(0)\n", "assert True", LIMITS)
-    assert r.score == 0.0
-
-
-def test_huge_output_is_cut():
-    res = run_sandboxed("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", limits=LIMITS)
-    assert res.output_truncated and len(res.output.encode()) <= LIMITS.max_output_bytes
-    r = run_tests(ADD + "print('y' * 10**6)\n", ADD_TESTS, LIMITS)
-    assert r.score == 0.0 and "output" in r.reason
-
-
-def test_clean_environment_and_working_directory():
-    os.environ["QWEN3REPRO_SECRET_FOR_TEST"] = "s3cret"
-    try:
-        r = run_tests(
-            "import os\nENV = dict(os.environ)\nCWD = os.getcwd()\n",
-            "assert 'QWEN3REPRO_SECRET_FOR_TEST' not in ENV\nassert 'qwen3repro-sandbox-' in CWD\n",
-            LIMITS,
-        )
-    finally:
-        del os.environ["QWEN3REPRO_SECRET_FOR_TEST"]
-    assert r.score == 1.0
-
-
-def test_infrastructure_failure_is_no_reward(monkeypatch):
-    r = run_tests(ADD, ADD_TESTS, SandboxLimits(python="/nonexistent/python"))
-    assert r.score is None and "sandbox" in r.reason
-
-    def broken(*args, **kwargs):
-        raise OSError("no more processes")
-
-    monkeypatch.setattr(subprocess, "Popen", broken)
-    r = code_reward(wrap("```python\n" + ADD + "```"), ADD_TESTS, LIMITS)
-    assert r.score is None
 
 
 def test_code_that_does_not_compile_scores_zero():
