@@ -38,7 +38,7 @@ from .evals.claims import run_claims
 from .lineage import chain_hash, read_lineage
 from .recipes import (StageFacts, deep_merge, load_recipe, load_scale, load_stage_graph, parse_override, recipe_lineage,
                       split_recipe)
-from .files import write_json_atomic
+from .files import read_json_object, write_json_atomic
 from .progress import format_duration
 from .stages import coldstart, fusion, grpo, pretrain, sft
 from .stages import tokenizer as tokenizer_stage
@@ -261,7 +261,7 @@ def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
         return "skip"
     started = out / STAGE_FILE
     if out.exists():
-        same_run = started.exists() and json.loads(started.read_text()).get("lineage_hash") == want and lineage is None
+        same_run = started.exists() and read_json_object(started).get("lineage_hash") == want and lineage is None
         if not same_run:
             _move_aside(node, lineage, say)
         else:
