@@ -1,22 +1,51 @@
-"""The `qwen3repro` command line: one click group, `--help` on every command."""
+"""The `qwen3repro` command line: one click group, `--help` on every command.
+
+An error whose message names the file, key or value at fault (a bad setting, checkpoint or run file) is
+printed as one line, `error: <message>`, with exit status 2, whichever command raised it; `--debug`
+prints its traceback first. Any other exception is a bug and keeps Python's traceback.
+"""
 from __future__ import annotations
 
 import json
+import traceback
 
 import click
 
 from .chat_cli import chat_command
 from .config import ConfigError
+from .data.cache import CorruptCacheError
 from .evals.cli import eval_group
 from .experiments.cli import scaling_laws_command
+from .files import RunFileError
+from .models.hf import CheckpointError
 from .models.registry import MODELS, count_parameters, get_model_config
 from .nanotron.cli import full_command
 from .pipeline import build_plan, describe, run_pipeline
+from .train.loop import TrainingDivergedError
+
+REPORTED_ERRORS = (ConfigError, CheckpointError, RunFileError, CorruptCacheError, TrainingDivergedError, OSError)
+"""Errors that say what is wrong in their message: the command line shows that message alone."""
+ERROR_EXIT_STATUS = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ReportingGroup(click.Group):
+    """A click group that turns a `REPORTED_ERRORS` error of any of its commands into one line on stderr."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except REPORTED_ERRORS as e:
+            if ctx.params.get("debug"):
+                click.echo(traceback.format_exc(), err=True, nl=False)
+            message = " ".join(str(e).split()) or type(e).__name__
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(ERROR_EXIT_STATUS)
+
+
+@click.group(cls=ReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qwen3repro")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="On an error, print its full traceback before the one-line message.")
+def main(debug: bool) -> None:
     """qwen3repro: the Qwen3 training pipeline at tiny and full scale."""
 
 
@@ -72,14 +101,10 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
 
     Up-to-date stages are skipped and cut stages resume; see runs/SCALE/REPORT.md afterwards.
     """
-    try:
-        if dry_run:
-            click.echo(describe(build_plan(scale, out_root=out_root, overrides=list(overrides))))
-            return
-        run_pipeline(scale, out_root=out_root, overrides=list(overrides), only=set(only) or None,
-                     claims=not no_claims)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+    if dry_run:
+        click.echo(describe(build_plan(scale, out_root=out_root, overrides=list(overrides))))
+        return
+    run_pipeline(scale, out_root=out_root, overrides=list(overrides), only=set(only) or None, claims=not no_claims)
 
 
 # Command groups that live next to their code.

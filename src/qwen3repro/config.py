@@ -315,12 +315,22 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
+        """Read a config.json; every error names the file."""
         try:
             with open(path) as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_hf_dict(d)
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+        except KeyError as e:
+            raise ConfigError(f"{path}: required key {e} is missing") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type
+            raise ConfigError(f"{path}: malformed ({e})") from None
 
 
 def config_hash(obj: Any) -> str:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import config_hash
-from .files import write_json_atomic
+from .files import RunFileError, read_json_object, write_json_atomic
 
 LINEAGE_FILE = "lineage.json"
 
@@ -69,9 +68,9 @@ def read_lineage(directory: str | os.PathLike) -> Lineage | None:
     path = Path(directory) / LINEAGE_FILE
     if not path.exists():
         return None
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt lineage file ({e})") from e
+    d = read_json_object(path)
     d.pop("lineage_hash", None)
-    return Lineage(**d)
+    try:
+        return Lineage(**d)
+    except TypeError as e:  # a missing or unknown field
+        raise RunFileError(f"{path}: not a lineage file ({e})") from None

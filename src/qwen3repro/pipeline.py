@@ -21,7 +21,6 @@ retrieval, the MoE load-balancing experiment) and `REPORT.md`.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -33,12 +32,13 @@ from typing import Any, Callable, Mapping
 import datasets
 import torch
 
-from .config import ConfigError, config_hash, strict_fields
+from .config import ConfigError, config_hash
+from .config_fields import Positive, SettingError, checked_fields, dotted
 from .evals.claims import run_claims
 from .lineage import chain_hash, read_lineage
-from .recipes import (StageFacts, deep_merge, load_recipe, load_scale, load_stage_graph, parse_override, recipe_lineage,
-                      split_recipe)
-from .files import write_json_atomic
+from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, load_recipe, load_scale, load_stage_graph,
+                      parse_override, recipe_lineage, split_recipe)
+from .files import read_json_object, write_json_atomic
 from .progress import format_duration
 from .stages import coldstart, fusion, grpo, pretrain, sft
 from .stages import tokenizer as tokenizer_stage
@@ -56,7 +56,7 @@ class PipelineSettings:
     stages: tuple[str, ...]
     """The stages this scale runs, each after its parent. A stage runs once for every role its recipe
     names (`roles`) among this scale's roles; a root stage (the tokenizer) runs once for all."""
-    threads: int = 2
+    threads: Positive = 2
     reuse: str = ""
     """Another scale whose completed stages are copied here when their lineage hash is the one this
     scale wants (same config, same parents): a larger scale that only lengthens post-training
@@ -136,87 +136,158 @@ def config_class(kind: str) -> type:
 
 
 def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = ()) -> Plan:
-    """Resolve every stage config of `scale` (strictly) without running anything."""
+    """Resolve every stage config of `scale` (strictly) without running anything.
+
+    The tables of stages and roles the scale does not run are resolved too (and dropped): a wrong
+    setting is an error whether or not its stage runs this time."""
     raw = load_scale(scale)
-    unknown = set(raw) - set(SCALE_SECTIONS)
-    if unknown:
-        raise ConfigError(f"tiny/{scale}.toml: unknown section(s) {sorted(unknown)}; valid: {list(SCALE_SECTIONS)}")
     for text in overrides:
         raw = deep_merge(raw, parse_override(text))
-    settings = PipelineSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in strict_fields(PipelineSettings, raw.get("pipeline", {}),
-                                                             f"tiny/{scale}.toml [pipeline]").items()})
+    unknown = set(raw) - set(SCALE_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)} in tiny/{scale}.toml or --set; "
+                          f"valid: {list(SCALE_SECTIONS)}")
+    pipeline_table = checked_fields(PipelineSettings, raw.get("pipeline", {}), "pipeline")
+    settings = PipelineSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in pipeline_table.items()})
     graph = load_stage_graph()
+    check_stage_tables(raw, graph)
     graph.order(settings.stages)
     root = Path(out_root) / scale
     roles = raw.get("roles", {})
     for role in settings.roles:
         if role not in roles:
             raise ConfigError(f"tiny/{scale}.toml: role {role!r} has no [roles.{role}] table")
-    nodes: list[StageNode] = []
-    shared: dict[str, StageNode] = {}
-    for stage in settings.stages:  # root stages (the tokenizer): one run shared by every role
-        if graph[stage].is_root:
-            sizes = raw.get("stages", {}).get(stage, {})
-            node = StageNode(stage, graph[stage].kind, _resolve(graph[stage], sizes, f"{stage}."), root / stage)
-            shared[stage] = node
-            nodes.append(node)
-    for role in settings.roles:
-        role_raw = dict(roles[role])
-        role_stages = role_raw.pop("stages", {})
-        strict_fields(_RoleFields, role_raw, f"tiny/{scale}.toml [roles.{role}]")
-        by_name: dict[str, StageNode] = dict(shared)
-        for stage in settings.stages:
-            facts = graph[stage]
-            if facts.is_root or role not in facts.roles:
-                continue
-            parent = by_name.get(facts.parent)
-            if parent is None:
-                raise ConfigError(f"tiny/{scale}.toml: stage {stage!r} of role {role!r} needs its parent "
-                                  f"{facts.parent!r} in [pipeline] stages")
-            # A recipe that `extends` another also takes the scale's sizes of that stage first, so
-            # a control run is the same size as what it controls unless the scale says otherwise.
-            sizes: dict[str, Any] = {}
-            for name in recipe_lineage(stage):
-                sizes = deep_merge(sizes, raw.get("stages", {}).get(name, {}), f"{name}.")
-                sizes = deep_merge(sizes, role_stages.get(name, {}), f"{role}.{name}.")
-            sizes = _derived_from_parent(facts, parent, sizes, f"tiny/{scale}.toml [stages.{stage}]")
-            if parent.parent is None:  # the first stage after the tokenizer builds the role's model
-                sizes.setdefault("model", role_raw["model"])
-            node = StageNode(f"{role}/{stage}", facts.kind, _resolve(facts, sizes, f"{stage}."),
-                             root / role / stage, parent)
-            by_name[stage] = node
-            nodes.append(node)
+    nodes = _resolve_nodes(raw, graph, settings.roles, settings.stages, root)
+    _check_unrun_tables(raw, graph, settings, root)
     return Plan(scale, root, settings, nodes, raw)
 
 
-def _resolve(facts: StageFacts, sizes: Mapping[str, Any], where: str):
-    """The stage config: its recipe (without the graph keys) with the scale's sizes merged on top."""
+def _resolve_nodes(raw: Mapping[str, Any], graph: StageGraph, roles: tuple[str, ...] | list[str],
+                   stages: tuple[str, ...] | list[str], root: Path, *,
+                   may_lack_parent: frozenset[str] = frozenset()) -> list[StageNode]:
+    """The nodes of `stages` (parents first) for `roles`. A stage in `may_lack_parent` whose parent is not
+    among them has its settings type-checked only: what it derives from the parent is unknown."""
+    tables = raw.get("stages", {})
+    nodes: list[StageNode] = []
+    shared: dict[str, StageNode] = {}
+    for stage in stages:  # root stages (the tokenizer): one run shared by every role
+        if graph[stage].is_root:
+            config = _resolve(graph[stage], [(f"stages.{stage}", tables.get(stage, {}))])
+            node = StageNode(stage, graph[stage].kind, config, root / stage)
+            shared[stage] = node
+            nodes.append(node)
+    for role in roles:
+        role_raw = dict(raw.get("roles", {})[role])
+        role_stages = role_raw.pop("stages", {})
+        checked_fields(_RoleFields, role_raw, f"roles.{role}")
+        by_name: dict[str, StageNode] = dict(shared)
+        for stage in stages:
+            facts = graph[stage]
+            if facts.is_root or role not in facts.roles:
+                continue
+            # A recipe that `extends` another also takes the scale's sizes of that stage first, so
+            # a control run is the same size as what it controls unless the scale says otherwise.
+            layers: list[tuple[str, Mapping[str, Any]]] = []
+            if graph[facts.parent].is_root:  # the first stage after the tokenizer builds the role's model
+                layers.append((f"roles.{role}", {"model": role_raw["model"]}))
+            for name in recipe_lineage(stage):
+                layers += [(f"stages.{name}", tables.get(name, {})),
+                           (f"roles.{role}.stages.{name}", role_stages.get(name, {}))]
+            parent = by_name.get(facts.parent)
+            if parent is None:
+                if stage not in may_lack_parent:
+                    raise ConfigError(f"stage {stage!r} of role {role!r} needs its parent {facts.parent!r} "
+                                      "in [pipeline] stages")
+                _resolve(facts, layers, complete=False)
+                continue
+            layers.append((f"stages.{stage}", _derived_from_parent(facts, parent, layers)))
+            node = StageNode(f"{role}/{stage}", facts.kind, _resolve(facts, layers), root / role / stage, parent)
+            by_name[stage] = node
+            nodes.append(node)
+    return nodes
+
+
+def _check_unrun_tables(raw: Mapping[str, Any], graph: StageGraph, settings: PipelineSettings, root: Path) -> None:
+    """Resolve, as the pipeline would, the stage tables of the scale that this run does not use: those
+    of stages outside `[pipeline] stages` and of roles outside `[pipeline] roles`. A table whose stage no
+    role of the scale runs is type-checked against its recipe."""
+    roles = list(raw.get("roles", {}))
+    tabled = set(raw.get("stages", {})) | {name for r in roles for name in raw.get("roles", {})[r].get("stages", {})}
+    extra = tabled - set(settings.stages)
+    if not extra and set(roles) == set(settings.roles):
+        return
+    stages = sorted(set(settings.stages) | extra, key=lambda s: len(graph.ancestors(s)))  # parents first
+    nodes = _resolve_nodes(raw, graph, roles, stages, root, may_lack_parent=frozenset(extra))
+    run_by_a_role = {n.key.split("/")[-1] for n in nodes}
+    for stage in sorted(extra - run_by_a_role):
+        if not graph[stage].is_root and not set(graph[stage].roles) & set(roles):
+            _resolve(graph[stage], [(f"stages.{stage}", raw.get("stages", {}).get(stage, {}))], complete=False)
+
+
+def _resolve(facts: StageFacts, layers: list[tuple[str, Mapping[str, Any]]], *, complete: bool = True):
+    """The stage config: its recipe (without the graph keys) with `layers` (the key path each table sits
+    at, the table) merged on top in order. A wrong setting is named at the key that set it.
+    `complete=False`: check the settings present, build nothing."""
     _, recipe = split_recipe(load_recipe(facts.name))
-    merged = deep_merge(recipe, sizes, where)
+    layers = [(f"recipes/{facts.name}.toml", recipe), *layers]
+    merged: dict[str, Any] = {}
+    for label, table in layers:
+        merged = deep_merge(merged, table, f"{label}.")
     if not facts.is_root:
         merged["name"] = facts.name
-    return config_class(facts.kind).from_dict(merged)
+    cls, where = config_class(facts.kind), f"stages.{facts.name}"
+    try:
+        if not complete:
+            return checked_fields(cls, merged, where, complete=False)
+        return cls.from_dict(merged, where=where)
+    except SettingError as e:
+        if e.where != where:
+            raise
+        raise ConfigError(f"{_origin(e.path, layers, where)}: {e.problem}") from None
 
 
-def _derived_from_parent(facts: StageFacts, parent: StageNode, sizes: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """`sizes` with what the recipe derives from the parent: its sequence length x `seq_len_factor`, and
-    its peak LR and batch size when the stage continues them. The scale must not state them too."""
-    out = copy.deepcopy(dict(sizes))
-    derived: list[tuple[tuple[str, ...], Any]] = []
+def _origin(path: tuple[str, ...], layers: list[tuple[str, Mapping[str, Any]]], fallback: str) -> str:
+    """The key that set `path`: under the last of `layers` (merge order) that holds it; under `fallback`
+    when none does (a required setting nobody set)."""
+    return _stated_at(path, layers) or dotted(fallback, *path)
+
+
+def _stated_at(path: tuple[str, ...], layers: list[tuple[str, Mapping[str, Any]]]) -> str | None:
+    """Where the last of `layers` (label, table) that holds `path` states it; None when none does."""
+    for label, table in reversed(layers):
+        node: Any = table
+        for key in path:
+            if not isinstance(node, Mapping) or key not in node:
+                break
+            node = node[key]
+        else:
+            return f"{label}: {dotted(*path)}" if label.endswith(".toml") else dotted(label, *path)
+    return None
+
+
+def _derived_from_parent(facts: StageFacts, parent: StageNode, layers: list[tuple[str, Mapping[str, Any]]]
+                         ) -> dict[str, Any]:
+    """What the recipe derives from the parent: its sequence length x `seq_len_factor`, and its peak LR
+    and batch size when the stage continues them. No table of the scale may state them too."""
+    derived: dict[str, Any] = {}
+    values: list[tuple[tuple[str, ...], Any]] = []
     if facts.seq_len_factor is not None:
-        derived.append((("seq_len",), parent.config.seq_len * facts.seq_len_factor))
+        values.append((("seq_len",), parent.config.seq_len * facts.seq_len_factor))
     if facts.continues_parent_lr:
-        derived += [(("batch_size",), parent.config.batch_size), (("train", "lr"), parent.config.train["lr"])]
-    for path, value in derived:
-        table = out
+        if "lr" not in parent.config.train:
+            raise ConfigError(f"stages.{facts.parent}.train.lr: not set, and {facts.name} continues its parent's "
+                              f"peak LR (recipes/{facts.name}.toml)")
+        values += [(("batch_size",), parent.config.batch_size), (("train", "lr"), parent.config.train["lr"])]
+    for path, value in values:
+        stated = _stated_at(path, layers)
+        if stated is not None:
+            raise ConfigError(f"{stated} comes from the parent stage (recipes/{facts.name}.toml); "
+                              "remove it from the scale")
+        table = derived
         for key in path[:-1]:
             table = table.setdefault(key, {})
-        if path[-1] in table:
-            raise ConfigError(f"{where}: {'.'.join(path)} comes from the parent stage (recipes/{facts.name}.toml); "
-                              "remove it from the scale")
         table[path[-1]] = value
-    return out
+    return derived
 
 
 @dataclass(frozen=True)
@@ -261,7 +332,7 @@ def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
         return "skip"
     started = out / STAGE_FILE
     if out.exists():
-        same_run = started.exists() and json.loads(started.read_text()).get("lineage_hash") == want and lineage is None
+        same_run = started.exists() and read_json_object(started).get("lineage_hash") == want and lineage is None
         if not same_run:
             _move_aside(node, lineage, say)
         else:

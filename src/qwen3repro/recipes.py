@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError
+from .config_fields import show
 
 
 def repo_root() -> Path:
@@ -63,20 +64,28 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any], where: str 
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as TOML (so 3e-4, true, "x", [1,2])."""
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as TOML (so 3e-4, true, "x", [1,2]).
+    A key path with an empty part (`=3`, `a..b=1`, `a.=1`) is an error: it would set a table nobody reads."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key.path=value")
     key, raw = text.split("=", 1)
+    parts = [p.strip() for p in key.split(".")]
+    if not key.strip():
+        raise ConfigError(f"override {text!r}: the key is empty; expected key.path=value")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: the key path {key.strip()!r} has an empty part; "
+                          "expected names joined by single dots")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        parsed = tomllib.loads(f"v = {raw}")
     except tomllib.TOMLDecodeError:
-        value = raw  # a bare word: treat as a string
+        parsed = {"v": raw}  # a bare word: treat as a string
+    if set(parsed) != {"v"}:
+        raise ConfigError(f"override {text!r}: the value must be one TOML value, got {raw!r}")
     node: dict[str, Any] = {}
     cur = node
-    parts = key.strip().split(".")
     for p in parts[:-1]:
         cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
+    cur[parts[-1]] = parsed["v"]
     return node
 
 
@@ -239,6 +248,37 @@ class StageGraph:
                 raise ConfigError(f"stage {name!r} is listed before its parent {parent!r}")
             seen.add(name)
         return list(names)
+
+
+def check_stage_tables(scale: Mapping[str, Any], graph: StageGraph) -> None:
+    """Every `[stages.<name>]` and `[roles.<role>.stages.<name>]` table of a resolved scale (file and
+    `--set` overrides) names a stage of `graph` that the role runs: a misspelt stage name would otherwise
+    be a table that nothing reads. The error names the table's key path and lists the stages."""
+    valid = ", ".join(sorted(graph.facts))
+    _expect_table("stages", scale.get("stages", {}))
+    for name, table in scale.get("stages", {}).items():
+        if name not in graph:
+            raise ConfigError(f"stages.{name}: no stage {name!r}; stages (recipes/): {valid}")
+        _expect_table(f"stages.{name}", table)
+    _expect_table("roles", scale.get("roles", {}))
+    for role, role_table in scale.get("roles", {}).items():
+        _expect_table(f"roles.{role}", role_table)
+        _expect_table(f"roles.{role}.stages", role_table.get("stages", {}))
+        for name, table in role_table.get("stages", {}).items():
+            where = f"roles.{role}.stages.{name}"
+            if name not in graph:
+                raise ConfigError(f"{where}: no stage {name!r}; stages (recipes/): {valid}")
+            if graph[name].is_root:
+                raise ConfigError(f"{where}: every role shares the {name} stage; set it in [stages.{name}]")
+            if role not in graph[name].roles:
+                raise ConfigError(f"{where}: recipes/{name}.toml runs {name} for {', '.join(graph[name].roles)}, "
+                                  f"not for {role}")
+            _expect_table(where, table)
+
+
+def _expect_table(where: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {show(value)}")
 
 
 def rope_base(stage: str, graph: StageGraph | None = None, root: Path | None = None) -> float:

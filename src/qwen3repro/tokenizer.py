@@ -31,6 +31,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from .chat_template import CHAT_TEMPLATE, render
+from .files import RunFileError, read_json_object
 
 # The 26 Qwen3 special tokens in id order (ids 151643-151668 in the released tokenizer).
 QWEN3_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -199,11 +200,14 @@ class Tokenizer:
         """
         path = Path(path_or_hub_id)
         if path.is_dir() and (path / "tokenizer.json").is_file():
-            backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+                raise RunFileError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
             max_len = DEFAULT_MODEL_MAX_LENGTH
             config_file = path / "tokenizer_config.json"
             if config_file.is_file():
-                config = json.loads(config_file.read_text(encoding="utf-8"))
+                config = read_json_object(config_file)
                 value = config.get("model_max_length")
                 if isinstance(value, int) and 0 < value < 10**12:
                     max_len = value

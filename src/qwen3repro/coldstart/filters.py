@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..chat import parse
-from ..config import ConfigError, strict_fields
+from ..config import ConfigError
+from ..config_fields import Positive, checked_fields
 from ..data import tasks
 from ..data.queries import NO_VERIFIER, Query
 from ..data.world import World, build_world
@@ -57,22 +58,22 @@ QUERY_REJECT_REASONS = (NO_VERIFIER, MULTIPLE_SUBQUESTIONS, NEAR_VALIDATION, ANS
 class FilterThresholds:
     """Detector thresholds (recipes/cold-start.toml documents the choices)."""
 
-    repetition_ngram: int = 8
+    repetition_ngram: Positive = 8
     repetition_max_ratio: float = 0.3
     """Flag when more than this share of the response's token n-grams repeat an earlier one ..."""
-    repetition_max_loops: int = 3
+    repetition_max_loops: Positive = 3
     """... or when a block of up to `repetition_max_block` lines occurs this many times in a row."""
-    repetition_max_block: int = 8
+    repetition_max_block: Positive = 8
     guess_min_step_ratio: float = 0.5
     """Flag when the thinking has fewer reasoning steps than this share of the reference trace's."""
-    mixing_min_words: int = 2
+    mixing_min_words: Positive = 2
     """A line counts as written in a language when it has at least this many words ..."""
     mixing_min_share: float = 0.5
     """... and at least this share of them are words of the synthetic languages' lexicons."""
-    similarity_ngram: int = 8
+    similarity_ngram: Positive = 8
     similarity_max_containment: float = 0.5
     """Flag when more than this share of a validation item's token n-grams occur in the response."""
-    max_subquestions: int = 1
+    max_subquestions: Positive = 1
 
     def __post_init__(self) -> None:
         for name in ("repetition_ngram", "repetition_max_loops", "repetition_max_block", "similarity_ngram",
@@ -85,8 +86,8 @@ class FilterThresholds:
                 raise ConfigError(f"filter threshold {name} must be in [0, 1]")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FilterThresholds":
-        return cls(**strict_fields(cls, d, "coldstart filter thresholds"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "FilterThresholds") -> "FilterThresholds":
+        return cls(**checked_fields(cls, d, where))
 
 
 # ============================================================================ reading a response

@@ -25,9 +25,10 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
-from ..config import ConfigError, strict_fields
+from ..config import ConfigError
+from ..config_fields import NonNegative, Positive, TableOf, checked_fields
 from ..data import tasks
 from ..data.queries import Query
 from ..data.synthetic import s2_eval_items
@@ -48,26 +49,26 @@ REFERENCES = ("mental", "none")
 class ColdStartConfig:
     """Scale-dependent sizes (tiny/*.toml `[coldstart]`) and the recipe's rates and thresholds."""
 
-    n_queries: int = 600
+    n_queries: Positive = 600
     """Queries drawn into the pool after the validation set."""
-    n_validation: int = 100
+    n_validation: NonNegative = 100
     """Validation items reserved first."""
     distractor_rate: float = 0.1
     """Expected share of unverifiable queries in the pool."""
-    n_candidates: int = 4
+    n_candidates: Positive = 4
     """N responses per query (§4.1: 'N candidate responses')."""
-    keep_per_query: int = 1
+    keep_per_query: Positive = 1
     """Clean responses kept per query (the report's minimal subset)."""
     reference: str = "mental"
     """No-CoT reference of the query filter: 'mental' (BoundedMentalSolver) or 'none'."""
-    mental_max_steps: int = 3
+    mental_max_steps: NonNegative = 3
     summary_style: str = "restate"
     """What follows ``</think>``: 'restate' (result line + ``Answer: X``) or 'answer' (bare answer)."""
     families: tuple[str, ...] = ()
     """Task families of the pool (empty: all)."""
-    defect_rates: Mapping[str, float] = field(default_factory=dict)
+    defect_rates: Annotated[Mapping[str, float], TableOf(DefectRates)] = field(default_factory=dict)
     """`reasoner.DefectRates` fields."""
-    thresholds: Mapping[str, Any] = field(default_factory=dict)
+    thresholds: Annotated[Mapping[str, Any], TableOf(FilterThresholds)] = field(default_factory=dict)
     """`filters.FilterThresholds` fields."""
     seed: int = 0
     world_seed: int = 0
@@ -90,8 +91,8 @@ class ColdStartConfig:
         self.filter_thresholds()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ColdStartConfig":
-        return cls(**strict_fields(cls, d, "coldstart"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "coldstart") -> "ColdStartConfig":
+        return cls(**checked_fields(cls, d, where))
 
     def rates(self) -> DefectRates:
         return DefectRates.from_dict(self.defect_rates)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ..chat import EMPTY_THINK, render
-from ..config import ConfigError, strict_fields
+from ..config import ConfigError
+from ..config_fields import checked_fields
 from ..data import tasks
 from ..data.queries import Query
 from ..data.world import World, build_world
@@ -106,8 +107,8 @@ class DefectRates:
             raise ConfigError("the six defect rates must sum to at most 1")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DefectRates":
-        return cls(**strict_fields(cls, d, "coldstart defect rates"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "DefectRates") -> "DefectRates":
+        return cls(**checked_fields(cls, d, where))
 
 
 def wrong_value(answer: str, item: tasks.TaskItem | None, rng: random.Random) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
@@ -241,9 +241,12 @@ def load_pretrained(
     expected = expected_hub_shapes(model)
     found: dict[str, tuple[int, ...]] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                found[key] = tuple(sf.get_slice(key).get_shape())
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    found[key] = tuple(sf.get_slice(key).get_shape())
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     check_tensors(found, expected, config.tie_word_embeddings)
 
     tensors = read_safetensors(path)

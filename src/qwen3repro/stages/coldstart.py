@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 from ..coldstart.pipeline import FILTERED_FILE, UNFILTERED_FILE, ColdStartConfig, build_coldstart_dataset
-from ..config import ConfigError, strict_fields
+from ..config import ConfigError
+from ..config_fields import TableOf, checked_fields
 from ..lineage import make_lineage, write_lineage
 from ..rl.selection import USED_QUERIES_FILE
 from . import sft
@@ -36,9 +37,9 @@ class ColdStartStageConfig:
     name: str
     responses: str = "filtered"
     """'filtered' (the report's cold start) or 'unfiltered' (the Filtering claim's control)."""
-    coldstart: Mapping[str, Any] = field(default_factory=dict)
+    coldstart: Annotated[Mapping[str, Any], TableOf(ColdStartConfig)] = field(default_factory=dict)
     """`coldstart.pipeline.ColdStartConfig`: pool, candidate generator, filters and their thresholds."""
-    sft: Mapping[str, Any] = field(default_factory=dict)
+    sft: sft.SFTTable = field(default_factory=dict)
     """`stages.sft.SFTConfig` fields except name and data (seq_len, batch_size, steps, train, ...)."""
     seed: int = 0
     description: str = ""
@@ -50,8 +51,8 @@ class ColdStartStageConfig:
         self.sft_config()  # validate both tables now, naming unknown keys
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ColdStartStageConfig":
-        return cls(**strict_fields(cls, d, "cold-start stage"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "ColdStartStageConfig") -> "ColdStartStageConfig":
+        return cls(**checked_fields(cls, d, where))
 
     def data_config(self) -> ColdStartConfig:
         return ColdStartConfig.from_dict(self.coldstart)

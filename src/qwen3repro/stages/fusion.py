@@ -48,13 +48,14 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..chat import (BUDGET_SENTENCE, EMPTY_THINK, TEMPLATE_STOP_THINKING, parse, render, tokenize_conversation,
                     wants_thinking)
-from ..config import ConfigError, config_hash, strict_fields
+from ..config import ConfigError, config_hash
+from ..config_fields import AtLeast, NonNegative, Positive, checked_fields
 from ..data import tasks
 from ..data.synthetic import frame_uid
 from ..data.world import PERSON_ATTRIBUTES, RARE_LANGUAGE, World, build_world
@@ -65,7 +66,7 @@ from ..rewards import REWARDS
 from ..tokenizer import Tokenizer
 from ..files import write_json_atomic
 from .common import StageContext
-from .sft import SFTConfig, fine_tune
+from .sft import SFTConfig, SFTTable, fine_tune
 
 DATA_FILE = "fusion_data.jsonl"
 REPORT_FILE = "fusion_report.json"
@@ -91,23 +92,23 @@ class FusionConfig:
     # ---- thinking data: rejection sampling of the parent (reasoning-RL) model
     families: tuple[str, ...] = ()
     """Task families of the queries (empty: all)."""
-    n_queries: int = 128
+    n_queries: Positive = 128
     """Training-partition queries sampled from."""
-    samples_per_query: int = 4
-    keep_per_query: int = 1
+    samples_per_query: Positive = 4
+    keep_per_query: Positive = 1
     """Verified responses kept per query (distinct texts)."""
-    max_new_tokens: int = 320
+    max_new_tokens: Positive = 320
     """Longest sampled response (the longest reference trace of the families is ~260 tokens)."""
     temperature: float = 0.6
     top_p: float = 0.95
-    top_k: int = 20
+    top_k: NonNegative = 20
     """Sampling of the thinking data: the report's thinking-mode settings (T 0.6, top-p 0.95, top-k 20)."""
-    min_thinking: int = 0
+    min_thinking: NonNegative = 0
     """Top up to this many thinking samples when rejection sampling gives fewer (see `topup`)."""
     topup: str = "reference"
     """'reference' (verified reference traces of `data.tasks`) or 'none'."""
     # ---- non-thinking data
-    n_non_thinking: int = 128
+    n_non_thinking: NonNegative = 128
     non_thinking_mix: Mapping[str, float] = field(
         default_factory=lambda: {"task": 0.5, "translation": 0.3, "fact": 0.2})
     """Shares of the non-thinking kinds (task families / translation / facts)."""
@@ -120,7 +121,7 @@ class FusionConfig:
     """Flagged single-turn samples whose flag is in a system message rather than the user turn."""
     multi_turn_share: float = 0.5
     """Multi-turn chats, as a share of the single-turn conversations."""
-    max_turns: int = 3
+    max_turns: Annotated[int, AtLeast(2)] = 3
     """Multi-turn chats have 2..max_turns user turns."""
     flag_rate: float = 0.6
     """Probability that a multi-turn user turn carries a flag (else it inherits the last one)."""
@@ -129,7 +130,7 @@ class FusionConfig:
     budget_keep: tuple[float, float] = (0.1, 0.9)
     """Share of the think block's tokens kept in a budget example (uniform in this range)."""
     # ---- training
-    sft: Mapping[str, Any] = field(default_factory=dict)
+    sft: SFTTable = field(default_factory=dict)
     """`stages.sft.SFTConfig` fields except name and data (seq_len, batch_size, steps or epochs, ...)."""
     seed: int = 0
     world_seed: int = 0
@@ -170,8 +171,8 @@ class FusionConfig:
         self.sft_config()  # validate the training table now, naming unknown keys
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FusionConfig":
-        return cls(**strict_fields(cls, d, "fusion stage"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "FusionConfig") -> "FusionConfig":
+        return cls(**checked_fields(cls, d, where))
 
     @property
     def sampling(self) -> SamplingParams:

@@ -48,7 +48,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..config import ConfigError, config_hash, strict_fields
+from ..config import ConfigError, config_hash
+from ..config_fields import NonNegative, Positive, checked_fields
 from ..data import tasks
 from ..data.queries import Query
 from ..evals.pass_at_k import evaluate_pass_at_k
@@ -78,13 +79,13 @@ class GRPOConfig:
     # ---- query selection (§4.2's four criteria)
     families: tuple[str, ...] = ("add", "mul", "expr", "code", "order")
     """Task families (sub-domains) of the candidate pool."""
-    difficulties: tuple[int, int] | None = None
+    difficulties: tuple[Positive, Positive] | None = None
     """(min, max) difficulty of candidates and held-out items (default: each family's training range)."""
-    n_candidates: int = 256
+    n_candidates: Positive = 256
     """Training-partition items drawn as candidates."""
-    n_queries: int = 64
+    n_queries: Positive = 64
     """Query–verifier pairs to select (report: 3,995)."""
-    selection_k: int = 8
+    selection_k: Positive = 8
     """Samples of the cold-start model per candidate to measure its pass rate."""
     pass_rate_ceiling: float = 0.9
     """Learnable iff 0 < pass rate < ceiling."""
@@ -99,17 +100,17 @@ class GRPOConfig:
     cold-start model unchanged, and eval.json records the reason and its held-out pass@1 (so a
     pipeline still reaches its later stages and reports the RL claim as not reproduced)."""
     # ---- rollouts
-    steps: int = 50
+    steps: Positive = 50
     """Generation steps."""
-    queries_per_step: int = 8
-    group_size: int = 8
+    queries_per_step: Positive = 8
+    group_size: Positive = 8
     """G: rollouts per query."""
-    max_new_tokens: int = 96
+    max_new_tokens: Positive = 96
     temperature: float = 1.0
     """Rollout temperature (no top-k/top-p: the sampler is the policy)."""
     dynamic_sampling: bool = True
     """Drop groups whose accuracy is all equal and refill (DAPO)."""
-    max_gen_rounds: int = 3
+    max_gen_rounds: Positive = 3
     """Generation rounds per step with dynamic sampling."""
     scale_rewards: str = "group"
     """Advantage scaling: 'group' | 'batch' | 'none' (Dr. GRPO)."""
@@ -121,12 +122,12 @@ class GRPOConfig:
     beta: float = 0.0
     """k3 KL coefficient to the starting model (the KL is logged either way)."""
     # ---- optimisation
-    mu: int = 2
+    mu: Positive = 2
     """Optimisation passes over each rollout batch (off-policy after the first mini-batch)."""
-    mini_batches: int = 1
+    mini_batches: Positive = 1
     """Mini-batches (= optimizer steps) per pass."""
     lr: float = 5e-5
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     """Linear warm-up over optimizer steps; then constant."""
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
@@ -143,19 +144,19 @@ class GRPOConfig:
     entropy_gain: float = 0.3
     """Proportional: coefficient = min(max, gain × relative shortfall below the target)."""
     # ---- evaluation
-    eval_every: int = 10
-    eval_items: int = 64
+    eval_every: Positive = 10
+    eval_items: Positive = 64
     """Held-out items (pass@1 is the mean over eval_k samples each)."""
-    eval_k: int = 8
+    eval_k: Positive = 8
     eval_temperature: float = 1.0
     eval_top_p: float = 1.0
-    eval_top_k: int = 0
+    eval_top_k: NonNegative = 0
     eval_families: tuple[str, ...] | None = None
     """Default: `families`."""
     # ---- bookkeeping
-    ckpt_every: int = 10
-    keep_last: int = 2
-    log_every: int = 1
+    ckpt_every: NonNegative = 10
+    keep_last: NonNegative = 2
+    log_every: Positive = 1
     seed: int = 0
     device: str = "cpu"
     description: str = ""
@@ -198,8 +199,8 @@ class GRPOConfig:
             raise ConfigError(f"{self.name}: eval_k >= 1 and ckpt_every >= 0 required")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GRPOConfig":
-        return cls(**strict_fields(cls, d, "reasoning-rl stage"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "GRPOConfig") -> "GRPOConfig":
+        return cls(**checked_fields(cls, d, where))
 
     @property
     def eval_sampling(self) -> SamplingParams:

@@ -23,7 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import ConfigError, strict_fields
+from ..config import ConfigError
+from ..config_fields import NonNegative, Positive, checked_fields
 from ..data.copy_warmup import DEFAULT_SPAN_RANGE, CopyWarmupLoader
 from ..data.packing import PackingLoader
 from ..data.synthetic import LONG_CONTEXT_STAGES, build_corpus, check_length_mix, corpus_length_ranges, heldout_text
@@ -32,7 +33,7 @@ from ..losses import LBL_LAYERS, LBL_SCOPES, ExpertCounts, load_balancing_loss, 
 from ..models.qwen3 import Qwen3
 from ..models.registry import get_model_config
 from ..tokenizer import Tokenizer
-from ..train.loop import TrainConfig, train
+from ..train.loop import TrainConfig, TrainTable, train
 from ..files import write_json_atomic
 from .common import StageContext, copy_tokenizer
 
@@ -43,11 +44,11 @@ class PretrainConfig:
     """Stage name (s1, s2, s3, s1-control, ...): the output directory's name."""
     corpus: str
     """Synthetic corpus: 's1', 's2' or 's3' (`data.synthetic`)."""
-    tokens: int
+    tokens: Positive
     """Training tokens; steps = tokens // (seq_len · batch_size · grad_accum)."""
-    seq_len: int
-    batch_size: int
-    n_docs: int
+    seq_len: Positive
+    batch_size: Positive
+    n_docs: Positive
     """Documents generated for the corpus (the loader loops over them if tokens exceed one epoch)."""
     length_mix: tuple[tuple[float, float, float], ...] = ()
     """Long-context corpus only: rows [min_fraction, max_fraction, share], `share` of the documents
@@ -55,7 +56,7 @@ class PretrainConfig:
     empty for the short-document corpora, whose documents have their kinds' own lengths."""
     model: str | None = None
     """Registry name of the model to build when there is no parent model (S1)."""
-    corpus_offset: int = 0
+    corpus_offset: NonNegative = 0
     """Skip the first N documents of the corpus stream (a control run continuing S1 with unseen data)."""
     rope_theta: float | None = None
     """Set the RoPE base (S3's ABF: 1e4 -> 1e6); None keeps the parent's."""
@@ -65,28 +66,28 @@ class PretrainConfig:
     """MoE only: the load-balancing loss's scope, 'global' (the optimizer step) or 'micro'."""
     lbl_layers: str = "per_layer"
     """MoE only: 'per_layer' (each MoE layer over its own experts) or 'pooled' (all layers in one f and P)."""
-    lbl_micro_batch: int = 1
+    lbl_micro_batch: Positive = 1
     """MoE only: sequences per micro-batch for the 'micro' scope (divides the batch size)."""
     router_aux_loss_coef: float | None = None
     """MoE only: overrides the model's coefficient."""
-    eval_docs_per_language: int = 8
+    eval_docs_per_language: NonNegative = 8
     """Held-out prose documents per language for the eval loss (0: no eval)."""
-    copy_warmup_steps: int = 0
+    copy_warmup_steps: NonNegative = 0
     """Optimizer steps of repeated random spans before the corpus (`data.copy_warmup`): a tiny-scale
     stand-in for the induction heads real corpora form early. Added to the steps `tokens` gives."""
-    copy_warmup_batch_size: int = 8
+    copy_warmup_batch_size: Positive = 8
     """Rows per warm-up step."""
-    copy_warmup_seq_len: int = 0
+    copy_warmup_seq_len: NonNegative = 0
     """Tokens per warm-up row; 0 means `seq_len`. Short rows form induction heads in fewer steps
     (fewer distractors per query): the tiny flagship's loss fell to the copy floor by ~900 steps of
     32 x 64 tokens, against ~1,500 of 8 x 256."""
-    copy_warmup_span: tuple[int, int] = DEFAULT_SPAN_RANGE
+    copy_warmup_span: tuple[Positive, Positive] = DEFAULT_SPAN_RANGE
     """[shortest, longest] repeated span in warm-up documents (a document is span + span + EOT)."""
     category_weights: Mapping[str, float] = field(default_factory=dict)
     """Real-data category weights of the stage's mixture (web, code, math, ...): what the full scale trains
     on (`data.mixture.stage_mixture`). The synthetic corpus (`corpus`) has document kinds of its own."""
     seed: int = 0
-    train: Mapping[str, Any] = field(default_factory=dict)
+    train: TrainTable = field(default_factory=dict)
     """TrainConfig fields except `steps` (derived from `tokens`)."""
     description: str = ""
 
@@ -121,8 +122,8 @@ class PretrainConfig:
         self.train_config()  # validate now, naming unknown keys
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PretrainConfig":
-        return cls(**strict_fields(cls, d, "pretrain stage"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "PretrainConfig") -> "PretrainConfig":
+        return cls(**checked_fields(cls, d, where))
 
     @property
     def corpus_steps(self) -> int:

@@ -27,19 +27,20 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Iterator, Mapping, Sequence
 
 import torch
 
 from ..chat import tokenize_conversation
-from ..config import ConfigError, strict_fields
+from ..config import ConfigError
+from ..config_fields import NonNegative, Positive, TableOf, checked_fields
 from ..data.packing import IGNORE_INDEX
 from ..coldstart.pipeline import read_jsonl
 from ..lineage import make_lineage, write_lineage
 from ..losses import masked_cross_entropy
 from ..models.qwen3 import Qwen3
 from ..tokenizer import Tokenizer
-from ..train.loop import TrainConfig, train
+from ..train.loop import TrainConfig, TrainTable, train
 from ..files import write_json_atomic
 from .common import StageContext, copy_tokenizer
 
@@ -52,22 +53,22 @@ class SFTConfig:
     """Stage name (the output directory's name)."""
     data: str
     """The JSONL file of conversations (a stage that builds its data names the file it wrote)."""
-    seq_len: int
+    seq_len: Positive
     """Longest conversation in tokens (longer ones are dropped and counted) and the packed row length."""
-    batch_size: int
+    batch_size: Positive
     """Conversations per micro-batch ('pad') or rows of seq_len tokens per micro-batch ('pack')."""
-    steps: int | None = None
+    steps: Positive | None = None
     """Optimizer steps; give this or `epochs`."""
     epochs: float | None = None
     """Passes over the training conversations (steps = ceil(epochs · batches per epoch / grad_accum))."""
     batching: str = "pad"
     """'pad' (pad to the longest in the batch) or 'pack' (rows of seq_len with segment ids)."""
-    n_eval: int = 32
+    n_eval: NonNegative = 32
     """Conversations held out for the eval loss (0: none)."""
     enable_thinking: bool = True
     """Passed to the chat template (only matters for a final assistant turn without reasoning)."""
     seed: int = 0
-    train: Mapping[str, Any] = field(default_factory=dict)
+    train: TrainTable = field(default_factory=dict)
     """TrainConfig fields except `steps`."""
     description: str = ""
 
@@ -88,8 +89,8 @@ class SFTConfig:
         TrainConfig.from_dict({**self.train, "steps": 1})  # validate now, naming unknown keys
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SFTConfig":
-        return cls(**strict_fields(cls, d, "sft stage"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "SFTConfig") -> "SFTConfig":
+        return cls(**checked_fields(cls, d, where))
 
     @classmethod
     def for_stage(cls, name: str, table: Mapping[str, Any], *, data: str, seed: int) -> "SFTConfig":
@@ -99,15 +100,17 @@ class SFTConfig:
         for key in ("name", "data"):
             if key in table:
                 raise ConfigError(f"{name}: set `{key}` of the stage itself, not in its sft table")
-        try:
-            return cls.from_dict({**table, "name": name, "data": data, "seed": table.get("seed", seed)})
-        except TypeError as exc:  # a required field (seq_len, batch_size) is missing
-            raise ConfigError(f"{name}: the sft table is incomplete: {exc}") from None
+        return cls.from_dict({**table, "name": name, "data": data, "seed": table.get("seed", seed)}, where=f"{name}.sft")
 
     def train_config(self, batches_per_epoch: int) -> TrainConfig:
         accum = int(self.train.get("grad_accum", 1))
         steps = self.steps if self.steps is not None else max(1, math.ceil(self.epochs * batches_per_epoch / accum))
         return TrainConfig.from_dict({**self.train, "steps": steps, "seed": self.train.get("seed", self.seed)})
+
+
+SFTTable = Annotated[Mapping[str, Any], TableOf(SFTConfig, supplied=("name", "data"))]
+"""The annotation of the `sft` table of a stage that builds its own data first: SFTConfig's fields, checked
+when the stage's settings are read; the stage supplies its name and data file."""
 
 
 # ----------------------------------------------------------------------------- examples
@@ -331,6 +334,6 @@ def run(cfg: SFTConfig, parent: Path, ctx: StageContext) -> Path:
     return Path(ctx.out_dir)
 
 
-__all__ = ["BATCHING", "DROP_NO_ASSISTANT", "DROP_TOO_LONG", "Example", "SFTConfig", "SFTLoader", "conversations_hash",
+__all__ = ["BATCHING", "DROP_NO_ASSISTANT", "DROP_TOO_LONG", "Example", "SFTConfig", "SFTLoader", "SFTTable", "conversations_hash",
            "fine_tune", "heldout_loss_fn", "make_example", "run", "sft_loss", "tokenize_conversations",
            "tokenize_example"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import strict_fields
+from ..config_fields import Positive, checked_fields
 from ..data.synthetic import tokenizer_training_texts
 from ..lineage import make_lineage, write_lineage
 from ..tokenizer import train_tokenizer
@@ -17,19 +17,19 @@ from .common import StageContext
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int
+    vocab_size: Positive
     """Total size including Qwen3's 26 special tokens (must not exceed the models' vocab_size)."""
-    seq_len: int
+    seq_len: Positive
     """S1's sequence length: the sample is S1 and S2 documents as those stages generate them, and
     their short retrieval documents are sized to the row (`data.synthetic.short_retrieval_range`)."""
-    n_docs: int = 6000
+    n_docs: Positive = 6000
     """Synthetic S1+S2 documents to learn the merges from."""
-    min_frequency: int = 2
+    min_frequency: Positive = 2
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, d) -> "TokenizerConfig":
-        return cls(**strict_fields(cls, d, "tokenizer stage"))
+    def from_dict(cls, d, where: str = "TokenizerConfig") -> "TokenizerConfig":
+        return cls(**checked_fields(cls, d, where))
 
 
 def run(cfg: TokenizerConfig, parent: Path | None, ctx: StageContext) -> Path:

@@ -58,13 +58,14 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Annotated, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, config_hash, strict_fields
+from ..config import ConfigError, config_hash
+from ..config_fields import NonNegative, Positive, TableOf, checked_fields
 from ..losses import masked_cross_entropy
 from ..progress import Progress
 from . import checkpoint as ckpt
@@ -84,7 +85,7 @@ class TrainingDivergedError(RuntimeError):
 class TrainConfig:
     """Optimisation settings of one training run (a stage's recipe fills these)."""
 
-    steps: int
+    steps: Positive
     """Number of optimizer steps."""
     lr: float = 3e-4
     """Peak learning rate."""
@@ -93,30 +94,30 @@ class TrainConfig:
     eps: float = 1e-8
     decay_embeddings: bool = False
     """Apply weight decay to embedding tables too (default: no)."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     decay_shape: str = "linear"
     """'linear' | 'cosine' | '1-sqrt'."""
     decay_fraction: float = 0.2
     """Length of the decay phase as a fraction of `steps` (used when decay_start is None)."""
-    decay_start: int | None = None
+    decay_start: NonNegative | None = None
     """Step at which the decay begins (overrides decay_fraction). S2's accelerated decay starts early."""
-    decay_end: int | None = None
+    decay_end: NonNegative | None = None
     """Step at which the minimum is reached and then held (default: steps)."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of `lr`."""
-    grad_accum: int = 1
+    grad_accum: Positive = 1
     """Micro-batches per optimizer step."""
     clip_grad_norm: float | None = 1.0
     """Max global gradient norm (None or 0: no clipping; the norm is still measured and logged)."""
     precision: str = "fp32"
     """'fp32', or 'bf16' (autocast to bfloat16 where the device supports it; weights and optimizer stay fp32)."""
-    ckpt_every: int = 0
+    ckpt_every: NonNegative = 0
     """Save a step checkpoint every N steps (0: only at the end)."""
-    keep_last: int = 2
+    keep_last: NonNegative = 2
     """Step checkpoints kept under <out>/checkpoints (0: keep all)."""
-    log_every: int = 10
+    log_every: Positive = 10
     """Print the progress line and append to metrics.jsonl every N steps (and at the last step)."""
-    seed: int = 0
+    seed: NonNegative = 0
     """Seeds torch, Python `random` and numpy at the start of a fresh run."""
     device: str = "cpu"
     """'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when available)."""
@@ -171,9 +172,9 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        """Strict: an unknown key is a ConfigError naming it."""
-        return cls(**strict_fields(cls, d, "TrainConfig"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "TrainConfig") -> "TrainConfig":
+        """Strict: an unknown key or a value of the wrong type is a ConfigError naming it (`where.key`)."""
+        return cls(**checked_fields(cls, d, where))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -181,6 +182,11 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define the run (everything but logging/checkpoint cadence and device)."""
         return {k: v for k, v in self.to_dict().items() if k not in NON_IDENTITY_FIELDS}
+
+
+TrainTable = Annotated[Mapping[str, Any], TableOf(TrainConfig, supplied=("steps",))]
+"""The annotation of a stage's `train` table: TrainConfig's fields, checked when the stage's settings are
+read; the stage derives `steps` itself."""
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -632,6 +638,7 @@ __all__ = [
     "NON_IDENTITY_FIELDS",
     "PRECISIONS",
     "TrainConfig",
+    "TrainTable",
     "TrainingDivergedError",
     "TrainingRun",
     "build_optimizer",

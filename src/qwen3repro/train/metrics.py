@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any, Callable, Mapping
 
+from ..files import RunFileError
+
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # torch / numpy scalars
@@ -39,15 +41,19 @@ class MetricsLog:
             return []
         records = []
         with open(self.path) as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 line = line.strip()
                 if not line:
                     continue
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     # A line cut by a crash mid-write: everything after it is unusable.
                     break
+                if not isinstance(record, dict):
+                    raise RunFileError(f"{self.path}:{number}: expected a JSON object per line, got "
+                                       f"{type(record).__name__}")
+                records.append(record)
         return records
 
     def truncate_to(self, step: int) -> None:
