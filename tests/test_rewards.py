@@ -2,6 +2,10 @@
 reward's code extraction (the sandbox and its harness: tests/security/)."""
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -10,6 +14,8 @@ from qwen3repro.data import tasks
 from qwen3repro.rewards import REWARDS, RewardResult, answer_text, get_reward, register
 from qwen3repro.rewards.code import SandboxLimits, code_reward, extract_code
 from qwen3repro.rewards.format import think_format_reward, think_mode_reward
+from qwen3repro.rewards import math as math_module
+from qwen3repro.rewards import math_worker
 from qwen3repro.rewards.math import math_reward
 from qwen3repro.rewards.tasks import task_reward
 
@@ -59,6 +65,61 @@ def test_math_reward_off_the_main_thread():
 
 def test_math_unparseable_gold_is_no_reward():
     assert math_reward(wrap("1"), "").score is None
+    assert math_reward(wrap(""), "").score is None  # the gold answer is checked before the answer
+
+
+# Answers math-verify does not finish comparing: sympy works on a tower of powers or a huge
+# factorial inside calls that no signal interrupts.
+PATHOLOGICAL = ["$9^{9^{9^{9}}}$", "$(10^{10})!$"]
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL)
+def test_math_reward_of_a_pathological_answer_ends_on_a_thread(answer, monkeypatch):
+    monkeypatch.setattr(math_module, "TIMEOUT_SECONDS", 2)
+    out = []
+    thread = threading.Thread(target=lambda: out.append(math_reward(wrap(answer), "5")), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert out[0].score == 0.0 and "timed out" in out[0].reason
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL)
+def test_math_reward_of_a_pathological_answer_ends_on_the_main_thread(answer, monkeypatch):
+    monkeypatch.setattr(math_module, "TIMEOUT_SECONDS", 2)
+    result = math_reward(wrap(answer), "5")
+    assert result.score == 0.0 and "timed out" in result.reason
+    assert math_reward(wrap("\\boxed{5}"), "5").score == 1.0  # a fresh worker replaces the killed one
+
+
+def test_math_reward_from_concurrent_threads():
+    cases = [("\\boxed{0.5}", "$\\frac12$", 1.0), ("$(x+1)^2$", "$x^2+2x+1$", 1.0), ("\\boxed{578}", "579", 0.0)] * 2
+    scores = [None] * len(cases)
+
+    def score(i, answer, gold):
+        scores[i] = math_reward(wrap(answer), gold).score
+
+    threads = [threading.Thread(target=score, args=(i, a, g)) for i, (a, g, _) in enumerate(cases)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert scores == [expected for _, _, expected in cases]
+
+
+def test_math_worker_ends_at_its_cpu_limit_without_being_killed():
+    # The limit that stops a worker whose parent died before it could kill it.
+    worker = subprocess.Popen([sys.executable, "-P", math_worker.__file__],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert json.loads(worker.stdout.readline()) == {"ready": True}
+        request = {"gold": "5", "answer": PATHOLOGICAL[0], "cpu_seconds": 1}
+        worker.stdin.write(json.dumps(request).encode() + b"\n")
+        worker.stdin.flush()
+        assert worker.wait(timeout=60) == -signal.SIGXCPU
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 # ----------------------------------------------------------------------------------- tasks

@@ -301,6 +301,24 @@ def test_answer_normalisation():
     assert T.check_answer("Anka", "anka.")
 
 
+# Integers: a sign, then digits of any script (here ASCII, Arabic-Indic and Devanagari) among zeros.
+numerals = st.tuples(st.sampled_from(["", "+", "-"]),
+                     st.text(st.sampled_from("0123456789\u0660\u0663\u0966\u0969"), min_size=1, max_size=30),
+                     ).map("".join)
+
+
+@given(numerals)
+def test_integer_answers_normalise_as_ints_do(numeral):
+    assert T.normalize_answer(numeral) == str(int(numeral))
+
+
+def test_an_integer_answer_of_any_length_normalises():
+    long_answer = "-000" + "9" * 100_000  # past the 4,300 digits int(str) converts
+    assert T.normalize_answer(long_answer + ".") == "-" + "9" * 100_000
+    assert T.check_answer("9" * 100_000, "+" + "9" * 100_000)
+    assert not T.check_answer("9" * 100_000, "9" * 99_999 + "8")
+
+
 def test_trace_style_lsd_first():
     item = T.generate("add", 0, 3)
     a, b = map(int, item.question[:-1].split("+"))

@@ -51,7 +51,7 @@ TEMPLATE_STOP_THINKING = "\n\n" + BUDGET_SENTENCE + "\n</think>\n\n"
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_TOOL_CALL_OPEN, _TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def _parse_tool_call(raw: str) -> tuple[dict | None, str | None]:
@@ -110,22 +110,26 @@ def parse(text: str) -> dict:
     tool_calls: list[dict] = []
     errors: list[dict] = []
     segments: list[str] = []  # the content outside the tool-call blocks
+    # One left-to-right scan with str.find: a block is an opening tag and the first closing tag after
+    # it. A lazy regex would search the rest of the text for a closing tag from every unclosed
+    # opening tag, which is quadratic in the length of the output.
     position = 0
-    for match in _TOOL_CALL.finditer(content):
-        segments.append(content[position: match.start()])
-        position = match.end()
-        call, error = _parse_tool_call(match.group(1))
+    while (start := content.find(_TOOL_CALL_OPEN, position)) >= 0:
+        end = content.find(_TOOL_CALL_CLOSE, start + len(_TOOL_CALL_OPEN))
+        if end < 0:
+            break
+        segments.append(content[position:start])
+        position = end + len(_TOOL_CALL_CLOSE)
+        call, error = _parse_tool_call(content[start + len(_TOOL_CALL_OPEN): end])
         if call is not None:
             tool_calls.append(call)
         else:
-            errors.append({"error": f"tool call: {error}", "text": match.group(0)})
-    rest = content[position:]
-    if "<tool_call>" in rest:
-        start = rest.index("<tool_call>")
-        errors.append({"error": "tool call: <tool_call> is never closed", "text": rest[start:]})
-        segments.append(rest[:start])  # the text before it, like any text before a block
-        rest = ""
-    segments.append(rest)
+            errors.append({"error": f"tool call: {error}", "text": content[start:position]})
+    if start >= 0:  # the first opening tag left is never closed, and neither is any after it
+        errors.append({"error": "tool call: <tool_call> is never closed", "text": content[start:]})
+        segments.append(content[position:start])  # the text before it, like any text before a block
+        position = len(content)
+    segments.append(content[position:])
     if len(segments) > 1:
         # Undo the template's separators: one "\n" before each block after the content.
         first = segments[0][:-1] if segments[0].endswith("\n") else segments[0]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
@@ -389,8 +390,20 @@ def normalize_answer(text: str) -> str:
     t = text.strip().rstrip(".").strip()
     compact = t.replace(",", "").replace(" ", "").replace("_", "")
     if re.fullmatch(r"[+-]?\d+", compact):
-        return str(int(compact))
+        return _canonical_integer(compact)
     return t.lower()
+
+
+def _canonical_integer(numeral: str) -> str:
+    """`str(int(numeral))` for a sign and decimal digits of any script, without the conversion to an
+    int: that one raises past 4,300 digits (Python's guard against its quadratic cost), and a model's
+    answer can be that long."""
+    sign = "-" if numeral[0] == "-" else ""
+    digits = numeral.lstrip("+-")
+    if not digits.isascii():
+        digits = "".join(str(unicodedata.decimal(d)) for d in digits)
+    magnitude = digits.lstrip("0") or "0"
+    return magnitude if magnitude == "0" else sign + magnitude
 
 
 def check_answer(reference: TaskItem | str, prediction: str) -> bool:

@@ -99,13 +99,32 @@ def run_tests(solution: str, tests: str, limits: SandboxLimits | None = None) ->
     return RewardResult(1.0 if verdict["passed"] else 0.0, str(verdict.get("reason", ""))[:300])
 
 
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_FENCE = "```"
+# The rest of an opening fence's line: an optional language between blanks. The quantifiers are
+# possessive (*+): with plain ones, a fence followed by a long run of blanks and no newline would be
+# retried at every split of the run between the two, quadratic in its length.
+_FENCE_INFO = re.compile(r"[ \t]*+(?:python3?|py)?[ \t]*+\n", re.IGNORECASE)
 
 
 def extract_code(text: str) -> str:
-    """The last fenced code block of `text` (```python ... ```), else the whole text."""
-    blocks = _FENCE.findall(text)
-    return (blocks[-1] if blocks else text).strip("\n")
+    """The last fenced code block of `text` (```python ... ```), else the whole text.
+
+    A block runs from the line after an opening fence to the next fence; the text is read once, left
+    to right, whatever it holds.
+    """
+    last = None
+    position = 0
+    while (start := text.find(_FENCE, position)) >= 0:
+        info = _FENCE_INFO.match(text, start + len(_FENCE))
+        if info is None:  # not an opening fence; one may start at the next backtick
+            position = start + 1
+            continue
+        end = text.find(_FENCE, info.end())
+        if end < 0:  # no closing fence, hence no later fence to open a block either
+            break
+        last = text[info.end():end]
+        position = end + len(_FENCE)
+    return (text if last is None else last).strip("\n")
 
 
 @register("code")
