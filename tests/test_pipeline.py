@@ -6,6 +6,7 @@ import pytest
 
 from qwen3repro.config import ConfigError
 from qwen3repro.lineage import read_lineage
+from qwen3repro.models.checksums import read_checksums, verify_checksums
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.pipeline import build_plan, describe, expected_hash, run_pipeline
 
@@ -97,6 +98,39 @@ def test_cut_stage_resumes_and_stale_output_is_moved_aside(micro_run):
                  overrides=["stages.s2.train.min_lr_ratio=0.2"])
     assert any("moved aside" in line for line in lines)
     assert list(s2.parent.glob("s2.old-*"))
+
+
+def test_a_stage_cut_after_its_final_checkpoint_writes_the_uncut_results(tmp_path):
+    """Killed after the last checkpoint but before eval.json and lineage.json: the pipeline resumes the
+    stage, which has no step left to train, and writes the final and held-out losses of the uncut run."""
+    lines: list[str] = []
+    plan = run_pipeline("micro", out_root=tmp_path, printer=lines.append, claims=False,
+                        only={"tokenizer", "flagship/s1"})
+    node = plan.node("flagship/s1")
+    uncut = json.loads((node.out_dir / "eval.json").read_text())
+    assert isinstance(uncut["final_loss"], float) and isinstance(uncut["heldout_loss"], float)
+    (node.out_dir / "lineage.json").unlink()
+    (node.out_dir / "eval.json").unlink()
+    lines.clear()
+    run_pipeline("micro", out_root=tmp_path, printer=lines.append, claims=False, only={node.key})
+    assert any("resumed from" in line for line in lines)
+    resumed = json.loads((node.out_dir / "eval.json").read_text())
+    assert resumed["final_loss"] == uncut["final_loss"] and resumed["heldout_loss"] == uncut["heldout_loss"]
+    assert read_lineage(node.out_dir).hash == expected_hash(node)
+
+
+def test_every_stage_directory_and_tokenized_corpus_carries_checksums_that_hold(micro_run):
+    plan, _ = micro_run
+    models = [n.out_dir for n in plan.nodes if (n.out_dir / "model.safetensors").exists()]
+    assert len(models) == len(plan.nodes) - 1  # all but the tokenizer
+    for out in models:
+        assert {"model.safetensors", "config.json", "state/trainer.json"} <= set(read_checksums(out)), out
+        verify_checksums(out)
+    corpora = [d for d in (plan.root / "data").iterdir() if list(d.glob("cache-*.arrow"))]
+    assert corpora
+    for d in corpora:
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert {f.name for f in d.glob("cache-*.arrow")} <= set(manifest["derived_files"]), d
 
 
 def test_post_training_stages_chain_and_hand_over_used_queries(micro_run):

@@ -9,6 +9,7 @@ import json
 import math
 import random
 import re
+import warnings
 
 import pytest
 from hypothesis import given, strategies as st
@@ -393,6 +394,31 @@ def test_corrupt_or_missing_shard_gives_clear_error(tmp_path):
     shard.unlink()
     with pytest.raises(CorruptCacheError, match=f"{shard.name} is missing"):
         S.build_corpus("s2", seed=0, n_docs=50, cache_dir=tmp_path, **lengths("s2"))
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    return train_tokenizer(S.tokenizer_training_texts(seq_len=SHORT_ROW, n_docs=200), 400)
+
+
+def test_a_corrupt_tokenized_cache_is_computed_again(tmp_path, small_tokenizer):
+    """The tokenized corpus `datasets` caches beside the corpus (`cache-*.arrow`) is checked against the
+    manifest: a damaged copy is deleted, named, and tokenized again, never trained on."""
+    cfg = PretrainConfig(name="s1", corpus="s1", tokens=4096, seq_len=SHORT_ROW, batch_size=2, n_docs=30)
+    first = list(tokenized_corpus(cfg, small_tokenizer, tmp_path)["input_ids"])
+    (path,) = tmp_path.glob("s1-*")
+    (cached,) = path.glob("cache-*.arrow")
+    assert set(json.loads((path / "manifest.json").read_text())["derived_files"]) == {cached.name}
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the token ids: the file still reads, with one id changed
+    cached.write_bytes(bytes(data))
+    messages = []
+    again = list(tokenized_corpus(cfg, small_tokenizer, tmp_path, say=messages.append)["input_ids"])
+    assert again == first
+    assert len(messages) == 1 and str(cached) in messages[0] and "corrupt" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recomputed file is recorded: no message the next time
+        assert list(tokenized_corpus(cfg, small_tokenizer, tmp_path)["input_ids"]) == first
 
 
 def test_eval_sets_cached(tmp_path):

@@ -9,6 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen3repro.chat import CHAT_TEMPLATE, render
+from qwen3repro.files import RunFileError
+from qwen3repro.stages import pretrain
+from qwen3repro.stages.common import StageContext
 from qwen3repro.tokenizer import (
     QWEN3_SKIPPABLE_TOKENS,
     QWEN3_SPECIAL_TOKENS,
@@ -244,6 +247,30 @@ def test_load_through_transformers(tok, tmp_path):
 
     wrapped = Tokenizer.from_hf(AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True))
     assert wrapped.encode(text) == tok.encode(text)
+
+
+@pytest.mark.parametrize("left", [("tokenizer_config.json",), ()], ids=["config only", "empty"])
+def test_a_directory_without_tokenizer_json_is_named(tok, tmp_path, left):
+    """A stage directory that lost its tokenizer.json is an error naming it, not the special-tokens-only
+    tokenizer transformers would assemble from tokenizer_config.json."""
+    tok.save(tmp_path / "stage")
+    for f in (tmp_path / "stage").iterdir():
+        if f.name not in left:
+            f.unlink()
+    with pytest.raises(RunFileError, match=rf"{tmp_path / 'stage'}: no tokenizer\.json"):
+        Tokenizer.load(tmp_path / "stage")
+
+
+def test_a_stage_whose_parent_lost_its_tokenizer_stops_before_training(tok, tmp_path):
+    parent = tmp_path / "tokenizer"
+    tok.save(parent)
+    (parent / "tokenizer.json").unlink()
+    cfg = pretrain.PretrainConfig(name="s1", corpus="s1", tokens=1024, seq_len=128, batch_size=2, n_docs=4,
+                                  model="micro", rope_theta=1e4)
+    ctx = StageContext(out_dir=tmp_path / "s1", cache_dir=tmp_path / "data", printer=lambda line: None)
+    with pytest.raises(RunFileError, match=rf"{parent}: no tokenizer\.json"):
+        pretrain.run(cfg, parent, ctx)
+    assert not (tmp_path / "data").exists()
 
 
 def test_missing_special_tokens_is_an_error():

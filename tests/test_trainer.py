@@ -172,6 +172,30 @@ def test_completed_run_resumes_to_nothing(tmp_path):
     assert sorted(logged_losses(tmp_path)) == [1, 2]
 
 
+def test_a_run_cut_after_its_final_checkpoint_reports_its_loss_and_eval_on_resume(tmp_path):
+    """Killed after the last step's checkpoint, before the caller wrote its results: the resumed call has
+    no step left to train, and reports the final loss and evaluation of the uncut run."""
+    cfg = base_cfg(steps=4, ckpt_every=2, grad_accum=1)
+    eval_fn = functools.partial(_heldout_loss, batch=next(iter(packing(document_masking=False))))
+    ref = train(micro_model(), packing(), causal_lm_loss, cfg, tmp_path / "ref", eval_fn=eval_fn, **QUIET)
+    again = train(micro_model(99), packing(), causal_lm_loss, cfg, tmp_path / "ref", eval_fn=eval_fn, **QUIET)
+    assert again["losses"] == {} and again["resumed_from"].endswith("step_000004")
+    assert again["loss"] == ref["loss"] == ref["losses"][4]
+    assert again["eval"] == ref["eval"] and set(ref["eval"]) == {"eval/heldout_loss"}
+    # A log that lost the final record: the evaluation runs again on the final weights.
+    log = tmp_path / "ref" / "metrics.jsonl"
+    log.write_text("".join(line for line in log.read_text().splitlines(keepends=True) if '"step": 4' not in line))
+    lines = []
+    third = train(micro_model(99), packing(), causal_lm_loss, cfg, tmp_path / "ref", eval_fn=eval_fn,
+                  printer=lines.append)
+    assert third["eval"] == ref["eval"] and third["loss"] is None
+    assert any("no loss for the final step 4" in line for line in lines)
+
+
+def _heldout_loss(model, batch):
+    return {"heldout_loss": float(causal_lm_loss(model, batch)[0])}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def test_checkpoint_layout_and_pruning(tmp_path):
     cfg = base_cfg(steps=6, ckpt_every=1, keep_last=2)

@@ -79,6 +79,9 @@ DEFAULT_MODEL_MAX_LENGTH = 131072
 
 N_BYTE_TOKENS = 256
 
+# The files of a byte-level BPE tokenizer saved by transformers in its older, per-file format.
+TRANSFORMERS_VOCABULARY = ("vocab.json", "merges.txt")
+
 _SPECIAL_SPLIT = re.compile("|".join(re.escape(t) for t in QWEN3_SPECIAL_TOKENS))
 
 
@@ -192,13 +195,20 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path_or_hub_id: str | os.PathLike) -> "Tokenizer":
-        """Load our directory (with `tokenizer.json`), or anything transformers can load.
+        """Load our directory (with `tokenizer.json`), a hub id, or a transformers vocabulary directory.
 
-        A local directory holding `tokenizer.json` is read directly. Anything else (a hub id such as
-        `Qwen/Qwen3-8B`, a directory without `tokenizer.json`) goes through
-        `transformers.AutoTokenizer`.
+        A local directory holding `tokenizer.json` is read directly. A hub id such as `Qwen/Qwen3-8B`,
+        and a directory holding a byte-level BPE vocabulary as `vocab.json` + `merges.txt` instead, go
+        through `transformers.AutoTokenizer`. A local directory with neither is a RunFileError naming
+        it: a stage directory that lost its `tokenizer.json` must not be read as some other tokenizer
+        that transformers assembles from what is left (from `tokenizer_config.json` alone it builds one
+        that knows only the special tokens).
         """
         path = Path(path_or_hub_id)
+        if path.is_dir() and not (path / "tokenizer.json").is_file() \
+                and not all((path / name).is_file() for name in TRANSFORMERS_VOCABULARY):
+            raise RunFileError(f"{path}: no tokenizer.json (nor {' + '.join(TRANSFORMERS_VOCABULARY)}): "
+                               "not a tokenizer directory")
         if path.is_dir() and (path / "tokenizer.json").is_file():
             try:
                 backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))

@@ -6,6 +6,12 @@ every file. The directory is written under a temporary name and renamed into pla
 complete, so an interrupted build never looks finished. On reload the manifest is checked first:
 a missing or altered file raises :class:`CorruptCacheError` naming the file, rather than
 returning silently wrong data (delete the directory to rebuild it).
+
+Derived files. `Dataset.map` on a cached dataset writes its result next to it, as
+``cache-<fingerprint>.arrow``, and reuses that file whenever the same function is mapped again.
+:func:`verified_map` records the size and SHA-256 of those files in the manifest's ``derived_files``
+too, and checks them before each map: a corrupt, truncated or unrecorded one is deleted (with a
+message naming it) so that ``map`` computes it again, as it does when the file is missing.
 """
 from __future__ import annotations
 
@@ -14,12 +20,16 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import datasets
 
+from ..files import write_json_atomic
+
 MANIFEST = "manifest.json"
+DERIVED = "derived_files"
 
 
 class CorruptCacheError(RuntimeError):
@@ -44,17 +54,23 @@ def cache_path(cache_dir: str | os.PathLike, name: str, config: dict[str, Any]) 
     return Path(cache_dir) / f"{name}-{config_hash(config)}"
 
 
-def verify_cache(path: Path) -> dict:
-    """Check every file listed in the manifest; return the manifest or raise CorruptCacheError."""
+def _read_manifest(path: Path) -> dict:
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise CorruptCacheError(f"cache directory {path} has no {MANIFEST}: it is incomplete; delete it to rebuild")
     try:
         manifest = json.loads(manifest_file.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as e:
+        if not isinstance(manifest["files"], dict) or not isinstance(manifest.get(DERIVED, {}), dict):
+            raise ValueError(f"'files' and '{DERIVED}' must be tables")
+    except (ValueError, KeyError, TypeError) as e:
         raise CorruptCacheError(f"unreadable manifest {manifest_file}: {e}; delete {path} to rebuild") from e
-    for rel, meta in files.items():
+    return manifest
+
+
+def verify_cache(path: Path) -> dict:
+    """Check every file listed in the manifest; return the manifest or raise CorruptCacheError."""
+    manifest = _read_manifest(path)
+    for rel, meta in manifest["files"].items():
         f = path / rel
         if not f.is_file():
             raise CorruptCacheError(f"cached file {f} is missing; delete {path} to rebuild")
@@ -105,3 +121,65 @@ def cached_dataset(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return load_cached(path)
+
+
+def _manifest_dir(ds: datasets.Dataset) -> Path | None:
+    """The cache directory `ds` was loaded from (the one holding the manifest), or None."""
+    folders = {Path(f["filename"]).parent for f in ds.cache_files}
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    return folder if (folder / MANIFEST).is_file() else None
+
+
+def _drop_unverified_derived(path: Path, say: Callable[[str], None]) -> set[str]:
+    """Delete the ``cache-*.arrow`` files of `path` that its manifest does not vouch for; their names."""
+    recorded = _read_manifest(path).get(DERIVED, {})
+    dropped = set()
+    for f in sorted(path.glob("cache-*.arrow")):
+        entry = recorded.get(f.name)
+        if not isinstance(entry, dict):
+            problem = "has no checksum in the manifest"
+        elif f.stat().st_size != entry.get("size") or _sha256(f) != entry.get("sha256"):
+            problem = "is corrupt (size or checksum differs from the manifest)"
+        else:
+            continue
+        say(f"cached file {f} {problem}; deleted, to be computed again")
+        f.unlink()
+        dropped.add(f.name)
+    return dropped
+
+
+def _record_derived(path: Path, ds: datasets.Dataset, dropped: set[str]) -> None:
+    """Add the ``cache-*.arrow`` files behind `ds` that the manifest lacks (or that were just rebuilt)."""
+    manifest = _read_manifest(path)
+    recorded = manifest.setdefault(DERIVED, {})
+    new = {}
+    for f in (Path(c["filename"]) for c in ds.cache_files):
+        if f.parent == path and f.name.startswith("cache-") and (f.name not in recorded or f.name in dropped):
+            new[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    if new:
+        recorded.update(new)
+        write_json_atomic(path / MANIFEST, manifest)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+def verified_map(ds: datasets.Dataset, function: Callable, *, say: Callable[[str], None] | None = None,
+                 **map_kwargs: Any) -> datasets.Dataset:
+    """`ds.map(function, **map_kwargs)`, its cache files under the manifest of the cache `ds` came from.
+
+    Before mapping, every ``cache-*.arrow`` of that directory is checked against the manifest's
+    ``derived_files`` and deleted when it does not match (`say` names it), so that `map` computes it
+    again instead of reusing damaged data; afterwards the files the result is read from are recorded.
+    A dataset that does not come from `cached_dataset` is mapped as it is. Without `say`, a warning.
+    """
+    path = _manifest_dir(ds)
+    if path is None:
+        return ds.map(function, **map_kwargs)
+    dropped = _drop_unverified_derived(path, say or _warn)
+    out = ds.map(function, **map_kwargs)
+    _record_derived(path, out, dropped)
+    return out

@@ -15,6 +15,12 @@ Only safetensors are read: pickle-based files (`pytorch_model.bin`, `*.pt`, ...)
 unpickling can run arbitrary code. Every problem is reported by name: a missing or unexpected tensor,
 or a shape mismatch (expected vs found). Files are written to a temporary name and moved into place
 with `os.replace`, so a crash never leaves a half-written file where a good one was.
+
+Checksums. `save_pretrained` ends with `checksums.json`, the size and SHA-256 of every file it wrote
+(`checksums`); `load_pretrained` checks the files it reads against it before reading them, so a
+flipped bit or a truncated shard is an error naming the file rather than a model that loads with
+damaged weights. A directory without `checksums.json` (a Hugging Face download) loads unchecked, and
+transformers ignores the file.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..files import atomic_write
+from .checksums import record_checksums, verify_checksums
+from .errors import CheckpointError
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -37,15 +45,6 @@ CONFIG = "config.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(ValueError, RuntimeError):
-    """A checkpoint is missing, incomplete, or does not fit the model (or optimizer) it is loaded into.
-
-    The message names the file, tensor or field. Both bases: a loader's callers treat a bad file as a bad
-    value (ValueError) and a trainer's treat a checkpoint it cannot resume from as a run-time failure
-    (RuntimeError); either `except` catches it.
-    """
 
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -180,10 +179,22 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} found")
 
 
+def _verify_weight_files(path: Path, files: list[Path]) -> None:
+    """Check the shard index and the weight files against the directory's checksums, if it has them."""
+    index = [SAFE_INDEX] if (path / SAFE_INDEX).is_file() else []
+    verify_checksums(path, index + [f.name for f in files])
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single file or shards), by hub name."""
+    """All tensors of a checkpoint directory (single file or shards), by hub name; checksums checked first."""
+    files = _weight_files(Path(path))
+    _verify_weight_files(Path(path), files)
+    return _read_tensors(files)
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for f in _weight_files(Path(path)):
+    for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
                 if key in tensors:
@@ -227,14 +238,18 @@ def load_pretrained(
     """Build `model_class(config)` (a `Qwen3`) from a Hugging Face layout directory and load its weights.
 
     dtype: None keeps the checkpoint's floating dtype; device: where the model lives (default CPU).
+    The files read are checked against the directory's `checksums.json` first, when it has one
+    (`checksums`: a directory from elsewhere, without it, loads unchecked).
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
     if not (path / CONFIG).is_file():
         raise CheckpointError(f"{path}: no {CONFIG}")
+    verify_checksums(path, [CONFIG])
     config = ModelConfig.from_json(str(path / CONFIG))
     files = _weight_files(path)  # refuses pickle-only directories before anything else is read
+    _verify_weight_files(path, files)
 
     with torch.device("meta"):
         model = model_class(config)
@@ -249,7 +264,7 @@ def load_pretrained(
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     check_tensors(found, expected, config.tie_word_embeddings)
 
-    tensors = read_safetensors(path)
+    tensors = _read_tensors(files)
     if dtype is None:
         floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
         dtype = floating[0] if floating else torch.float32
@@ -275,10 +290,12 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json and safetensors weights (sharded above max_shard_size) into `path`.
+    """Write config.json and safetensors weights (sharded above max_shard_size) into `path`, then their
+    checksums (`checksums.json`).
 
-    Other files in the directory (tokenizer, training state, ...) are left alone; weight files of a
-    previous save that the new one does not use are removed after the new ones are in place.
+    Other files in the directory (tokenizer, training state, ...) are left alone, and so are their
+    checksums; weight files of a previous save that the new one does not use are removed after the new
+    ones are in place.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -313,6 +330,7 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
     for p in stale:
         if p.name not in keep:
             p.unlink()
+    record_checksums(path, sorted(keep | {CONFIG}))
 
 
 __all__ = [

@@ -2,8 +2,9 @@
 
 A stage is `run(cfg, parent, ctx) -> Path`: it reads the parent checkpoint directory (model,
 tokenizer), writes its own directory under `ctx.out_dir`, and returns it. The directory is the
-contract between stages: Hugging Face model files, tokenizer files, `state/`,
-`metrics.jsonl`, `eval.json` and, written last, `lineage.json`.
+contract between stages: Hugging Face model files, tokenizer files, `state/`, the checksums of
+the model files and `state/` (`checksums.json`), `metrics.jsonl`, `eval.json` and, written last,
+`lineage.json`.
 """
 from __future__ import annotations
 

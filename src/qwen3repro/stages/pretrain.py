@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..config import ConfigError
 from ..config_fields import NonNegative, Positive, checked_fields
+from ..data.cache import verified_map
 from ..data.copy_warmup import DEFAULT_SPAN_RANGE, CopyWarmupLoader
 from ..data.packing import PackingLoader
 from ..data.synthetic import LONG_CONTEXT_STAGES, build_corpus, check_length_mix, corpus_length_ranges, heldout_text
@@ -169,8 +170,11 @@ def build_model(cfg: PretrainConfig, parent: Path | None, tokenizer: Tokenizer) 
     return model
 
 
-def tokenized_corpus(cfg: PretrainConfig, tokenizer: Tokenizer, cache_dir: Path):
-    """The stage's corpus (cached by `build_corpus`) with an `input_ids` column."""
+def tokenized_corpus(cfg: PretrainConfig, tokenizer: Tokenizer, cache_dir: Path,
+                     say: Callable[[str], None] | None = None):
+    """The stage's corpus (cached by `build_corpus`) with an `input_ids` column; the tokenized copy
+    `datasets` caches beside it is checked against the cache's manifest (`data.cache.verified_map`,
+    which reports a damaged one through `say` and computes it again)."""
     # Long-context documents are sized to fill rows, so they are counted with the real tokenizer.
     count = (lambda s: len(tokenizer.encode(s))) if cfg.corpus in LONG_CONTEXT_STAGES else None
     ds = build_corpus(cfg.corpus, seed=cfg.seed, n_docs=cfg.n_docs, seq_len=cfg.seq_len, length_mix=cfg.length_mix,
@@ -180,7 +184,8 @@ def tokenized_corpus(cfg: PretrainConfig, tokenizer: Tokenizer, cache_dir: Path)
     def encode(batch):
         return {"input_ids": [e.ids for e in backend.encode_batch(batch["text"], add_special_tokens=False)]}
 
-    return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc=f"tokenize {cfg.name}")
+    return verified_map(ds, encode, say=say, batched=True, batch_size=1000,
+                        remove_columns=ds.column_names, desc=f"tokenize {cfg.name}")
 
 
 def _model_inputs(batch: Mapping[str, torch.Tensor], document_masking: bool) -> dict[str, Any]:
@@ -302,7 +307,7 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext) -> Path:
         raise ConfigError(f"stage {cfg.name}: needs a parent directory holding at least the tokenizer")
     tokenizer = Tokenizer.load(parent)
     model = build_model(cfg, parent, tokenizer)
-    docs = tokenized_corpus(cfg, tokenizer, Path(ctx.cache_dir))
+    docs = tokenized_corpus(cfg, tokenizer, Path(ctx.cache_dir), say=ctx.say)
     loader = PackingLoader(docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, eot_id=tokenizer.endoftext_id,
                            pad_id=tokenizer.pad_token_id, seed=cfg.seed, document_masking=cfg.document_masking)
     tokens_per_epoch = loader.tokens_per_epoch

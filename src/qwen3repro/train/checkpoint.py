@@ -10,16 +10,23 @@ stage directory `<out>` itself once the run is done):
       optimizer.safetensors             # optimizer tensors, keys "state.<param index>.<name>"
       optimizer.json                    # param groups (hyper-parameters) + non-tensor optimizer state
       rng.safetensors  rng.json         # torch CPU [+ CUDA] generator states; Python `random`, numpy
+    checksums.json                      # size + SHA-256 of every file above (`models.checksums`)
 
 No pickle anywhere: nothing is written with torch.save nor read with torch.load.
+
+Checksums. `checksums.json` is written after every other file of the checkpoint and inside the same
+atomic step (in the temporary directory, before the rename). Loading checks each file against it
+before reading it: a flipped bit or a truncated file is a CheckpointError naming the file, never a
+resume from damaged weights or optimizer moments. A checkpoint without `checksums.json` (written
+before checksums existed) loads unchecked.
 
 Atomicity. A step checkpoint is written into a temporary sibling directory (`.tmp-step_...`),
 every file and directory is fsynced, then the directory is renamed onto its final name and the
 parent directory is fsynced. A crash at any point leaves either the new complete checkpoint or no
 new checkpoint; earlier checkpoints are never touched until a newer one is complete, and then only
 the ones beyond `keep_last` are pruned. The final stage directory is published by copying the last
-(already durable) step checkpoint into `<out>`, file by file with `os.replace`, `state/` last;
-a crash while publishing is repaired by resuming, which republishes.
+(already durable) step checkpoint into `<out>`, file by file with `os.replace`, then `state/`, then
+`checksums.json`; a crash while publishing is repaired by resuming, which republishes.
 
 Resume check. A checkpoint records the *run identity*: a flat mapping `{"model.<field>": ...,
 "train.<field>": ..., "run.<key>": ...}` of everything that defines the run, and its hash. Resuming
@@ -44,6 +51,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from ..config import ConfigError, ModelConfig
+from ..models.checksums import CHECKSUMS, read_checksums, record_checksums, verify_checksums
 from ..models.hf import CheckpointError
 
 STATE_DIR = "state"
@@ -253,8 +261,8 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     """Load a checkpoint's weights into an existing model in place (exact, any key layout).
 
     If the model class has `from_pretrained`, the checkpoint is read by it (so the class's own
-    Hugging Face key mapping applies) and its state dict is copied in; otherwise the
-    `model.safetensors` file is loaded directly.
+    Hugging Face key mapping applies, and `Qwen3`'s checks the checksums) and its state dict is copied
+    in; otherwise the `model.safetensors` file is checked against the checksums and loaded directly.
     """
     model = _unwrap(model)
     weights = os.path.join(path, "model.safetensors")
@@ -265,6 +273,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
             loaded = type(model).from_pretrained(path)
             model.load_state_dict(loaded.state_dict(), strict=True)
         else:
+            verify_checksums(path, ["model.safetensors"])
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             load_safetensors_model(model, weights, strict=True, device=str(device))
     except Exception as e:  # a CheckpointError of the loader too: the message adds the path and the model
@@ -327,7 +336,9 @@ def write_checkpoint_dir(
             saved_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             torch_version=torch.__version__,
         )
-        write_json(os.path.join(state_dir, "trainer.json"), meta)  # last: marks the state complete
+        write_json(os.path.join(state_dir, "trainer.json"), meta)  # marks the state complete
+        recorded = read_checksums(tmp) or {}  # the model's own save records its files
+        record_checksums(tmp, [name for name in _relative_files(tmp) if name not in recorded])
         _fsync_tree(tmp)
         old = None
         if os.path.exists(path):
@@ -341,6 +352,17 @@ def write_checkpoint_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _relative_files(root: str) -> list[str]:
+    """Every file under `root` but its checksum manifest, as "/"-separated paths relative to it."""
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            if rel != CHECKSUMS:
+                found.append(rel)
+    return sorted(found)
 
 
 def step_dir(out_dir: str, step: int) -> str:
@@ -388,8 +410,9 @@ def save_step_checkpoint(out_dir: str, step: int, *, keep_last: int, **kwargs: A
 def publish(ckpt_path: str, stage_dir: str) -> None:
     """Make `stage_dir` hold the checkpoint at `ckpt_path` (model files + state/), replacing file by file.
 
-    Files of `stage_dir` that are not part of a checkpoint (metrics.jsonl, lineage.json, tokenizer
-    files, checkpoints/) are left alone.
+    The model files come first, then `state/`, then `checksums.json`: the files it lists are in place
+    before it is. Files of `stage_dir` that are not part of a checkpoint (metrics.jsonl, lineage.json,
+    tokenizer files, checkpoints/) are left alone.
     """
     stage_dir = os.path.abspath(stage_dir)
     tmp = os.path.join(stage_dir, f".tmp-publish-{uuid.uuid4().hex[:8]}")
@@ -397,7 +420,7 @@ def publish(ckpt_path: str, stage_dir: str) -> None:
     try:
         _fsync_tree(tmp)
         for name in sorted(os.listdir(tmp)):
-            if name == STATE_DIR:
+            if name in (STATE_DIR, CHECKSUMS):
                 continue
             os.replace(os.path.join(tmp, name), os.path.join(stage_dir, name))
         target = os.path.join(stage_dir, STATE_DIR)
@@ -406,6 +429,10 @@ def publish(ckpt_path: str, stage_dir: str) -> None:
             old = os.path.join(stage_dir, f".old-state-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
         os.rename(os.path.join(tmp, STATE_DIR), target)
+        if os.path.exists(os.path.join(tmp, CHECKSUMS)):
+            os.replace(os.path.join(tmp, CHECKSUMS), os.path.join(stage_dir, CHECKSUMS))
+        elif os.path.exists(os.path.join(stage_dir, CHECKSUMS)):  # a checkpoint without checksums: drop a list of other files
+            os.remove(os.path.join(stage_dir, CHECKSUMS))
         _fsync_path(stage_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -419,6 +446,7 @@ def read_trainer_state(path: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not is_complete(path):
         raise CheckpointError(f"not a complete checkpoint (no {STATE_DIR}/trainer.json): {path}")
+    verify_checksums(path, [f"{STATE_DIR}/trainer.json"])
     meta = read_json(os.path.join(state_dir, "trainer.json"))
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
@@ -436,12 +464,17 @@ def load_checkpoint(
     """Load a checkpoint into `model`/`optimizer` in place; return the trainer state.
 
     The returned dict is `trainer.json` plus `"loader"` (the loader cursor). The identity check runs
-    before anything is loaded; RNG states are restored last (loading a model may draw from them).
+    before anything is loaded; RNG states are restored last (loading a model may draw from them). Every
+    file read is checked against the checkpoint's `checksums.json` first, when it has one.
     """
     meta = read_trainer_state(path)
     if expected_identity is not None:
         check_identity(path, meta.get("run_identity", {}), expected_identity)
     state_dir = os.path.join(path, STATE_DIR)
+    state_files = ["loader.json", *(["rng.safetensors", "rng.json"] if restore_rng else []),
+                   *(["optimizer.json", "optimizer.safetensors"]
+                     if optimizer is not None and meta.get("has_optimizer", True) else [])]
+    verify_checksums(path, [f"{STATE_DIR}/{name}" for name in state_files])
     if model is not None:
         load_model_weights(model, path)
     if optimizer is not None:

@@ -490,7 +490,9 @@ def train(
 
     Returns {"step", "steps", "loss", "losses" ({step: loss} trained in this call), "eval",
     "checkpoint" (the final step checkpoint), "out_dir", "resumed_from", "tokens_seen",
-    "elapsed_s", "precision"}.
+    "elapsed_s", "precision"}. A run resumed at its last step (cut after its final checkpoint) trains
+    nothing: its "loss" and "eval" are those metrics.jsonl logged for that step, the evaluation rerun on
+    the final weights when the log lacks them.
     """
     run = TrainingRun(model, cfg, out_dir, run_extra=run_extra, printer=printer, resume=resume)
     device, precision, optimizer, params = run.device, run.precision, run.optimizer, run.params
@@ -599,10 +601,15 @@ def train(
             save(step)
 
     final = run.finish(step, save)
+    final_loss = losses.get(step)
+    if not losses:  # resumed at its last step (cut after the final checkpoint): this call trained nothing
+        final_loss, last_eval = _logged_final_values(run, step)
+        if eval_fn is not None and not last_eval:
+            last_eval = run_eval()  # not in the log: evaluate the final weights again
     return {
         "step": step,
         "steps": cfg.steps,
-        "loss": losses[step] if step in losses else None,
+        "loss": final_loss,
         "losses": losses,
         "eval": last_eval,
         "checkpoint": final,
@@ -612,6 +619,18 @@ def train(
         "elapsed_s": run.elapsed(),
         "precision": precision,
     }
+
+
+def _logged_final_values(run: TrainingRun, step: int) -> tuple[float | None, dict[str, Any]]:
+    """The loss and the "eval/..." values metrics.jsonl holds for `step` (logged before its checkpoint was
+    saved): what a run that resumes at its end, having nothing left to train, reports as its result."""
+    record = next((r for r in reversed(run.metrics.read()) if r.get("step") == step), {})
+    loss = record.get("loss")
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+        run.say(f"{run.name or 'train'}: {run.metrics.path} has no loss for the final step {step}; "
+                "the run's final loss is unknown")
+        loss = None
+    return loss, {k: v for k, v in record.items() if k.startswith("eval/")}
 
 
 # ----------------------------------------------------------------------------- pretraining loss
