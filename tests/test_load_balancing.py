@@ -319,7 +319,7 @@ def test_pretrain_stage_moe_with_grad_accum_logs_the_step_global_lbl(tokenizer_d
     from qwen3repro.tokenizer import Tokenizer
 
     cfg = PretrainConfig(name="s1", corpus="s1", tokens=64 * 2 * 2 * 2, seq_len=64, batch_size=2, n_docs=60,
-                         model="micro-moe", eval_docs_per_language=0,
+                         model="micro-moe", eval_docs_per_language=0, rope_theta=1e4,
                          train={"grad_accum": 2, "lr": 1e-3, "log_every": 1, "warmup_steps": 0})
     ctx = StageContext(tmp_path / "s1", tmp_path / "cache", printer=lambda _m: None)
     tokenizer = Tokenizer.load(tokenizer_dir)
