@@ -36,7 +36,7 @@ _MASKS = (
 
 def event_name(dst: str | os.PathLike, root: Path) -> str | None:
     """The event name of a rename onto `dst`; None when `dst` is outside `root`."""
-    path = Path(os.path.abspath(os.fspath(dst)))
+    path = Path(os.path.realpath(os.fspath(dst)))  # as `root`, which is resolved
     if root not in path.parents:
         return None
     name = path.relative_to(root).as_posix()
