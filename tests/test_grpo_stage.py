@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import random
 
 import pytest
@@ -18,6 +19,7 @@ from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
 from qwen3repro.rewards import RewardResult
 from qwen3repro.rl.entropy import EntropyController, masked_mean, token_entropy
+from qwen3repro.rl.selection import BELOW_CUT, UNLEARNABLE, SelectionResult
 from qwen3repro.rl.rollout import (
     QueryStream, build_batch, collect_rollouts, policy_logprobs, prompt_ids, sample_groups,
 )
@@ -348,3 +350,12 @@ def test_recipe_resolves_strictly_with_a_scale_table():
     cfg = grpo.GRPOConfig.from_dict({**deep_merge(recipe, scale), "name": "reasoning-rl"})
     assert (cfg.epsilon_low, cfg.epsilon_high, cfg.loss_type, cfg.mu) == (0.2, 0.28, "dapo", 2)
     assert cfg.betas == (0.9, 0.99) and (cfg.entropy_control, cfg.entropy_gain, cfg.entropy_coef_max) == ("proportional", 0.3, 0.1) and cfg.steps == 60
+
+
+def test_eval_json_reads_the_same_selection_when_resumed_from_selection_json():
+    """A cut RL run reads its query selection back from selection.json; its eval.json must read as the
+    uncut run's, a drop reason counted zero times included."""
+    fresh = SelectionResult([], Counter({UNLEARNABLE: 12, BELOW_CUT: 0}), n_candidates=12, k=2, ceiling=0.9)
+    resumed = SelectionResult.from_dict(json.loads(json.dumps(fresh.to_dict())))
+    cfg = grpo.GRPOConfig(families=("add",))
+    assert grpo.summarize(cfg, [], resumed) == grpo.summarize(cfg, [], fresh)

@@ -3,6 +3,8 @@ import functools
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from qwen3repro.config import ConfigError, ModelConfig
 from qwen3repro.data.packing import PackingLoader
 from qwen3repro.losses import masked_cross_entropy
 from qwen3repro.models.qwen3 import Qwen3
+from qwen3repro.run_lock import HOST
 from qwen3repro.train import checkpoint as ckpt
 from qwen3repro.train.loop import TrainConfig, TrainingDivergedError, causal_lm_loss, parameter_groups, train
 
@@ -233,8 +236,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         train(micro_model(), packing(), causal_lm_loss, cfg, tmp_path, **QUIET)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
     assert not os.path.exists(tmp_path / "checkpoints" / "step_000004")
-    # A hard kill leaves a temp directory behind: it is never taken for a checkpoint.
-    stale = tmp_path / "checkpoints" / ".tmp-step_000006-deadbeef" / "state"
+    # A hard kill leaves a temp directory behind, named after its writer, which is gone: it is never taken for a
+    # checkpoint, and the resumed run removes it.
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    leftover = f".tmp-step_000006-deadbeef.{killed.pid}@{HOST}"
+    stale = tmp_path / "checkpoints" / leftover / "state"
     stale.mkdir(parents=True)
     (stale / "trainer.json").write_text("{")
     assert ckpt.find_latest(tmp_path).endswith("step_000002")
@@ -243,7 +250,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "_save_optimizer", real)
     out = train(micro_model(), packing(), causal_lm_loss, cfg, tmp_path, **QUIET)
     assert out["resumed_from"].endswith("step_000002") and out["step"] == 6
-    assert not os.path.exists(tmp_path / "checkpoints" / ".tmp-step_000006-deadbeef")
+    assert not os.path.exists(tmp_path / "checkpoints" / leftover)
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])

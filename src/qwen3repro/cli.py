@@ -21,9 +21,11 @@ from .models.hf import CheckpointError
 from .models.registry import MODELS, count_parameters, get_model_config
 from .nanotron.cli import full_command
 from .pipeline import build_plan, describe, run_pipeline
+from .run_lock import RunDirectoryBusyError
 from .train.loop import TrainingDivergedError
 
-REPORTED_ERRORS = (ConfigError, CheckpointError, RunFileError, CorruptCacheError, TrainingDivergedError, OSError)
+REPORTED_ERRORS = (ConfigError, CheckpointError, RunFileError, CorruptCacheError, TrainingDivergedError,
+                   RunDirectoryBusyError, OSError)
 """Errors that say what is wrong in their message: the command line shows that message alone."""
 ERROR_EXIT_STATUS = 2
 
@@ -99,7 +101,8 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
     """Run the SCALE pipeline (tiny, small, micro: tiny/SCALE.toml): every stage the scale lists, for the roles
     its recipe names, in the order of the stage graph (recipes/), then the claims and REPORT.md.
 
-    Up-to-date stages are skipped and cut stages resume; see runs/SCALE/REPORT.md afterwards.
+    Up-to-date stages are skipped and cut stages resume; see runs/SCALE/REPORT.md afterwards. One run at a time
+    per output directory: a second one stops at once with an error naming the first one's pid.
     """
     if dry_run:
         click.echo(describe(build_plan(scale, out_root=out_root, overrides=list(overrides))))

@@ -18,6 +18,9 @@ a directory made by a different config is moved aside (`<dir>.old-<hash>`), neve
 
 After the stages come the claims (`evals/` suites: S2 reasoning vs the control, long-context
 retrieval, the MoE load-balancing experiment) and `REPORT.md`.
+
+One writer per run directory: a run holds `<out>/<scale>/.lock` (`run_lock`) from its first write to
+its last, and a second run on the same directory stops at once with an error naming the holder's pid.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, lo
                       parse_override, recipe_lineage, split_recipe)
 from .files import read_json_object, write_json_atomic
 from .progress import format_duration
+from .run_lock import RunLock
 from .stages import coldstart, fusion, grpo, pretrain, sft
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext
@@ -408,13 +412,14 @@ def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides:
     say = printer or default_printer()
     t0 = time.perf_counter()
     plan = build_plan(scale, out_root=out_root, overrides=list(overrides))
-    run_stages(plan, only=only, printer=say)
-    if claims:
-        run_claims(plan, printer=say, only=set(plan.settings.claims) or None)
-    total = time.perf_counter() - t0
-    write_json_atomic(plan.root / "pipeline.json", {
-        "scale": scale, "total_seconds": total,
-        "stages": {n.key: {"status": n.status, "seconds": n.seconds} for n in plan.nodes},
-    })
+    with RunLock.acquire(plan.root, say):  # one writer per run directory (run_lock)
+        run_stages(plan, only=only, printer=say)
+        if claims:
+            run_claims(plan, printer=say, only=set(plan.settings.claims) or None)
+        total = time.perf_counter() - t0
+        write_json_atomic(plan.root / "pipeline.json", {
+            "scale": scale, "total_seconds": total,
+            "stages": {n.key: {"status": n.status, "seconds": n.seconds} for n in plan.nodes},
+        })
     say(f"pipeline {scale}: done in {format_duration(total)}")
     return plan

@@ -103,6 +103,11 @@ class SelectionResult:
                    dict(d.get("pass_rates", {})), list(d["by_domain_difficulty"]), int(d["n_candidates"]),
                    int(d["k"]), float(d["ceiling"]))
 
+    def drops(self) -> dict[str, int]:
+        """The reasons that dropped at least one candidate, with their counts, in `REASONS` order: the same
+        whether the counts were just made or read back from `to_dict`'s file."""
+        return {r: self.reasons[r] for r in REASONS if self.reasons.get(r, 0)}
+
     def to_markdown(self) -> str:
         """The pass-rate table by domain and difficulty, then the dropped counts."""
         lines = ["| domain | difficulty | candidates | sampled | mean pass rate | learnable | selected |",

@@ -348,7 +348,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
     selection, used = _select(cfg, parent, out, reference, tokenizer, ctx, score_fn)
     queries = selection.selected
     if not queries:
-        reason = (f"no learnable queries were selected ({dict(selection.reasons)}): "
+        reason = (f"no learnable queries were selected ({selection.drops()}): "
                   "the cold-start model solves none or all of the candidates")
         if cfg.skip_if_nothing_learnable and not cfg.fallback_to_screened:
             return _finish_untrained(cfg, parent, out, model, tokenizer, selection, reason, ctx, score_fn)
@@ -509,7 +509,7 @@ def summarize(cfg: GRPOConfig, records: Sequence[Mapping[str, Any]], selection: 
                           "template": "chat template, thinking mode", "heldout": "data.tasks.is_heldout",
                           "seed": cfg.seed + 7919},
         "selection": {"n_candidates": selection.n_candidates, "n_selected": len(selection.selected),
-                      "dropped": dict(selection.reasons), "k": selection.k, "ceiling": selection.ceiling},
+                      "dropped": selection.drops(), "k": selection.k, "ceiling": selection.ceiling},
         "elapsed_s": records[-1].get("elapsed_s") if records else None,
     }
 

@@ -26,7 +26,9 @@ parent directory is fsynced. A crash at any point leaves either the new complete
 new checkpoint; earlier checkpoints are never touched until a newer one is complete, and then only
 the ones beyond `keep_last` are pruned. The final stage directory is published by copying the last
 (already durable) step checkpoint into `<out>`, file by file with `os.replace`, then `state/`, then
-`checksums.json`; a crash while publishing is repaired by resuming, which republishes.
+`checksums.json`; a crash while publishing is repaired by resuming, which republishes. Temporary names
+carry the creating process and host, so the leftovers of a crash are told apart from a live writer's
+(`clean_stale`).
 
 Resume check. A checkpoint records the *run identity*: a flat mapping `{"model.<field>": ...,
 "train.<field>": ..., "run.<key>": ...}` of everything that defines the run, and its hash. Resuming
@@ -53,12 +55,14 @@ from safetensors.torch import save_model as save_safetensors_model
 from ..config import ConfigError, ModelConfig
 from ..models.checksums import CHECKSUMS, read_checksums, record_checksums, verify_checksums
 from ..models.hf import CheckpointError
+from ..run_lock import HOST, holds, process_alive
 
 STATE_DIR = "state"
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIXES = (".tmp-", ".old-", ".trash-")
+_TEMP_MARK_RE = re.compile(r"-[0-9a-f]{8}\.(?P<pid>\d+)@(?P<host>[^/]+)$")  # see _temp_name
 
 
 class ConfigMismatchError(ConfigError):
@@ -110,18 +114,39 @@ def _remove_tree(path: str) -> None:
     if not os.path.exists(path):
         return
     parent, name = os.path.split(path.rstrip(os.sep))
-    trash = os.path.join(parent, f".trash-{name}-{uuid.uuid4().hex[:8]}")
+    trash = os.path.join(parent, _temp_name(".trash-", name))
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _temp_name(prefix: str, name: str) -> str:
+    """The name of a temporary sibling (`prefix` is one of _TMP_PREFIXES): unique, and marked with the
+    creating process and host so that `clean_stale` can tell a crashed run's leftovers from a live
+    writer's: `.tmp-step_000020-1a2b3c4d.4242@host`."""
+    return f"{prefix}{name}-{uuid.uuid4().hex[:8]}.{os.getpid()}@{HOST}"
+
+
+def _is_stale(name: str, under_our_lock: bool) -> bool:
+    """Whether the temporary entry `name` provably belongs to no live writer: its mark names this host and
+    a process that is gone, or this process (which is not writing there while it starts a run); without
+    such a mark (another host, or an unmarked name), only when it lies in a run directory this process
+    holds the lock of."""
+    mark = _TEMP_MARK_RE.search(name)
+    if mark is not None and mark.group("host") == HOST:
+        pid = int(mark.group("pid"))
+        return pid == os.getpid() or not process_alive(pid)
+    return under_our_lock
+
+
 def clean_stale(out_dir: str) -> None:
-    """Remove temporary directories left by a crash (`.tmp-*`, `.old-*`, `.trash-*`)."""
+    """Remove temporary directories left by a cut run (`.tmp-*`, `.old-*`, `.trash-*`), those only
+    (`_is_stale`): a concurrent writer's are left alone."""
+    under_our_lock = holds(out_dir)
     for parent in (out_dir, os.path.join(out_dir, CHECKPOINTS_DIR)):
         if not os.path.isdir(parent):
             continue
         for name in os.listdir(parent):
-            if name.startswith(_TMP_PREFIXES):
+            if name.startswith(_TMP_PREFIXES) and _is_stale(name, under_our_lock):
                 p = os.path.join(parent, name)
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
 
@@ -320,7 +345,7 @@ def write_checkpoint_dir(
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(parent, _temp_name(".tmp-", name))
     os.makedirs(os.path.join(tmp, STATE_DIR))
     try:
         state_dir = os.path.join(tmp, STATE_DIR)
@@ -342,7 +367,7 @@ def write_checkpoint_dir(
         _fsync_tree(tmp)
         old = None
         if os.path.exists(path):
-            old = os.path.join(parent, f".old-{name}-{uuid.uuid4().hex[:8]}")
+            old = os.path.join(parent, _temp_name(".old-", name))
             os.rename(path, old)
         os.rename(tmp, path)
         _fsync_path(parent)
@@ -415,7 +440,7 @@ def publish(ckpt_path: str, stage_dir: str) -> None:
     tokenizer files, checkpoints/) are left alone.
     """
     stage_dir = os.path.abspath(stage_dir)
-    tmp = os.path.join(stage_dir, f".tmp-publish-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(stage_dir, _temp_name(".tmp-", "publish"))
     shutil.copytree(ckpt_path, tmp)
     try:
         _fsync_tree(tmp)
@@ -426,7 +451,7 @@ def publish(ckpt_path: str, stage_dir: str) -> None:
         target = os.path.join(stage_dir, STATE_DIR)
         old = None
         if os.path.exists(target):
-            old = os.path.join(stage_dir, f".old-state-{uuid.uuid4().hex[:8]}")
+            old = os.path.join(stage_dir, _temp_name(".old-", STATE_DIR))
             os.rename(target, old)
         os.rename(os.path.join(tmp, STATE_DIR), target)
         if os.path.exists(os.path.join(tmp, CHECKSUMS)):
