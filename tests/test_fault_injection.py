@@ -1,5 +1,5 @@
 """Fault injection: the micro pipeline killed (SIGKILL) at seeded points and resumed with the same command
-ends with the same weights and metrics as a run that was never cut.
+ends with the same weights, metrics and evaluations as a run that was never cut.
 
 The uncut reference run records its file events (`faulty_pipeline.py`: every rename into the run
 directory, named by its destination, i.e. each file a run commits). The kill points are drawn from the
@@ -11,8 +11,8 @@ same command is run again and killed at the next point, and so on; the last run 
 points are printed (`pytest -s`) and named in every failure.
 
 Compared, for every file outside `checkpoints/`: each `model.safetensors` byte for byte, and each
-`metrics.jsonl` byte for byte except the values of the wall-clock fields (`TIMING_KEYS`). Afterwards no
-temporary checkpoint directory of a killed run is left behind.
+`metrics.jsonl` and `eval.json` byte for byte except the values of the wall-clock fields (`TIMING_KEYS`).
+Afterwards no temporary checkpoint directory of a killed run is left behind.
 
 The micro scale's reasoning RL learns nothing (its cold start solves no query, so every group's rewards
 are equal and dynamic sampling drops them all): the run here keeps those groups, adds a fixed entropy
@@ -42,6 +42,8 @@ RL_SETTINGS = ["--set", "stages.reasoning-rl.dynamic_sampling=false",
 RL_POINT = "flagship/reasoning-rl/checkpoints/step_000002"
 COMMAND = ["pipeline", "micro", "--set", "pipeline.threads=1", *RL_SETTINGS]
 TIMING_KEYS = ("elapsed_s", "tokens_per_s")
+# What a stage publishes that must not depend on where it was cut: its weights, its log, its evaluation.
+COMPARED = ("model.safetensors", "metrics.jsonl", "eval.json")
 _TIMING_VALUE = re.compile(r'("(?:%s)": )[^,}]+' % "|".join(TIMING_KEYS))
 _TEMPORARY = (".tmp-", ".old-", ".trash-")
 
@@ -69,15 +71,15 @@ def kill_points(events: list[str], seed: int, cuts: int, always: str) -> list[st
 
 
 def outputs(root: Path) -> dict[str, str]:
-    """Each stage output's weights and metrics outside `checkpoints/`: its path -> sha256 (metrics with
-    the wall-clock values masked)."""
+    """Each stage output's weights, metrics and evaluation outside `checkpoints/`: its path -> sha256 (the
+    wall-clock values masked)."""
     found = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if "checkpoints" in rel.parts or path.name not in ("model.safetensors", "metrics.jsonl"):
+        if "checkpoints" in rel.parts or path.name not in COMPARED:
             continue
         data = path.read_bytes()
-        if path.name == "metrics.jsonl":
+        if path.name != "model.safetensors":
             data = _TIMING_VALUE.sub(r"\1<time>", data.decode()).encode()
         found[rel.as_posix()] = hashlib.sha256(data).hexdigest()
     return found
@@ -88,7 +90,7 @@ def test_micro_pipeline_cut_at_seeded_points_ends_identical_to_an_uncut_run(tmp_
     log = tmp_path / "pipeline.log"
     assert run_pipeline(reference, log, "--record", str(events)) == 0, log.read_text()[-3000:]
     expected = outputs(reference / "micro")
-    assert len(expected) >= 2 * 15  # every stage and MoE run: weights and metrics
+    assert len(expected) >= 3 * 13  # every stage and MoE run: weights, metrics and (stages) evaluation
     rl, cold_start = (expected[f"flagship/{stage}/model.safetensors"] for stage in ("reasoning-rl", "cold-start"))
     assert rl != cold_start, "the RL steps changed no weight: their resume would not be tested"
 
