@@ -19,7 +19,7 @@ MOE = dict(BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
 @pytest.fixture
 def saved(tmp_path):
     """A saved MoE checkpoint that these tests edit as another tool would: without `checksums.json`, whose
-    check would refuse any edit before the structural checks under test see it (tests/test_checksums.py)."""
+    check would refuse any edit before the structural checks under test see it (tests/security/test_checksums.py)."""
     torch.manual_seed(0)
     Qwen3(ModelConfig(**MOE)).save_pretrained(tmp_path)
     (tmp_path / "checksums.json").unlink()

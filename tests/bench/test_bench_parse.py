@@ -4,7 +4,7 @@ and 1 MB.
 Each input is built to make a backtracking or lazy regex rescan the text: thousands of opening tags
 that are never closed, tags nested a thousand deep, a code fence followed by blanks that never reach
 a newline, and fences whose closing one never comes. Every scan reads the text once, so the time
-grows linearly with the size (tests/test_output_parsing.py checks the results on 1 MB).
+grows linearly with the size (tests/security/test_output_parsing.py checks the results on 1 MB).
 
 Run with `make bench`.
 """

@@ -1,6 +1,6 @@
 """Run the `qwen3repro` command line with a fault planted at a named file event (for tests that cut runs).
 
-    python tests/faulty_pipeline.py --root DIR [--record FILE] [--kill-at EVENT]
+    python tests/security/faulty_pipeline.py --root DIR [--record FILE] [--kill-at EVENT]
                                     [--pause-at EVENT --ready FILE --release FILE] -- pipeline micro --out ...
 
 An event is a rename (`os.rename` / `os.replace`) whose destination lies under --root: every step

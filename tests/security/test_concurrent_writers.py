@@ -20,8 +20,8 @@ from qwen3repro.lineage import read_lineage
 from qwen3repro.run_lock import HOST, Holder, RunDirectoryBusyError, RunLock
 from qwen3repro.train import checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-DRIVER = REPO / "tests" / "faulty_pipeline.py"
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).resolve().parent / "faulty_pipeline.py"
 # Only the tokenizer and one pretraining stage: enough for a run that is paused mid-stage.
 PIPELINE = ["pipeline", "micro", "--only", "tokenizer", "--only", "flagship/s1", "--no-claims",
             "--set", "pipeline.threads=1"]

@@ -31,8 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DRIVER = REPO / "tests" / "faulty_pipeline.py"
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).resolve().parent / "faulty_pipeline.py"
 SEED = 1729
 CUTS = 4
 RL_SETTINGS = ["--set", "stages.reasoning-rl.dynamic_sampling=false",
