@@ -15,8 +15,8 @@ limits or fake its result. Each run gets, in this order of the launch chain:
 * **bubblewrap** (Debian's `bwrap`, the sandbox Flatpak runs on): new user, mount, PID, network, IPC, UTS
   and cgroup namespaces; uid 65534 inside with no capabilities and `no_new_privs`; nested user namespaces
   disabled; a root file system holding only `/usr` and the interpreter's prefix, read-only, a private
-  `/proc` (only the sandbox's own processes), a minimal `/dev`, and two small tmpfs (`/sandbox`, the
-  working directory, and `/tmp`) as the only writable places; a new session (no terminal injection); an
+  `/proc` (only the sandbox's own processes), a minimal `/dev`, and one small tmpfs, `/sandbox`, the
+  working directory (`/tmp` links to it), as the only writable place; a new session (no terminal injection); an
   empty environment but `PATH`, `LANG`, `PYTHONHASHSEED`; killed with its launcher. The program is the
   PID namespace's init (`--as-pid-1`): no helper process of bwrap's lives beside it, whose memory it
   could open through `/proc` (same uid) to run code outside the seccomp filter. The program's files are
@@ -91,7 +91,7 @@ class SandboxLimits:
     max_file_bytes: int = 2**20              # the largest file it may write
     max_open_files: int = 64
     max_output_bytes: int = 64 * 2**10       # stdout and stderr together
-    disk_bytes: int = 16 * 2**20             # each writable tmpfs (/sandbox, /tmp)
+    disk_bytes: int = 16 * 2**20             # the one writable directory (/sandbox; /tmp links to it)
     python: str | None = None                # None: the host's base interpreter (not a venv's)
 
 
@@ -215,7 +215,7 @@ def containment() -> dict[str, str]:
                  f"(dropped from root)" if root else
                  f"uid {SANDBOX_UID} in a new user namespace; outside, this user's uid {os.geteuid()}"),
         "namespaces": "user, mount, pid, net, ipc, uts, cgroup",
-        "filesystem": f"/usr and the interpreter read-only, private /proc, minimal /dev, tmpfs {SANDBOX_DIR} and /tmp",
+        "filesystem": f"/usr and the interpreter read-only, private /proc, minimal /dev, one tmpfs {SANDBOX_DIR} (/tmp links to it)",
         "privileges": "no capabilities, no_new_privs, no nested user namespaces",
         "seccomp": f"{len(DENIED_SYSCALLS)} syscalls denied, namespace flags of clone, sockets but AF_UNIX, TIOCSTI",
         "limits": "CPU seconds, address space, processes, file size, open files, wall clock, output bytes",
@@ -294,8 +294,7 @@ def start(files: list[SandboxFile], argv: list[str], limits: SandboxLimits, *,
                   "--symlink", "usr/bin", "/bin",
                   "--ro-bind", prefix_source, interp.prefix,
                   "--proc", "/proc", "--dev", "/dev",
-                  "--size", str(limits.disk_bytes), "--tmpfs", "/tmp",
-                  "--size", str(limits.disk_bytes), "--tmpfs", SANDBOX_DIR]
+                  "--size", str(limits.disk_bytes), "--tmpfs", SANDBOX_DIR, "--symlink", SANDBOX_DIR, "/tmp"]
         for fd, name in file_fds:
             chain += ["--ro-bind-data", str(fd), f"{SANDBOX_DIR}/{name}"]
         chain += ["--chdir", SANDBOX_DIR, "--json-status-fd", str(status_w), "--seccomp", str(seccomp_fd),
