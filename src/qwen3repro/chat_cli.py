@@ -32,7 +32,7 @@ from .generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, generate
 from .models.qwen3 import Qwen3
 from .tokenizer import Tokenizer
 
-__all__ = ["chat_command", "find_tokenizer", "ChatSession"]
+__all__ = ["chat_command", "complete_chat", "find_tokenizer", "load_checkpoint", "ChatSession"]
 
 
 def find_tokenizer(checkpoint: Path, explicit: str | None = None) -> Path:
@@ -47,6 +47,39 @@ def find_tokenizer(checkpoint: Path, explicit: str | None = None) -> Path:
     raise click.UsageError(f"no tokenizer.json in {checkpoint} or its parents; pass --tokenizer DIR")
 
 
+def complete_chat(model, tokenizer, messages: list[dict], *, thinking: bool, budget: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None, max_new_tokens: int = 512,
+                  seed: int | None = None) -> dict:
+    """The assistant's next turn after `messages`: render, generate, parse.
+
+    `thinking` is the mode already decided (`chat.wants_thinking`): it picks the template's
+    `enable_thinking` and the mode's pinned sampling, which `temperature` and `top_p` override; the
+    thinking budget applies only in thinking mode. Returns `chat.parse` of the completion plus
+    "thinking", "finish_reason", "budget_hit", "thinking_tokens", "prompt_tokens" and
+    "completion_tokens". A malformed message raises the template's ValueError.
+    """
+    prompt_ids = tokenizer.encode(render(messages, add_generation_prompt=True, enable_thinking=thinking))
+    params = THINKING_SAMPLING if thinking else NON_THINKING_SAMPLING
+    gen = generate(
+        model, [prompt_ids], params, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        tokenizer=tokenizer, thinking_budget=budget if thinking and budget is not None else None, seed=seed,
+    )[0]
+    completion = tokenizer.decode(gen.token_ids)
+    # Without thinking the template pre-fills the empty think block, so the completion is the answer alone.
+    prefix = "" if thinking else "<think>\n\n</think>\n\n"
+    parsed = parse(prefix + completion)
+    parsed.update(thinking=thinking, finish_reason=gen.finish_reason, budget_hit=gen.budget_hit,
+                  thinking_tokens=gen.thinking_tokens, prompt_tokens=len(prompt_ids),
+                  completion_tokens=len(gen.token_ids))
+    return parsed
+
+
+def load_checkpoint(checkpoint: Path, tokenizer_dir: str | None = None, device: str = "cpu") -> tuple[Qwen3, Tokenizer]:
+    """The model of CHECKPOINT in eval mode and its tokenizer (`find_tokenizer`)."""
+    tokenizer = Tokenizer.load(find_tokenizer(checkpoint, tokenizer_dir))
+    return Qwen3.from_pretrained(checkpoint, device=device).eval(), tokenizer
+
+
 class ChatSession:
     """A conversation with a model: `reply(text)` renders the chat, generates, and remembers the turn."""
 
@@ -59,24 +92,14 @@ class ChatSession:
         self.default_flag: str | None = None  # set by a bare /think or /no_think line
 
     def reply(self, text: str) -> dict:
-        """Generate the assistant's answer to `text`; returns `chat.parse` of it plus "thinking"."""
+        """Generate the assistant's answer to `text`; returns `complete_chat`'s answer."""
         self.messages.append({"role": "user", "content": text})
         flag_messages = ([{"role": "user", "content": "/" + self.default_flag}] if self.default_flag else [])
         thinking = wants_thinking(flag_messages + self.messages, enable_thinking=self.think)
-        prompt = render(self.messages, add_generation_prompt=True, enable_thinking=thinking)
-        params = THINKING_SAMPLING if thinking else NON_THINKING_SAMPLING
-        gen = generate(
-            self.model, [self.tokenizer.encode(prompt)], params,
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, tokenizer=self.tokenizer,
-            thinking_budget=self.budget if thinking and self.budget is not None else None, seed=self.seed,
-        )[0]
-        completion = self.tokenizer.decode(gen.token_ids)
-        prefix = "" if thinking else "<think>\n\n</think>\n\n"
-        parsed = parse(prefix + completion)
+        parsed = complete_chat(self.model, self.tokenizer, self.messages, thinking=thinking, budget=self.budget,
+                               temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
         content = parsed["reasoning_content"], parsed["content"]
         self.messages.append({"role": "assistant", "content": f"<think>\n{content[0]}\n</think>\n\n{content[1]}"})
-        parsed.update(thinking=thinking, finish_reason=gen.finish_reason, budget_hit=gen.budget_hit,
-                      thinking_tokens=gen.thinking_tokens)
         return parsed
 
     def command(self, line: str) -> str | None:
@@ -120,8 +143,7 @@ def chat_command(checkpoint: Path, think: bool, budget: int | None, temperature:
                  tokenizer_dir: str | None, prompt: str | None, seed: int | None, show_thinking: bool,
                  device: str) -> None:
     """Chat with CHECKPOINT (/think and /no_think switch modes, /reset, /exit)."""
-    tokenizer = Tokenizer.load(find_tokenizer(checkpoint, tokenizer_dir))
-    model = Qwen3.from_pretrained(checkpoint, device=device).eval()
+    model, tokenizer = load_checkpoint(checkpoint, tokenizer_dir, device)
     session = ChatSession(model, tokenizer, think=think, budget=budget, temperature=temperature,
                           max_new_tokens=max_new_tokens, seed=seed)
     if prompt is not None:

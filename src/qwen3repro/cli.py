@@ -22,6 +22,7 @@ from .models.registry import MODELS, count_parameters, get_model_config
 from .nanotron.cli import full_command
 from .pipeline import build_plan, describe, run_pipeline
 from .run_lock import RunDirectoryBusyError
+from .serve import serve_command
 from .train.loop import TrainingDivergedError
 
 REPORTED_ERRORS = (ConfigError, CheckpointError, RunFileError, CorruptCacheError, TrainingDivergedError,
@@ -114,6 +115,7 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
 main.add_command(eval_group)
 main.add_command(full_command)
 main.add_command(chat_command)
+main.add_command(serve_command)
 main.add_command(scaling_laws_command)
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ fault and scores as wrong (0.0), without raising.
 
 Registered names: "math" (math-verify), "code" (sandboxed execution of tests), "task" (exact
 answers of the synthetic families of `qwen3repro.data.tasks`), "think_format" (well-formed think
-block), "think_mode" (the think block follows the requested mode).
+block), "think_mode" (the think block follows the requested mode), "judge" (a judge model scores the
+answer against a reference answer over an OpenAI-compatible API; see `judge`).
 """
 from __future__ import annotations
 
 # Importing the reward modules registers their rewards, so `REWARDS` is complete once the package is.
 from . import code as code
 from . import format as format  # noqa: A001
+from . import judge as judge
 from . import math as math
 from . import tasks as tasks
 from .registry import REWARDS, RewardResult, answer_text, get_reward, register
