@@ -200,7 +200,7 @@ class JudgeClient:
             self.stats.add("no_score")
             return RewardResult(None, f"judge: no_score: {why}")
         self.stats.add("scored")
-        return RewardResult(value, f"judge: {why}")
+        return RewardResult(value, f"judge: scored ({why})")
 
     def score_many(self, items: Iterable[tuple[str, str, str]]) -> list[RewardResult]:
         """`score` of each (question, reference, completion), `concurrency` at a time, in order."""
