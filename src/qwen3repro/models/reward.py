@@ -12,8 +12,9 @@ rightmost token whose id is not the pad id; Qwen3 base tokenizers use `<|endofte
 and eos, so that rule skips a sequence's own final eos and scores the token before it. With the
 mask, left padding, right padding and pad == eos all score the same token. Position ids default to
 the count of attended tokens before each token (cumsum(mask) − 1), so a left-padded row gets the
-positions it has unpadded; right padding and no padding give transformers' default (arange), which
-is where the two agree.
+positions it has unpadded (RoPE sees only position differences, so a shift would change the scores
+by rounding alone); right padding and no padding give transformers' default (arange), which is where
+the two agree.
 
 Scored sequences should end with one fixed delimiter (the chat template's `<|im_end|>`), so that
 the pooled token is the same kind of token in every row.
