@@ -5,9 +5,10 @@ one `model.safetensors`, or, above `max_shard_size`, `model-0000i-of-0000n.safet
 `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map": {key: file}}).
 
 Tensor names are transformers' (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`,
-..., `lm_head.weight`, omitted when the embeddings are tied; a reward model has `score.weight` instead). MoE experts are stacked in memory
-(`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I], as in transformers 5) and
-per expert on disk, as in the released hub checkpoints and as transformers 5 writes them:
+..., `lm_head.weight`, omitted when the embeddings are tied; a reward model has `score.weight` instead).
+MoE experts are stacked in memory (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
+[E, H, I], as in transformers 5) and per expert on disk, as in the released hub checkpoints and as
+transformers 5 writes them:
 `mlp.experts.{e}.gate_proj.weight` [I, H], `...up_proj.weight` [I, H], `...down_proj.weight` [H, I]; the
 router is `mlp.gate.weight` [E, H]. Loading also accepts the stacked names.
 
@@ -241,7 +242,8 @@ def load_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ):
-    """Build `model_class(config)` (a `Qwen3` or another `Qwen3Decoder`) from a Hugging Face layout directory and load its weights.
+    """Build `model_class(config)` (a `Qwen3Decoder`: `Qwen3`, `Qwen3RewardModel`) from a Hugging Face
+    layout directory and load its weights.
 
     dtype: None keeps the checkpoint's floating dtype; device: where the model lives (default CPU).
     The files read are checked against the directory's `checksums.json` first, when it has one
