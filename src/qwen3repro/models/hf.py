@@ -5,9 +5,10 @@ one `model.safetensors`, or, above `max_shard_size`, `model-0000i-of-0000n.safet
 `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map": {key: file}}).
 
 Tensor names are transformers' (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`,
-..., `lm_head.weight`, omitted when the embeddings are tied). MoE experts are stacked in memory
-(`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I], as in transformers 5) and
-per expert on disk, as in the released hub checkpoints and as transformers 5 writes them:
+..., `lm_head.weight`, omitted when the embeddings are tied; a reward model has `score.weight` instead).
+MoE experts are stacked in memory (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
+[E, H, I], as in transformers 5) and per expert on disk, as in the released hub checkpoints and as
+transformers 5 writes them:
 `mlp.experts.{e}.gate_proj.weight` [I, H], `...up_proj.weight` [I, H], `...down_proj.weight` [H, I]; the
 router is `mlp.gate.weight` [E, H]. Loading also accepts the stacked names.
 
@@ -28,7 +29,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -129,8 +130,13 @@ def _stacked_to_hub_names(name: str, shape: tuple[int, ...]) -> Iterator[tuple[s
         yield name, shape
 
 
-def from_hub_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hub tensor names -> our state dict (stack per-expert weights; tie lm_head if needed)."""
+def from_hub_state_dict(
+    tensors: dict[str, torch.Tensor], config: ModelConfig, *, lm_head: bool = True
+) -> dict[str, torch.Tensor]:
+    """Hub tensor names -> our state dict (stack per-expert weights; tie lm_head if needed).
+
+    lm_head: whether the model has a language-model head (a reward model has a score head instead,
+    so tied embeddings give it no `lm_head.weight`)."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
     for name, t in tensors.items():
@@ -147,7 +153,8 @@ def from_hub_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) -
         out[f"{prefix}.down_proj"] = torch.stack([parts["down_proj"][e] for e in range(n)])
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        if lm_head:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
@@ -235,7 +242,8 @@ def load_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ):
-    """Build `model_class(config)` (a `Qwen3`) from a Hugging Face layout directory and load its weights.
+    """Build `model_class(config)` (a `Qwen3Decoder`: `Qwen3`, `Qwen3RewardModel`) from a Hugging Face
+    layout directory and load its weights.
 
     dtype: None keeps the checkpoint's floating dtype; device: where the model lives (default CPU).
     The files read are checked against the directory's `checksums.json` first, when it has one
@@ -268,9 +276,11 @@ def load_pretrained(
     if dtype is None:
         floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
         dtype = floating[0] if floating else torch.float32
-    state = {k: t.to(device=device or "cpu", dtype=dtype) for k, t in from_hub_state_dict(tensors, config).items()}
+    has_lm_head = hasattr(model, "lm_head")
+    state = {k: t.to(device=device or "cpu", dtype=dtype)
+             for k, t in from_hub_state_dict(tensors, config, lm_head=has_lm_head).items()}
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and has_lm_head:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
@@ -289,9 +299,14 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return shards
 
 
-def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+def save_pretrained(
+    model, path: str | os.PathLike, max_shard_size: int | str = "5GB", config_updates: dict[str, Any] | None = None
+) -> None:
     """Write config.json and safetensors weights (sharded above max_shard_size) into `path`, then their
     checksums (`checksums.json`).
+
+    config.json is `model.config.to_hf_dict()` with `config_updates` on top: a model with another
+    head than the language-model head names its transformers architecture there.
 
     Other files in the directory (tokenizer, training state, ...) are left alone, and so are their
     checksums; weight files of a previous save that the new one does not use are removed after the new
@@ -318,6 +333,7 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
         atomic_write(path / SAFE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
 
     hf = model.config.to_hf_dict()
+    hf.update(config_updates or {})
     dtype = next(iter(tensors.values())).dtype
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     atomic_write(

@@ -111,29 +111,23 @@ class Qwen3Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Qwen3(nn.Module):
-    """Qwen3 causal language model. `forward(input_ids) -> CausalLMOutput(logits, kv_cache, router_logits)`.
+class Qwen3Decoder(nn.Module):
+    """The decoder without an output head: backbone (`model.`), RoPE tables, KV caches, init and the
+    Hugging Face layout. `final_hidden_states` runs it; the heads on top are the subclasses': the
+    language-model head (`Qwen3`) and the scalar reward head (`reward.Qwen3RewardModel`).
 
-    Incremental decoding:
-
-        cache = model.new_kv_cache(batch_size, max_len=prompt_len + max_new_tokens)
-        logits = model(prompt_ids, attention_mask=mask, position_ids=pos, kv_cache=cache).logits
-        while ...:  # one (or more) new tokens per call; positions continue per row
-            logits = model(next_ids, position_ids=pos_next, kv_cache=cache).logits
+    A subclass builds its head after `super().__init__` and then calls `reset_parameters()`, so that
+    a seed gives the same weights whatever the subclass adds after the backbone.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Qwen3Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
         # RoPE frequencies stay float32 whatever the model dtype (a plain attribute, not a buffer, so
         # `model.to(torch.bfloat16)` cannot round them); forward moves them to the input's device.
         with torch.device("cpu"):  # also when the model is built on the meta device (hf.py)
             self.inv_freq, self.attention_factor = rope_parameters(config)
-        self.reset_parameters()
 
     # ------------------------------------------------------------------------------ init
     @torch.no_grad()
@@ -162,7 +156,7 @@ class Qwen3(nn.Module):
         )
 
     # ------------------------------------------------------------------------------ forward
-    def forward(
+    def final_hidden_states(
         self,
         input_ids: torch.Tensor,
         *,
@@ -170,14 +164,14 @@ class Qwen3(nn.Module):
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        output_router_logits: bool = False,
-    ) -> CausalLMOutput:
-        """input_ids [B, S].
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(the final-norm hidden states [B, S, H], the router logits of every sparse layer).
 
-        position_ids [B, S] (default: past_len + arange(S)); attention_mask [B, past_len + S] or
-        [B, S] when a cache remembers the past (1 = real token, 0 = padding); segment_ids [B, S]
-        document ids of packed sequences (attention stays inside a document; pass position_ids that
-        restart at 0 per document to match separate forwards); kv_cache from `new_kv_cache`.
+        input_ids [B, S]; position_ids [B, S] (default: past_len + arange(S)); attention_mask
+        [B, past_len + S] or [B, S] when a cache remembers the past (1 = real token, 0 = padding);
+        segment_ids [B, S] document ids of packed sequences (attention stays inside a document; pass
+        position_ids that restart at 0 per document to match separate forwards); kv_cache from
+        `new_kv_cache`.
         """
         b, s = input_ids.shape
         device = input_ids.device
@@ -205,25 +199,59 @@ class Qwen3(nn.Module):
                 router_logits.append(logits)
         if kv_cache is not None:
             kv_cache.advance(s)
-
-        logits = self.lm_head(self.model.norm(x))
-        return CausalLMOutput(
-            logits=logits,
-            kv_cache=kv_cache,
-            router_logits=tuple(router_logits) if output_router_logits and self.config.is_moe else None,
-        )
+        return self.model.norm(x), tuple(router_logits)
 
     # ------------------------------------------------------------------------------ load / save
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> "Qwen3":
+    ):
         """Load a Hugging Face layout directory (config.json + safetensors); see hf.py."""
         return hf.load_pretrained(path, cls, device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write config.json + model.safetensors (sharded above `max_shard_size`), atomically; see hf.py."""
         hf.save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
+class Qwen3(Qwen3Decoder):
+    """Qwen3 causal language model. `forward(input_ids) -> CausalLMOutput(logits, kv_cache, router_logits)`.
+
+    Incremental decoding:
+
+        cache = model.new_kv_cache(batch_size, max_len=prompt_len + max_new_tokens)
+        logits = model(prompt_ids, attention_mask=mask, position_ids=pos, kv_cache=cache).logits
+        while ...:  # one (or more) new tokens per call; positions continue per row
+            logits = model(next_ids, position_ids=pos_next, kv_cache=cache).logits
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        output_router_logits: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids [B, S]; the other inputs as in `final_hidden_states`."""
+        hidden, router_logits = self.final_hidden_states(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+            kv_cache=kv_cache,
+        )
+        return CausalLMOutput(
+            logits=self.lm_head(hidden),
+            kv_cache=kv_cache,
+            router_logits=router_logits if output_router_logits and self.config.is_moe else None,
+        )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}
@@ -233,4 +261,4 @@ class Qwen3(nn.Module):
         return sum(p.numel() for p in params.values())
 
 
-__all__ = ["Qwen3", "CausalLMOutput", "MLP", "DecoderLayer", "KVCache"]
+__all__ = ["Qwen3", "Qwen3Decoder", "CausalLMOutput", "MLP", "DecoderLayer", "KVCache"]
