@@ -13,16 +13,19 @@ fault and scores as wrong (0.0), without raising.
 Registered names: "math" (math-verify), "code" (sandboxed execution of tests), "task" (exact
 answers of the synthetic families of `qwen3repro.data.tasks`), "think_format" (well-formed think
 block), "think_mode" (the think block follows the requested mode), "judge" (a judge model scores the
-answer against a reference answer over an OpenAI-compatible API; see `judge`).
+answer against a reference answer over an OpenAI-compatible API; see `judge`), "ifeval" (IFEval's
+instruction-following checks from lm-eval; see `ifeval`).
 """
 from __future__ import annotations
 
 # Importing the reward modules registers their rewards, so `REWARDS` is complete once the package is.
 from . import code as code
 from . import format as format  # noqa: A001
+from . import ifeval as ifeval
 from . import judge as judge
 from . import math as math
 from . import tasks as tasks
+from .ifeval import instruction_following
 from .registry import REWARDS, RewardResult, answer_text, get_reward, register
 
-__all__ = ["RewardResult", "REWARDS", "register", "get_reward", "answer_text"]
+__all__ = ["RewardResult", "REWARDS", "register", "get_reward", "answer_text", "instruction_following"]
