@@ -84,6 +84,10 @@ def build_punkt_tab(root: Path) -> Path:
         collocations=sorted(model.collocations), sent_starters=sorted(model.sent_starters),
         abbrev_types=sorted(model.abbrev_types), ortho_context=dict(sorted(model.ortho_context.items())))
     staging = Path(tempfile.mkdtemp(prefix=".punkt_tab.", dir=target.parent))
+    # NLTK writes only under its data roots: a root off its path is one for the length of the write.
+    off_path = str(root) not in nltk.data.path
+    if off_path:
+        nltk.data.path.append(str(root))
     try:
         save_punkt_params(params, dir=str(staging / "english"))
         try:
@@ -92,6 +96,8 @@ def build_punkt_tab(root: Path) -> Path:
             if not (target / "english").is_dir():
                 raise
     finally:
+        if off_path:
+            nltk.data.path.remove(str(root))
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
