@@ -59,6 +59,9 @@ def encode(value, depth: int = 0):
     raise TypeError(f"a {kind.__name__} cannot pass between the solution and the tests (plain values only)")
 
 
+_COLLECTIONS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+
+
 def decode(data, depth: int = 0):
     """The plain value `encode` described; ValueError for anything else."""
     if depth > MAX_DEPTH:
@@ -78,20 +81,12 @@ def decode(data, depth: int = 0):
         return complex(float(body[0]), float(body[1]))
     if tag == "bytes" and type(body) is str:
         return bytes.fromhex(body)
-    if type(body) is list:
-        items = [decode(v, depth + 1) for v in body] if tag != "dict" else None
-        if tag == "tuple":
-            return tuple(items)
-        if tag == "set":
-            return set(items)
-        if tag == "frozenset":
-            return frozenset(items)
-        if tag == "dict":
-            pairs = [(decode(p[0], depth + 1), decode(p[1], depth + 1)) for p in body
-                     if type(p) is list and len(p) == 2]
-            if len(pairs) != len(body):
-                raise ValueError("malformed dict")
-            return dict(pairs)
+    if tag in _COLLECTIONS and type(body) is list:
+        return _COLLECTIONS[tag](decode(v, depth + 1) for v in body)
+    if tag == "dict" and type(body) is list:
+        if not all(type(p) is list and len(p) == 2 for p in body):
+            raise ValueError("malformed dict")
+        return {decode(k, depth + 1): decode(v, depth + 1) for k, v in body}
     raise ValueError(f"unknown tag {tag!r}")
 
 
