@@ -11,7 +11,8 @@ limits or fake its result. Each run gets, in this order of the launch chain:
   interpreter's prefix read-only onto an empty world-readable directory first, inside a private mount
   namespace of its own (`unshare --mount`), so the host's mounts never change. Not root: the user's own
   uid, which already has no privilege.
-* **Resource limits** (`prlimit`): CPU seconds, address space, processes, file size, open files, no core.
+* **Resource limits** (`prlimit`): CPU seconds, address space, file size, open files, no core; the process
+  cap is set inside the namespaces (below), where it counts the sandbox's own tasks only.
 * **bubblewrap** (Debian's `bwrap`, the sandbox Flatpak runs on): new user, mount, PID, network, IPC, UTS
   and cgroup namespaces; uid 65534 inside with no capabilities and `no_new_privs`; nested user namespaces
   disabled; a root file system holding only `/usr` and the interpreter's prefix, read-only, a private
@@ -240,7 +241,25 @@ class SandboxProcess:
 
     def finish(self) -> None:
         """Kill what is left, reap the launcher, clean up, keep bwrap's status record."""
-        self.status = _finish(self)
+        try:  # SIGKILL the launcher's group: bwrap's --die-with-parent then takes the PID namespace down
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        # Non-blocking: bwrap wrote its record before it exited; a process of the sandbox that has not
+        # died yet may still hold the write end, and must not make us wait.
+        os.set_blocking(self.status_r, False)
+        try:
+            while chunk := os.read(self.status_r, 65536):
+                self.status += chunk
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(self.status_r)
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     @property
     def started(self) -> bool:
@@ -283,8 +302,7 @@ def start(files: list[SandboxFile], argv: list[str], limits: SandboxLimits, *,
             chain += [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                       "--inh-caps=-all", "--bounding-set=-all", "--"]
         cpu = max(1, int(limits.cpu_seconds))
-        chain += [_tool("prlimit"), f"--cpu={cpu}", f"--as={limits.memory_bytes}",
-                  f"--nproc={limits.max_processes}", f"--fsize={limits.max_file_bytes}",
+        chain += [_tool("prlimit"), f"--cpu={cpu}", f"--as={limits.memory_bytes}", f"--fsize={limits.max_file_bytes}",
                   f"--nofile={limits.max_open_files}", "--core=0", "--"]
         chain += [bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
                   "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -298,7 +316,9 @@ def start(files: list[SandboxFile], argv: list[str], limits: SandboxLimits, *,
         for fd, name in file_fds:
             chain += ["--ro-bind-data", str(fd), f"{SANDBOX_DIR}/{name}"]
         chain += ["--chdir", SANDBOX_DIR, "--json-status-fd", str(status_w), "--seccomp", str(seccomp_fd),
-                  "--", interp.executable, *argv]
+                  # The process cap is set inside the namespaces: there it counts the sandbox's own tasks, where
+                  # outside it would count every task of the uid (the caller's threads, other sandboxes).
+                  "--", _tool("prlimit"), f"--nproc={limits.max_processes}", "--", interp.executable, *argv]
         proc = subprocess.Popen(
             chain, env={"PATH": _SAFE_PATH, "LANG": "C.UTF-8"}, stdin=stdin, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
@@ -329,35 +349,6 @@ def _started(status: bytes) -> bool:
         if isinstance(obj, dict) and "child-pid" in obj:
             return True
     return False
-
-
-def _kill(launch: SandboxProcess) -> None:
-    """SIGKILL the launcher's group: bwrap's --die-with-parent then takes the PID namespace down."""
-    try:
-        os.killpg(launch.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _finish(launch: SandboxProcess) -> bytes:
-    _kill(launch)
-    launch.proc.wait()
-    if launch.proc.stdout is not None:
-        launch.proc.stdout.close()
-    # Non-blocking: bwrap wrote its record before it exited; a process of the sandbox that has not died
-    # yet may still hold the write end, and must not make us wait.
-    os.set_blocking(launch.status_r, False)
-    status = b""
-    try:
-        while chunk := os.read(launch.status_r, 65536):
-            status += chunk
-    except BlockingIOError:
-        pass
-    finally:
-        os.close(launch.status_r)
-    if launch.staging is not None:
-        shutil.rmtree(launch.staging, ignore_errors=True)
-    return status
 
 
 def launcher_error(output: str, returncode: int | None) -> str:
