@@ -82,7 +82,9 @@ def run_tests(solution: str, tests: str, limits: SandboxLimits | None = None) ->
             if box is not None:
                 box.finish()
         os.close(verdict_r)
-    for name, box, fd in (("solution", solution_box, solution_out), ("tests", tests_box, tests_out)):
+    # The tests' launcher first: the read ended when its verdict descriptor closed, so its output is whole;
+    # the solution's launcher may have been killed before it wrote why it failed.
+    for name, box, fd in (("tests", tests_box, tests_out), ("solution", solution_box, solution_out)):
         if not box.started:
             output = bytes(streams.data[fd]).decode("utf-8", "replace")
             return RewardResult(None, f"sandbox failure ({name}): {launcher_error(output, box.proc.returncode)}")
