@@ -93,3 +93,54 @@ def test_adding_a_stage_is_one_recipe_file(tmp_path, monkeypatch):
     assert node.config.seq_len == plan.node("flagship/s1").config.seq_len
     assert node.config.tokens == 4000 and not plan.has("student", "s2b")
     assert Path(node.out_dir).name == "s2b"
+
+
+def test_uses_must_name_stages_that_run_first():
+    a = stage_facts("a", {"kind": "pretrain", "parent": None, "roles": ["flagship"]})
+    b = stage_facts("b", {"kind": "pretrain", "parent": "a", "roles": ["flagship"]})
+    with pytest.raises(ConfigError, match="uses 'nowhere', which has no recipe"):
+        StageGraph({"a": a, "b": b, "c": stage_facts("c", {"kind": "pretrain", "parent": "a", "uses": ["nowhere"],
+                                                                "roles": ["flagship"]})})
+    with pytest.raises(ConfigError, match="descends from it"):
+        StageGraph({"a": a, "c": stage_facts("c", {"kind": "pretrain", "parent": "a", "uses": ["d"],
+                                                   "roles": ["flagship"]}),
+                    "d": stage_facts("d", {"kind": "pretrain", "parent": "c", "roles": ["flagship"]})})
+    with pytest.raises(ConfigError, match="`uses` must be a list"):
+        stage_facts("c", {"kind": "pretrain", "parent": "a", "uses": "b", "roles": ["flagship"]})
+    with pytest.raises(ConfigError, match="names the stage itself or its parent"):
+        stage_facts("c", {"kind": "pretrain", "parent": "a", "uses": ["a"], "roles": ["flagship"]})
+    graph = StageGraph({"a": a, "b": b, "c": stage_facts("c", {"kind": "pretrain", "parent": "a", "uses": ["b"],
+                                                                "roles": ["flagship"]})})
+    with pytest.raises(ConfigError, match="uses 'b', which must be listed before it"):
+        graph.order(["a", "c", "b"])
+    assert graph.order(["a", "b", "c"]) == ["a", "b", "c"]
+
+
+def test_a_used_stage_enters_the_lineage_hash(tmp_path, monkeypatch):
+    """A stage that `uses` another is planned after it, gets its directory, and its expected lineage hash
+    changes when the used stage's config does (and equals what `make_lineage` writes for it)."""
+    from qwen3repro.lineage import make_lineage, write_lineage
+    from qwen3repro.pipeline import expected_hash
+
+    root = tmp_path / "repo"
+    for folder in ("recipes", "tiny"):
+        shutil.copytree(repo_root() / folder, root / folder)
+    (root / "recipes" / "s2b.toml").write_text('extends = "s2"\nparent = "s1"\nuses = ["s2"]\nroles = ["flagship"]\n')
+    monkeypatch.setenv("QWEN3REPRO_ROOT", str(root))
+    stages = 'pipeline.stages=["tokenizer", "s1", "s2", "s2b"]'
+    sizes = ["stages.s2b.tokens=4000", "stages.s2b.n_docs=100"]
+    plan = build_plan("micro", out_root=tmp_path / "runs", overrides=[stages, *sizes])
+    node = plan.node("flagship/s2b")
+    assert node.uses == {"s2": plan.node("flagship/s2")}
+    changed = build_plan("micro", out_root=tmp_path / "runs", overrides=[stages, *sizes, "stages.s2.tokens=9000"])
+    assert expected_hash(changed.node("flagship/s2b")) != expected_hash(node)
+    assert expected_hash(changed.node("flagship/s1")) == expected_hash(plan.node("flagship/s1"))
+    # What the stage writes when it finishes is what the pipeline expects.
+    for key in ("tokenizer", "flagship/s1", "flagship/s2"):
+        n = plan.node(key)
+        n.out_dir.mkdir(parents=True)
+        write_lineage(n.out_dir, make_lineage(n.key, n.config, n.parent.out_dir if n.parent else None))
+    written = make_lineage("s2b", node.config, node.parent.out_dir, uses={"s2": plan.node("flagship/s2").out_dir})
+    assert written.hash == expected_hash(node)
+    with pytest.raises(ConfigError, match="uses 's2'"):
+        build_plan("micro", out_root=tmp_path / "runs", overrides=['pipeline.stages=["tokenizer", "s1", "s2b"]', *sizes])

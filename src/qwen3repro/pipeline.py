@@ -38,7 +38,7 @@ import torch
 from .config import ConfigError, config_hash
 from .config_fields import Positive, SettingError, checked_fields, dotted
 from .evals.claims import run_claims
-from .lineage import chain_hash, read_lineage
+from .lineage import chain_hash, parent_with_uses, read_lineage
 from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, load_recipe, load_scale, load_stage_graph,
                       parse_override, recipe_lineage, split_recipe)
 from .files import read_json_object, write_json_atomic
@@ -76,6 +76,8 @@ class StageNode:
     config: Any
     out_dir: Path
     parent: "StageNode | None" = None
+    uses: dict[str, "StageNode"] = field(default_factory=dict)
+    """The other stage nodes (of the same role) whose outputs this one reads (recipe `uses`)."""
     status: str = "pending"
     seconds: float = 0.0
 
@@ -205,7 +207,12 @@ def _resolve_nodes(raw: Mapping[str, Any], graph: StageGraph, roles: tuple[str, 
                 _resolve(facts, layers, complete=False)
                 continue
             layers.append((f"stages.{stage}", _derived_from_parent(facts, parent, layers)))
-            node = StageNode(f"{role}/{stage}", facts.kind, _resolve(facts, layers), root / role / stage, parent)
+            missing = [u for u in facts.uses if u not in by_name]
+            if missing:
+                raise ConfigError(f"stage {stage!r} of role {role!r} uses {', '.join(map(repr, missing))} "
+                                  f"(recipes/{stage}.toml); add it to [pipeline] stages before {stage!r}")
+            node = StageNode(f"{role}/{stage}", facts.kind, _resolve(facts, layers), root / role / stage, parent,
+                             {u: by_name[u] for u in facts.uses})
             by_name[stage] = node
             nodes.append(node)
     return nodes
@@ -300,16 +307,19 @@ class _RoleFields:
 
 
 def expected_hash(node: StageNode) -> str:
-    """The lineage hash the node's output will have: its config chained with its parents'."""
+    """The lineage hash the node's output will have: its config chained with its parents' (and with those
+    of the stages it uses: `lineage.parent_with_uses`)."""
     parent_hash = expected_hash(node.parent) if node.parent is not None else None
-    return chain_hash(config_hash(node.config), parent_hash)
+    uses = {name: expected_hash(used) for name, used in node.uses.items()}
+    return chain_hash(config_hash(node.config), parent_with_uses(parent_hash, uses))
 
 
 def describe(plan: Plan) -> str:
     lines = [f"pipeline {plan.scale}: {len(plan.nodes)} stages under {plan.root}"]
     for node in plan.nodes:
         d = node.config.__dict__ if hasattr(node.config, "__dict__") else node.config
-        lines.append(f"\n[{node.key}] -> {node.out_dir} (parent: {node.parent.key if node.parent else '-'}, "
+        uses = "".join(f", uses: {used.key}" for used in node.uses.values())
+        lines.append(f"\n[{node.key}] -> {node.out_dir} (parent: {node.parent.key if node.parent else '-'}{uses}, "
                      f"lineage {expected_hash(node)})")
         if node.kind == "pretrain":
             lines.append(f"  steps = {node.config.steps}")
@@ -400,7 +410,8 @@ def _run_nodes(plan: Plan, only: set[str] | None, say: Callable[[str], None]) ->
             node.status = "skipped (up to date)"
             say(f"{node.key}: up to date, skipped")
             continue
-        ctx = StageContext(out_dir=node.out_dir, cache_dir=cache_dir, printer=say)
+        ctx = StageContext(out_dir=node.out_dir, cache_dir=cache_dir, printer=say,
+                           inputs={name: used.out_dir for name, used in node.uses.items()})
         say(f"=== {node.key}")
         stage_module(node.kind).run(node.config, node.parent.out_dir if node.parent else None, ctx)
         node.seconds = time.perf_counter() - t0

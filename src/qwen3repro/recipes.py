@@ -151,7 +151,7 @@ def load_scale(scale: str, root: Path | None = None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the stage graph
-GRAPH_KEYS = ("kind", "parent", "roles", "seq_len_factor", "continues_parent_lr")
+GRAPH_KEYS = ("kind", "parent", "roles", "seq_len_factor", "continues_parent_lr", "uses")
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,9 @@ class StageFacts:
     scale sets."""
     continues_parent_lr: bool = False
     """The stage continues its parent's peak LR and batch size (S2 decays from S1's stable LR)."""
+    uses: tuple[str, ...] = ()
+    """Other stages of the same role whose outputs this one reads besides its parent's (general RL
+    scores with the reward model's); they run first and their lineage enters this stage's."""
 
     @property
     def is_root(self) -> bool:
@@ -196,7 +199,12 @@ def stage_facts(name: str, raw: Mapping[str, Any]) -> StageFacts:
         raise ConfigError(f"{where}: `continues_parent_lr` must be true or false, got {continues!r}")
     if parent is None and (factor is not None or continues):
         raise ConfigError(f"{where}: a stage without a parent cannot take its length or LR from one")
-    return StageFacts(name, kind, parent, tuple(roles), factor, continues)
+    uses = raw.get("uses", [])
+    if not isinstance(uses, list) or not all(isinstance(u, str) and u for u in uses):
+        raise ConfigError(f"{where}: `uses` must be a list of stage names, got {uses!r}")
+    if name in uses or (parent is not None and parent in uses):
+        raise ConfigError(f"{where}: `uses` names the stage itself or its parent")
+    return StageFacts(name, kind, parent, tuple(roles), factor, continues, tuple(uses))
 
 
 def split_recipe(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -213,6 +221,12 @@ class StageGraph:
             if f.parent is not None and f.parent not in self.facts:
                 raise ConfigError(f"recipes/{f.name}.toml: parent {f.parent!r} has no recipe; "
                                   f"stages: {', '.join(sorted(self.facts))}")
+            for used in f.uses:
+                if used not in self.facts:
+                    raise ConfigError(f"recipes/{f.name}.toml: uses {used!r}, which has no recipe; "
+                                      f"stages: {', '.join(sorted(self.facts))}")
+                if f.name in self.ancestors(used):
+                    raise ConfigError(f"recipes/{f.name}.toml: uses {used!r}, which descends from it")
         for name in self.facts:
             self.ancestors(name)  # raises on a cycle
 
@@ -246,6 +260,9 @@ class StageGraph:
             parent = self[name].parent
             if parent is not None and parent in names and parent not in seen:
                 raise ConfigError(f"stage {name!r} is listed before its parent {parent!r}")
+            for used in self[name].uses:
+                if used not in seen:
+                    raise ConfigError(f"stage {name!r} uses {used!r}, which must be listed before it")
             seen.add(name)
         return list(names)
 

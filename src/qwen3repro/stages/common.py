@@ -30,6 +30,16 @@ class StageContext:
     cache_dir: Path
     printer: Callable[[str], None] = field(default_factory=default_printer)
     device: str = "cpu"
+    inputs: dict[str, Path] = field(default_factory=dict)
+    """Output directories of the other stages this one reads (its recipe's `uses`), by stage name."""
+
+    def input_dir(self, stage: str) -> Path:
+        """The output directory of a stage this one uses; a clear error when it was not given."""
+        if stage not in self.inputs:
+            given = ", ".join(sorted(self.inputs)) or "none"
+            raise FileNotFoundError(f"{self.out_dir}: needs the output of stage {stage!r} (recipe `uses`); "
+                                    f"given: {given}")
+        return Path(self.inputs[stage])
 
     def say(self, msg: str) -> None:
         self.printer(msg)
