@@ -257,8 +257,8 @@ def heldout_accuracy_fn(tokenizer: Tokenizer, data: EvaluationData, max_len: int
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(cfg: RewardModelConfig, scorer: RewardModelScorer, tokenizer: Tokenizer,
-             train_pairs: Sequence[PreferencePair], data: EvaluationData) -> dict[str, Any]:
+def evaluate(scorer: RewardModelScorer, tokenizer: Tokenizer, train_pairs: Sequence[PreferencePair],
+             data: EvaluationData) -> dict[str, Any]:
     """Pairwise and best-of-k accuracy per split and domain for the reward model and both baselines."""
     scorers = {"reward_model": scorer.score_many, "length": LengthBaseline.fit(train_pairs).score_many,
                "bag_of_words": BagOfWordsBaseline.fit(tokenizer, train_pairs).score_many}
@@ -330,7 +330,7 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
     copy_tokenizer(parent, out)
 
     scorer = RewardModelScorer(model.eval(), tokenizer, max_len=cfg.max_len)
-    results = evaluate(cfg, scorer, tokenizer, train_pairs, data)
+    results = evaluate(scorer, tokenizer, train_pairs, data)
     policy = Qwen3.from_pretrained(parent).to(resolve_device(cfg.device)).eval()
     results["best_of_n"] = best_of_n_rerank(policy, tokenizer, scorer, heldout_task_queries(cfg.bon_queries, cfg.seed),
                                             cfg.bon_n, max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed)
