@@ -266,3 +266,81 @@ def test_trl_loss_on_the_reward_model_and_a_few_steps_separate_the_pairs():
         rewards = model(ids, mask)
     assert bool((rewards[:4] > rewards[4:]).all()), rewards
     assert bradley_terry_loss(rewards[:4], rewards[4:]).item() < theirs.item()
+
+
+# ----------------------------------------------------------------------------- the scorer and the reward
+import math  # noqa: E402
+
+from qwen3repro.chat import render  # noqa: E402
+from qwen3repro.rewards import get_reward  # noqa: E402
+from qwen3repro.rewards.reward_model import (RewardModelScorer, configure_reward_model, pad_rows,  # noqa: E402
+                                             scored_text)
+from qwen3repro.tokenizer import train_tokenizer  # noqa: E402
+
+_TEXTS = [f"<think>\nstep {i}: {i}+{i + 1}={2 * i + 1}\n</think>\n\nThe answer is {2 * i + 1}. Tamor lives in Belka."
+          for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    tokenizer = train_tokenizer(_TEXTS, 300)
+    model = _reward_model(ModelConfig(**{**DENSE.to_dict(), "vocab_size": tokenizer.vocab_size}), seed=11)
+    return RewardModelScorer(model, tokenizer, max_len=64, batch_size=3)
+
+
+def test_scored_text_is_the_chat_rendering_ending_with_one_delimiter():
+    prompt, response = "12+30=", "<think>\n2+0+0=2\n</think>\n\n42"
+    text = scored_text(prompt, response)
+    rendered = render([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    assert text == rendered.removesuffix("\n") and text.endswith("42<|im_end|>")
+    # the policy's own end token, or anything after it, is replaced by the one delimiter
+    assert scored_text(prompt, response + "<|im_end|>") == text == scored_text(prompt, response + "<|endoftext|>x")
+    # a malformed response is scored as written, not re-rendered into a well-formed turn
+    assert scored_text(prompt, "42 no think").endswith("<|im_start|>assistant\n42 no think<|im_end|>")
+
+
+@settings(max_examples=10, deadline=None)
+@given(picks=st.lists(st.tuples(st.integers(0, 59), st.integers(0, 59)), min_size=1, max_size=5))
+def test_scorer_batches_score_each_pair_as_alone_whatever_the_padding(scorer, picks):
+    pairs = [(_TEXTS[a][:20], _TEXTS[b][: 10 + 3 * a]) for a, b in picks]
+    alone = [scorer.score_ids([scorer.encode(p, c)])[0] for p, c in pairs]
+    eos = scorer.tokenizer.eos_token_id
+    for side in ("right", "left"):
+        for pad_id in (scorer.tokenizer.pad_token_id, eos):
+            other = RewardModelScorer(scorer.model, scorer.tokenizer, max_len=64, batch_size=4, padding_side=side,
+                                      pad_id=pad_id)
+            torch.testing.assert_close(torch.tensor(other.score_many(pairs)), torch.tensor(alone), rtol=0, atol=ATOL,
+                                       msg=f"{side} padding, pad id {pad_id}")
+
+
+def test_scorer_keeps_the_end_of_a_long_sequence(scorer):
+    ids = scorer.encode("a question", " ".join(_TEXTS))
+    assert len(ids) == scorer.max_len and ids[-1] == scorer.tokenizer.eos_token_id
+    ids, mask = pad_rows([[5, 6, 7], [8]], 0, "left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_reward_model_reward_with_and_without_a_scorer(scorer):
+    reward = get_reward("reward_model")
+    configure_reward_model(None)
+    assert reward("<think>\n\n</think>\n\n42", question="12+30=").score is None
+    assert "no reward model configured" in reward("42", question="q").reason
+    raw = scorer.score("12+30=", "<think>\n\n</think>\n\n42")
+    passed = reward("<think>\n\n</think>\n\n42", question="12+30=", scorer=scorer)
+    assert passed.score == pytest.approx(1 / (1 + math.exp(-raw)), abs=1e-12) and 0 < passed.score < 1
+    assert f"{raw:+.4f}" in passed.reason
+    try:
+        configure_reward_model(scorer)
+        assert reward("<think>\n\n</think>\n\n42", question="12+30=").score == passed.score
+    finally:
+        configure_reward_model(None)
+    assert reward("42", question="q").score is None
+
+
+def test_scorer_loads_a_saved_reward_model(tmp_path, scorer):
+    scorer.model.save_pretrained(tmp_path, pad_token_id=scorer.tokenizer.pad_token_id)
+    scorer.tokenizer.save(tmp_path)
+    loaded = RewardModelScorer.load(tmp_path, max_len=64)
+    pairs = [("12+30=", "<think>\n\n</think>\n\n42"), ("q", _TEXTS[3])]
+    torch.testing.assert_close(torch.tensor(loaded.score_many(pairs)), torch.tensor(scorer.score_many(pairs)),
+                               rtol=0, atol=1e-6)

@@ -45,6 +45,7 @@ from .files import read_json_object, write_json_atomic
 from .progress import format_duration
 from .run_lock import RunLock
 from .stages import coldstart, fusion, grpo, pretrain, sft
+from .stages import reward_model as reward_model_stage
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext
 from .train.metrics import default_printer
@@ -127,6 +128,7 @@ STAGE_KINDS = {
     "coldstart": (coldstart, coldstart.ColdStartStageConfig),
     "grpo": (grpo, grpo.GRPOConfig),
     "fusion": (fusion, fusion.FusionConfig),
+    "reward-model": (reward_model_stage, reward_model_stage.RewardModelConfig),
 }
 
 

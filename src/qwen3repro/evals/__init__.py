@@ -13,6 +13,8 @@ top-level `evals/` folder (`SETTINGS_DIR`), read by the module. The command line
 * `pass_at_k` — held-out pass@1 / pass@k of a policy (reasoning RL evaluates itself with it).
 * `thinking` — ThinkFollow, accuracy by mode, accuracy vs thinking budget (the fused model).
 * `copying` — can a model copy from its context (the probe behind the "cannot copy" diagnoses).
+* `reward_model` — a Bradley–Terry reward model's pairwise and best-of-4 accuracy against length and
+  bag-of-words baselines, and best-of-N reranking of the policy's samples (the reward-model stage).
 * `claims` — the report's claims: each reads the checkpoints a pipeline wrote, runs the
   measurements above and judges them with the thresholds of `evals/claims.toml`.
 * `report` — `REPORT.md` from the claims' rows and the stages' records.

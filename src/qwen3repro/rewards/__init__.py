@@ -14,7 +14,8 @@ Registered names: "math" (math-verify), "code" (sandboxed execution of tests), "
 answers of the synthetic families of `qwen3repro.data.tasks`), "think_format" (well-formed think
 block), "think_mode" (the think block follows the requested mode), "judge" (a judge model scores the
 answer against a reference answer over an OpenAI-compatible API; see `judge`), "ifeval" (IFEval's
-instruction-following checks from lm-eval; see `ifeval`).
+instruction-following checks from lm-eval; see `ifeval`), "reward_model" (a Bradley–Terry reward
+model scores the completion to its prompt; see `reward_model`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from . import format as format  # noqa: A001
 from . import ifeval as ifeval
 from . import judge as judge
 from . import math as math
+from . import reward_model as reward_model
 from . import tasks as tasks
 from .ifeval import instruction_following
 from .registry import REWARDS, RewardResult, answer_text, get_reward, register
