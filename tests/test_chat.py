@@ -505,3 +505,22 @@ def test_generation_prompt_tokens_are_a_prefix(tok, conversation):
     assert ids[: len(prompt_ids)] == prompt_ids
     # What the model must produce after the prompt is exactly the trained part of the last turn.
     assert all(m == 1 for m in mask[len(prompt_ids): -1]) and mask[-1] == 0
+
+
+def test_tools_system_content_renders_as_the_tools_argument():
+    """A chat opening with a system message whose content is `tools_system_content(tools)` renders exactly as
+    the chat rendered with `tools` (with and without a system message of its own), and as the Jinja template."""
+    from qwen3repro.chat import render, render_jinja, tools_system_content
+
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Look up a person.",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "name": {"type": "string"}}, "required": ["name"]}}}]
+    turns = [{"role": "user", "content": "Where does Tamor live?"},
+             {"role": "assistant", "content": "", "tool_calls": [{"name": "lookup", "arguments": {"name": "Tamor"}}]},
+             {"role": "tool", "content": "Tamor lives in Belka."},
+             {"role": "assistant", "content": "<think>\n\n</think>\n\nBelka"}]
+    for system in (None, "Be brief."):
+        head = [{"role": "system", "content": system}] if system is not None else []
+        expected = render(head + turns, tools=tools)
+        assert render([{"role": "system", "content": tools_system_content(tools, system)}] + turns) == expected
+        assert render_jinja(head + turns, tools=tools) == expected

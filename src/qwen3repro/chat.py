@@ -13,7 +13,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from .chat_template import (CHAT_TEMPLATE, EMPTY_THINK, export_jinja, render, render_jinja, render_pieces,
-                            tojson)
+                            tojson, tools_system_content)
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "thinking_flag",
     "tokenize_conversation",
     "tojson",
+    "tools_system_content",
     "wants_thinking",
 ]
 

@@ -50,6 +50,7 @@ __all__ = [
     "render_jinja",
     "render_pieces",
     "tojson",
+    "tools_system_content",
 ]
 
 CHAT_TEMPLATE: str = resources.files("qwen3repro").joinpath("chat_template.jinja").read_text(encoding="utf-8")
@@ -151,6 +152,16 @@ def _check_messages(messages: Sequence[Mapping]) -> None:
             raise ValueError(f"message {index}: unknown role {message.get('role')!r} (expected one of {ROLES})")
 
 
+def tools_system_content(tools: Sequence[Mapping], system: str | None = None) -> str:
+    """The content of the system turn the template opens a chat with when it offers `tools` (after a first
+    system message's own content, when there is one). A chat whose first message is a system message with
+    this content renders exactly as the same chat rendered with `tools`, which lets chat data that only
+    holds messages (SFT records) carry a tool-use conversation."""
+    text = (system + "\n\n" if system is not None else "") + TOOLS_PREAMBLE
+    text += "".join("\n" + tojson(tool) for tool in tools)
+    return text + TOOLS_POSTAMBLE.removesuffix("<|im_end|>\n")
+
+
 def render_pieces(
     messages: Sequence[Mapping],
     tools: Sequence[Mapping] | None = None,
@@ -175,13 +186,8 @@ def render_pieces(
     if tools:
         if isinstance(tools, Mapping) or not all(isinstance(tool, Mapping) for tool in tools):
             raise ValueError("tools must be a list of JSON-schema dicts")
-        header = "<|im_start|>system\n"
-        if first["role"] == "system":
-            header += _content(first, 0) + "\n\n"
-        header += TOOLS_PREAMBLE
-        for tool in tools:
-            header += "\n" + tojson(tool)
-        prompt(header + TOOLS_POSTAMBLE)
+        system = _content(first, 0) if first["role"] == "system" else None
+        prompt("<|im_start|>system\n" + tools_system_content(tools, system) + "<|im_end|>\n")
     elif first["role"] == "system":
         prompt("<|im_start|>system\n" + _content(first, 0) + "<|im_end|>\n")
 
