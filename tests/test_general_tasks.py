@@ -33,6 +33,15 @@ RULE_TASKS = sorted(name for name, task in gt.GENERAL_TASKS.items() if task.kind
 REGISTERED = {name: 1.0 for name, task in gt.GENERAL_TASKS.items() if task.reward in REWARDS}
 
 
+_ASKED = re.compile(r"the (home city|job|pet|favourite color|age) of (\w+)")
+
+
+def _asked(question: str) -> tuple[str, str]:
+    """(attribute, person) a question asks about."""
+    words, person = _ASKED.search(question).groups()
+    return {"home city": "home", "favourite color": "color"}.get(words, words), person
+
+
 def _draw(name: str, n: int, seed: int = 0) -> list[Query]:
     rng = random.Random(f"test|{name}|{seed}")
     return [gt.GENERAL_TASKS[name].generate(rng, WORLD) for _ in range(n)]
@@ -50,8 +59,8 @@ def test_the_mixture_has_over_twenty_tasks_of_every_kind():
         if task.kind != "rule":
             assert task.reward == task.kind
     # Every IFEval instruction the instruction tasks draw has a task of its own.
-    single = {q.reference["instruction_id_list"][0] for name in table if name.startswith("if_") and name != "if_combined"
-              for q in _draw(name, 1)}
+    singles = [name for name in table if name.startswith("if_") and name != "if_combined"]
+    single = {q.reference["instruction_id_list"][0] for name in singles for q in _draw(name, 1)}
     assert single == set(INSTRUCTION_IDS)
 
 
@@ -94,8 +103,7 @@ def test_a_query_keeps_the_partition_of_what_it_is_about():
         assert query.uid == tasks.TaskItem.from_dict(query.reference["item"]).uid
     for name in ("knowledge_recall", "tool_lookup", "rag_passages", "format_think"):
         for query in _draw(name, 20):
-            attribute, person = re.search(r"the (home city|job|pet|favourite color|age) of (\w+)", query.question).groups()
-            attribute = {"home city": "home", "favourite color": "color"}.get(attribute, attribute)
+            attribute, person = _asked(query.question)
             assert query.uid[:8] == gt.fact_uid(person, attribute)[:8]
             assert query.uid != gt.fact_uid(person, attribute)  # uids stay distinct across tasks
 
@@ -158,6 +166,16 @@ def test_every_rule_demonstration_scores_full_marks_with_its_own_reward(name):
             assert not asked_thinking and _final_turn(conversation).startswith(EMPTY_THINK)
         called = [call["name"] for turn in conversation for call in turn.get("tool_calls", [])]
         assert called == list(task.tools)
+
+
+def test_demonstrations_need_no_reward_and_come_from_training_queries(monkeypatch):
+    monkeypatch.delitem(REWARDS, "reward_model", raising=False)
+    shown = gt.demonstrations(gt.default_weights(), 60, seed=0)
+    assert len(shown) == 60 and {"write_person", "write_city"} & {name for name, _, _ in shown}
+    for name, query, conversation in shown:
+        assert not tasks.is_heldout(query.uid)
+        assert conversation[0]["role"] == "user" and conversation[0]["content"].startswith(query.question)
+        assert conversation == gt.GENERAL_TASKS[name].demonstrate(query, WORLD)
 
 
 def test_code_writing_demonstrations_pass_their_tests_in_the_sandbox():
@@ -225,9 +243,7 @@ def test_reference_answers_are_right():
         matches = [p.name for p in WORLD.people if (p.attr("home"), p.attr("job"), p.attr("pet")) == (home, job, pet)]
         assert matches == [query.reference["answer"]]
     for query in _draw("rag_passages", 20):
-        attribute, person = re.search(r"what is the (home city|job|pet|favourite color|age) of (\w+)\?",
-                                      query.question).groups()
-        attribute = {"home city": "home", "favourite color": "color"}.get(attribute, attribute)
+        attribute, person = _asked(query.question.split("Using the passages")[1])
         assert query.reference["answer"] == WORLD.entity(person).attr(attribute)
         assert query.question.count("\n[") == 3 and f"] {person} lives in" in query.question
     for query in _draw("fact_in_language", 20):
@@ -244,9 +260,7 @@ def test_instruction_questions_state_each_instruction_and_the_plain_answer_break
             ids, kwargs = query.reference["instruction_id_list"], query.reference["kwargs"]
             for iid, k in zip(ids, kwargs):
                 assert describe(iid, k) in query.question
-            attribute, person = re.search(r"the (home city|job|pet|favourite color|age) of (\w+)\.",
-                                          query.question).groups()
-            attribute = {"home city": "home", "favourite color": "color"}.get(attribute, attribute)
+            attribute, person = _asked(query.question)
             plain = EMPTY_THINK + talk_about(WORLD.entity(person), attribute)
             if text_changing & set(ids):
                 assert reward(plain, **query.reference).score < 1.0
@@ -293,7 +307,8 @@ def test_format_reward_reads_a_prefilled_think_and_refuses_a_bad_reference():
     assert get_reward("format") is format_reward
 
 
-_PLAIN = st.text(alphabet="abcxyz0123456789 .,!?", min_size=1, max_size=30).filter(lambda s: any(c.isalnum() for c in s))
+_PLAIN = st.text(alphabet="abcxyz0123456789 .,!?", min_size=1, max_size=30).filter(
+    lambda s: any(c.isalnum() for c in s))
 
 
 @given(reasoning=st.one_of(st.just(""), _PLAIN), answer=_PLAIN, thinking=st.booleans())

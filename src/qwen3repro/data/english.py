@@ -62,7 +62,8 @@ _TALK = {
     "home": "{name} lives in the city of {value}, and that is where you can find them at home most of the time.",
     "job": "{name} works as a {value}, which is the kind of work that they have always wanted to do with their life.",
     "pet": "{name} has a {value} as a pet, and they take good care of it every single day of the week.",
-    "color": "{name} likes the color {value} more than any other color, and they would choose it for almost everything.",
+    "color": ("{name} likes the color {value} more than any other color, and they would choose it for almost "
+              "everything."),
     "age": "{name} is {value} years old, which is the age they will be until their next birthday comes around.",
 }
 _TALK_END = " I hope that this short answer about them is helpful to you."

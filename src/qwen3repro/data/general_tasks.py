@@ -180,7 +180,8 @@ def _word_problem(rng: random.Random, world: World) -> _Draft:
     form = rng.randrange(5)
     if form == 0:
         x, y = rng.randint(2, 40), rng.randint(2, 40)
-        story, answer, steps = f"{a.name} has {x} {thing} and buys {y} more. How many {thing} does {a.name} have now?", x + y, 1
+        story, answer, steps = (f"{a.name} has {x} {thing} and buys {y} more. "
+                                f"How many {thing} does {a.name} have now?", x + y, 1)
     elif form == 1:
         x = rng.randint(5, 60)
         y = rng.randint(1, x - 1)
