@@ -30,6 +30,9 @@ class Query:
     `item` is the task item the query poses, whose reference trace the cold start's synthetic reasoner,
     no-CoT solver and detectors read; it is None for a query that poses no single item (a distractor's
     `reference` may still hold one: a two-question query paired with the first question's answer).
+
+    `tools` names the tools the prompt offers ("calculator", "lookup", "search"; general RL's tool-use
+    tasks); a query without tools is answered in one turn.
     """
 
     uid: str
@@ -39,6 +42,7 @@ class Query:
     verifier: str | None = None
     reference: Mapping[str, Any] = field(default_factory=dict)
     item: TaskItem | None = None
+    tools: tuple[str, ...] = ()
 
     @classmethod
     def from_task(cls, item: TaskItem, verifier: str | None = "task") -> "Query":
@@ -47,11 +51,19 @@ class Query:
 
     def to_dict(self) -> dict[str, Any]:
         """The query as selection.json stores it; the item is left out (the reference holds what the
-        verifier needs)."""
-        return {"uid": self.uid, "question": self.question, "domain": self.domain, "difficulty": self.difficulty,
-                "verifier": self.verifier, "reference": dict(self.reference)}
+        verifier needs), and so are the tools when there are none, so a query without tools is stored
+        (and hashed) as it is without the field."""
+        d = {"uid": self.uid, "question": self.question, "domain": self.domain, "difficulty": self.difficulty,
+             "verifier": self.verifier, "reference": dict(self.reference)}
+        if self.tools:
+            d["tools"] = list(self.tools)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Query":
         difficulty = None if d["difficulty"] is None else int(d["difficulty"])
-        return cls(d["uid"], d["question"], d["domain"], difficulty, d.get("verifier"), dict(d.get("reference", {})))
+        tools = d.get("tools", ())
+        if isinstance(tools, str) or not all(isinstance(name, str) for name in tools):
+            raise ValueError(f"query {d['uid']}: 'tools' must be a list of tool names, got {tools!r}")
+        return cls(d["uid"], d["question"], d["domain"], difficulty, d.get("verifier"), dict(d.get("reference", {})),
+                   tools=tuple(tools))

@@ -12,14 +12,17 @@ fault and scores as wrong (0.0), without raising.
 
 Registered names: "math" (math-verify), "code" (sandboxed execution of tests), "task" (exact
 answers of the synthetic families of `qwen3repro.data.tasks`), "think_format" (well-formed think
-block), "think_mode" (the think block follows the requested mode), "judge" (a judge model scores the
-answer against a reference answer over an OpenAI-compatible API; see `judge`), "ifeval" (IFEval's
-instruction-following checks from lm-eval; see `ifeval`), "reward_model" (a Bradley–Terry reward
-model scores the completion to its prompt; see `reward_model`).
+block), "think_mode" (the think block follows the requested mode), "format" (format adherence: a
+well-formed think block in the requested mode and one final answer; see `format`), "answer_match"
+(the final answer equals or contains a reference string after normalisation; see `answer_match`),
+"judge" (a judge model scores the answer against a reference answer over an OpenAI-compatible API;
+see `judge`), "ifeval" (IFEval's instruction-following checks from lm-eval; see `ifeval`),
+"reward_model" (a Bradley–Terry reward model scores the completion to its prompt; see `reward_model`).
 """
 from __future__ import annotations
 
 # Importing the reward modules registers their rewards, so `REWARDS` is complete once the package is.
+from . import answer_match as answer_match
 from . import code as code
 from . import format as format  # noqa: A001
 from . import ifeval as ifeval
