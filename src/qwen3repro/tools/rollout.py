@@ -212,7 +212,7 @@ def _advance(trajectory: Trajectory, generation: Any, budget: int, *, tokenizer,
 
     stopped = not cut and generation.finish_reason == "stop"
     if not stopped:
-        trajectory.finish_reason = "length" if not cut and len(ids) >= max_new_tokens else "token_cap"
+        trajectory.finish_reason = "length" if len(ids) >= max_new_tokens else "token_cap"
         return False
     written = tool_calls_in_order(text) if ids and ids[-1] == tokenizer.eos_token_id else []
     if not written:
