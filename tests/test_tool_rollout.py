@@ -421,3 +421,88 @@ def test_real_micro_model_rolls_out_through_the_tools(tok):
         torch.testing.assert_close(torch.tensor(t.logprobs)[mask], ref[mask], atol=1e-4, rtol=0)
         first = tok.encode(calls[0 if expected == "5" else 1])
         assert t.completion[: len(first)] == first and t.loss_mask[: len(first)] == [1] * len(first)
+
+
+# ------------------------------------------------------------------------- chat CLI with tools
+
+
+class _RowCache:
+    def __init__(self, batch_size: int):
+        self.rows: list[list[int]] = [[] for _ in range(batch_size)]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in index.tolist()]
+
+
+class ScriptedToolModel(torch.nn.Module):
+    """A stand-in model (the `Qwen3` interface `generate` uses) that writes `turns[k]` token by token,
+    k being the number of tool responses it has read so far: the chat CLI runs it unchanged."""
+
+    def __init__(self, tok, turns: list[str]):
+        super().__init__()
+        self.turns = [tok.encode(t) for t in turns]
+        self.close_id = tok.token_to_id("</tool_response>")
+        self.header = tok.encode("<|im_start|>assistant\n")
+        self.vocab = tok.vocab_size
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def new_kv_cache(self, batch_size, max_len, **_):
+        return _RowCache(batch_size)
+
+    def _next(self, history: list[int]) -> int:
+        turn = self.turns[min(history.count(self.close_id), len(self.turns) - 1)]
+        start = max(i for i in range(len(history)) if history[i: i + len(self.header)] == self.header) + len(self.header)
+        return turn[min(len(history) - start, len(turn) - 1)]
+
+    def forward(self, input_ids, *, position_ids=None, attention_mask=None, kv_cache=None):
+        b, s = input_ids.shape
+        logits = torch.full((b, s, self.vocab), -30.0)
+        for r in range(b):
+            kv_cache.rows[r].extend(int(input_ids[r, j]) for j in range(s)
+                                    if attention_mask is None or bool(attention_mask[r, j]))
+            logits[r, -1, self._next(kv_cache.rows[r])] = 0.0
+        return type("Output", (), {"logits": logits})()
+
+
+CLI_TURNS = [canonical_turn("multiply", "", [{"name": "calculator", "arguments": {"expression": "6*7"}}]),
+             canonical_turn("the tool says 42", "alpha 42", [])]
+
+
+def test_chat_session_runs_the_model_calls_through_the_tools(tok):
+    from qwen3repro.chat_cli import ChatSession
+
+    env = ToolEnvironment(default_tools())
+    session = ChatSession(ScriptedToolModel(tok, CLI_TURNS), tok, tools=env, temperature=0.0, max_new_tokens=300)
+    parsed = session.reply("what is six times seven")
+    assert (parsed["content"], parsed["finish_reason"]) == ("alpha 42", "stop")
+    (step,) = parsed["steps"]
+    assert step["calls"] == [({"name": "calculator", "arguments": {"expression": "6*7"}, "outcome": "ok"}, "42")]
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "assistant"]
+    # The remembered chat renders to what the model saw and wrote.
+    rendered = render(session.messages, tools=env.schemas())
+    assert rendered.endswith(CLI_TURNS[1] + "\n") and "<tool_response>\n42\n</tool_response>" in rendered
+    with pytest.raises(ValueError, match="budget"):
+        ChatSession(ScriptedToolModel(tok, CLI_TURNS), tok, tools=env, budget=4)
+
+
+def test_chat_command_shows_calls_and_results(tok, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from qwen3repro import chat_cli
+
+    monkeypatch.setattr(chat_cli, "load_checkpoint", lambda *args: (ScriptedToolModel(tok, CLI_TURNS), tok))
+    runner = CliRunner()
+    result = runner.invoke(chat_cli.chat_command, [str(tmp_path), "--tools", "--prompt", "what is six times seven",
+                                                   "--temperature", "0", "--max-new-tokens", "300"])
+    assert result.exit_code == 0, result.output
+    assert '[tool call] calculator({"expression": "6*7"}) -> ok\n42\n' in result.output
+    assert result.output.rstrip().endswith("alpha 42")
+    # A model that keeps calling is stopped at the turn cap, and the user is told.
+    calling = ScriptedToolModel(tok, CLI_TURNS[:1])
+    monkeypatch.setattr(chat_cli, "load_checkpoint", lambda *args: (calling, tok))
+    result = runner.invoke(chat_cli.chat_command, [str(tmp_path), "--tools", "--prompt", "go", "--temperature", "0",
+                                                   "--max-new-tokens", "300"])
+    assert result.exit_code == 0 and result.output.count("[tool call]") == 2
+    assert "limit of assistant turns" in result.output
+    bad = runner.invoke(chat_cli.chat_command, [str(tmp_path), "--tools", "--budget", "3", "--prompt", "x"])
+    assert bad.exit_code == 2 and "--budget does not apply with --tools" in bad.output
