@@ -21,6 +21,7 @@ from qwen3repro.tools import (
     ToolLimits,
     ToolResult,
     default_tools,
+    english_fact,
     evaluate,
     truncate_tool_response,
     world_corpus,
@@ -229,9 +230,10 @@ def test_lookup_states_each_fact_in_english(env, world):
 def test_world_corpus(world):
     corpus = world_corpus(world)
     assert len(corpus) == len(world.people) + len(world.cities)
-    person = world.people[3]
-    assert all(f"{person.name} " in corpus[3] for _ in PERSON_ATTRIBUTES)
-    assert f"{person.name} is {person.attr('age')} years old." in corpus[3]
+    for index in (0, 3, len(world.people) - 1):
+        person = world.people[index]
+        assert corpus[index] == " ".join(english_fact(person, a) for a in PERSON_ATTRIBUTES)
+    assert f"{world.people[3].name} is {world.people[3].attr('age')} years old." in corpus[3]
     city_passages = corpus[len(world.people):]
     for city, passage in zip(world.cities, city_passages):
         residents = [p.name for p in world.people if p.attr("home") == city.name]
