@@ -16,6 +16,12 @@ tests). Modes, as in Qwen3:
 * `--budget N` caps thinking at N tokens (`generate`'s thinking budget: the report's stop-thinking
   sentence and `</think>` are inserted, then the model answers).
 
+* `--tools` offers the built-in tools (`tools.default_tools`: calculator, lookup, search over the
+  synthetic world) in the system prompt; the model's calls run through the tool environment, each
+  call and its result is shown, and the model continues after the results, under the environment's
+  caps (`tools.ToolLimits`: turns, calls, tokens of one result). The turns are built by
+  `tools.tool_rollouts`, as an RL rollout is.
+
 REPL commands: `/think`, `/no_think`, `/reset` (forget the conversation), `/exit` (or end of input).
 
 The checkpoint is a Hugging Face layout directory (`config.json` + safetensors); the tokenizer is
@@ -23,16 +29,21 @@ read from `--tokenizer`, else from the checkpoint directory or one of its two pa
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import click
+import torch
 
-from .chat import parse, render, wants_thinking
+from .chat import END_OF_TURN_TOKENS, parse, render, wants_thinking
 from .generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, generate
 from .models.qwen3 import Qwen3
 from .tokenizer import Tokenizer
+from .tools import ToolEnvironment, default_tools, tool_rollouts
 
-__all__ = ["chat_command", "complete_chat", "find_tokenizer", "load_checkpoint", "ChatSession"]
+__all__ = ["chat_command", "complete_chat", "complete_chat_with_tools", "find_tokenizer", "load_checkpoint",
+           "ChatSession"]
 
 
 def find_tokenizer(checkpoint: Path, explicit: str | None = None) -> Path:
@@ -74,6 +85,39 @@ def complete_chat(model, tokenizer, messages: list[dict], *, thinking: bool, bud
     return parsed
 
 
+def complete_chat_with_tools(model, tokenizer, messages: list[dict], env: ToolEnvironment, *, thinking: bool,
+                             temperature: float | None = None, top_p: float | None = None,
+                             max_new_tokens: int = 512, seed: int | None = None) -> dict:
+    """The assistant's turns after `messages` with `env`'s tools offered: one `tool_rollouts`
+    trajectory (calls answered, caps applied). Returns `chat.parse` of the last turn plus "thinking",
+    "finish_reason", "steps" (per earlier turn: its parse and its `(call, result text)` pairs) and
+    "messages" (the assistant and tool messages to append to the chat)."""
+    prompt_ids = tokenizer.encode(render(messages, tools=env.schemas(), add_generation_prompt=True,
+                                         enable_thinking=thinking))
+    params = THINKING_SAMPLING if thinking else NON_THINKING_SAMPLING
+    overrides = {k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None}
+    generator = torch.Generator(device=next(model.parameters()).device)
+    if seed is not None:
+        generator.manual_seed(int(seed))
+    else:
+        generator.seed()
+    trajectory = tool_rollouts(model, tokenizer, [prompt_ids], env, sampling=dataclasses.replace(params, **overrides),
+                               max_new_tokens=max_new_tokens, generator=generator, enable_thinking=thinking)[0]
+    steps, new_messages, calls = [], [], iter(trajectory.calls)
+    for index, turn in enumerate(trajectory.turns):
+        text = turn
+        for token in END_OF_TURN_TOKENS:
+            text = text.split(token)[0]
+        new_messages.append({"role": "assistant", "content": text})
+        if index < len(trajectory.responses):
+            contents = trajectory.responses[index]
+            new_messages += [{"role": "tool", "content": content} for content in contents]
+            steps.append({"parsed": parse(turn), "calls": [(next(calls), content) for content in contents]})
+    parsed = parse(trajectory.final_text)
+    parsed.update(thinking=thinking, finish_reason=trajectory.finish_reason, steps=steps, messages=new_messages)
+    return parsed
+
+
 def load_checkpoint(checkpoint: Path, tokenizer_dir: str | None = None, device: str = "cpu") -> tuple[Qwen3, Tokenizer]:
     """The model of CHECKPOINT in eval mode and its tokenizer (`find_tokenizer`)."""
     tokenizer = Tokenizer.load(find_tokenizer(checkpoint, tokenizer_dir))
@@ -84,8 +128,11 @@ class ChatSession:
     """A conversation with a model: `reply(text)` renders the chat, generates, and remembers the turn."""
 
     def __init__(self, model, tokenizer, *, think: bool = True, budget: int | None = None,
-                 temperature: float | None = None, max_new_tokens: int = 512, seed: int | None = None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+                 temperature: float | None = None, max_new_tokens: int = 512, seed: int | None = None,
+                 tools: ToolEnvironment | None = None) -> None:
+        if tools is not None and budget is not None:
+            raise ValueError("a thinking budget does not apply to tool turns; pass budget=None with tools")
+        self.model, self.tokenizer, self.tools = model, tokenizer, tools
         self.think, self.budget, self.temperature = think, budget, temperature
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.messages: list[dict] = []
@@ -96,6 +143,12 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         flag_messages = ([{"role": "user", "content": "/" + self.default_flag}] if self.default_flag else [])
         thinking = wants_thinking(flag_messages + self.messages, enable_thinking=self.think)
+        if self.tools is not None:
+            parsed = complete_chat_with_tools(self.model, self.tokenizer, self.messages, self.tools, thinking=thinking,
+                                              temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                                              seed=self.seed)
+            self.messages.extend(parsed["messages"])
+            return parsed
         parsed = complete_chat(self.model, self.tokenizer, self.messages, thinking=thinking, budget=self.budget,
                                temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
         content = parsed["reasoning_content"], parsed["content"]
@@ -114,14 +167,32 @@ class ChatSession:
         return None
 
 
+_CAP_NOTES = {
+    "length": "[cut at --max-new-tokens]",
+    "turn_cap": "[stopped: the limit of assistant turns with tools]",
+    "call_cap": "[stopped: the limit of tool calls]",
+    "token_cap": "[stopped: the token limit]",
+}
+
+
 def _show(parsed: dict, show_thinking: bool) -> None:
+    for step in parsed.get("steps", ()):
+        _show_turn(step["parsed"], show_thinking)
+        for call, result in step["calls"]:
+            arguments = "" if call["arguments"] is None else json.dumps(call["arguments"], ensure_ascii=False)
+            click.secho(f"[tool call] {call['name']}({arguments}) -> {call['outcome']}", fg="cyan")
+            click.secho(result, dim=True)
+    _show_turn(parsed, show_thinking)
+    if parsed["finish_reason"] in _CAP_NOTES:
+        click.secho(_CAP_NOTES[parsed["finish_reason"]], fg="yellow", err=True)
+
+
+def _show_turn(parsed: dict, show_thinking: bool) -> None:
     if show_thinking and parsed["reasoning_content"]:
         click.secho("<think>\n" + parsed["reasoning_content"] + "\n</think>", dim=True)
     click.echo(parsed["content"])
     for error in parsed["errors"]:
         click.secho(f"[{error['error']}]", fg="red", err=True)
-    if parsed["finish_reason"] == "length":
-        click.secho("[cut at --max-new-tokens]", fg="yellow", err=True)
 
 
 @click.command("chat")
@@ -139,13 +210,18 @@ def _show(parsed: dict, show_thinking: bool) -> None:
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
 @click.option("--show-thinking/--hide-thinking", default=True, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--tools", "use_tools", is_flag=True, default=False,
+              help="Offer the built-in tools (calculator, lookup, search) and run the model's calls.")
 def chat_command(checkpoint: Path, think: bool, budget: int | None, temperature: float | None, max_new_tokens: int,
                  tokenizer_dir: str | None, prompt: str | None, seed: int | None, show_thinking: bool,
-                 device: str) -> None:
+                 device: str, use_tools: bool) -> None:
     """Chat with CHECKPOINT (/think and /no_think switch modes, /reset, /exit)."""
+    if use_tools and budget is not None:
+        raise click.UsageError("--budget does not apply with --tools")
     model, tokenizer = load_checkpoint(checkpoint, tokenizer_dir, device)
     session = ChatSession(model, tokenizer, think=think, budget=budget, temperature=temperature,
-                          max_new_tokens=max_new_tokens, seed=seed)
+                          max_new_tokens=max_new_tokens, seed=seed,
+                          tools=ToolEnvironment(default_tools()) if use_tools else None)
     if prompt is not None:
         _show(session.reply(prompt), show_thinking)
         return
