@@ -47,7 +47,7 @@ def records(tok):
     thinking = fusion.reference_samples(fusion.sample_queries(config(n_queries=60)))
     rng = random.Random(0)
     direct = fusion.direct_samples(cfg, 120, rng)
-    return fusion.build_conversations(cfg, thinking, direct, tok, rng)
+    return fusion.build_conversations(cfg, thinking, direct, tok, rng, fusion.general_records(cfg, 30))
 
 
 def assistant_turns(messages):
@@ -67,7 +67,8 @@ def test_every_non_thinking_turn_has_the_empty_think_block(records, tok):
         for i, m in assistant_turns(r["messages"]):
             if not wants_thinking(r["messages"][:i]):
                 n += 1
-                assert m["content"].startswith(EMPTY_THINK) and m["content"][len(EMPTY_THINK):].strip()
+                assert m["content"].startswith(EMPTY_THINK)
+                assert m["content"][len(EMPTY_THINK):].strip() or m.get("tool_calls")  # an answer or a tool call
         if r["category"].startswith("no_think"):
             text = render(r["messages"])
             assert text.endswith("<|im_start|>assistant\n" + r["messages"][-1]["content"] + "<|im_end|>\n")
@@ -262,3 +263,27 @@ def test_stage_runs_end_to_end_on_a_micro_model(tmp_path, parent):
     said = []
     fusion.run(cfg, parent, StageContext(tmp_path / "fusion", tmp_path / "cache", printer=said.append))
     assert any("reusing" in s for s in said)
+
+
+def test_general_records_are_demonstrations_that_render_as_the_rl_prompts(tok):
+    """The general-task conversations of the fusion set: training-partition queries only, each passing its own
+    rule reward, and a tool-use conversation renders exactly as the same chat rendered with its tools."""
+    from qwen3repro.chat import render
+    from qwen3repro.data import general_tasks
+    from qwen3repro.rewards import REWARDS
+    from qwen3repro.tools import ToolEnvironment, default_tools
+
+    cfg = config(general_share=0.5)
+    records = fusion.general_records(cfg, 60)
+    assert len(records) == 60 and all(r["category"] == "general" for r in records)
+    env = ToolEnvironment(default_tools(build_world(0)))
+    with_tools = [r for r in records if general_tasks.GENERAL_TASKS[r["meta"]["task"]].tools]
+    assert with_tools
+    for r in with_tools:
+        task = general_tasks.GENERAL_TASKS[r["meta"]["task"]]
+        system, *rest = r["messages"]
+        assert render(r["messages"]) == render(rest, tools=env.schemas(list(task.tools)))
+        assert any(m["role"] == "tool" for m in rest)
+    assert len({r["meta"]["task"] for r in records}) > 10
+    with pytest.raises(ConfigError, match="unknown general_weights"):
+        config(general_weights={"no_such_task": 1.0})

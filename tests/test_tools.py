@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from qwen3repro.chat import parse, render
 from qwen3repro.data.world import PERSON_ATTRIBUTES, build_world
+from qwen3repro.data.english import fact_sentence
 from qwen3repro.tokenizer import train_tokenizer
 from qwen3repro.tools import (
     TOOL_OUTCOMES,
@@ -21,7 +22,7 @@ from qwen3repro.tools import (
     ToolLimits,
     ToolResult,
     default_tools,
-    english_fact,
+
     evaluate,
     truncate_tool_response,
     world_corpus,
@@ -232,7 +233,7 @@ def test_world_corpus(world):
     assert len(corpus) == len(world.people) + len(world.cities)
     for index in (0, 3, len(world.people) - 1):
         person = world.people[index]
-        assert corpus[index] == " ".join(english_fact(person, a) for a in PERSON_ATTRIBUTES)
+        assert corpus[index] == " ".join(fact_sentence(person, a) for a in PERSON_ATTRIBUTES)
     assert f"{world.people[3].name} is {world.people[3].attr('age')} years old." in corpus[3]
     city_passages = corpus[len(world.people):]
     for city, passage in zip(world.cities, city_passages):

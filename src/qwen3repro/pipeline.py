@@ -44,7 +44,7 @@ from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, lo
 from .files import read_json_object, write_json_atomic
 from .progress import format_duration
 from .run_lock import RunLock
-from .stages import coldstart, fusion, grpo, pretrain, sft
+from .stages import coldstart, fusion, general_rl, grpo, pretrain, sft
 from .stages import reward_model as reward_model_stage
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext
@@ -129,6 +129,7 @@ STAGE_KINDS = {
     "grpo": (grpo, grpo.GRPOConfig),
     "fusion": (fusion, fusion.FusionConfig),
     "reward-model": (reward_model_stage, reward_model_stage.RewardModelConfig),
+    "general-rl": (general_rl, general_rl.GeneralRLConfig),
 }
 
 

@@ -45,6 +45,7 @@ from .code_specs import draw_spec, solve
 from .english import (ATTRIBUTE_WORDS, attribute_question, city_passage, fact_sentence, parse_attribute_question,
                       person_passage, residents)
 from .instruction_tasks import choose_instructions, compliant_answer, draw_kwargs, instruction_question
+from ..tools import ToolEnvironment, default_tools
 from .queries import Query
 from .synthetic import frame_uid
 from .world import PERSON_ATTRIBUTES, Entity, World, build_world
@@ -137,9 +138,24 @@ def _direct_demo(answer_of: Callable[[Query, World], str], query: Query, world: 
     return [_user(query.question), _answer(answer_of(query, world))]
 
 
-def _tool_demo(query: Query, call: dict, result: str, answer: str) -> list[dict]:
+_TOOL_ENVIRONMENTS: dict[int, tuple[World, ToolEnvironment]] = {}
+
+
+def _tool_environment(world: World) -> ToolEnvironment:
+    """The built-in tools over `world`, built once per world (the search index is the costly part)."""
+    held = _TOOL_ENVIRONMENTS.get(id(world))
+    if held is None or held[0] is not world:
+        held = _TOOL_ENVIRONMENTS[id(world)] = (world, ToolEnvironment(default_tools(world)))
+    return held[1]
+
+
+def _tool_demo(query: Query, call: dict, world: World, answer: str) -> list[dict]:
+    """The call, the tool environment's own answer to it (what a rollout would see), and the final answer."""
+    result = _tool_environment(world).execute(call)
+    if result.outcome != "ok":
+        raise ValueError(f"task demonstration: the tool answered {call} with {result.outcome}: {result.content}")
     return [_user(query.question), {"role": "assistant", "content": EMPTY_THINK, "tool_calls": [call]},
-            {"role": "tool", "content": result}, _answer(answer)]
+            {"role": "tool", "content": result.content}, _answer(answer)]
 
 
 def _reference_answer(query: Query, world: World) -> str:
@@ -286,7 +302,7 @@ def _lookup(rng: random.Random, world: World) -> _Draft:
 def _lookup_demo(query: Query, world: World) -> list[dict]:
     person, attribute = _asked_fact(query.question, world)
     call = {"name": "lookup", "arguments": {"name": person.name, "attribute": attribute}}
-    return _tool_demo(query, call, fact_sentence(person, attribute), person.attr(attribute))
+    return _tool_demo(query, call, world, person.attr(attribute))
 
 
 _COMPUTE = re.compile(r"compute (.+)\. Answer")
@@ -304,7 +320,7 @@ def _calculator(rng: random.Random, world: World) -> _Draft:
 def _calculator_demo(query: Query, world: World) -> list[dict]:
     expression = _COMPUTE.search(query.question).group(1)
     answer = query.reference["answer"]
-    return _tool_demo(query, {"name": "calculator", "arguments": {"expression": expression}}, answer, answer)
+    return _tool_demo(query, {"name": "calculator", "arguments": {"expression": expression}}, world, answer)
 
 
 _SEARCH = re.compile(r"Who lives in (\w+), works as a (\w+) and has a (\w+)\?")
@@ -330,7 +346,7 @@ def _search_demo(query: Query, world: World) -> list[dict]:
     home, job, pet = _SEARCH.search(query.question).groups()
     (person,) = _matching(world, home, job, pet)
     call = {"name": "search", "arguments": {"query": f"lives in {home} works as a {job} has a {pet}"}}
-    return _tool_demo(query, call, person_passage(person), person.name)
+    return _tool_demo(query, call, world, person.name)
 
 
 # ----------------------------------------------------------------------------- multilingual

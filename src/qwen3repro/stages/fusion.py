@@ -53,10 +53,11 @@ from typing import Annotated, Any, Callable, Mapping, Sequence
 import torch
 
 from ..chat import (BUDGET_SENTENCE, EMPTY_THINK, TEMPLATE_STOP_THINKING, parse, render, tokenize_conversation,
+                    tools_system_content,
                     wants_thinking)
 from ..config import ConfigError, config_hash
 from ..config_fields import AtLeast, NonNegative, Positive, checked_fields
-from ..data import tasks
+from ..data import general_tasks, tasks
 from ..data.synthetic import frame_uid
 from ..data.world import PERSON_ATTRIBUTES, RARE_LANGUAGE, World, build_world
 from ..generate import SamplingParams, generate
@@ -65,6 +66,7 @@ from ..models.qwen3 import Qwen3
 from ..rewards import REWARDS
 from ..tokenizer import Tokenizer
 from ..files import write_json_atomic
+from ..tools import ToolEnvironment, default_tools
 from .common import StageContext
 from .sft import SFTConfig, SFTTable, fine_tune
 
@@ -76,7 +78,7 @@ THINK, NO_THINK = "/think", "/no_think"
 
 # Conversation categories of the fusion set (fusion_report.json counts each).
 CATEGORIES = ("think_user_flag", "think_system_flag", "think_unflagged", "no_think_user_flag",
-              "no_think_system_flag", "multi_turn", "budget")
+              "no_think_system_flag", "multi_turn", "budget", "general")
 NON_THINKING_KINDS = ("task", "translation", "fact")
 TOPUPS = ("reference", "none")
 
@@ -114,6 +116,11 @@ class FusionConfig:
     """Shares of the non-thinking kinds (task families / translation / facts)."""
     rare_translation_share: float = 0.4
     """Share of translation pairs with the rare language on one side (its pre-training weight is 5%)."""
+    general_share: float = 0.0
+    """Share of the non-thinking conversations that are reference conversations of the general tasks
+    (`data.general_tasks.demonstrations`: instruction following, formats, tool use, retrieval, ...)."""
+    general_weights: Mapping[str, float] = field(default_factory=dict)
+    """Their task weights (empty: every task's default weight)."""
     # ---- flags and formats
     unflagged_share: float = 0.3
     """Single-turn thinking samples without any flag (thinking is the default)."""
@@ -152,7 +159,11 @@ class FusionConfig:
                 raise ConfigError(f"{self.name}: {name} must be an integer >= 0, got {v!r}")
         if not isinstance(self.max_turns, int) or self.max_turns < 2:
             raise ConfigError(f"{self.name}: max_turns must be an integer >= 2")
-        for name in ("rare_translation_share", "unflagged_share", "system_flag_share", "flag_rate", "budget_share"):
+        unknown_tasks = sorted(set(self.general_weights) - set(general_tasks.GENERAL_TASKS))
+        if unknown_tasks:
+            raise ConfigError(f"{self.name}: unknown general_weights tasks {unknown_tasks}")
+        for name in ("general_share", "rare_translation_share", "unflagged_share", "system_flag_share", "flag_rate",
+                     "budget_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{self.name}: {name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.multi_turn_share < 0:
@@ -353,6 +364,24 @@ def direct_samples(cfg: FusionConfig, n: int, rng: random.Random) -> list[Direct
     return out
 
 
+def general_records(cfg: FusionConfig, n: int) -> list[dict[str, Any]]:
+    """`n` reference conversations of the general tasks (training partition), as fusion records. A tool-use
+    conversation opens with the system turn that offers its tools (`chat.tools_system_content`), so the SFT
+    data renders exactly as the chat the general-RL stage prompts with."""
+    if n == 0:
+        return []
+    world = build_world(cfg.world_seed)
+    env = ToolEnvironment(default_tools(world))
+    weights = dict(cfg.general_weights) or general_tasks.default_weights()
+    records = []
+    for name, query, messages in general_tasks.demonstrations(weights, n, seed=cfg.seed, world=world):
+        if query.tools:
+            messages = [{"role": "system", "content": tools_system_content(env.schemas(list(query.tools)))},
+                        *messages]
+        records.append({"messages": messages, "category": "general", "meta": {"kind": "general", "task": name}})
+    return records
+
+
 # ----------------------------------------------------------------------------- conversations
 def _flagged(question: str, flag: str) -> str:
     return f"{question} {flag}"
@@ -419,8 +448,10 @@ def multi_turn(rng: random.Random, thinking: Sequence[ThinkingSample], direct: S
 
 
 def build_conversations(cfg: FusionConfig, thinking: Sequence[ThinkingSample], direct: Sequence[DirectSample],
-                        tokenizer: Tokenizer, rng: random.Random) -> list[dict[str, Any]]:
-    """The fusion set as records {"messages", "category", "meta"}, shuffled (seeded)."""
+                        tokenizer: Tokenizer, rng: random.Random,
+                        general: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The fusion set as records {"messages", "category", "meta"}, shuffled (seeded); `general` are records
+    of `general_records`, added as they are."""
     records: list[dict[str, Any]] = []
     for s in thinking:
         meta = {"source": s.source, "family": s.item.family, "difficulty": s.item.difficulty, "uid": s.item.uid}
@@ -450,6 +481,7 @@ def build_conversations(cfg: FusionConfig, thinking: Sequence[ThinkingSample], d
         for _ in range(round(cfg.multi_turn_share * n_single)):
             messages, meta = multi_turn(rng, thinking, direct, cfg.max_turns, cfg.flag_rate, cfg.system_flag_share)
             records.append({"messages": messages, "category": "multi_turn", "meta": meta})
+    records += general
     rng.shuffle(records)
     return records
 
@@ -526,8 +558,9 @@ def build_fusion_data(cfg: FusionConfig, model: Qwen3, tokenizer: Tokenizer, *, 
         n_topup = len(extra)
         thinking = thinking + extra
     rng = random.Random(f"fusion-data|{cfg.seed}")
-    direct = direct_samples(cfg, cfg.n_non_thinking, rng)
-    records = build_conversations(cfg, thinking, direct, tokenizer, rng)
+    n_general = round(cfg.general_share * cfg.n_non_thinking)
+    direct = direct_samples(cfg, cfg.n_non_thinking - n_general, rng)
+    records = build_conversations(cfg, thinking, direct, tokenizer, rng, general_records(cfg, n_general))
     sft_cfg = cfg.sft_config()
     report = {
         "section": "Qwen3 report §4.3 thinking-mode fusion",

@@ -16,7 +16,7 @@ Rooms, each with a docstring on what it holds and why:
 """
 from __future__ import annotations
 
-from .builtin import SEARCH_TOP_K, default_tools, english_fact, world_corpus
+from .builtin import SEARCH_TOP_K, default_tools, world_corpus
 from .calculator import evaluate
 from .environment import (
     TOOL_OUTCOMES,
@@ -54,7 +54,6 @@ __all__ = [
     "Trajectory",
     "call_cap_result",
     "default_tools",
-    "english_fact",
     "evaluate",
     "invalid_call_result",
     "tool_calls_in_order",

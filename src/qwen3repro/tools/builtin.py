@@ -13,6 +13,7 @@ Tool names are fixed ("calculator", "lookup", "search"): tasks and rewards refer
 """
 from __future__ import annotations
 
+from ..data.english import fact_sentence
 from ..data.world import PERSON_ATTRIBUTES, Entity, World, build_world
 from .calculator import evaluate
 from .environment import Tool, ToolError
@@ -22,7 +23,6 @@ __all__ = [
     "SEARCH_TOP_K",
     "calculator_tool",
     "default_tools",
-    "english_fact",
     "lookup_tool",
     "search_tool",
     "world_corpus",
@@ -33,22 +33,9 @@ __all__ = [
 SEARCH_TOP_K = 3
 
 
-def english_fact(person: Entity, attribute: str) -> str:
-    """One attribute of a person as an English sentence."""
-    value = person.attr(attribute)
-    sentences = {
-        "home": f"{person.name} lives in {value}.",
-        "job": f"{person.name} works as a {value}.",
-        "pet": f"{person.name} has a {value}.",
-        "color": f"{person.name} likes the color {value}.",
-        "age": f"{person.name} is {value} years old.",
-    }
-    return sentences[attribute]
-
-
 def world_corpus(world: World) -> list[str]:
     """The search corpus: one passage per person (all their facts), then one per city (who lives there)."""
-    passages = [" ".join(english_fact(person, a) for a in PERSON_ATTRIBUTES) for person in world.people]
+    passages = [" ".join(fact_sentence(person, a) for a in PERSON_ATTRIBUTES) for person in world.people]
     for city in world.cities:
         residents = [person.name for person in world.people if person.attr("home") == city.name]
         if residents:
@@ -81,7 +68,7 @@ def lookup_tool(world: World) -> Tool:
         key = attribute.strip().lower()
         if key not in PERSON_ATTRIBUTES:
             raise ToolError(f"unknown attribute {attribute[:40]!r}; known: {', '.join(PERSON_ATTRIBUTES)}")
-        return english_fact(person, key)
+        return fact_sentence(person, key)
 
     return Tool(
         name="lookup",

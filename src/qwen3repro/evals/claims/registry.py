@@ -14,9 +14,11 @@ from .budget import claim_budget
 from .copy_probe import add_copy_diagnoses
 from .filtering import claim_filtering
 from .fusion import claim_fusion
+from .general_rl import claim_general_rl
 from .grpo import claim_grpo
 from .longcontext import claim_longcontext
 from .moe import claim_moe
+from .reward_model import claim_reward_model
 from .row import ClaimRow
 from .s2_reasoning import claim_s2_reasoning
 
@@ -30,6 +32,8 @@ CLAIMS: dict[str, Callable[..., list[ClaimRow]]] = {
     "grpo": claim_grpo,
     "fusion": claim_fusion,
     "budget": claim_budget,
+    "reward_model": claim_reward_model,
+    "general_rl": claim_general_rl,
 }
 
 

@@ -60,6 +60,21 @@ class FusionFigures:
 
 
 @dataclass(frozen=True)
+class GeneralRLFigures:
+    reasoning_drop_max: float
+    report_thinkfollow_stage3: float
+    report_thinkfollow_stage4: float
+    report_aime24_stage3: float
+    report_aime24_stage4: float
+
+
+@dataclass(frozen=True)
+class RewardModelFigures:
+    pairwise_margin_min: float
+    best_of_k_min: float
+
+
+@dataclass(frozen=True)
 class BudgetFigures:
     report_budget_curve_aime24: dict[int, float]
     """Thinking budget (tokens) -> accuracy (%), in the file's order."""
@@ -74,6 +89,8 @@ class ClaimSettings:
     grpo: GRPOFigures
     fusion: FusionFigures
     thinking_budget: BudgetFigures
+    general_rl: GeneralRLFigures
+    reward_model: RewardModelFigures
 
 
 def _number(value: Any, kind: type, where: str) -> Any:
@@ -136,5 +153,5 @@ def claim_settings() -> ClaimSettings:
     return load_claim_settings(CLAIMS_FILE)
 
 
-__all__ = ["BudgetFigures", "CLAIMS_FILE", "ClaimSettings", "CopyProbeFigures", "FusionFigures", "GRPOFigures",
+__all__ = ["BudgetFigures", "CLAIMS_FILE", "ClaimSettings", "CopyProbeFigures", "FusionFigures", "GRPOFigures", "GeneralRLFigures", "RewardModelFigures",
            "LongContextFigures", "Significance", "claim_settings", "load_claim_settings"]
