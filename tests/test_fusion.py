@@ -273,8 +273,8 @@ def test_general_records_are_demonstrations_that_render_as_the_rl_prompts(tok):
     from qwen3repro.rewards import REWARDS
     from qwen3repro.tools import ToolEnvironment, default_tools
 
-    cfg = config(general_share=0.5)
-    records = fusion.general_records(cfg, 60)
+    cfg = config(n_general=60)
+    records = fusion.general_records(cfg, cfg.n_general)
     assert len(records) == 60 and all(r["category"] == "general" for r in records)
     env = ToolEnvironment(default_tools(build_world(0)))
     with_tools = [r for r in records if general_tasks.GENERAL_TASKS[r["meta"]["task"]].tools]
@@ -287,3 +287,29 @@ def test_general_records_are_demonstrations_that_render_as_the_rl_prompts(tok):
     assert len({r["meta"]["task"] for r in records}) > 10
     with pytest.raises(ConfigError, match="unknown general_weights"):
         config(general_weights={"no_such_task": 1.0})
+
+
+def test_grading_conversations_teach_the_judge_format_with_true_verdicts():
+    """Each grading conversation is the judge client's own prompt and a verdict whose last `Score:` the
+    judge parser reads as 1 for the reference answer and 0 for a response with one fact changed."""
+    from qwen3repro.data.judging import corrupt, judging_conversations
+    from qwen3repro.rewards.judge import judge_prompt, parse_score
+
+    world = build_world(0)
+    records = judging_conversations(40, seed=3, world=world)
+    assert len(records) == 40 and 10 < sum(r["meta"]["agrees"] for r in records) < 30
+    for r in records:
+        user, assistant = r["messages"]
+        assert user["content"].startswith(judge_prompt("", "", "x").split("[Problem]")[0])
+        assert assistant["content"].startswith(EMPTY_THINK)
+        score, _ = parse_score(assistant["content"])
+        assert score == (1.0 if r["meta"]["agrees"] else 0.0)
+        response = user["content"].split("[Response]\n", 1)[1].split("\n\n", 1)[0]
+        reference = user["content"].split("[Reference answer]\n", 1)[1].split("\n\n", 1)[0]
+        assert (response == reference) == r["meta"]["agrees"]
+    rng = random.Random(0)
+    text = "Tamor lives in Belka. Tamor is 31 years old."
+    for _ in range(20):
+        changed = corrupt(text, world, rng)
+        assert changed is not None and changed != text and len(changed.split()) == len(text.split())
+    assert corrupt("no facts here", world, rng) is None

@@ -27,6 +27,16 @@ def test_every_recipe_states_its_place_in_the_graph():
 
 
 @pytest.mark.parametrize("scale", SCALES)
+def test_every_stage_runs_after_the_stages_it_uses(scale):
+    plan = build_plan(scale)
+    position = {node.key: i for i, node in enumerate(plan.nodes)}
+    used = [(node, dep) for node in plan.nodes for dep in node.uses.values()]
+    assert used or scale not in ("micro", "tiny", "small")
+    for node, dep in used:
+        assert position[dep.key] < position[node.key]
+
+
+@pytest.mark.parametrize("scale", SCALES)
 def test_plan_parents_and_kinds_are_the_recipes(scale):
     graph = load_stage_graph()
     plan = build_plan(scale)
@@ -114,6 +124,7 @@ def test_uses_must_name_stages_that_run_first():
     with pytest.raises(ConfigError, match="uses 'b', which must be listed before it"):
         graph.order(["a", "c", "b"])
     assert graph.order(["a", "b", "c"]) == ["a", "b", "c"]
+    assert (graph.depth("a"), graph.depth("b"), graph.depth("c")) == (0, 1, 2)  # c runs after the stage it uses
 
 
 def test_a_used_stage_enters_the_lineage_hash(tmp_path, monkeypatch):

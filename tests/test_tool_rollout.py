@@ -159,7 +159,7 @@ def test_masks_and_logprobs_over_random_trajectories(tok, plans, max_turns, max_
                                                      max_new_tokens, beyond_prompt):
     env = make_env(max_turns=max_turns, max_calls=max_calls, max_response_tokens=max_response_tokens)
     prompts = [prompt_ids(tok, env, f"question {i} {WORDS[i]}") for i in range(len(plans))]
-    max_total_tokens = None if beyond_prompt is None else max(map(len, prompts)) + beyond_prompt
+    max_completion_tokens = beyond_prompt
     scripts, expected_outcomes = [], []
     for plan in plans:
         texts, outcomes = [], []
@@ -170,7 +170,7 @@ def test_masks_and_logprobs_over_random_trajectories(tok, plans, max_turns, max_
         expected_outcomes.append(outcomes)
     script = ScriptedTurns(tok, prompts, scripts)
     trajectories = tool_rollouts(None, tok, prompts, env, sampling=SAMPLING, max_new_tokens=max_new_tokens,
-                                 max_total_tokens=max_total_tokens, generate_fn=script)
+                                 max_completion_tokens=max_completion_tokens, generate_fn=script)
 
     for index, t in enumerate(trajectories):
         assert t.prompt == prompts[index]
@@ -180,8 +180,8 @@ def test_masks_and_logprobs_over_random_trajectories(tok, plans, max_turns, max_
         assert t.finish_reason in FINISH_REASONS
         event(f"finish: {t.finish_reason}, turns: {t.n_turns}")
         assert 1 <= t.n_turns <= max_turns
-        if max_total_tokens is not None:
-            assert len(t.prompt) + len(t.completion) <= max_total_tokens
+        if max_completion_tokens is not None:
+            assert len(t.completion) <= max_completion_tokens
 
         # Model runs are exactly the sampled turns with their log-probs; tool runs sit between them.
         pieces = runs(t.loss_mask)
@@ -233,7 +233,7 @@ def test_masks_and_logprobs_over_random_trajectories(tok, plans, max_turns, max_
         elif t.finish_reason == "call_cap":
             assert spent >= max_calls and has_calls and t.n_turns < max_turns
         else:
-            assert max_total_tokens is not None
+            assert max_completion_tokens is not None
 
 
 # ---------------------------------------------------------------------------------- round trip
@@ -346,19 +346,19 @@ def test_token_caps(tok):
     env = make_env(max_turns=5)
     # The turn itself runs into the total budget.
     prompt = prompt_ids(tok, env, "q")
-    t = run_one(tok, env, [CALC_TURN], max_total_tokens=len(prompt) + 5)
+    t = run_one(tok, env, [CALC_TURN], max_completion_tokens=5)
     assert (t.finish_reason, len(t.completion)) == ("token_cap", 5)
     # The tool responses would leave no room for another turn.
     n = len(tok.encode(CALC_TURN))
-    t = run_one(tok, env, [CALC_TURN], max_total_tokens=len(prompt) + n + 3)
+    t = run_one(tok, env, [CALC_TURN], max_completion_tokens=n + 3)
     assert t.finish_reason == "token_cap" and t.completion == tok.encode(CALC_TURN) and t.n_calls == 0
     # A second turn gets what is left of the total budget.
     span = len(tool_response_ids(tok, [ToolResult("42", "ok")], 64))
-    t = run_one(tok, env, [CALC_TURN, CALC_TURN], max_total_tokens=len(prompt) + n + span + 7)
+    t = run_one(tok, env, [CALC_TURN, CALC_TURN], max_completion_tokens=n + span + 7)
     assert t.finish_reason == "token_cap" and t.n_turns == 2 and len(t.prompt) + len(t.completion) == len(prompt) + n + span + 7
-    # A prompt that fills the budget alone.
-    t = run_one(tok, env, [CALC_TURN], max_total_tokens=len(prompt))
-    assert t.finish_reason == "token_cap" and t.n_turns == 0 and t.completion == []
+    # The cap counts the completion alone, whatever the prompt's length.
+    t = run_one(tok, env, [CALC_TURN], max_completion_tokens=1)
+    assert t.finish_reason == "token_cap" and len(t.completion) == 1 and len(t.prompt) > 1
 
 
 def test_length_and_stop(tok):
@@ -376,8 +376,8 @@ def test_bad_arguments_to_tool_rollouts(tok):
     env = make_env()
     with pytest.raises(ValueError, match="max_new_tokens"):
         tool_rollouts(None, tok, [[1]], env, sampling=SAMPLING, max_new_tokens=0)
-    with pytest.raises(ValueError, match="max_total_tokens"):
-        tool_rollouts(None, tok, [[1]], env, sampling=SAMPLING, max_new_tokens=4, max_total_tokens=0)
+    with pytest.raises(ValueError, match="max_completion_tokens"):
+        tool_rollouts(None, tok, [[1]], env, sampling=SAMPLING, max_new_tokens=4, max_completion_tokens=0)
     assert tool_rollouts(None, tok, [], env, sampling=SAMPLING, max_new_tokens=4) == []
 
 

@@ -230,7 +230,7 @@ def _check_unrun_tables(raw: Mapping[str, Any], graph: StageGraph, settings: Pip
     extra = tabled - set(settings.stages)
     if not extra and set(roles) == set(settings.roles):
         return
-    stages = sorted(set(settings.stages) | extra, key=lambda s: len(graph.ancestors(s)))  # parents first
+    stages = sorted(set(settings.stages) | extra, key=graph.depth)  # parents and used stages first
     nodes = _resolve_nodes(raw, graph, roles, stages, root, may_lack_parent=frozenset(extra))
     run_by_a_role = {n.key.split("/")[-1] for n in nodes}
     for stage in sorted(extra - run_by_a_role):

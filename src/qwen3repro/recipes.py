@@ -248,6 +248,13 @@ class StageGraph:
             cur = self[cur].parent
         return out
 
+    def depth(self, name: str) -> int:
+        """How many stages must run before `name`: one more than the deepest of its parent and the stages it
+        uses (0 for a root). Sorting by it puts every stage after its parent and the stages it uses."""
+        facts = self[name]
+        before = [facts.parent] if facts.parent is not None else []
+        return 1 + max((self.depth(b) for b in before + list(facts.uses)), default=-1)
+
     def nearest(self, name: str, candidates: set[str] | frozenset[str]) -> str | None:
         """The closest ancestor of `name` among `candidates` (a scale that skips a stage starts its
         child from the skipped stage's own parent)."""

@@ -58,6 +58,7 @@ from ..chat import (BUDGET_SENTENCE, EMPTY_THINK, TEMPLATE_STOP_THINKING, parse,
 from ..config import ConfigError, config_hash
 from ..config_fields import AtLeast, NonNegative, Positive, checked_fields
 from ..data import general_tasks, tasks
+from ..data.judging import judging_conversations
 from ..data.synthetic import frame_uid
 from ..data.world import PERSON_ATTRIBUTES, RARE_LANGUAGE, World, build_world
 from ..generate import SamplingParams, generate
@@ -78,7 +79,7 @@ THINK, NO_THINK = "/think", "/no_think"
 
 # Conversation categories of the fusion set (fusion_report.json counts each).
 CATEGORIES = ("think_user_flag", "think_system_flag", "think_unflagged", "no_think_user_flag",
-              "no_think_system_flag", "multi_turn", "budget", "general")
+              "no_think_system_flag", "multi_turn", "budget", "general", "judging")
 NON_THINKING_KINDS = ("task", "translation", "fact")
 TOPUPS = ("reference", "none")
 
@@ -116,11 +117,14 @@ class FusionConfig:
     """Shares of the non-thinking kinds (task families / translation / facts)."""
     rare_translation_share: float = 0.4
     """Share of translation pairs with the rare language on one side (its pre-training weight is 5%)."""
-    general_share: float = 0.0
-    """Share of the non-thinking conversations that are reference conversations of the general tasks
-    (`data.general_tasks.demonstrations`: instruction following, formats, tool use, retrieval, ...)."""
+    n_general: NonNegative = 0
+    """Reference conversations of the general tasks (`data.general_tasks.demonstrations`: instruction
+    following, formats, tool use, retrieval, ...), besides the `n_non_thinking` samples."""
     general_weights: Mapping[str, float] = field(default_factory=dict)
     """Their task weights (empty: every task's default weight)."""
+    n_judging: NonNegative = 0
+    """Grading conversations (`data.judging`): the judge's prompt, a right or wrong response, the verdict
+    with its `Score:` line, so that this checkpoint can serve as the judge of general RL at CPU scales."""
     # ---- flags and formats
     unflagged_share: float = 0.3
     """Single-turn thinking samples without any flag (thinking is the default)."""
@@ -162,7 +166,7 @@ class FusionConfig:
         unknown_tasks = sorted(set(self.general_weights) - set(general_tasks.GENERAL_TASKS))
         if unknown_tasks:
             raise ConfigError(f"{self.name}: unknown general_weights tasks {unknown_tasks}")
-        for name in ("general_share", "rare_translation_share", "unflagged_share", "system_flag_share", "flag_rate",
+        for name in ("rare_translation_share", "unflagged_share", "system_flag_share", "flag_rate",
                      "budget_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{self.name}: {name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -365,10 +369,11 @@ def direct_samples(cfg: FusionConfig, n: int, rng: random.Random) -> list[Direct
 
 
 def general_records(cfg: FusionConfig, n: int) -> list[dict[str, Any]]:
-    """`n` reference conversations of the general tasks (training partition), as fusion records. A tool-use
-    conversation opens with the system turn that offers its tools (`chat.tools_system_content`), so the SFT
-    data renders exactly as the chat the general-RL stage prompts with."""
-    if n == 0:
+    """`n` reference conversations of the general tasks (training partition) and `cfg.n_judging` grading
+    conversations (`data.judging`), as fusion records. A tool-use conversation opens with the system turn
+    that offers its tools (`chat.tools_system_content`), so the SFT data renders exactly as the chat the
+    general-RL stage prompts with."""
+    if n == 0 and cfg.n_judging == 0:
         return []
     world = build_world(cfg.world_seed)
     env = ToolEnvironment(default_tools(world))
@@ -379,6 +384,7 @@ def general_records(cfg: FusionConfig, n: int) -> list[dict[str, Any]]:
             messages = [{"role": "system", "content": tools_system_content(env.schemas(list(query.tools)))},
                         *messages]
         records.append({"messages": messages, "category": "general", "meta": {"kind": "general", "task": name}})
+    records += [{**r, "category": "judging"} for r in judging_conversations(cfg.n_judging, seed=cfg.seed, world=world)]
     return records
 
 
@@ -558,9 +564,8 @@ def build_fusion_data(cfg: FusionConfig, model: Qwen3, tokenizer: Tokenizer, *, 
         n_topup = len(extra)
         thinking = thinking + extra
     rng = random.Random(f"fusion-data|{cfg.seed}")
-    n_general = round(cfg.general_share * cfg.n_non_thinking)
-    direct = direct_samples(cfg, cfg.n_non_thinking - n_general, rng)
-    records = build_conversations(cfg, thinking, direct, tokenizer, rng, general_records(cfg, n_general))
+    direct = direct_samples(cfg, cfg.n_non_thinking, rng)
+    records = build_conversations(cfg, thinking, direct, tokenizer, rng, general_records(cfg, cfg.n_general))
     sft_cfg = cfg.sft_config()
     report = {
         "section": "Qwen3 report §4.3 thinking-mode fusion",

@@ -28,8 +28,10 @@ and a reward model without a reference. Here:
    unparseable judge answer) is left out of its group's statistics and counted by reason.
 5. **Dynamic sampling on rewards**: a group whose valid rewards are all equal has no advantage
    and is dropped and refilled (graded rewards make the reasoning stage's accuracy test too coarse).
-6. **The update** is the reasoning stage's (`stages.grpo.optimisation_passes`: DAPO token-level loss,
-   clip-higher, μ passes, the proportional entropy control), with the loss mask above.
+6. **The update** is the reasoning stage's loss (`losses.grpo_loss`: DAPO token-level aggregation,
+   clip-higher, μ passes, the proportional entropy control), with the loss mask above; rollouts whose
+   prompts list tools form a padded batch of their own, and each optimizer step accumulates both
+   batches' gradients weighted to equal the whole batch's loss (`optimisation_passes`).
 7. **Metrics** every step: reward overall and per task, mode-follow rate, tool calls (ok, malformed,
    per outcome), no-reward counts by reason, entropy, KL, clip fraction, lengths; held-out reward per
    task, mode-follow and tool-call success every `eval_every` steps (and at 0 and the end, so
@@ -62,20 +64,20 @@ from ..evals.thinking import follows_mode
 from ..files import write_json_atomic
 from ..generate import SamplingParams
 from ..lineage import make_lineage, write_lineage
-from ..losses import ADVANTAGE_SCALES, GRPO_LOSS_TYPES
+from ..losses import ADVANTAGE_SCALES, GRPO_LOSS_TYPES, grpo_loss
 from ..models.qwen3 import Qwen3
 from ..progress import format_duration
 from ..rewards import REWARDS, RewardResult
 from ..rewards import judge as judge_module
 from ..rewards import reward_model as reward_model_module
 from ..rl.entropy import ENTROPY_CONTROLS, EntropyController, masked_mean
-from ..rl.rollout import Group, QueryStream, build_batch, policy_logprobs
+from ..rl.rollout import Group, QueryStream, RolloutBatch, build_batch, policy_logprobs
 from ..serve import ChatCompletions, make_server
 from ..tokenizer import Tokenizer
 from ..tools import ToolEnvironment, ToolLimits, Trajectory, default_tools, tool_rollouts
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
 from .common import StageContext, copy_tokenizer
-from .grpo import optimisation_passes, window_means
+from .grpo import clip_fraction, window_means
 
 FLAG_THINK, FLAG_NO_THINK = "/think", "/no_think"
 MODES = ("think", "no_think", "unflagged")
@@ -122,7 +124,7 @@ class GeneralRLConfig:
     group_size: Positive = 8
     max_new_tokens: Positive = 96
     """Per assistant turn."""
-    max_total_tokens: Positive = 256
+    max_completion_tokens: Positive = 256
     """Per trajectory: model turns and tool responses together."""
     temperature: float = 1.0
     dynamic_sampling: bool = True
@@ -134,7 +136,7 @@ class GeneralRLConfig:
     epsilon_high: float = 0.28
     beta: float = 0.0
     mu: Positive = 2
-    mini_batches: Positive = 1
+    """Optimisation passes over each rollout batch, one optimizer step each (off-policy after the first)."""
     # ---- optimisation
     lr: float = 5e-5
     warmup_steps: NonNegative = 0
@@ -184,12 +186,10 @@ class GeneralRLConfig:
             raise ConfigError(f"{self.name}: entropy_control must be one of {ENTROPY_CONTROLS}")
         if self.group_size < 2:
             raise ConfigError(f"{self.name}: group_size must be >= 2 (advantages are relative within a group)")
-        if self.mini_batches > self.queries_per_step * self.group_size:
-            raise ConfigError(f"{self.name}: more mini_batches than rollouts per step")
         if self.temperature <= 0 or self.lr <= 0 or self.beta < 0 or self.malformed_call_penalty < 0:
             raise ConfigError(f"{self.name}: temperature and lr must be > 0; beta and malformed_call_penalty >= 0")
-        if self.max_total_tokens < self.max_new_tokens:
-            raise ConfigError(f"{self.name}: max_total_tokens ({self.max_total_tokens}) < max_new_tokens "
+        if self.max_completion_tokens < self.max_new_tokens:
+            raise ConfigError(f"{self.name}: max_completion_tokens ({self.max_completion_tokens}) < max_new_tokens "
                               f"({self.max_new_tokens})")
         if self.judge_timeout <= 0 or self.judge_retries < 0:
             raise ConfigError(f"{self.name}: judge_timeout must be > 0 and judge_retries >= 0")
@@ -200,8 +200,21 @@ class GeneralRLConfig:
 
     @property
     def task_weights(self) -> dict[str, float]:
+        """The mix's tasks with a positive weight whose reward is registered (`unscored_tasks` are left out)."""
         weights = self.tasks or general_tasks.default_weights()
-        return {name: w for name, w in weights.items() if w > 0}
+        return {name: w for name, w in weights.items() if w > 0 and name not in self.unscored_tasks}
+
+    @property
+    def unscored_tasks(self) -> dict[str, str]:
+        """Weighted tasks that nothing can reward (their reward is not registered), with the reason: they
+        are left out of the mix and reported, never trained on unrewarded."""
+        weights = self.tasks or general_tasks.default_weights()
+        out = {}
+        for name, w in weights.items():
+            reward = general_tasks.GENERAL_TASKS[name].reward
+            if w > 0 and reward not in REWARDS:
+                out[name] = f"no reward function {reward!r} registered"
+        return out
 
     @property
     def tool_limits(self) -> ToolLimits:
@@ -213,8 +226,8 @@ class GeneralRLConfig:
         return SamplingParams(temperature=self.eval_temperature, top_p=self.eval_top_p, top_k=self.eval_top_k)
 
     def train_config(self) -> TrainConfig:
-        """AdamW over optimizer steps (`mu` x `mini_batches` per generation step), warm-up then constant."""
-        return TrainConfig(steps=self.steps * self.mu * self.mini_batches, lr=self.lr, betas=self.betas,
+        """AdamW over optimizer steps (`mu` per generation step), warm-up then constant."""
+        return TrainConfig(steps=self.steps * self.mu, lr=self.lr, betas=self.betas,
                            weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, decay_fraction=0.0,
                            clip_grad_norm=self.clip_grad_norm, seed=self.seed, device=self.device,
                            ckpt_every=self.ckpt_every, keep_last=self.keep_last, log_every=self.log_every)
@@ -376,7 +389,7 @@ def roll_out(model, tokenizer, prompts: Sequence[Prompt], cfg: GeneralRLConfig, 
                 continue
             flat = [list(prompts[i].ids) for i in idx for _ in range(group_size)]
             trajs = tool_rollouts(model, tokenizer, flat, envs[offers_tools], sampling=sampling,
-                                  max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
+                                  max_new_tokens=cfg.max_new_tokens, max_completion_tokens=cfg.max_completion_tokens,
                                   generator=generator)
             for j, i in enumerate(idx):
                 chunk = trajs[j * group_size:(j + 1) * group_size]
@@ -449,10 +462,107 @@ def summarize_records(records: Sequence[Mapping[str, Any]], prefix: str = "") ->
         # A trajectory's tool use succeeded when it made at least one call and every call ran.
         out[f"{prefix}tool_success"] = mean([float(r["calls"] > 0 and r["ok_calls"] == r["calls"]) for r in tool_rows])
     out[f"{prefix}malformed_calls"] = mean([r["malformed"] for r in records])
+    outcomes = Counter(o for r in records for o in r.get("outcomes", ()))
+    for outcome, n in sorted(outcomes.items()):
+        out[f"{prefix}calls/{outcome}"] = float(n)
     out[f"{prefix}no_reward_share"] = sum(isinstance(r["reward"], float) and math.isnan(r["reward"])
                                           for r in records) / len(records)
     out[f"{prefix}length"] = mean([r["length"] for r in records])
     return out
+
+
+# ----------------------------------------------------------------------------- the update
+# A prompt that lists tools is several hundred tokens longer than one that does not, and a rollout batch
+# right-aligns every prompt to the longest: one batch would spend most of its compute on padding. The
+# groups are therefore split into buckets (with tools, without), each its own padded batch, and one
+# optimizer step accumulates the gradients of every bucket, each weighted so that the sum is the loss
+# of the whole batch (token-level losses by the bucket's share of the tokens, sequence-level ones by its
+# share of the rows): the same update as one unpadded batch.
+def bucket_groups(groups: Sequence[Group]) -> list[list[Group]]:
+    """The groups whose prompt offers tools, and the others (empty buckets dropped)."""
+    with_tools = [g for g in groups if g.query.tools]
+    without = [g for g in groups if not g.query.tools]
+    return [b for b in (without, with_tools) if b]
+
+
+@dataclass
+class Bucket:
+    """One padded batch of a step, its old and reference log-probs and its masked sums."""
+
+    batch: RolloutBatch
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    tokens: float
+    entropy_sum: float
+    kl_sum: float
+    gap_sum: float
+    masked_tool_tokens: int
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, groups: Sequence[Group], model, reference, cfg: GeneralRLConfig, pad_id: int, device) -> "Bucket":
+        batch = build_batch(groups, pad_id=pad_id, scale_rewards=cfg.scale_rewards).to(device)
+        old_logps, entropy = policy_logprobs(model, batch, cfg.temperature)
+        ref_logps, _ = policy_logprobs(reference, batch, cfg.temperature, with_entropy=False)
+        mask = batch.completion_mask
+        delta = ref_logps - old_logps
+        in_rows = batch.attention_mask[:, batch.prompt_width:]
+        return cls(batch, old_logps, ref_logps, float(mask.sum()), float((entropy * mask).sum()),
+                   float(((torch.exp(delta) - delta - 1) * mask).sum()),
+                   float(((old_logps - batch.sampler_logps).abs() * mask).sum()),
+                   int(((mask == 0) & in_rows).sum()))
+
+
+def _weight(bucket: Bucket, loss_type: str, tokens: float, rows: int) -> float:
+    """The bucket's share of the whole batch's loss (see the section comment)."""
+    if loss_type in ("dapo", "bnpo"):
+        return bucket.tokens / max(tokens, 1.0)
+    return len(bucket.batch) / rows
+
+
+def optimisation_passes(model, optimizer, buckets: Sequence[Bucket], cfg: GeneralRLConfig,
+                        controller: EntropyController, entropy_now: float, lr_at) -> list[dict[str, float]]:
+    """`mu` passes over the step's buckets, one AdamW step per pass (gradients accumulated over the buckets).
+    Records as `stages.grpo.optimisation_passes` gives them."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    coef = controller.active_coef(entropy_now)
+    tokens, rows = sum(b.tokens for b in buckets), sum(len(b.batch) for b in buckets)
+    records = []
+    for _ in range(cfg.mu):
+        lr = lr_at(len(records))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = entropy_value = clipped = ratio_sum = 0.0
+        ratio_max = 1.0
+        for b in buckets:
+            mask = b.batch.completion_mask
+            logps, entropy = policy_logprobs(model, b.batch, cfg.temperature, with_entropy=True)
+            loss = grpo_loss(logps, b.old_logps, b.batch.advantages, mask, loss_type=cfg.loss_type,
+                             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                             ref_logps=b.ref_logps if cfg.beta > 0 else None,
+                             max_completion_length=cfg.max_completion_tokens)
+            share = b.tokens / max(tokens, 1.0)
+            bucket_entropy = masked_mean(entropy, mask)
+            total = _weight(b, cfg.loss_type, tokens, rows) * loss - coef * share * bucket_entropy
+            total.backward()
+            loss_value += float(_weight(b, cfg.loss_type, tokens, rows) * loss.detach())
+            entropy_value += share * float(bucket_entropy.detach())
+            with torch.no_grad():
+                ratio = torch.exp(logps.detach() - b.old_logps)
+                clipped += share * float(clip_fraction(ratio, b.batch.advantages, mask, cfg.epsilon_low,
+                                                       cfg.epsilon_high))
+                ratio_sum += float((ratio * mask).sum())
+                if mask.any():
+                    ratio_max = max(ratio_max, float((ratio * mask).max()))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm or float("inf")))
+        if not math.isfinite(grad_norm) or not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite general-RL loss or gradient (loss {loss_value}, grad {grad_norm})")
+        optimizer.step()
+        records.append({"loss": loss_value, "grad_norm": grad_norm, "entropy_bonus_coef": coef, "lr": lr,
+                        "clip_fraction": clipped, "ratio_mean": ratio_sum / max(tokens, 1.0), "ratio_max": ratio_max,
+                        "train_entropy": entropy_value})
+    return records
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -533,6 +643,8 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
         stream.load_state_dict(run.state["loader"])
         controller.load_state_dict(run.state["entropy_controller"])
     else:
+        for name, why in cfg.unscored_tasks.items():
+            ctx.say(f"{cfg.name}: WARNING task {name} left out of the mix: {why}")
         mix = ", ".join(f"{k} {v:g}" for k, v in cfg.task_weights.items())
         ctx.say(f"{cfg.name}: {cfg.steps} steps x {cfg.queries_per_step} queries x {cfg.group_size} rollouts over "
                 f"{len(cfg.task_weights)} tasks ({len(queries)} queries; {mix})")
@@ -552,7 +664,6 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
     while step < cfg.steps:
         step_seed = cfg.seed * 1_000_003 + step
         generator = torch.Generator(device=torch_device).manual_seed(step_seed)
-        shuffler = torch.Generator().manual_seed(step_seed)
         rng = random.Random(f"general-rl-modes|{step_seed}")
         before = Counter(scorer.counts)
         judged_before = judge.stats.counts()
@@ -568,21 +679,16 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
             if n - judged_before.get(key, 0):
                 record[f"judge/{key}"] = n - judged_before.get(key, 0)
         if rollouts.groups:
-            batch = build_batch(rollouts.groups, pad_id=tokenizer.pad_token_id,
-                                scale_rewards=cfg.scale_rewards).to(torch_device)
-            with torch.no_grad():
-                old_logps, entropy = policy_logprobs(model, batch, cfg.temperature)
-                ref_logps, _ = policy_logprobs(reference, batch, cfg.temperature, with_entropy=False)
-            mask = batch.completion_mask
-            entropy_now = float(masked_mean(entropy, mask))
-            delta = ref_logps - old_logps
-            record.update(entropy=entropy_now, kl=float(masked_mean(torch.exp(delta) - delta - 1, mask)),
-                          sampler_logp_gap=float(masked_mean((old_logps - batch.sampler_logps).abs(), mask)),
-                          masked_tool_tokens=int((batch.completion_mask == 0).logical_and(
-                              batch.attention_mask[:, batch.prompt_width:]).sum()))
+            buckets = [Bucket.of(groups, model, reference, cfg, tokenizer.pad_token_id, torch_device)
+                       for groups in bucket_groups(rollouts.groups)]
+            tokens = sum(b.tokens for b in buckets)
+            entropy_now = sum(b.entropy_sum for b in buckets) / max(tokens, 1.0)
+            record.update(entropy=entropy_now, kl=sum(b.kl_sum for b in buckets) / max(tokens, 1.0),
+                          sampler_logp_gap=sum(b.gap_sum for b in buckets) / max(tokens, 1.0),
+                          masked_tool_tokens=sum(b.masked_tool_tokens for b in buckets), buckets=len(buckets))
             first_opt_step = opt_steps
-            updates = optimisation_passes(model, run.optimizer, batch, old_logps, ref_logps, cfg, controller,
-                                          entropy_now, shuffler, lambda k: run.schedule.lr(first_opt_step + k))
+            updates = optimisation_passes(model, run.optimizer, buckets, cfg, controller, entropy_now,
+                                          lambda k: run.schedule.lr(first_opt_step + k))
             opt_steps += len(updates)
             for key in ("loss", "grad_norm", "clip_fraction", "ratio_mean", "lr"):
                 record[key] = sum(u[key] for u in updates) / len(updates)
@@ -622,6 +728,13 @@ def _identity_fields(cfg: GeneralRLConfig) -> dict[str, Any]:
     return d
 
 
+def _finite(value: Any) -> Any:
+    """A logged metric as eval.json keeps it: a mean over no valid reward (logged as "nan") is None."""
+    if isinstance(value, str) or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return value
+
+
 def summarize(cfg: GeneralRLConfig, records: Sequence[Mapping[str, Any]], scorer: Scorer, judge) -> dict[str, Any]:
     """eval.json: held-out metrics before (step 0, the fused model) and after, per-task curves' ends,
     entropy trajectory, counted no-reward reasons and judge outcomes, pinned settings."""
@@ -633,21 +746,22 @@ def summarize(cfg: GeneralRLConfig, records: Sequence[Mapping[str, Any]], scorer
     return {
         "stage": cfg.name,
         "steps": cfg.steps,
-        "before": {k[5:]: before.get(k) for k in keys},
-        "after": {k[5:]: after.get(k) for k in keys},
+        "before": {k[5:]: _finite(before.get(k)) for k in keys},
+        "after": {k[5:]: _finite(after.get(k)) for k in keys},
         "curve_steps": [r["step"] for r in evals],
         "entropy_start": smoothed[0] if smoothed else None,
         "entropy_min": min(smoothed) if smoothed else None,
         "counts": dict(scorer.counts),
         "judge": judge.stats.counts(),
         "tasks": cfg.task_weights,
+        "unscored_tasks": cfg.unscored_tasks,
         "eval_settings": {"per_task": cfg.eval_per_task, "temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p,
                           "top_k": cfg.eval_top_k, "max_new_tokens": cfg.max_new_tokens,
-                          "max_total_tokens": cfg.max_total_tokens, "heldout": "data.tasks.is_heldout",
+                          "max_completion_tokens": cfg.max_completion_tokens, "heldout": "data.tasks.is_heldout",
                           "seed": cfg.seed + 7919},
         "elapsed_s": records[-1].get("elapsed_s") if records else None,
     }
 
 
-__all__ = ["GeneralRLConfig", "Prompt", "Scorer", "build_prompt", "collect", "draw_mode", "evaluate",
+__all__ = ["Bucket", "GeneralRLConfig", "Prompt", "Scorer", "bucket_groups", "optimisation_passes", "build_prompt", "collect", "draw_mode", "evaluate",
            "heldout_queries", "run", "summarize", "summarize_records", "training_queries"]

@@ -248,7 +248,7 @@ def eval_queries(cfg: GRPOConfig) -> list[Query]:
 
 
 # ----------------------------------------------------------------------------- one update
-def _clip_fraction(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float):
+def clip_fraction(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float):
     """Share of counted tokens whose clipped branch is active (TRL's low/high clip ratios summed)."""
     adv = adv[:, None] if adv.dim() == 1 else adv
     clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
@@ -293,7 +293,7 @@ def optimisation_passes(model, optimizer, batch: RolloutBatch, old_logps: torch.
             with torch.no_grad():
                 ratio = torch.exp(logps.detach() - old_logps[rows])
                 rec = {"loss": float(loss), "grad_norm": grad_norm, "entropy_bonus_coef": coef, "lr": lr,
-                       "clip_fraction": float(_clip_fraction(ratio, mb.advantages, mask, cfg.epsilon_low,
+                       "clip_fraction": float(clip_fraction(ratio, mb.advantages, mask, cfg.epsilon_low,
                                                              cfg.epsilon_high)),
                        "ratio_mean": float(masked_mean(ratio, mask)),
                        "ratio_max": float((ratio * mask).max()) if mask.any() else 1.0,
@@ -514,4 +514,4 @@ def summarize(cfg: GRPOConfig, records: Sequence[Mapping[str, Any]], selection: 
     }
 
 
-__all__ = ["GRPOConfig", "run", "candidate_queries", "eval_queries", "optimisation_passes", "summarize"]
+__all__ = ["GRPOConfig", "run", "candidate_queries", "clip_fraction", "eval_queries", "optimisation_passes", "summarize"]

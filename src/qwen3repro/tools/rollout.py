@@ -23,8 +23,9 @@ How a trajectory ends (`finish_reason`):
 * "turn_cap": a turn with calls was the `max_turns`-th assistant turn;
 * "call_cap": a turn with calls came after the trajectory's `max_calls` calls were spent (calls
   beyond the budget within a turn that still had budget are answered "call_cap" and not run);
-* "token_cap": prompt + completion reached `max_total_tokens` (the turn is cut there, or the tool
-  responses would leave no room for the next turn).
+* "token_cap": the completion (model turns and tool responses, after the prompt) reached
+  `max_completion_tokens` (the turn is cut there, or the tool responses would leave no room for the
+  next turn). The cap leaves out the prompt, whose length varies with the tools it lists.
 
 Calls are answered in the order the model wrote them, malformed ones (`chat.parse`'s errors)
 included, as "invalid_call". `calls` lists the answered calls; a turn that ends the trajectory
@@ -198,7 +199,7 @@ def _answer(env: ToolEnvironment, written: list[tuple[dict | None, str | None]],
 
 
 def _advance(trajectory: Trajectory, generation: Any, budget: int, *, tokenizer, env: ToolEnvironment,
-             max_new_tokens: int, max_total_tokens: int | None, enable_thinking: bool) -> bool:
+             max_new_tokens: int, max_completion_tokens: int | None, enable_thinking: bool) -> bool:
     """Add one sampled turn (and its tool responses); returns whether the trajectory goes on."""
     ids = [int(t) for t in generation.token_ids]
     if generation.logprobs is None:
@@ -229,7 +230,7 @@ def _advance(trajectory: Trajectory, generation: Any, budget: int, *, tokenizer,
     contents = [truncate_tool_response(tokenizer, result.content, env.limits.max_response_tokens)
                 for _, result in answered]
     span = tokenizer.encode(tool_response_text(contents, enable_thinking))
-    if max_total_tokens is not None and len(trajectory.prompt) + len(trajectory.completion) + len(span) >= max_total_tokens:
+    if max_completion_tokens is not None and len(trajectory.completion) + len(span) >= max_completion_tokens:
         trajectory.finish_reason = "token_cap"
         return False
     trajectory._append(span, None, sampled=False)
@@ -246,7 +247,7 @@ def tool_rollouts(
     *,
     sampling: SamplingParams,
     max_new_tokens: int,
-    max_total_tokens: int | None = None,
+    max_completion_tokens: int | None = None,
     generator=None,
     max_batch_size: int | None = None,
     generate_fn: Callable[..., list] = generate,
@@ -256,15 +257,15 @@ def tool_rollouts(
 
     Each round samples one turn for every unfinished trajectory in one `generate_fn` call
     (`generate`'s signature; tests pass a scripted one). A turn gets at most `max_new_tokens`
-    tokens, and prompt + completion at most `max_total_tokens` (None: no total cap). The prompts
+    tokens, and the completion at most `max_completion_tokens` (None: no cap). The prompts
     end with the assistant header (`chat.render(..., tools=env.schemas(),
     add_generation_prompt=True)`); `enable_thinking=False` puts the empty think block after each
     later assistant header, as the template does after the first.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if max_total_tokens is not None and (not isinstance(max_total_tokens, int) or max_total_tokens < 1):
-        raise ValueError(f"max_total_tokens must be None or an int >= 1, got {max_total_tokens!r}")
+    if max_completion_tokens is not None and (not isinstance(max_completion_tokens, int) or max_completion_tokens < 1):
+        raise ValueError(f"max_completion_tokens must be None or an int >= 1, got {max_completion_tokens!r}")
     trajectories = [Trajectory(prompt=[int(t) for t in p]) for p in prompts]
     active = list(range(len(trajectories)))
     while active:
@@ -272,9 +273,9 @@ def tool_rollouts(
         for index in active:
             trajectory = trajectories[index]
             left = max_new_tokens
-            if max_total_tokens is not None:
-                left = min(left, max_total_tokens - len(trajectory.prompt) - len(trajectory.completion))
-            if left <= 0:  # only a prompt that fills the total budget by itself
+            if max_completion_tokens is not None:
+                left = min(left, max_completion_tokens - len(trajectory.completion))
+            if left <= 0:  # no budget left for a turn (max_new_tokens 0)
                 trajectory.finish_reason = "token_cap"
             else:
                 budgets[index] = left
@@ -291,7 +292,7 @@ def tool_rollouts(
         active = [
             index for index, generation in zip(active, generations)
             if _advance(trajectories[index], generation, budgets[index], tokenizer=tokenizer, env=env,
-                        max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens,
+                        max_new_tokens=max_new_tokens, max_completion_tokens=max_completion_tokens,
                         enable_thinking=enable_thinking)
         ]
     return trajectories

@@ -16,6 +16,8 @@ rather than silently dropped. Thresholds and the report's figures: `evals/claims
     grpo           reasoning RL's held-out pass@1 and entropy              grpo.py
     fusion         ThinkFollow, thinking vs non-thinking                   fusion.py
     budget         accuracy vs thinking budget                             budget.py
+    reward_model   the reward model vs length and bag-of-words baselines   reward_model.py
+    general_rl     ThinkFollow, IFEval, tool calls, reasoning kept         general_rl.py
 
 `registry.run_claims` measures them, adds the copy-probe diagnoses (`copy_probe`) and writes
 `claims.json` and `REPORT.md`.
