@@ -474,15 +474,41 @@ def summarize_records(records: Sequence[Mapping[str, Any]], prefix: str = "") ->
 # ----------------------------------------------------------------------------- the update
 # A prompt that lists tools is several hundred tokens longer than one that does not, and a rollout batch
 # right-aligns every prompt to the longest: one batch would spend most of its compute on padding. The
-# groups are therefore split into buckets (with tools, without), each its own padded batch, and one
-# optimizer step accumulates the gradients of every bucket, each weighted so that the sum is the loss
-# of the whole batch (token-level losses by the bucket's share of the tokens, sequence-level ones by its
-# share of the rows): the same update as one unpadded batch.
-def bucket_groups(groups: Sequence[Group]) -> list[list[Group]]:
-    """The groups whose prompt offers tools, and the others (empty buckets dropped)."""
-    with_tools = [g for g in groups if g.query.tools]
-    without = [g for g in groups if not g.query.tools]
-    return [b for b in (without, with_tools) if b]
+# groups are therefore split into up to MAX_BUCKETS buckets of similar lengths, each its own padded batch,
+# and one optimizer step accumulates the gradients of every bucket, each weighted so that the sum is the
+# loss of the whole batch (token-level losses by the bucket's share of the tokens, sequence-level ones by
+# its share of the rows): the same update as one unpadded batch.
+MAX_BUCKETS = 3
+
+
+def _padded_cells(groups: Sequence[Group]) -> int:
+    """Token positions of `groups` as one padded batch (rows x (longest prompt + longest completion))."""
+    prompt = max(len(g.prompt) for g in groups)
+    completion = max((len(c) for g in groups for c in g.completions), default=0)
+    return sum(len(g.completions) for g in groups) * (prompt + max(completion, 1))
+
+
+def bucket_groups(groups: Sequence[Group], max_buckets: int = MAX_BUCKETS) -> list[list[Group]]:
+    """`groups` sorted by prompt length and cut into at most `max_buckets` runs that minimise the padded
+    positions of all the batches (an exact search over the cut points)."""
+    ordered = sorted(groups, key=lambda g: (len(g.prompt), max((len(c) for c in g.completions), default=0)))
+    n = len(ordered)
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {}
+
+    def solve(start: int, left: int) -> tuple[int, list[int]]:
+        if start == n:
+            return 0, []
+        if (start, left) not in best:
+            options = [(_padded_cells(ordered[start:]), [n])]
+            if left > 1:
+                for end in range(start + 1, n):
+                    rest, cuts = solve(end, left - 1)
+                    options.append((_padded_cells(ordered[start:end]) + rest, [end, *cuts]))
+            best[start, left] = min(options, key=lambda o: o[0])
+        return best[start, left]
+
+    cuts = [0, *solve(0, max_buckets)[1]] if n else [0]
+    return [ordered[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 @dataclass
