@@ -3,6 +3,7 @@ counted no-reward outcomes), tool spans masked out of the batch, the judge over 
 the stage end to end with exact resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -114,7 +115,13 @@ def test_the_scorer_gates_on_the_mode_penalises_malformed_calls_and_counts_no_re
     assert scorer.counts["mode_gate"] == 1
     malformed = [{"name": None, "arguments": None, "outcome": "invalid_call"}]
     value, _ = scorer.score(_prompt(q, "no_think"), _traj(NO_THINK_ANSWER, malformed))
-    assert value == pytest.approx(1.0 - 0.2)
+    assert value == pytest.approx(1.0 - 0.1)
+    ran = [{"name": "lookup", "arguments": {}, "outcome": "ok"}]
+    failed = [{"name": "lookup", "arguments": {}, "outcome": "tool_error"}]
+    with_tools = dataclasses.replace(q, tools=("lookup",))
+    assert scorer.score(_prompt(with_tools, "no_think"), _traj(NO_THINK_ANSWER, ran))[0] == pytest.approx(1.2)
+    assert scorer.score(_prompt(with_tools, "no_think"), _traj(NO_THINK_ANSWER, failed))[0] == 1.0
+    assert scorer.score(_prompt(q, "no_think"), _traj(NO_THINK_ANSWER, ran))[0] == 1.0  # no tools offered
     ungated = general_rl.Scorer(_cfg(format_gate=False))
     assert ungated.score(_prompt(q, "no_think"), _traj(ANSWER)) == (1.0, False)
     # No reward function, a reward that raises, a reward with no score: NaN and a counted reason.

@@ -23,8 +23,8 @@ and a reward model without a reference. Here:
    OpenAI-compatible server such as vLLM, `judge_base_url`); "reward_model" scores with the
    Bradley–Terry model of the stage this one `uses` (`stages.reward_model`). With `format_gate` a
    response whose think block does not follow the requested mode scores 0 on every task (the report's
-   format-following ability: "respond to /think and /no_think"), and each malformed tool call costs
-   `malformed_call_penalty`. A reward that could not be computed ("no reward": a judge timeout, an
+   format-following ability: "respond to /think and /no_think"), each malformed tool call costs
+   `malformed_call_penalty`, and a tool-offering query whose calls all ran earns `valid_call_bonus`. A reward that could not be computed ("no reward": a judge timeout, an
    unparseable judge answer) is left out of its group's statistics and counted by reason.
 5. **Dynamic sampling on rewards**: a group whose valid rewards are all equal has no advantage
    and is dropped and refilled (graded rewards make the reasoning stage's accuracy test too coarse).
@@ -106,7 +106,11 @@ class GeneralRLConfig:
     max_turns: Positive = 3
     max_calls: Positive = 3
     max_response_tokens: Positive = 64
-    malformed_call_penalty: float = 0.2
+    malformed_call_penalty: float = 0.1
+    """Subtracted per malformed tool call (invalid JSON, no name, no arguments)."""
+    valid_call_bonus: float = 0.2
+    """Added once to a trajectory of a query that offers tools when it made calls and every one ran: a
+    rollout that uses the tool correctly beats one that does not call it, before the answer is right."""
     # ---- judge (reference-based model reward)
     judge_base_url: str = ""
     """An OpenAI-compatible server (`.../v1`); empty: a loopback server of the parent checkpoint."""
@@ -186,8 +190,10 @@ class GeneralRLConfig:
             raise ConfigError(f"{self.name}: entropy_control must be one of {ENTROPY_CONTROLS}")
         if self.group_size < 2:
             raise ConfigError(f"{self.name}: group_size must be >= 2 (advantages are relative within a group)")
-        if self.temperature <= 0 or self.lr <= 0 or self.beta < 0 or self.malformed_call_penalty < 0:
-            raise ConfigError(f"{self.name}: temperature and lr must be > 0; beta and malformed_call_penalty >= 0")
+        if self.temperature <= 0 or self.lr <= 0 or min(self.beta, self.malformed_call_penalty,
+                                                        self.valid_call_bonus) < 0:
+            raise ConfigError(f"{self.name}: temperature and lr must be > 0; beta, malformed_call_penalty and "
+                              "valid_call_bonus >= 0")
         if self.max_completion_tokens < self.max_new_tokens:
             raise ConfigError(f"{self.name}: max_completion_tokens ({self.max_completion_tokens}) < max_new_tokens "
                               f"({self.max_new_tokens})")
@@ -322,6 +328,9 @@ class Scorer:
         if traj.malformed_calls:
             self.counts["malformed_call_penalty"] += traj.malformed_calls
             value -= self.cfg.malformed_call_penalty * traj.malformed_calls
+        elif prompt.query.tools and traj.n_calls and traj.n_ok_calls == traj.n_calls:
+            self.counts["valid_call_bonus"] += 1
+            value += self.cfg.valid_call_bonus
         return value, followed
 
 
