@@ -24,14 +24,16 @@ and a reward model without a reference. Here:
    Bradley–Terry model of the stage this one `uses` (`stages.reward_model`). With `format_gate` a
    response whose think block does not follow the requested mode scores 0 on every task (the report's
    format-following ability: "respond to /think and /no_think"), each malformed tool call costs
-   `malformed_call_penalty`, and a tool-offering query whose calls all ran earns `valid_call_bonus`. A reward that could not be computed ("no reward": a judge timeout, an
+   `malformed_call_penalty`, and a rollout of a tool-offering query whose calls all ran earns
+   `valid_call_bonus`. A reward that could not be computed ("no reward": a judge timeout, an
    unparseable judge answer) is left out of its group's statistics and counted by reason.
 5. **Dynamic sampling on rewards**: a group whose valid rewards are all equal has no advantage
    and is dropped and refilled (graded rewards make the reasoning stage's accuracy test too coarse).
 6. **The update** is the reasoning stage's loss (`losses.grpo_loss`: DAPO token-level aggregation,
-   clip-higher, μ passes, the proportional entropy control), with the loss mask above; rollouts whose
-   prompts list tools form a padded batch of their own, and each optimizer step accumulates both
-   batches' gradients weighted to equal the whole batch's loss (`optimisation_passes`).
+   clip-higher, μ passes, the proportional entropy control), with the loss mask above; the groups are
+   padded in up to three batches of similar lengths (prompts that list tools are hundreds of tokens
+   longer), and each optimizer step accumulates their gradients weighted to equal the whole batch's
+   loss (`optimisation_passes`).
 7. **Metrics** every step: reward overall and per task, mode-follow rate, tool calls (ok, malformed,
    per outcome), no-reward counts by reason, entropy, KL, clip fraction, lengths; held-out reward per
    task, mode-follow and tool-call success every `eval_every` steps (and at 0 and the end, so
@@ -703,9 +705,10 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
         before = Counter(scorer.counts)
         judged_before = judge.stats.counts()
         rollouts = collect(model, tokenizer, stream, cfg, envs, scorer, rng, generator)
+        generated = max(rollouts.generated_groups, 1)
         record: dict[str, Any] = {"step": step + 1, **summarize_records(rollouts.records),
                                   "groups_generated": rollouts.generated_groups, "groups_kept": len(rollouts.groups),
-                                  "zero_variance_share": rollouts.zero_variance_groups / max(rollouts.generated_groups, 1),
+                                  "zero_variance_share": rollouts.zero_variance_groups / generated,
                                   "no_reward_groups": rollouts.no_reward_groups, "gen_rounds": rollouts.rounds}
         for key, n in (scorer.counts - before).items():
             record[f"count/{key}"] = n
@@ -798,5 +801,6 @@ def summarize(cfg: GeneralRLConfig, records: Sequence[Mapping[str, Any]], scorer
     }
 
 
-__all__ = ["Bucket", "GeneralRLConfig", "Prompt", "Scorer", "bucket_groups", "optimisation_passes", "build_prompt", "collect", "draw_mode", "evaluate",
-           "heldout_queries", "run", "summarize", "summarize_records", "training_queries"]
+__all__ = ["Bucket", "GeneralRLConfig", "MAX_BUCKETS", "Prompt", "Scorer", "bucket_groups", "build_prompt", "collect",
+           "draw_mode", "evaluate", "heldout_queries", "optimisation_passes", "run", "summarize", "summarize_records",
+           "training_queries"]

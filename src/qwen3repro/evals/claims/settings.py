@@ -153,5 +153,6 @@ def claim_settings() -> ClaimSettings:
     return load_claim_settings(CLAIMS_FILE)
 
 
-__all__ = ["BudgetFigures", "CLAIMS_FILE", "ClaimSettings", "CopyProbeFigures", "FusionFigures", "GRPOFigures", "GeneralRLFigures", "RewardModelFigures",
-           "LongContextFigures", "Significance", "claim_settings", "load_claim_settings"]
+__all__ = ["BudgetFigures", "CLAIMS_FILE", "ClaimSettings", "CopyProbeFigures", "FusionFigures", "GRPOFigures",
+           "GeneralRLFigures", "LongContextFigures", "RewardModelFigures", "Significance", "claim_settings",
+           "load_claim_settings"]
