@@ -43,7 +43,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def records(tok):
-    cfg = config()
+    cfg = config(n_judging=10)
     thinking = fusion.reference_samples(fusion.sample_queries(config(n_queries=60)))
     rng = random.Random(0)
     direct = fusion.direct_samples(cfg, 120, rng)

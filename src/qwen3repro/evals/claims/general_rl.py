@@ -36,6 +36,7 @@ from ..thinking import ThinkingEvalConfig, accuracy_by_mode, pinned_settings, th
 from .fusion import eval_config
 from .row import ClaimRow
 from .settings import claim_settings
+from .significance import clearly_above
 
 STAGE = "general-rl"
 PARENT = "fusion"
@@ -126,7 +127,8 @@ def claim_general_rl(plan, say: Callable[[str], None]) -> list[ClaimRow]:
     for role in plan.roles_with(STAGE):
         d, parent = Path(plan.stage_dir(role, STAGE)), Path(plan.stage_dir(role, PARENT))
         claim = ("General RL raises ThinkFollow, IFEval (prompt-level strict) and tool-call success over the fused "
-                 f"model, thinking-mode reasoning within {figures.reasoning_drop_max * 100:.0f} points")
+                 "model (each by more than the significance threshold), thinking-mode reasoning within "
+                 f"{figures.reasoning_drop_max * 100:.0f} points")
         report = (f"ThinkFollow {figures.report_thinkfollow_stage3} -> {figures.report_thinkfollow_stage4}; AIME'24 "
                   f"{figures.report_aime24_stage3} -> {figures.report_aime24_stage4} (Table 22, Qwen3-32B)")
         if cfg is None or not (d / LINEAGE_FILE).exists() or not (parent / LINEAGE_FILE).exists():
@@ -144,9 +146,13 @@ def claim_general_rl(plan, say: Callable[[str], None]) -> list[ClaimRow]:
         ife = (before["ifeval"]["prompt_strict"], after["ifeval"]["prompt_strict"])
         tool = (ev["before"].get("tool_success"), ev["after"].get("tool_success"))
         acc = (before["accuracy_by_mode"]["thinking"]["accuracy"], after["accuracy_by_mode"]["thinking"]["accuracy"])
-        checks = {"ThinkFollow": tf[1] > tf[0], "IFEval": ife[1] > ife[0],
-                  "tool-call success": tool[0] is not None and tool[1] is not None and tool[1] > tool[0],
-                  "reasoning": acc[1] >= acc[0] - figures.reasoning_drop_max}
+        z = claim_settings().significance.standard_errors
+        n_tf = after["thinkfollow"]["n"]
+        n_tool = ev["eval_settings"]["per_task"] * sum(1 for t in ev["tasks"] if t.startswith("tool_"))
+        rises = {"ThinkFollow": (tf, n_tf), "IFEval": (ife, ifeval_n), "tool-call success": (tool, n_tool)}
+        checks = {name: None not in pair and clearly_above(pair[1], n, pair[0], n, z)
+                  for name, (pair, n) in rises.items()}
+        checks["reasoning"] = acc[1] >= acc[0] - figures.reasoning_drop_max
         result = {"fusion": before, "general_rl": after, "stage_eval": ev, "checks": checks,
                   "settings": {"thinking": pinned_settings(cfg_role), "ifeval_n": ifeval_n,
                                "ifeval_max_new_tokens": ifeval_max_new}}
@@ -165,8 +171,12 @@ def claim_general_rl(plan, say: Callable[[str], None]) -> list[ClaimRow]:
                     f"{fmt(before['accuracy_by_mode']['non_thinking']['accuracy'])} -> "
                     f"{fmt(after['accuracy_by_mode']['non_thinking']['accuracy'])}{extra}; {ev['steps']} steps")
         failed = [name for name, ok in checks.items() if not ok]
-        rows.append(ClaimRow("general_rl", claim, report, measured, not failed,
-                             "" if not failed else f"did not hold: {', '.join(failed)}", plots=[plot],
+        why = [f"{name} did not rise by more than {z:g} standard errors ({fmt(pair[0])} -> {fmt(pair[1])}, n={n})"
+               for name, (pair, n) in rises.items() if not checks[name]]
+        if not checks["reasoning"]:
+            why.append(f"thinking-mode accuracy fell by more than {figures.reasoning_drop_max:.0%} "
+                       f"({fmt(acc[0])} -> {fmt(acc[1])})")
+        rows.append(ClaimRow("general_rl", claim, report, measured, not failed, "; ".join(why), plots=[plot],
                              details={"checks": checks, "result": str(path), "counts": ev.get("counts", {}),
                                       "judge": ev.get("judge", {})}, role=role))
     return rows

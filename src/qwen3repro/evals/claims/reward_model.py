@@ -59,9 +59,17 @@ def claim_reward_model(plan, say: Callable[[str], None]) -> list[ClaimRow]:
                     f"{best_of_k:.1%} (chance 25%); best-of-{bon['n']} rule reward {bon['random']:.1%} random -> "
                     f"{bon['reward_model']:.1%} reranked (oracle {bon['oracle']:.1%}, {bon['queries']} queries)")
         failed = [name for name, ok in checks.items() if not ok]
+        why = [f"pairwise accuracy {acc['reward_model']:.1%} vs {label} {acc[name]:.1%} "
+               f"({(acc['reward_model'] - acc[name]) * 100:+.1f} points; the claim needs "
+               f">= {figures.pairwise_margin_min * 100:.0f} and {z:g} standard errors)"
+               for name, label in (("length", "length-only"), ("bag_of_words", "bag of words")) if not beats[name]]
+        if not checks["best-of-4"]:
+            why.append(f"best-of-4 {best_of_k:.1%} < {figures.best_of_k_min:.0%}")
+        if not checks["best-of-N raises the rule reward"]:
+            why.append(f"best-of-{bon['n']} reranking did not raise the rule reward ({bon['random']:.1%} -> "
+                       f"{bon['reward_model']:.1%}; oracle {bon['oracle']:.1%})")
         plot = d / "pairwise_accuracy.png"
-        rows.append(ClaimRow("reward_model", claim, report, measured, not failed,
-                             "" if not failed else f"did not hold: {', '.join(failed)}",
+        rows.append(ClaimRow("reward_model", claim, report, measured, not failed, "; ".join(why),
                              plots=[str(plot)] if plot.exists() else [],
                              details={"checks": checks, "by_domain": by_domain, "best_of_n": bon,
                                       "headline": ev.get("headline", {})}, role=role))
