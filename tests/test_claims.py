@@ -198,11 +198,13 @@ def test_each_scale_measures_its_claims_for_the_roles_that_ran_their_stages():
         assert plan.roles_with("s1-control") == ["flagship"]             # S2 vs its control
         assert plan.roles_with("cold-start-unfiltered") == ["flagship"]  # Filtering
         assert plan.roles_with("reasoning-rl") == plan.roles_with("fusion") == ["flagship"]
+        assert plan.roles_with("reward-model") == plan.roles_with("general-rl") == ["flagship"]
         assert plan.roles_with("s3") == ["flagship", "student"]
         assert plan.eval_settings("longcontext")["role"] == "flagship"
         assert plan.experiment_settings("moe")
     small = build_plan("small")
-    assert set(small.settings.claims) == {"filtering", "grpo", "fusion", "budget"} <= set(CLAIMS)
+    assert set(small.settings.claims) == {"filtering", "grpo", "fusion", "budget", "reward_model",
+                                          "general_rl"} <= set(CLAIMS)
     assert small.roles_with("reasoning-rl") == small.roles_with("cold-start-unfiltered") == ["flagship"]
 
 
