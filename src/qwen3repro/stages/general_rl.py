@@ -287,7 +287,8 @@ def build_prompt(query: Query, mode: str, in_system: bool, tokenizer, env: ToolE
 
 # ----------------------------------------------------------------------------- rewards
 class Scorer:
-    """Scores trajectories with their task's reward, the mode gate and the malformed-call penalty.
+    """Scores trajectories with their task's reward, the mode gate, the malformed-call penalty and the
+    valid-call bonus.
 
     Counts every outcome that is not a plain score: "no reward" by reason (a task whose reward is not
     registered, a reward that raised, a judge or reward-model failure), the gate, the penalties.
