@@ -230,7 +230,7 @@ def _scripted(tok):
 
 
 def _records(out):
-    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s") and not k.endswith("seconds")}
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
             for r in map(json.loads, (out / "metrics.jsonl").open())]
 
 

@@ -48,7 +48,6 @@ import inspect
 import math
 import random
 import threading
-import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -688,10 +687,7 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
                 f"{len(cfg.task_weights)} tasks ({len(queries)} queries; {mix})")
 
     def run_eval() -> dict[str, float]:
-        t0 = time.perf_counter()
-        res = run.evaluate(lambda m: evaluate(m, tokenizer, heldout, cfg, envs, scorer, cfg.seed + 7919))
-        res["eval/seconds"] = time.perf_counter() - t0
-        return res
+        return run.evaluate(lambda m: evaluate(m, tokenizer, heldout, cfg, envs, scorer, cfg.seed + 7919))
 
     def save(at_step: int) -> str:
         return run.save(at_step, loader_state=stream.state_dict(), opt_steps=opt_steps,
@@ -781,7 +777,7 @@ def summarize(cfg: GeneralRLConfig, records: Sequence[Mapping[str, Any]], scorer
     steps = [r for r in records if isinstance(r.get("entropy"), (int, float))]
     before, after = (evals[0], evals[-1]) if evals else ({}, {})
     smoothed = window_means([r["entropy"] for r in steps], 5)
-    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/seconds"})
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
     return {
         "stage": cfg.name,
         "steps": cfg.steps,
