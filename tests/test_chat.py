@@ -17,6 +17,7 @@ from qwen3repro.chat import (
     render_pieces,
     thinking_flag,
     tokenize_conversation,
+    tools_system_content,
     wants_thinking,
 )
 from qwen3repro.tokenizer import Tokenizer, train_tokenizer
@@ -510,8 +511,6 @@ def test_generation_prompt_tokens_are_a_prefix(tok, conversation):
 def test_tools_system_content_renders_as_the_tools_argument():
     """A chat opening with a system message whose content is `tools_system_content(tools)` renders exactly as
     the chat rendered with `tools` (with and without a system message of its own), and as the Jinja template."""
-    from qwen3repro.chat import render, render_jinja, tools_system_content
-
     tools = [{"type": "function", "function": {"name": "lookup", "description": "Look up a person.",
                                                "parameters": {"type": "object", "properties": {
                                                    "name": {"type": "string"}}, "required": ["name"]}}}]

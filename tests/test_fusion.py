@@ -10,7 +10,10 @@ import torch
 
 from qwen3repro.chat import EMPTY_THINK, parse, render, thinking_flag, tokenize_conversation, wants_thinking
 from qwen3repro.config import ConfigError
-from qwen3repro.data import tasks
+from qwen3repro.data import general_tasks, tasks
+from qwen3repro.data.judging import corrupt, judging_conversations
+from qwen3repro.rewards.judge import judge_prompt, parse_score
+from qwen3repro.tools import ToolEnvironment, default_tools
 from qwen3repro.data.world import RARE_LANGUAGE, build_world
 from qwen3repro.generate import Generation
 from qwen3repro.lineage import make_lineage, read_lineage, write_lineage
@@ -266,13 +269,8 @@ def test_stage_runs_end_to_end_on_a_micro_model(tmp_path, parent):
 
 
 def test_general_records_are_demonstrations_that_render_as_the_rl_prompts(tok):
-    """The general-task conversations of the fusion set: training-partition queries only, each passing its own
-    rule reward, and a tool-use conversation renders exactly as the same chat rendered with its tools."""
-    from qwen3repro.chat import render
-    from qwen3repro.data import general_tasks
-    from qwen3repro.rewards import REWARDS
-    from qwen3repro.tools import ToolEnvironment, default_tools
-
+    """The general-task conversations of the fusion set (their rewards are checked in test_general_tasks.py):
+    a tool-use conversation renders exactly as the same chat rendered with its tools, as general RL prompts it."""
     cfg = config(n_general=60)
     records = fusion.general_records(cfg, cfg.n_general)
     assert len(records) == 60 and all(r["category"] == "general" for r in records)
@@ -292,9 +290,6 @@ def test_general_records_are_demonstrations_that_render_as_the_rl_prompts(tok):
 def test_grading_conversations_teach_the_judge_format_with_true_verdicts():
     """Each grading conversation is the judge client's own prompt and a verdict whose last `Score:` the
     judge parser reads as 1 for the reference answer and 0 for a response with one fact changed."""
-    from qwen3repro.data.judging import corrupt, judging_conversations
-    from qwen3repro.rewards.judge import judge_prompt, parse_score
-
     world = build_world(0)
     records = judging_conversations(40, seed=3, world=world)
     assert len(records) == 40 and 10 < sum(r["meta"]["agrees"] for r in records) < 30

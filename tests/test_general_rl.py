@@ -12,7 +12,7 @@ import socket
 import pytest
 import torch
 
-from qwen3repro.chat import EMPTY_THINK, parse, thinking_flag, wants_thinking
+from qwen3repro.chat import EMPTY_THINK, thinking_flag, wants_thinking
 from qwen3repro.config import ConfigError
 from qwen3repro.data import general_tasks
 from qwen3repro.data.queries import Query
@@ -23,7 +23,9 @@ from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
 from qwen3repro.models.reward import Qwen3RewardModel
 from qwen3repro.rewards import REWARDS, RewardResult, register
+from qwen3repro.rl.entropy import EntropyController
 from qwen3repro.rl.rollout import Group, build_batch
+from qwen3repro.stages import grpo
 from qwen3repro.stages import general_rl
 from qwen3repro.stages.common import StageContext
 from qwen3repro.tokenizer import train_tokenizer
@@ -317,9 +319,6 @@ def test_tool_outcomes_are_counted_by_name():
 def test_bucketed_update_equals_the_whole_batch_update(tok):
     """Tool and non-tool rollouts are padded as two batches; the accumulated, weighted gradient equals the
     gradient of the reasoning stage's update over one batch of all the rows (dapo and grpo aggregation)."""
-    from qwen3repro.rl.entropy import EntropyController
-    from qwen3repro.stages import grpo
-
     torch.manual_seed(0)
     model = Qwen3(get_model_config("micro"))
     reference = Qwen3(get_model_config("micro")).eval()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from qwen3repro.config import ConfigError
-from qwen3repro.pipeline import STAGE_KINDS, build_plan
+from qwen3repro.lineage import make_lineage, write_lineage
+from qwen3repro.pipeline import STAGE_KINDS, build_plan, expected_hash
 from qwen3repro.recipes import StageGraph, load_recipe, load_stage_graph, repo_root, stage_facts
 
 SCALES = ("micro", "tiny", "small")
@@ -130,9 +131,6 @@ def test_uses_must_name_stages_that_run_first():
 def test_a_used_stage_enters_the_lineage_hash(tmp_path, monkeypatch):
     """A stage that `uses` another is planned after it, gets its directory, and its expected lineage hash
     changes when the used stage's config does (and equals what `make_lineage` writes for it)."""
-    from qwen3repro.lineage import make_lineage, write_lineage
-    from qwen3repro.pipeline import expected_hash
-
     root = tmp_path / "repo"
     for folder in ("recipes", "tiny"):
         shutil.copytree(repo_root() / folder, root / folder)
