@@ -51,7 +51,7 @@ from .synthetic import frame_uid
 from .world import PERSON_ATTRIBUTES, Entity, World, build_world
 
 __all__ = ["REWARD_KINDS", "TOOL_NAMES", "GeneralTask", "GENERAL_TASKS", "default_weights", "fact_uid",
-           "sample_queries", "sample_task_queries", "demonstrations", "check_rewards"]
+           "sample_queries", "sample_task_queries", "demonstrations", "check_rewards", "tool_environment"]
 
 REWARD_KINDS = ("rule", "judge", "reward_model")
 # The tools a query may offer: the names of the tool environment's built-in tools.
@@ -141,7 +141,7 @@ def _direct_demo(answer_of: Callable[[Query, World], str], query: Query, world: 
 _TOOL_ENVIRONMENTS: dict[int, tuple[World, ToolEnvironment]] = {}
 
 
-def _tool_environment(world: World) -> ToolEnvironment:
+def tool_environment(world: World) -> ToolEnvironment:
     """The built-in tools over `world`, built once per world (the search index is the costly part)."""
     held = _TOOL_ENVIRONMENTS.get(id(world))
     if held is None or held[0] is not world:
@@ -151,7 +151,7 @@ def _tool_environment(world: World) -> ToolEnvironment:
 
 def _tool_demo(query: Query, call: dict, world: World, answer: str) -> list[dict]:
     """The call, the tool environment's own answer to it (what a rollout would see), and the final answer."""
-    result = _tool_environment(world).execute(call)
+    result = tool_environment(world).execute(call)
     if result.outcome != "ok":
         raise ValueError(f"task demonstration: the tool answered {call} with {result.outcome}: {result.content}")
     return [_user(query.question), {"role": "assistant", "content": EMPTY_THINK, "tool_calls": [call]},

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..train.metrics import default_printer
 
@@ -43,6 +43,19 @@ class StageContext:
 
     def say(self, msg: str) -> None:
         self.printer(msg)
+
+
+# Config fields that say how a run is logged, checkpointed and where it runs, not what it computes.
+BOOKKEEPING_FIELDS = ("ckpt_every", "keep_last", "log_every", "device", "description")
+
+
+def identity_fields(cfg: Any) -> dict[str, Any]:
+    """A stage config's fields that change what the run computes (all but `BOOKKEEPING_FIELDS`): what a
+    resumed run must match."""
+    d = asdict(cfg)
+    for k in BOOKKEEPING_FIELDS:
+        d.pop(k)
+    return d
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -67,7 +67,6 @@ from ..models.qwen3 import Qwen3
 from ..rewards import REWARDS
 from ..tokenizer import Tokenizer
 from ..files import write_json_atomic
-from ..tools import ToolEnvironment, default_tools
 from .common import StageContext
 from .sft import SFTConfig, SFTTable, fine_tune
 
@@ -376,7 +375,7 @@ def general_records(cfg: FusionConfig, n: int) -> list[dict[str, Any]]:
     if n == 0 and cfg.n_judging == 0:
         return []
     world = build_world(cfg.world_seed)
-    env = ToolEnvironment(default_tools(world))
+    env = general_tasks.tool_environment(world)  # the environment the demonstrations' tool results come from
     weights = dict(cfg.general_weights) or general_tasks.default_weights()
     records = []
     for name, query, messages in general_tasks.demonstrations(weights, n, seed=cfg.seed, world=world):

@@ -65,20 +65,20 @@ from ..evals.thinking import follows_mode
 from ..files import write_json_atomic
 from ..generate import SamplingParams
 from ..lineage import make_lineage, write_lineage
-from ..losses import ADVANTAGE_SCALES, GRPO_LOSS_TYPES, grpo_loss
+from ..losses import grpo_loss
 from ..models.qwen3 import Qwen3
 from ..progress import format_duration
 from ..rewards import REWARDS, RewardResult
 from ..rewards import judge as judge_module
 from ..rewards import reward_model as reward_model_module
-from ..rl.entropy import ENTROPY_CONTROLS, EntropyController, masked_mean
+from ..rl.entropy import EntropyController, masked_mean
 from ..rl.rollout import Group, QueryStream, RolloutBatch, build_batch, policy_logprobs
 from ..serve import ChatCompletions, make_server
 from ..tokenizer import Tokenizer
 from ..tools import ToolEnvironment, ToolLimits, Trajectory, default_tools, tool_rollouts
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
-from .common import StageContext, copy_tokenizer
-from .grpo import clip_fraction, window_means
+from .common import StageContext, copy_tokenizer, identity_fields
+from .grpo import check_update_settings, clip_fraction, entropy_controller, window_means
 
 FLAG_THINK, FLAG_NO_THINK = "/think", "/no_think"
 MODES = ("think", "no_think", "unflagged")
@@ -183,14 +183,7 @@ class GeneralRLConfig:
         shares = (self.think_flag_share, self.no_think_flag_share, self.system_flag_share)
         if any(not 0 <= s <= 1 for s in shares) or self.think_flag_share + self.no_think_flag_share > 1:
             raise ConfigError(f"{self.name}: flag shares must be in [0, 1] with think + no_think <= 1")
-        if self.loss_type not in GRPO_LOSS_TYPES:
-            raise ConfigError(f"{self.name}: loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in ADVANTAGE_SCALES:
-            raise ConfigError(f"{self.name}: scale_rewards must be one of {ADVANTAGE_SCALES}")
-        if self.entropy_control not in ENTROPY_CONTROLS:
-            raise ConfigError(f"{self.name}: entropy_control must be one of {ENTROPY_CONTROLS}")
-        if self.group_size < 2:
-            raise ConfigError(f"{self.name}: group_size must be >= 2 (advantages are relative within a group)")
+        check_update_settings(self)
         if self.temperature <= 0 or self.lr <= 0 or min(self.beta, self.malformed_call_penalty,
                                                         self.valid_call_bonus) < 0:
             raise ConfigError(f"{self.name}: temperature and lr must be > 0; beta, malformed_call_penalty and "
@@ -374,15 +367,11 @@ class StepRollouts:
 
 
 def _trajectory_record(prompt: Prompt, traj: Trajectory, reward: float, followed: bool) -> dict[str, Any]:
-    return {"task": _task_of(prompt.query),
+    return {"task": prompt.query.domain,  # the task's name: `training_queries` and `heldout_queries` put it there
             "mode": prompt.mode, "reward": reward, "followed": followed, "calls": traj.n_calls,
             "ok_calls": traj.n_ok_calls, "malformed": traj.malformed_calls, "length": len(traj.completion),
             "model_tokens": int(sum(traj.loss_mask)), "finish": traj.finish_reason,
             "outcomes": [c["outcome"] for c in traj.calls], "tools_offered": bool(prompt.query.tools)}
-
-
-def _task_of(query: Query) -> str:
-    return query.domain  # the task's name: `training_queries` and `heldout_queries` put it there
 
 
 def roll_out(model, tokenizer, prompts: Sequence[Prompt], cfg: GeneralRLConfig, envs: Mapping[bool, ToolEnvironment],
@@ -672,9 +661,8 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
     heldout = heldout_queries(cfg)
     stream = QueryStream(queries, cfg.seed)
     run = TrainingRun(model, cfg.train_config(), out, total=cfg.steps, name=cfg.name, printer=ctx.printer,
-                      run_extra={"stage": cfg.name, "general_rl": config_hash(_identity_fields(cfg))})
-    controller = EntropyController(cfg.entropy_control, cfg.entropy_coef, cfg.entropy_coef_delta,
-                                   cfg.entropy_coef_max, cfg.entropy_target_ratio, gain=cfg.entropy_gain)
+                      run_extra={"stage": cfg.name, "general_rl": config_hash(identity_fields(cfg))})
+    controller = entropy_controller(cfg)
     step, opt_steps = run.step, int(run.state.get("opt_steps", 0))
     if run.resumed_from is not None:
         stream.load_state_dict(run.state["loader"])
@@ -754,13 +742,6 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
     write_lineage(out, make_lineage(cfg.name, cfg, parent, uses={cfg.reward_model: rm_dir}))
     ctx.say(f"{cfg.name}: done in {format_duration(run.elapsed())}")
     return out
-
-
-def _identity_fields(cfg: GeneralRLConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    for k in ("ckpt_every", "keep_last", "log_every", "device", "description"):
-        d.pop(k)
-    return d
 
 
 def _finite(value: Any) -> Any:

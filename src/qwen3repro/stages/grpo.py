@@ -66,7 +66,7 @@ from ..tokenizer import Tokenizer
 from ..progress import format_duration
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
 from ..files import write_json_atomic
-from .common import StageContext, copy_tokenizer
+from .common import StageContext, copy_tokenizer, identity_fields
 
 SELECTION_FILE = "selection.json"
 
@@ -179,16 +179,7 @@ class GRPOConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{self.name}: {name} must be an integer >= 1, got {v!r}")
-        if self.loss_type not in GRPO_LOSS_TYPES:
-            raise ConfigError(f"{self.name}: loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in ADVANTAGE_SCALES:
-            raise ConfigError(f"{self.name}: scale_rewards must be one of {ADVANTAGE_SCALES}")
-        if self.entropy_control not in ENTROPY_CONTROLS:
-            raise ConfigError(f"{self.name}: entropy_control must be one of {ENTROPY_CONTROLS}")
-        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
-            raise ConfigError(f"{self.name}: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
-        if self.group_size < 2:
-            raise ConfigError(f"{self.name}: group_size must be >= 2 (advantages are relative within a group)")
+        check_update_settings(self)
         if self.mini_batches > self.queries_per_step * self.group_size:
             raise ConfigError(f"{self.name}: more mini_batches than rollouts per step")
         if not 0.0 < self.pass_rate_ceiling <= 1.0:
@@ -213,6 +204,27 @@ class GRPOConfig:
                            weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, decay_fraction=0.0,
                            clip_grad_norm=self.clip_grad_norm, seed=self.seed, device=self.device,
                            ckpt_every=self.ckpt_every, keep_last=self.keep_last, log_every=self.log_every)
+
+
+def check_update_settings(cfg: Any) -> None:
+    """The GRPO settings every RL stage shares (reasoning RL, general RL): loss aggregation, advantage
+    scaling, entropy control, clipping range, group size. The error names the stage and the setting."""
+    if cfg.loss_type not in GRPO_LOSS_TYPES:
+        raise ConfigError(f"{cfg.name}: loss_type must be one of {GRPO_LOSS_TYPES}, got {cfg.loss_type!r}")
+    if cfg.scale_rewards not in ADVANTAGE_SCALES:
+        raise ConfigError(f"{cfg.name}: scale_rewards must be one of {ADVANTAGE_SCALES}")
+    if cfg.entropy_control not in ENTROPY_CONTROLS:
+        raise ConfigError(f"{cfg.name}: entropy_control must be one of {ENTROPY_CONTROLS}")
+    if not (0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0):
+        raise ConfigError(f"{cfg.name}: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
+    if cfg.group_size < 2:
+        raise ConfigError(f"{cfg.name}: group_size must be >= 2 (advantages are relative within a group)")
+
+
+def entropy_controller(cfg: Any) -> EntropyController:
+    """A fresh entropy controller from an RL stage config's entropy settings."""
+    return EntropyController(cfg.entropy_control, cfg.entropy_coef, cfg.entropy_coef_delta, cfg.entropy_coef_max,
+                             cfg.entropy_target_ratio, gain=cfg.entropy_gain)
 
 
 # ----------------------------------------------------------------------------- queries and eval
@@ -360,10 +372,9 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
     heldout = eval_queries(cfg)
 
     run = TrainingRun(model, cfg.train_config(), out, total=cfg.steps, name=cfg.name, printer=ctx.printer,
-                      run_extra={"stage": cfg.name, "grpo": config_hash(_identity_fields(cfg)),
+                      run_extra={"stage": cfg.name, "grpo": config_hash(identity_fields(cfg)),
                                  "selection": config_hash([q.uid for q in queries])})
-    controller = EntropyController(cfg.entropy_control, cfg.entropy_coef, cfg.entropy_coef_delta,
-                                   cfg.entropy_coef_max, cfg.entropy_target_ratio, gain=cfg.entropy_gain)
+    controller = entropy_controller(cfg)
     step, opt_steps = run.step, int(run.state.get("opt_steps", 0))
     if run.resumed_from is not None:
         stream.load_state_dict(run.state["loader"])
@@ -466,14 +477,6 @@ def _finish_untrained(cfg: GRPOConfig, parent: Path, out: Path, model, tokenizer
     return out
 
 
-def _identity_fields(cfg: GRPOConfig) -> dict[str, Any]:
-    """Everything that changes what the run computes (not logging/checkpoint cadence nor device)."""
-    d = asdict(cfg)
-    for k in ("ckpt_every", "keep_last", "log_every", "device", "description"):
-        d.pop(k)
-    return d
-
-
 def window_means(values: Sequence[float], window: int) -> list[float]:
     """Means of every `window` consecutive values (one mean of all of them when there are fewer)."""
     if not values:
@@ -514,4 +517,5 @@ def summarize(cfg: GRPOConfig, records: Sequence[Mapping[str, Any]], selection: 
     }
 
 
-__all__ = ["GRPOConfig", "run", "candidate_queries", "clip_fraction", "eval_queries", "optimisation_passes", "summarize"]
+__all__ = ["GRPOConfig", "run", "candidate_queries", "check_update_settings", "clip_fraction", "entropy_controller",
+           "eval_queries", "optimisation_passes", "summarize"]

@@ -35,7 +35,7 @@ import functools
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -55,7 +55,7 @@ from ..models.reward import Qwen3RewardModel
 from ..rewards.reward_model import RewardModelScorer, pad_rows, scored_text
 from ..tokenizer import Tokenizer
 from ..train.loop import TrainConfig, resolve_device, train
-from .common import StageContext, copy_tokenizer
+from .common import StageContext, copy_tokenizer, identity_fields
 
 EVAL_SPLITS = ("train", "heldout_prompts", "heldout_templates")
 MIN_LR_RATIO = 0.0
@@ -283,14 +283,6 @@ def data_summary(train_pairs: Sequence[PreferencePair], dropped: int) -> dict[st
     return summary
 
 
-def _identity_fields(cfg: RewardModelConfig) -> dict[str, Any]:
-    """Everything that changes what the run computes (not logging/checkpoint cadence nor device)."""
-    d = asdict(cfg)
-    for k in ("ckpt_every", "keep_last", "log_every", "device", "description"):
-        d.pop(k)
-    return d
-
-
 def _reward_model_of(parent: Path, max_len: int) -> Qwen3RewardModel:
     """The parent's backbone under a fresh scalar head, its positions extended to `max_len` if shorter."""
     lm = Qwen3.from_pretrained(parent)
@@ -325,7 +317,7 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
     summary = train(model, loader, loss_fn, cfg.train_config(), out, resume="auto",
                     eval_fn=heldout_accuracy_fn(tokenizer, data, cfg.max_len), eval_every=cfg.eval_every,
                     printer=ctx.printer, run_extra={"stage": cfg.name, "data_hash": data_hash,
-                                                    "reward_model": config_hash(_identity_fields(cfg))})
+                                                    "reward_model": config_hash(identity_fields(cfg))})
     model.save_pretrained(out, pad_token_id=tokenizer.pad_token_id)
     copy_tokenizer(parent, out)
 
