@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 
 import pytest
 import torch
 
-from qwen3repro.chat import EMPTY_THINK, parse, render, thinking_flag, tokenize_conversation, wants_thinking
+from qwen3repro.chat import (EMPTY_THINK, parse, render, thinking_flag, tokenize_conversation, tools_system_content,
+                             wants_thinking)
 from qwen3repro.config import ConfigError
 from qwen3repro.data import general_tasks, tasks
 from qwen3repro.data.judging import corrupt, judging_conversations
@@ -285,6 +287,36 @@ def test_general_records_are_demonstrations_that_render_as_the_rl_prompts(tok):
     assert len({r["meta"]["task"] for r in records}) > 10
     with pytest.raises(ConfigError, match="unknown general_weights"):
         config(general_weights={"no_such_task": 1.0})
+
+
+def test_general_records_answer_in_both_modes_by_their_share(tok):
+    """`general_thinking_share` of the general conversations answer in thinking mode, flagged as the thinking
+    samples are; each assistant turn follows the mode its flags ask for; tool conversations keep their tools."""
+    cfg = config(n_general=200, general_thinking_share=0.6)
+    records = fusion.general_records(cfg, cfg.n_general)
+    modes = Counter(r["meta"]["mode"] for r in records)
+    format_tasks = sum(general_tasks.GENERAL_TASKS[r["meta"]["task"]].domain == "format" for r in records)
+    assert set(modes) == {"no_think", "unflagged", "think_user_flag", "think_system_flag"}
+    thinking = sum(modes.values()) - modes["no_think"]
+    assert 0.45 < thinking / (len(records) - format_tasks) < 0.75
+    env = ToolEnvironment(default_tools(build_world(0)))
+    for r in records:
+        task = general_tasks.GENERAL_TASKS[r["meta"]["task"]]
+        messages = r["messages"]
+        if task.tools:
+            system = fusion.THINK if r["meta"]["mode"] == "think_system_flag" else None
+            assert messages[0] == {"role": "system",
+                                   "content": tools_system_content(env.schemas(list(task.tools)), system=system)}
+        if task.domain == "format":
+            continue
+        thinks = r["meta"]["mode"] != "no_think"
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                assert wants_thinking(messages[:i]) == thinks
+                assert bool(parse(m["content"])["reasoning_content"].strip()) == thinks
+    assert fusion.general_records(config(n_general=40), 40)[0]["meta"]["mode"] in ("no_think",)
+    with pytest.raises(ConfigError, match="general_thinking_share"):
+        config(general_thinking_share=1.5)
 
 
 def test_grading_conversations_teach_the_judge_format_with_true_verdicts():

@@ -168,6 +168,40 @@ def test_every_rule_demonstration_scores_full_marks_with_its_own_reward(name):
         assert called == list(task.tools)
 
 
+@pytest.mark.parametrize("name", [n for n in RULE_TASKS if n != "code_write" and gt.GENERAL_TASKS[n].domain != "format"])
+def test_thinking_demonstrations_reason_then_answer_as_the_plain_ones(name):
+    """The thinking form of a demonstration asks for thinking once flagged (or unflagged), has a non-empty
+    think block in every assistant turn, ends in the same answer and tool calls, and scores 1.0."""
+    task = gt.GENERAL_TASKS[name]
+    reward = get_reward(task.reward)
+    for query in _draw(name, 30):
+        plain = task.demonstrate(query, WORLD)
+        thinking = gt.thinking_demonstration(query, plain)
+        render(thinking)
+        assert thinking[0]["content"] == query.question and wants_thinking(thinking[:1])
+        assert [m["role"] for m in thinking] == [m["role"] for m in plain]
+        for before, after in zip(plain, thinking):
+            if after["role"] == "user":
+                assert before["content"] == after["content"] + " /no_think"
+            if after["role"] != "assistant":
+                assert after["role"] == "user" or after == before
+                continue
+            parsed, parsed_plain = parse(after["content"]), parse(before["content"])
+            assert parsed["reasoning_content"].strip() and not parsed_plain["reasoning_content"].strip()
+            assert parsed["content"] == parsed_plain["content"]
+            assert after.get("tool_calls") == before.get("tool_calls")
+        result = reward(_final_turn(thinking), **query.reference)
+        assert result.score == 1.0, (query.question, _final_turn(thinking), result)
+        if "item" in query.reference:  # a task item reasons with its reference trace
+            assert tasks.render_trace(tasks.TaskItem.from_dict(query.reference["item"])) in _final_turn(thinking)
+
+
+def test_a_task_whose_mode_is_the_task_has_no_thinking_form():
+    query = _draw("format_no_think", 1)[0]
+    with pytest.raises(ValueError, match="mode is part of the task"):
+        gt.thinking_demonstration(query, gt.GENERAL_TASKS["format_no_think"].demonstrate(query, WORLD))
+
+
 def test_demonstrations_need_no_reward_and_come_from_training_queries(monkeypatch):
     monkeypatch.delitem(REWARDS, "reward_model", raising=False)
     shown = gt.demonstrations(gt.default_weights(), 60, seed=0)

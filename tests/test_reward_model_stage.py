@@ -224,6 +224,37 @@ def test_best_of_n_rerank_picks_by_the_scorer_and_skips_missing_rewards(monkeypa
     assert result["oracle"] == 1.0 and result["gain"] == pytest.approx(result["reward_model"] - result["random"])
 
 
+def _fake_sampler(rewards: dict[str, list[float]], texts: dict[str, list[str]]):
+    def fake_groups(policy, tokenizer, qs, n, **kwargs):
+        return [Group(q, [1], [[q.question, j] for j in range(n)], [[0.0]] * n, [[False]] * n, ["stop"] * n,
+                      rewards[q.question]) for q in qs]
+
+    class Decoder:
+        def decode(self, ids):
+            return texts[ids[0]][ids[1]]
+
+    return fake_groups, Decoder()
+
+
+def test_policy_pairs_pair_distinct_right_and_wrong_samples_of_one_query(monkeypatch):
+    queries = [Query(f"u{i}", f"q{i}", "add", 1, "task", {"item": {"x": i}}) for i in range(3)]
+    rewards = {"q0": [1.0, 0.0, 1.0, 0.0, 0.0, math.nan], "q1": [1.0] * 6, "q2": [0.0, 1.0, 1.0, 0.0, 0.0, 0.0]}
+    texts = {"q0": ["r", "w1", "r", "w2", "w3", "x"], "q1": ["a", "b", "c", "d", "e", "f"],
+             "q2": ["w", "r1", "r2", "w", "w", "w"]}
+    fake_groups, decoder = _fake_sampler(rewards, texts)
+    monkeypatch.setattr(rm_eval, "sample_groups", fake_groups)
+    pairs, counts = rm_eval.policy_pairs(torch.nn.Linear(1, 1), decoder, queries, 6, max_new_tokens=4, seed=0,
+                                         pairs_per_query=2)
+    # q0: one distinct right text against w1; q1: no wrong sample; q2: r1, r2 against the one distinct wrong text.
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("q0", "r", "w1"), ("q2", "r1", "w")]
+    assert all(p.domain == "policy" and p.split == "train" for p in pairs)
+    assert pairs[0].uid == "u0" and pairs[0].reference == {"item": {"x": 0}}
+    assert counts["queries_with_right_and_wrong"] == 2 and counts["pairs"] == 2
+    pairs, _ = rm_eval.policy_pairs(torch.nn.Linear(1, 1), decoder, queries, 6, max_new_tokens=4, seed=0,
+                                    pairs_per_query=1)
+    assert len(pairs) == 2
+
+
 # ----------------------------------------------------------------------------- the stage
 @pytest.fixture(scope="module")
 def tok():
@@ -308,6 +339,32 @@ def test_stage_runs_end_to_end_and_resumes_exactly(tmp_path, tok, parent_dir, mo
     assert _records(cut) == records
     resumed = json.loads((cut / "eval.json").read_text())
     assert resumed["pairwise"] == ev["pairwise"] and resumed["best_of_n"] == ev["best_of_n"]
+
+
+def test_policy_pairs_join_the_training_pairs_and_are_kept_for_a_resumed_run(tmp_path, tok, parent_dir, monkeypatch):
+    question = rm_eval.heldout_task_queries(1, 0, heldout=False)[0].question
+    fake_groups, decoder = _fake_sampler({question: [1.0, 0.0]}, {question: ["<think>\n\n</think>\n\n1", "2"]})
+    monkeypatch.setattr(rm_eval, "sample_groups", fake_groups)
+    monkeypatch.setattr(stage, "heldout_task_queries",
+                        lambda n, seed, heldout: rm_eval.heldout_task_queries(1, 0, heldout=False))
+    cfg = stage.RewardModelConfig.from_dict({**STAGE, "policy_queries": 1, "policy_samples": 2})
+    out = tmp_path / "rm"
+    out.mkdir()
+    ctx = StageContext(out, tmp_path / "cache", lambda s: None)
+    pairs, counts = stage.policy_training_pairs(cfg, parent_dir, torch.nn.Linear(1, 1), decoder, out, ctx)
+    assert [(p.chosen, p.rejected, p.domain) for p in pairs] == [("<think>\n\n</think>\n\n1", "2", "policy")]
+    assert (out / stage.POLICY_PAIRS_FILE).exists()
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(rm_eval, "sample_groups", no_sampling)
+    assert stage.policy_training_pairs(cfg, parent_dir, torch.nn.Linear(1, 1), decoder, out, ctx) == (pairs, counts)
+    other = stage.RewardModelConfig.from_dict({**STAGE, "policy_queries": 1, "policy_samples": 3})
+    with pytest.raises(AssertionError, match="sampled again"):  # other settings: the kept pairs do not fit
+        stage.policy_training_pairs(other, parent_dir, torch.nn.Linear(1, 1), decoder, out, ctx)
+    off = stage.RewardModelConfig.from_dict(STAGE)
+    assert stage.policy_training_pairs(off, parent_dir, torch.nn.Linear(1, 1), decoder, out, ctx) == ([], {"queries": 0, "pairs": 0})
 
 
 def test_config_is_checked():

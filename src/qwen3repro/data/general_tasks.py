@@ -13,9 +13,11 @@ prompt offers. Tasks with a rule reward can also `demonstrate` a query: a refere
 chat format that the reward scores 1.0, usable as SFT data. Demonstrations answer in the non-thinking
 form (the user turn ends with /no_think, each assistant turn opens with an empty think block), except
 where the task itself asks for thinking; a tool-use demonstration holds the assistant's tool call, a
-tool message with a result of the kind the tool returns, and the final answer. The caller renders the
-tools' schemas into the system prompt (`chat.render(messages, tools=...)`). Every demonstration is
-rebuilt from the query's question and reference and the world, so a stored query can be demonstrated.
+tool message with a result of the kind the tool returns, and the final answer. `thinking_demonstration`
+gives the thinking form of the same conversation (a short reasoning in each think block, the same
+answers and calls). The caller renders the tools' schemas into the system prompt
+(`chat.render(messages, tools=...)`). Every demonstration is rebuilt from the query's question and
+reference and the world, so a stored query can be demonstrated.
 
 Held-out partition. `sample_queries` draws tasks by weight and keeps only the items of the requested
 partition (`tasks.is_heldout` of the query's uid), so training never sees a held-out item. A uid is
@@ -51,7 +53,8 @@ from .synthetic import frame_uid
 from .world import PERSON_ATTRIBUTES, Entity, World, build_world
 
 __all__ = ["REWARD_KINDS", "TOOL_NAMES", "GeneralTask", "GENERAL_TASKS", "default_weights", "fact_uid",
-           "sample_queries", "sample_task_queries", "demonstrations", "check_rewards", "tool_environment"]
+           "sample_queries", "sample_task_queries", "demonstrations", "check_rewards", "thinking_demonstration",
+           "tool_environment"]
 
 REWARD_KINDS = ("rule", "judge", "reward_model")
 # The tools a query may offer: the names of the tool environment's built-in tools.
@@ -412,6 +415,73 @@ def _city_sentence(query: Query, world: World) -> str:
     city = _ABOUT_CITY.search(query.question).group(1)
     names = residents(world, city)
     return city_passage(world, city).split(". ", 1)[1] if names else f"{city} is a quiet city of the world."
+
+
+# ----------------------------------------------------------------------------- thinking-mode demonstrations
+# A short final answer is restated at the end of the reasoning; a longer one (code, a constrained text) is not.
+RESTATED_ANSWER_WORDS = 12
+# The question's gist in a reasoning: at most this many of its words (a request with constraints: all of
+# them up to REQUEST_WORDS, so the reasoning restates what the answer must meet).
+GIST_WORDS = 24
+REQUEST_WORDS = 60
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+
+
+def _shortened(text: str, n_words: int) -> str:
+    words = text.split()
+    return " ".join(words[:n_words]) + (" ..." if len(words) > n_words else "")
+
+
+def _gist(question: str) -> str:
+    """The sentence of a question that asks (its last one ending in "?", else its first), shortened."""
+    body = question.strip().rsplit("\n\n", 1)[-1]  # a retrieval question's passages come first
+    sentences = [s for s in _SENTENCE_END.split(body) if s]
+    asked = [s for s in sentences if s.endswith("?")]
+    return _shortened(asked[-1] if asked else sentences[0] if sentences else body, GIST_WORDS)
+
+
+def _answer_reasoning(question: str, answer: str, after_tool: str | None) -> str:
+    if len(answer.split()) <= RESTATED_ANSWER_WORDS and "\n" not in answer:
+        opening = (f"The {after_tool} tool has answered." if after_tool is not None
+                   else f"The question asks: {_gist(question)}")
+        return f"{opening} So the answer is: {answer.rstrip('.')}."
+    return (f"The request: {_shortened(question.strip(), REQUEST_WORDS)} "
+            f"I write a response that meets each of its requirements.")
+
+
+def thinking_demonstration(query: Query, messages: list[dict]) -> list[dict]:
+    """A demonstration answered in thinking mode: the non-thinking conversation of `demonstrate` with the
+    flag removed from its user turn (the caller flags the chat, or leaves it unflagged: thinking is the
+    default) and every empty think block filled with a short reasoning: for a task item its reference
+    trace (`tasks.render_trace`), before a tool call which tool answers, otherwise the question's gist and,
+    when the answer is short, the answer. The final answers and tool calls are the same tokens, so the
+    reward scores the two forms alike. A query whose mode is part of the task (the format tasks) has no
+    other form: ValueError."""
+    if "thinking" in query.reference:
+        raise ValueError(f"query {query.uid}: its mode is part of the task; it has no thinking demonstration")
+    out, last_tool = [], None
+    for m in messages:
+        m = dict(m)
+        if m["role"] == "user":
+            m["content"] = m["content"].removesuffix(" /no_think")
+        elif m["role"] == "tool":
+            pass
+        elif m["role"] == "assistant":
+            if not m["content"].startswith(EMPTY_THINK):
+                raise ValueError(f"query {query.uid}: an assistant turn without the empty think block")
+            answer = m["content"][len(EMPTY_THINK):]
+            if m.get("tool_calls"):
+                last_tool = m["tool_calls"][0]["name"]
+                # Short, and no copy of the question: a tiny model that restates a long request before
+                # the call garbles the call's arguments and names (seen at tiny scale).
+                reasoning = f"The {last_tool} tool can answer this, so I call it."
+            elif "item" in query.reference:
+                reasoning = tasks.render_trace(tasks.TaskItem.from_dict(query.reference["item"]))
+            else:
+                reasoning = _answer_reasoning(query.question, answer, last_tool)
+            m["content"] = f"<think>\n{reasoning}\n</think>\n\n{answer}"
+        out.append(m)
+    return out
 
 
 # ----------------------------------------------------------------------------- the table

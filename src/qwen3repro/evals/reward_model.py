@@ -16,6 +16,8 @@ reranking of the policy's own samples against the rule reward.
   mode, at its own temperature); the rule reward of (a) a random pick (the mean over all samples),
   (b) the reward model's top pick and (c) the best sample (the oracle). A useful reward model lifts
   (b) above (a) toward (c).
+* `policy_pairs`: training pairs of the same kind, from training-partition queries: a right and a wrong
+  sample of the policy to one query, as the rule reward labels them.
 
 A scorer here is any `score_fn(items) -> scores` over (prompt, response) pairs:
 `RewardModelScorer.score_many`, or a fitted baseline's `score_many`.
@@ -38,7 +40,8 @@ from ..rl.rollout import sample_groups, verifier_score
 from ..tokenizer import Tokenizer
 
 __all__ = ["ScoreFn", "LengthBaseline", "BagOfWordsBaseline", "pairwise_accuracy", "best_of_k_accuracy",
-           "by_domain", "heldout_task_queries", "best_of_n_rerank", "plot_pairwise_accuracy", "RERANK_FAMILIES"]
+           "by_domain", "heldout_task_queries", "best_of_n_rerank", "policy_pairs", "plot_pairwise_accuracy",
+           "RERANK_FAMILIES"]
 
 ScoreFn = Callable[[Sequence[tuple[str, str]]], list[float]]
 """Scores of (prompt, response) pairs, in order."""
@@ -156,10 +159,41 @@ class BagOfWordsBaseline:
 
 
 # ----------------------------------------------------------------------------- best-of-N reranking
-def heldout_task_queries(n: int, seed: int, families: Sequence[str] = RERANK_FAMILIES) -> list[Query]:
-    """`n` rule-checkable queries of the held-out partition (checked by the "task" reward)."""
-    rng = random.Random(f"reward-model-rerank|{seed}")
-    return [Query.from_task(tasks.sample_item(rng, heldout=True, families=tuple(families))) for _ in range(n)]
+def heldout_task_queries(n: int, seed: int, families: Sequence[str] = RERANK_FAMILIES, *,
+                         heldout: bool = True) -> list[Query]:
+    """`n` rule-checkable queries of the held-out partition (checked by the "task" reward); with
+    `heldout=False`, of the training partition instead (the policy pairs the reward model trains on)."""
+    rng = random.Random(f"reward-model-rerank|{seed}" if heldout else f"reward-model-policy-pairs|{seed}")
+    return [Query.from_task(tasks.sample_item(rng, heldout=heldout, families=tuple(families))) for _ in range(n)]
+
+
+def policy_pairs(policy, tokenizer: Tokenizer, queries: Sequence[Query], n: int, *, max_new_tokens: int,
+                 seed: int, pairs_per_query: int, temperature: float = 1.0) -> tuple[list[PreferencePair], dict]:
+    """Preference pairs from the policy's own samples, labelled by the rule reward: `n` samples per query
+    (sampled as `best_of_n_rerank` samples), and for a query with both a right (reward 1) and a wrong
+    (reward 0) sample, up to `pairs_per_query` pairs of distinct right and wrong texts (domain "policy").
+    The synthetic preference set differs from what the policy writes (its templates, its lengths, its
+    mistakes); pairs of the policy's own samples are what reranking them needs. Returns (pairs, counts)."""
+    generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    groups = sample_groups(policy, tokenizer, queries, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                           generator=generator, score_fn=verifier_score)
+    pairs: list[PreferencePair] = []
+    mixed = 0
+    for g in groups:
+        right, wrong = [], []
+        for ids, reward in zip(g.completions, g.rewards):
+            text = tokenizer.decode(ids)
+            side = right if reward == 1.0 else wrong if reward == 0.0 else None
+            if side is not None and text not in side:
+                side.append(text)
+        mixed += bool(right and wrong)
+        for chosen, rejected in list(zip(right, wrong))[:pairs_per_query]:
+            pairs.append(PreferencePair(g.query.question, chosen, rejected, "policy", "policy samples", "train",
+                                        g.query.uid, dict(g.query.reference)))
+    counts = {"queries": len(queries), "samples_per_query": n, "queries_with_right_and_wrong": mixed,
+              "pairs": len(pairs), "chosen_longer_share": (sum(len(p.chosen) > len(p.rejected) for p in pairs)
+                                                           / len(pairs) if pairs else None)}
+    return pairs, counts
 
 
 def best_of_n_rerank(policy, tokenizer: Tokenizer, scorer, queries: Sequence[Query], n: int, *,

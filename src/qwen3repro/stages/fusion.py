@@ -121,6 +121,11 @@ class FusionConfig:
     following, formats, tool use, retrieval, ...), besides the `n_non_thinking` samples."""
     general_weights: Mapping[str, float] = field(default_factory=dict)
     """Their task weights (empty: every task's default weight)."""
+    general_thinking_share: float = 0.0
+    """Share of them answered in thinking mode (`general_tasks.thinking_demonstration`), flagged as the
+    thinking samples are (`/think` in the user or system turn, or no flag); the rest answer with `/no_think`.
+    General RL asks for thinking on most of its prompts, and the report's fusion data holds both modes of
+    the general tasks; without thinking examples its mode gate zeroes most thinking-mode rewards."""
     n_judging: NonNegative = 0
     """Grading conversations (`data.judging`): the judge's prompt, a right or wrong response, the verdict
     with its `Score:` line, so that this checkpoint can serve as the judge of general RL at CPU scales."""
@@ -166,7 +171,7 @@ class FusionConfig:
         if unknown_tasks:
             raise ConfigError(f"{self.name}: unknown general_weights tasks {unknown_tasks}")
         for name in ("rare_translation_share", "unflagged_share", "system_flag_share", "flag_rate",
-                     "budget_share"):
+                     "budget_share", "general_thinking_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{self.name}: {name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.multi_turn_share < 0:
@@ -377,12 +382,25 @@ def general_records(cfg: FusionConfig, n: int) -> list[dict[str, Any]]:
     world = build_world(cfg.world_seed)
     env = general_tasks.tool_environment(world)  # the environment the demonstrations' tool results come from
     weights = dict(cfg.general_weights) or general_tasks.default_weights()
+    rng = random.Random(f"fusion-general-modes|{cfg.seed}")
     records = []
     for name, query, messages in general_tasks.demonstrations(weights, n, seed=cfg.seed, world=world):
+        system, mode = None, "no_think"
+        if "thinking" not in query.reference and rng.random() < cfg.general_thinking_share:
+            messages = general_tasks.thinking_demonstration(query, messages)
+            mode = "unflagged"
+            if rng.random() >= cfg.unflagged_share:
+                if rng.random() < cfg.system_flag_share:
+                    system, mode = THINK, "think_system_flag"
+                else:
+                    messages = [{**messages[0], "content": _flagged(messages[0]["content"], THINK)}, *messages[1:]]
+                    mode = "think_user_flag"
         if query.tools:
-            messages = [{"role": "system", "content": tools_system_content(env.schemas(list(query.tools)))},
-                        *messages]
-        records.append({"messages": messages, "category": "general", "meta": {"kind": "general", "task": name}})
+            system = tools_system_content(env.schemas(list(query.tools)), system=system)
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        records.append({"messages": messages, "category": "general",
+                        "meta": {"kind": "general", "task": name, "mode": mode}})
     records += [{**r, "category": "judging"} for r in judging_conversations(cfg.n_judging, seed=cfg.seed, world=world)]
     return records
 

@@ -10,6 +10,10 @@ What one run does:
    training-partition best-of-k sets). Every label is a checker's verdict. Each response is scored as
    `rewards.reward_model.scored_text` renders it; a training pair with a side longer than `max_len`
    tokens is dropped and counted (as TRL's `RewardTrainer` filters, never truncating the answer away).
+   With `policy_queries` > 0 the parent policy also answers training-partition add/mul queries
+   `policy_samples` times each, and a right and a wrong answer to one query (by the rule reward) make a
+   "policy" pair (`evals.reward_model.policy_pairs`; kept in policy_pairs.json for a resumed run): the
+   policy's own writing, which the best-of-N reranking below and general RL's reward-model tasks score.
 2. **The model**: the parent's backbone with a fresh scalar head
    (`Qwen3RewardModel.from_causal_lm(Qwen3.from_pretrained(parent))`); the parent is the
    thinking-mode fusion model, whose knowledge of the world and of the task families the head reads.
@@ -31,6 +35,7 @@ lineage.json. `rewards.reward_model.RewardModelScorer.load(out_dir)` serves it a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -46,9 +51,10 @@ from ..config_fields import NonNegative, Positive, checked_fields
 from ..data.preferences import (BEST_OF, PREFERENCE_DOMAINS, BestOfKSet, PreferencePair, best_of_k_sets,
                                 build_preferences)
 from ..evals.reward_model import (BagOfWordsBaseline, LengthBaseline, best_of_k_accuracy, best_of_n_rerank,
-                                  by_domain, heldout_task_queries, pairwise_accuracy, plot_pairwise_accuracy)
+                                  by_domain, heldout_task_queries, pairwise_accuracy, plot_pairwise_accuracy,
+                                  policy_pairs)
 from ..files import write_json_atomic
-from ..lineage import make_lineage, write_lineage
+from ..lineage import make_lineage, read_lineage, write_lineage
 from ..losses import bradley_terry_loss
 from ..models.qwen3 import Qwen3
 from ..models.reward import Qwen3RewardModel
@@ -64,6 +70,7 @@ with its linear schedule) does."""
 BETAS = (0.9, 0.999)
 """AdamW betas: transformers' `TrainingArguments` defaults, which TRL's reward trainer keeps."""
 PLOT_FILE = "pairwise_accuracy.png"
+POLICY_PAIRS_FILE = "policy_pairs.json"
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,12 @@ class RewardModelConfig:
     domains: tuple[str, ...] = PREFERENCE_DOMAINS
     max_len: Positive = 512
     """Longest scored sequence in tokens (longer training pairs are dropped; scoring keeps the last tokens)."""
+    policy_queries: NonNegative = 0
+    """Training-partition add/mul queries that the parent (the policy general RL starts from) answers
+    `policy_samples` times each; a right and a wrong answer to one query make a "policy" pair
+    (`evals.reward_model.policy_pairs`), added to the training pairs. 0: synthetic pairs only."""
+    policy_samples: Positive = 8
+    policy_pairs_per_query: Positive = 2
     # ---- optimisation
     steps: Positive = 300
     batch_size: Positive = 16
@@ -293,6 +306,32 @@ def _reward_model_of(parent: Path, max_len: int) -> Qwen3RewardModel:
     return Qwen3RewardModel.from_causal_lm(lm)
 
 
+def policy_training_pairs(cfg: RewardModelConfig, parent: Path, policy: Qwen3, tokenizer: Tokenizer, out: Path,
+                          ctx: StageContext) -> tuple[list[PreferencePair], dict[str, Any]]:
+    """The "policy" training pairs (`policy_queries` > 0), kept in `POLICY_PAIRS_FILE` with the key of the
+    parent and the settings, so that a resumed run trains on the pairs it started with."""
+    if cfg.policy_queries == 0:
+        return [], {"queries": 0, "pairs": 0}
+    parent_lineage = read_lineage(parent)
+    key = config_hash({"parent": parent_lineage.hash if parent_lineage else str(parent), "seed": cfg.seed,
+                       "queries": cfg.policy_queries, "samples": cfg.policy_samples,
+                       "pairs_per_query": cfg.policy_pairs_per_query, "max_new_tokens": cfg.bon_max_new_tokens})
+    path = out / POLICY_PAIRS_FILE
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return [PreferencePair(**p) for p in saved["pairs"]], saved["counts"]
+    queries = heldout_task_queries(cfg.policy_queries, cfg.seed, heldout=False)
+    pairs, counts = policy_pairs(policy, tokenizer, queries, cfg.policy_samples,
+                                 max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed,
+                                 pairs_per_query=cfg.policy_pairs_per_query)
+    write_json_atomic(path, {"key": key, "counts": counts,
+                             "pairs": [dataclasses.asdict(p) for p in pairs]})
+    ctx.say(f"{cfg.name}: {counts['pairs']} pairs of the policy's own right and wrong answers "
+            f"({counts['queries_with_right_and_wrong']}/{counts['queries']} queries had both)")
+    return pairs, counts
+
+
 def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
     """Train the reward model from the parent checkpoint into `ctx.out_dir` (resumes a cut run)."""
     out = Path(ctx.out_dir)
@@ -305,6 +344,9 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
     model = _reward_model_of(parent, cfg.max_len)
 
     train_pairs = build_preferences(cfg.n_train_pairs, seed=cfg.seed, split="train", domains=cfg.domains)
+    policy = Qwen3.from_pretrained(parent).to(resolve_device(cfg.device)).eval()
+    on_policy, on_policy_counts = policy_training_pairs(cfg, parent, policy, tokenizer, out, ctx)
+    train_pairs = train_pairs + on_policy
     data_hash = preferences_hash(train_pairs)
     encoded, dropped = tokenize_pairs(tokenizer, train_pairs, cfg.max_len)
     data = evaluation_data(cfg, train_pairs)
@@ -323,7 +365,6 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
 
     scorer = RewardModelScorer(model.eval(), tokenizer, max_len=cfg.max_len)
     results = evaluate(scorer, tokenizer, train_pairs, data)
-    policy = Qwen3.from_pretrained(parent).to(resolve_device(cfg.device)).eval()
     results["best_of_n"] = best_of_n_rerank(policy, tokenizer, scorer, heldout_task_queries(cfg.bon_queries, cfg.seed),
                                             cfg.bon_n, max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed)
     plot_pairwise_accuracy(results["pairwise"], out / PLOT_FILE)
@@ -332,7 +373,8 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
         "final_eval": {k.removeprefix("eval/"): v for k, v in summary["eval"].items()},
         "headline": headline(results), **results, "k": cfg.best_of,
         "chance": {"pairwise": 0.5, "best_of_k": 1.0 / cfg.best_of},
-        "data": data_summary(train_pairs, dropped), "elapsed_s": summary["elapsed_s"]})
+        "data": {**data_summary(train_pairs, dropped), "policy_pairs": on_policy_counts},
+        "elapsed_s": summary["elapsed_s"]})
     write_lineage(out, make_lineage(cfg.name, cfg, parent, data_hashes={"preferences": data_hash}))
     return out
 
