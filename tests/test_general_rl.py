@@ -318,7 +318,8 @@ def test_tool_outcomes_are_counted_by_name():
 
 def test_bucketed_update_equals_the_whole_batch_update(tok):
     """Tool and non-tool rollouts are padded as two batches; the accumulated, weighted gradient equals the
-    gradient of the reasoning stage's update over one batch of all the rows (dapo and grpo aggregation)."""
+    gradient of the reasoning stage's update over one batch of all the rows (dapo and grpo aggregation, and
+    advantages scaled by the whole batch's reward std, not a bucket's)."""
     torch.manual_seed(0)
     model = Qwen3(get_model_config("micro"))
     reference = Qwen3(get_model_config("micro")).eval()
@@ -329,17 +330,19 @@ def test_bucketed_update_equals_the_whole_batch_update(tok):
                  for _ in range(3)]
         forced = [[bool(k % 4 == 3) for k in range(len(c))] for c in comps]  # some tool-span tokens
         groups.append(Group(Query(f"q{i}", "x", "t", tools=tools), list(range(1, prompt_len + 1)), comps,
-                            [[-1.0] * len(c) for c in comps], forced, ["stop"] * 3, [0.0, 1.0, 0.5]))
-    for loss_type in ("dapo", "grpo"):
-        cfg = _cfg(loss_type=loss_type, mu=1, entropy_control="bonus", entropy_coef=0.01)
+                            [[-1.0] * len(c) for c in comps], forced, ["stop"] * 3,
+                            [[0.0, 1.0, 0.5], [0.0, 0.2, 0.1], [1.2, -0.05, 0.0]][i]))
+    for loss_type, scale in (("dapo", "group"), ("grpo", "group"), ("dapo", "batch")):
+        cfg = _cfg(loss_type=loss_type, mu=1, entropy_control="bonus", entropy_coef=0.01, scale_rewards=scale)
         controller = EntropyController("bonus", 0.01)
-        buckets = [general_rl.Bucket.of(b, model, reference, cfg, tok.pad_token_id, "cpu")
-                   for b in general_rl.bucket_groups(groups)]
+        cut = general_rl.bucket_groups(groups)
+        buckets = [general_rl.Bucket.of(b, model, reference, cfg, tok.pad_token_id, "cpu", a)
+                   for b, a in zip(cut, general_rl.step_advantages(groups, cut, scale))]
         assert len(buckets) >= 2
         frozen = torch.optim.SGD(model.parameters(), lr=0.0)
         general_rl.optimisation_passes(model, frozen, buckets, cfg, controller, 1.0, lambda k: 0.0)
         bucketed = [p.grad.clone() for p in model.parameters()]
-        whole = build_batch(groups, pad_id=tok.pad_token_id)
+        whole = build_batch(groups, pad_id=tok.pad_token_id, scale_rewards=scale)
         with torch.no_grad():
             old, _ = general_rl.policy_logprobs(model, whole, cfg.temperature)
         grpo_cfg = grpo.GRPOConfig(loss_type=loss_type, mu=1, mini_batches=1, max_new_tokens=cfg.max_completion_tokens)

@@ -488,6 +488,13 @@ def _padded_cells(groups: Sequence[Group]) -> int:
     return sum(len(g.completions) for g in groups) * (prompt + max(completion, 1))
 
 
+def step_advantages(groups: Sequence[Group], buckets: Sequence[Sequence[Group]], scale: str) -> list[torch.Tensor]:
+    """Each bucket's advantages, row for row, as `build_batch` computes them over all the step's `groups`."""
+    whole = build_batch(groups, pad_id=0, scale_rewards=scale).advantages.view(len(groups), -1)
+    row = {id(g): whole[i] for i, g in enumerate(groups)}
+    return [torch.cat([row[id(g)] for g in bucket]) for bucket in buckets]
+
+
 def bucket_groups(groups: Sequence[Group], max_buckets: int = MAX_BUCKETS) -> list[list[Group]]:
     """`groups` sorted by prompt length and cut into at most `max_buckets` runs that minimise the padded
     positions of all the batches (an exact search over the cut points)."""
@@ -526,8 +533,11 @@ class Bucket:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, groups: Sequence[Group], model, reference, cfg: GeneralRLConfig, pad_id: int, device) -> "Bucket":
-        batch = build_batch(groups, pad_id=pad_id, scale_rewards=cfg.scale_rewards).to(device)
+    def of(cls, groups: Sequence[Group], model, reference, cfg: GeneralRLConfig, pad_id: int, device,
+           advantages: torch.Tensor) -> "Bucket":
+        """`advantages`: the rows' advantages, computed over the whole step (`step_advantages`): a bucket's own
+        statistics would differ from the step's under scale_rewards = "batch"."""
+        batch = dataclasses.replace(build_batch(groups, pad_id=pad_id), advantages=advantages).to(device)
         old_logps, entropy = policy_logprobs(model, batch, cfg.temperature)
         ref_logps, _ = policy_logprobs(reference, batch, cfg.temperature, with_entropy=False)
         mask = batch.completion_mask
@@ -702,8 +712,9 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
             if n - judged_before.get(key, 0):
                 record[f"judge/{key}"] = n - judged_before.get(key, 0)
         if rollouts.groups:
-            buckets = [Bucket.of(groups, model, reference, cfg, tokenizer.pad_token_id, torch_device)
-                       for groups in bucket_groups(rollouts.groups)]
+            cut = bucket_groups(rollouts.groups)
+            buckets = [Bucket.of(groups, model, reference, cfg, tokenizer.pad_token_id, torch_device, advantages)
+                       for groups, advantages in zip(cut, step_advantages(rollouts.groups, cut, cfg.scale_rewards))]
             tokens = sum(b.tokens for b in buckets)
             entropy_now = sum(b.entropy_sum for b in buckets) / max(tokens, 1.0)
             record.update(entropy=entropy_now, kl=sum(b.kl_sum for b in buckets) / max(tokens, 1.0),
