@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 
@@ -178,6 +179,17 @@ def test_code_that_does_not_compile_scores_zero():
     assert code_reward(wrap("```python\ndef f(:\n```"), "assert True", LIMITS).score == 0.0
     assert extract_code("a\n```python\nx = 1\n```\nb\n```py\ny = 2\n```") == "y = 2"
     assert extract_code("x = 1") == "x = 1"
+
+
+def test_the_models_syntax_warnings_are_not_printed_by_the_reward():
+    """Compiling model-written code that only warns (`x is 1`) neither shows the warning nor fails the code."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = code_reward(wrap("```python\nx = 1\nassert (x is 1) or True\n```"), "assert x == 1", LIMITS)
+    assert not [w for w in caught if issubclass(w.category, SyntaxWarning)]
+    if result.score is None:
+        pytest.skip(f"sandbox unavailable: {result.reason}")
+    assert result.score == 1.0
 
 
 def test_budget_forced_answer_after_the_reports_directive_is_scored():

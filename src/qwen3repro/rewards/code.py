@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 from . import harness
@@ -140,7 +141,9 @@ def code_reward(completion: str, tests: str, limits: SandboxLimits | None = None
     if not code.strip():
         return RewardResult(0.0, "no code")
     try:
-        compile(code, "solution.py", "exec")
+        with warnings.catch_warnings():  # the model's SyntaxWarnings are not the run's to print
+            warnings.simplefilter("ignore")
+            compile(code, "solution.py", "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         return RewardResult(0.0, f"does not compile: {type(exc).__name__}: {str(exc)[:200]}")
     return run_tests(code, tests, limits)
