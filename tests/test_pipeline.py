@@ -36,6 +36,13 @@ def test_micro_pipeline_runs_every_stage_and_writes_the_report(micro_run):
     names = {c["name"] for c in claims}
     assert any(n.startswith("s2_reasoning") for n in names)
     assert any(n.startswith("yarn_dca") for n in names)
+    # The machine is recorded: in REPORT.md, in pipeline.json and with every trained stage's time.
+    summary = json.loads((plan.root / "pipeline.json").read_text())
+    assert summary["machine"] == plan.machine and plan.machine["matmul_peak_gflops_fp32"] > 0
+    assert plan.machine["torch_threads"] == plan.settings.threads
+    assert f"Machine: {plan.machine['cpu']}" in report
+    for key, stage in summary["stages"].items():
+        assert stage["trained"] == {"seconds": stage["seconds"], "machine": plan.machine}, key
     # every stage logged a progress line with an ETA and wrote metrics.jsonl
     assert any("eta" in line for line in lines)
     assert (plan.node("student/s1").out_dir / "metrics.jsonl").exists()
@@ -46,6 +53,9 @@ def test_second_run_skips_up_to_date_stages(micro_run):
     lines: list[str] = []
     again = run_pipeline("micro", out_root=plan.root.parent, printer=lines.append, claims=False)
     assert all(n.status.startswith("skipped") for n in again.nodes)
+    # A skipped stage keeps the time and machine of the run that trained it.
+    stages = json.loads((again.root / "pipeline.json").read_text())["stages"]
+    assert all(s["seconds"] == 0 and s["trained"]["seconds"] > 0 for s in stages.values())
 
 
 def test_changed_recipe_reruns_only_dependants(micro_run, tmp_path):
@@ -234,6 +244,8 @@ def test_reuse_copies_finished_stages_of_the_same_lineage(micro_run, tmp_path, m
     status = {n.key: n.status for n in long.nodes}
     assert status["flagship/s3"] == "copied from micro" and status["flagship/reasoning-rl"] == "copied from micro"
     assert status["flagship/fusion"].startswith("trained")
+    recorded = json.loads((long.root / "pipeline.json").read_text())["stages"]
+    assert recorded["flagship/s3"]["trained"] == json.loads((plan.node("flagship/s3").out_dir / "timing.json").read_text())
     for node in long.nodes:
         assert read_lineage(node.out_dir).hash == expected_hash(node), node.key
     assert Qwen3.from_pretrained(long.node("flagship/s3").out_dir).config.rope_theta == 1e6

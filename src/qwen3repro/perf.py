@@ -6,14 +6,60 @@
   6 × matmul parameters × tokens, plus 12 × layers × heads·head_dim × seq per token for attention
   scores and values, counting the causal mask as full).
 * `cpu_has_bf16`: whether the CPU advertises native bf16 arithmetic (AVX512-BF16 or AMX-BF16).
+* `machine_info`: what a time or a floating-point figure depends on (CPU model, the ISA flags PyTorch's
+  kernels dispatch on, threads, the measured fp32 matmul peak), recorded next to every pipeline's times.
 """
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import torch
 
 from .config import ModelConfig
+
+
+# The CPU flags that decide which kernels PyTorch (and our decode kernels) run: the same code is about
+# twice as fast on an AVX-512 machine as on an AVX2-only one.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """(model name, flags) of the first CPU in a cpuinfo file; ("", empty) where there is none."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return "", set()
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def machine_info(*, measure_peak: bool = True) -> dict:
+    """The machine a run's times and figures belong to: CPU model, ISA flags present, logical CPUs,
+    PyTorch threads and version, and (measured, a second or so) the fp32 matmul peak in GFLOP/s."""
+    model, flags = cpuinfo()
+    info = {"cpu": model or platform.processor() or platform.machine(),
+            "isa": [f for f in ISA_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if measure_peak:
+        info["matmul_peak_gflops_fp32"] = round(matmul_peak_flops(torch.float32, repeats=3) / 1e9, 1)
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line for a report: "AMD EPYC (avx2, fma), 2 threads, fp32 matmul peak 153 GFLOP/s"."""
+    peak = info.get("matmul_peak_gflops_fp32")
+    return (f"{info.get('cpu') or 'unknown CPU'} ({', '.join(info.get('isa') or ()) or 'no AVX flags'}), "
+            f"{info.get('torch_threads')} thread{'' if info.get('torch_threads') == 1 else 's'}"
+            + (f", fp32 matmul peak {peak:.0f} GFLOP/s" if peak else ""))
 
 
 def cpu_has_bf16() -> bool:

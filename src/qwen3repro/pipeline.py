@@ -42,6 +42,7 @@ from .lineage import chain_hash, parent_with_uses, read_lineage
 from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, load_recipe, load_scale, load_stage_graph,
                       parse_override, recipe_lineage, split_recipe)
 from .files import read_json_object, write_json_atomic
+from .perf import describe_machine, machine_info
 from .progress import format_duration
 from .run_lock import RunLock
 from .stages import coldstart, fusion, general_rl, grpo, pretrain, sft
@@ -51,6 +52,8 @@ from .stages.common import StageContext
 from .train.metrics import default_printer
 
 STAGE_FILE = "stage.json"
+TIMING_FILE = "timing.json"
+"""In a stage's directory: the seconds the pipeline spent training it and the machine it ran on."""
 SCALE_SECTIONS = ("pipeline", "roles", "stages", "evals", "experiments")
 
 
@@ -90,6 +93,8 @@ class Plan:
     settings: PipelineSettings
     nodes: list[StageNode]
     scale_config: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    """`perf.machine_info` of the machine this invocation runs on (filled by `run_stages`)."""
 
     def node(self, key: str) -> StageNode:
         for n in self.nodes:
@@ -392,6 +397,8 @@ def run_stages(plan: Plan, *, only: set[str] | None = None, printer: Callable[[s
     torch.set_num_threads(plan.settings.threads)
     datasets.disable_progress_bars()  # the stages print their own progress lines
     try:
+        plan.machine = machine_info()  # at the run's thread count
+        say(f"machine: {describe_machine(plan.machine)}")
         _run_nodes(plan, only, say)
     finally:
         torch.set_num_threads(previous_threads)
@@ -419,6 +426,17 @@ def _run_nodes(plan: Plan, only: set[str] | None, say: Callable[[str], None]) ->
         stage_module(node.kind).run(node.config, node.parent.out_dir if node.parent else None, ctx)
         node.seconds = time.perf_counter() - t0
         node.status = f"trained in {format_duration(node.seconds)}"
+        write_json_atomic(node.out_dir / TIMING_FILE, {"seconds": node.seconds, "machine": plan.machine})
+
+
+def stage_timing(node: StageNode) -> dict[str, Any]:
+    """What `TIMING_FILE` in the stage's directory records (the run that trained it: seconds, machine), or {}."""
+    path = node.out_dir / TIMING_FILE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = (),
@@ -432,8 +450,11 @@ def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides:
             run_claims(plan, printer=say, only=set(plan.settings.claims) or None)
         total = time.perf_counter() - t0
         write_json_atomic(plan.root / "pipeline.json", {
-            "scale": scale, "total_seconds": total,
-            "stages": {n.key: {"status": n.status, "seconds": n.seconds} for n in plan.nodes},
+            "scale": scale, "total_seconds": total, "machine": plan.machine,
+            # seconds: this invocation's; trained: the run that trained the stage (a skipped or copied
+            # stage keeps the time and machine of the run that made it).
+            "stages": {n.key: {"status": n.status, "seconds": n.seconds, "trained": stage_timing(n)}
+                       for n in plan.nodes},
         })
     say(f"pipeline {scale}: done in {format_duration(total)}")
     return plan

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from .. import plotting
 from ..lineage import read_lineage
+from ..perf import describe_machine
 from ..train.metrics import MetricsLog
 
 
@@ -98,6 +99,10 @@ def write_report(plan, rows: Iterable) -> Path:
     lines.append(f"Every number below was measured by `qwen3repro pipeline {plan.scale}` (`make {plan.scale}-pipeline`) "
                  "on this scale's checkpoints; the settings of each measurement are pinned in the JSON file next "
                  "to it under `claims/`.")
+    machine = getattr(plan, "machine", None)
+    if machine:
+        lines += ["", f"Machine: {describe_machine(machine)} (times and floating-point figures belong to it; "
+                      "each stage's own is in its `timing.json` and in `pipeline.json`)."]
     lines += _reuse_lines(plan)
     lines += ["", "## Claims", "", "| claim | report | measured here | reproduced |", "|---|---|---|---|"]
     for r in rows:
