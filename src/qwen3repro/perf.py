@@ -63,11 +63,7 @@ def describe_machine(info: dict) -> str:
 
 
 def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = cpuinfo()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

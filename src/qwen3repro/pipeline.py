@@ -41,7 +41,7 @@ from .evals.claims import run_claims
 from .lineage import chain_hash, parent_with_uses, read_lineage
 from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, load_recipe, load_scale, load_stage_graph,
                       parse_override, recipe_lineage, split_recipe)
-from .files import read_json_object, write_json_atomic
+from .files import RunFileError, read_json_object, write_json_atomic
 from .perf import describe_machine, machine_info
 from .progress import format_duration
 from .run_lock import RunLock
@@ -433,10 +433,9 @@ def stage_timing(node: StageNode) -> dict[str, Any]:
     """What `TIMING_FILE` in the stage's directory records (the run that trained it: seconds, machine), or {}."""
     path = node.out_dir / TIMING_FILE
     try:
-        recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, ValueError):
+        return read_json_object(path) if path.exists() else {}
+    except RunFileError:  # a damaged record of a time is no reason to stop a run
         return {}
-    return recorded if isinstance(recorded, dict) else {}
 
 
 def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = (),

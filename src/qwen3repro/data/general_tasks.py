@@ -464,8 +464,6 @@ def thinking_demonstration(query: Query, messages: list[dict]) -> list[dict]:
         m = dict(m)
         if m["role"] == "user":
             m["content"] = m["content"].removesuffix(" /no_think")
-        elif m["role"] == "tool":
-            pass
         elif m["role"] == "assistant":
             if not m["content"].startswith(EMPTY_THINK):
                 raise ValueError(f"query {query.uid}: an assistant turn without the empty think block")

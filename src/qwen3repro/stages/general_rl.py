@@ -65,7 +65,7 @@ from ..evals.thinking import follows_mode
 from ..files import write_json_atomic
 from ..generate import SamplingParams
 from ..lineage import make_lineage, write_lineage
-from ..losses import grpo_loss
+from ..losses import group_advantages, grpo_loss
 from ..models.qwen3 import Qwen3
 from ..progress import format_duration
 from ..rewards import REWARDS, RewardResult
@@ -490,7 +490,8 @@ def _padded_cells(groups: Sequence[Group]) -> int:
 
 def step_advantages(groups: Sequence[Group], buckets: Sequence[Sequence[Group]], scale: str) -> list[torch.Tensor]:
     """Each bucket's advantages, row for row, as `build_batch` computes them over all the step's `groups`."""
-    whole = build_batch(groups, pad_id=0, scale_rewards=scale).advantages.view(len(groups), -1)
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
+    whole = group_advantages(rewards, len(groups[0].completions), scale).view(len(groups), -1)
     row = {id(g): whole[i] for i, g in enumerate(groups)}
     return [torch.cat([row[id(g)] for g in bucket]) for bucket in buckets]
 
