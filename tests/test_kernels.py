@@ -8,14 +8,21 @@
   its frequencies are checked through `generate` in test_generate.py); min-p stays on PyTorch;
 * building: the cache is reused; no compiler, a failing compiler or QWEN3REPRO_KERNELS=0 give None
   with a warning, and generation still runs (through PyTorch) with the same results;
-* bad buffers are refused before any pointer is handed to C.
+* bad buffers are refused before any pointer is handed to C;
+* the choice between a kernel and its PyTorch operations is measured: a kernel made slower than the
+  PyTorch path is not used, a PyTorch path made slower is not used, and the choice is kept on disk
+  per machine (a second process reads it instead of measuring);
+* every instruction-set build this CPU can run (native, AVX2, the compiler's baseline) gives the
+  PyTorch path's results.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import shutil
+import time
 
 import pytest
 import torch
@@ -177,6 +184,7 @@ def fresh_build(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN3REPRO_KERNEL_CACHE", str(tmp_path / "cache"))
     kernels._build.cache_clear()
     kernels._writable_cache.cache_clear()
+    monkeypatch.setattr(kernels, "_CHOICES", {})
     yield tmp_path / "cache"
     kernels._build.cache_clear()
     kernels._writable_cache.cache_clear()
@@ -279,3 +287,107 @@ def test_min_p_runs_the_torch_path_and_filters(monkeypatch):
             logp = torch.log_softmax(model(torch.tensor([p + g.token_ids])).logits[0].float(), -1)
         best = logp[len(p) - 1: -1].max(-1).values
         assert (torch.tensor(g.logprobs) >= best + math.log(0.98) - 1e-5).all()
+
+
+# ------------------------------------------------------------------------------- measured choices
+def _slowed(fn, seconds=2e-3):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+    return slow
+
+
+def test_faster_measures_once_and_keeps_the_choice_on_disk(fresh_build, monkeypatch):
+    calls = []
+
+    def candidates():
+        calls.append(1)
+        return {"slow": lambda: time.sleep(2e-3), "quick": lambda: None}
+
+    assert kernels.faster("op shape=1", candidates) == "quick"
+    record = kernels.measured_choices()["op shape=1"]
+    assert record["seconds"]["quick"] < record["seconds"]["slow"] and len(calls) == 1
+    monkeypatch.setattr(kernels, "_CHOICES", {})  # a new process on the same machine: reads, measures nothing
+    assert kernels.faster("op shape=1", lambda: pytest.fail("measured again")) == "quick"
+    assert kernels.faster("op shape=2", candidates) == "quick" and len(calls) == 2  # another shape: measured
+    (saved,) = fresh_build.glob("choices-*.json")
+    assert set(json.loads(saved.read_text())) == {"op shape=1", "op shape=2"}
+    saved.write_text("{not json")  # a damaged file is measured again, not trusted
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    assert kernels.faster("op shape=1", candidates) == "quick" and len(calls) == 3
+
+
+@pytest.mark.parametrize("slowed", ["kernel", "torch"])
+def test_the_engine_never_keeps_the_slower_attention(fresh_build, monkeypatch, slowed):
+    # Whichever path is made slower (by 2 ms a call, far beyond the timing noise), the engine measures
+    # it and decodes with the other; its tokens are the same either way.
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", "auto")
+    if slowed == "kernel":
+        bind = kernels.AttentionKernel.bind
+        monkeypatch.setattr(kernels.AttentionKernel, "bind", lambda self, *a, **k: _slowed(bind(self, *a, **k)))
+    else:
+        monkeypatch.setattr(DenseDecodeStep, "_torch_attention", _slowed(DenseDecodeStep._torch_attention))
+    model = MODELS[2]
+    step = DenseDecodeStep(model, 4, 24)
+    assert (step.kernel is None) == (slowed == "kernel")
+    (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith("decode-attention")]
+    assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
+    prompts = [[3, 14, 15], [9, 2, 6, 5], [3], [5, 8]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWEN3REPRO_KERNELS", "0")
+        ref = generate(model, prompts, GREEDY, max_new_tokens=6)
+    assert [g.token_ids for g in generate(model, prompts, GREEDY, max_new_tokens=6)] == [g.token_ids for g in ref]
+
+
+@pytest.mark.parametrize("slowed", ["kernel", "torch"])
+def test_the_sampler_never_keeps_the_slower_draw(fresh_build, monkeypatch, slowed):
+    from qwen3repro.generate import sampling
+
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", "auto")
+    if slowed == "kernel":
+        monkeypatch.setattr(sampling, "_kernel_draw", _slowed(sampling._kernel_draw))
+    else:
+        monkeypatch.setattr(sampling, "_draw_top_k", _slowed(sampling._draw_top_k))
+    chosen = sampling._sampling_kernel(3, 200, THINKING_SAMPLING, 1)
+    assert (chosen is None) == (slowed == "kernel")
+    (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith("sample-top-k")]
+    assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
+
+
+def test_forced_on_skips_the_measurement(fresh_build, monkeypatch):
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", "1")
+    monkeypatch.setattr(kernels, "faster", lambda *a: pytest.fail("QWEN3REPRO_KERNELS=1 measures nothing"))
+    assert DenseDecodeStep(MODELS[2], 2, 8).kernel is not None
+    from qwen3repro.generate import sampling
+    assert sampling._sampling_kernel(2, 100, THINKING_SAMPLING, 1) is not None
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", "sometimes")
+    with pytest.raises(ValueError, match="QWEN3REPRO_KERNELS"):
+        kernels.mode()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for ln in f if ln.startswith("flags") for w in ln.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
+def test_every_instruction_set_build_matches_torch(fresh_build, monkeypatch, isa):
+    # The AVX2 build is what an AVX2-only machine runs (8-float vectors); on an AVX-512 machine native
+    # builds 16-float ones: both, and the compiler's baseline, must give the PyTorch path's logits.
+    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    monkeypatch.setenv("QWEN3REPRO_KERNEL_ISA", isa)
+    rng = random.Random(5)
+    for group, model in MODELS.items():
+        vocab = model.config.vocab_size
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 17, 9)]
+        feed = [torch.tensor([rng.randrange(vocab) for _ in prompts]) for _ in range(20)]
+        with torch.inference_mode():
+            fast, ref = _steps(model, prompts, feed, True, 7), _steps(model, prompts, feed, False, 7)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    built = {p.name.split("-")[0] for p in fresh_build.glob("*.so")}
+    assert built == {"decode_attention"}

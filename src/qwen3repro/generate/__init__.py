@@ -18,7 +18,9 @@ Rooms, each with a docstring on what it holds and why:
                  and log-probs, and `ModelForwardStep`, the decode step through `model.forward`
 
 The compiled kernels are optional: without a C compiler, or with `QWEN3REPRO_KERNELS=0`, the same
-arithmetic runs as PyTorch operations, which are the reference the kernels are tested against.
+arithmetic runs as PyTorch operations, which are the reference the kernels are tested against. Where
+both can run, each kernel is timed against its PyTorch operations once per machine and shape
+(`qwen3repro.kernels.faster`), and the faster runs.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ that does not change between steps is prepared once: fused and norm-folded weigh
 per call the padding bias and a workspace; keys are kept transposed for the attention matmuls,
 which replace SDPA (slow on CPU for one query per row). On a CPU in float32, each layer's QK-norm,
 RoPE, cache writes and attention are one call of a compiled kernel (`qwen3repro.kernels`, built at
-first use with the system's C compiler); without one, or with `QWEN3REPRO_KERNELS=0`, the PyTorch
-operations here run, with the same results up to rounding. They are the reference the kernel is
+first use with the system's C compiler, and used where measured faster than them on this machine);
+without one, or with `QWEN3REPRO_KERNELS=0`, the PyTorch operations here run, with the same results up to rounding. They are the reference the kernel is
 tested against (tests/test_kernels.py), and `Qwen3.forward` is the reference for both
 (tests/test_generate.py compares log-probs with a full forward).
 
@@ -170,6 +170,8 @@ class DenseDecodeStep:
         self.values = proto.new_empty(n_layers, batch_size * w.hk, self.capacity, w.d)
         self.bias = None  # [B·Hk, 1, capacity]: 0 for real tokens, -inf for padding
         self._bind()
+        if self.kernel is not None and kernels.mode() == "auto" and not self._kernel_is_faster():
+            self.kernel = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -276,7 +278,7 @@ class DenseDecodeStep:
     def __call__(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """token, positions [B] -> last logits [B, V]; stores the token's keys/values at the next slot."""
         w, ws = self.w, self.ws
-        mean_h, mean_d, slot = w.mean_h, w.mean_d, self.length
+        mean_h, slot = w.mean_h, self.length
         t = slot + 1
         if t > self.max_len:
             raise ValueError(f"cache overflow: {t} tokens do not fit in max_len={self.max_len}")
@@ -291,7 +293,7 @@ class DenseDecodeStep:
         # Every line below uses as few tensor operations as it can (each costs microseconds of overhead).
         # RMSNorm: x · (mean(x²) + eps)^-½, the mean as a matmul with a column of 1/n that also adds eps
         # (cheaper here than `mean` + `add`, or `F.rms_norm`, which runs several operations inside).
-        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, _), (keys, values_4d, values), kernel_call in zip(
+        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, _), buffers, kernel_call in zip(
             w.layers, self.buffers, attend
         ):
             torch.addmm(eps1, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
@@ -300,18 +302,7 @@ class DenseDecodeStep:
                 # Everything down to the attention output, in one compiled call (kernels/decode_attention.c).
                 kernel_call(slot, threads)
             else:
-                # QK-norm per head (q's weight carries 1/√D), then RoPE as one complex multiplication.
-                torch.mul(ws.qk, ws.qk, out=ws.qk_sq_3d)
-                torch.addmm(eps_qk, ws.qk_sq, mean_d, out=ws.qk_r).rsqrt_()
-                torch.mul(ws.qk, ws.qk_r_3d, out=ws.qk_normed).mul_(w_qk)
-                torch.mul(ws.qk_normed_c, rope, out=ws.rotated_c)
-                keys.select(2, slot).copy_(ws.k)
-                values_4d.select(2, slot).copy_(ws.v)
-                if bias is None:
-                    scores = torch.bmm(ws.q, keys.narrow(2, 0, t))
-                else:
-                    scores = torch.baddbmm(bias, ws.q, keys.narrow(2, 0, t))
-                torch.bmm(torch.softmax(scores, dim=-1), values.narrow(1, 0, t), out=ws.att)
+                self._torch_attention(eps_qk, w_qk, buffers, slot, rope, bias)
             x = torch.addmm(x, ws.att_2d, w_o)
             torch.addmm(eps2, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
             torch.mm(torch.mul(x, ws.r, out=ws.xn), w_gu, out=ws.gu)
@@ -319,6 +310,60 @@ class DenseDecodeStep:
         self.length = t
         x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
         return torch.mm(x, w.lm_head).float()
+
+    def _torch_attention(self, eps_qk, w_qk, buffers, slot: int, rope, bias) -> None:
+        """One layer's attention for a decode step as PyTorch operations, from `ws.qkv` into `ws.att`:
+        what the compiled kernel does in one call. rope [B, 1, D/2] (the rows' positions); bias
+        [B·Hk, 1, ≥ slot + 1] or None."""
+        ws, (keys, values_4d, values), t = self.ws, buffers, slot + 1
+        # QK-norm per head (q's weight carries 1/√D), then RoPE as one complex multiplication.
+        torch.mul(ws.qk, ws.qk, out=ws.qk_sq_3d)
+        torch.addmm(eps_qk, ws.qk_sq, self.w.mean_d, out=ws.qk_r).rsqrt_()
+        torch.mul(ws.qk, ws.qk_r_3d, out=ws.qk_normed).mul_(w_qk)
+        torch.mul(ws.qk_normed_c, rope, out=ws.rotated_c)
+        keys.select(2, slot).copy_(ws.k)
+        values_4d.select(2, slot).copy_(ws.v)
+        if bias is None:
+            scores = torch.bmm(ws.q, keys.narrow(2, 0, t))
+        else:
+            scores = torch.baddbmm(bias, ws.q, keys.narrow(2, 0, t))
+        torch.bmm(torch.softmax(scores, dim=-1), values.narrow(1, 0, t), out=ws.att)
+
+    def _kernel_is_faster(self) -> bool:
+        """Whether the compiled attention beats `_torch_attention` at this step's shapes on this machine
+        (`kernels.faster`: measured once per machine and shape bucket, then read from its cache).
+
+        Timed on this step's own workspace and first layer's buffers, at a cache half full, before the
+        prefill: whatever the timing writes there is overwritten before it is read."""
+        w, ws = self.w, self.ws
+        b, threads = self.keys.shape[1] // w.hk, torch.get_num_threads()
+        key = (f"decode-attention {self.kernel.name} kv_heads={w.hk} batch={kernels.bucket(b)} "
+               f"length={kernels.bucket(self.max_len)} threads={threads}")
+        slot = self.max_len // 2
+
+        def candidates():
+            ws.qkv.normal_()
+            self.keys[0].narrow(2, 0, slot + 1).zero_()
+            self.values[0].narrow(1, 0, slot + 1).zero_()
+            eps_qk, w_qk = w.layers[0][2], w.layers[0][3]
+            positions = torch.full((b,), slot, dtype=torch.long, device=ws.qkv.device)
+            call, calls = self._attention_calls()[0], 4  # per timing: a few layers' worth
+
+            def compiled():
+                for _ in range(calls):
+                    ws.positions.copy_(positions)
+                    call(slot, threads)
+
+            def pytorch():
+                for _ in range(calls):
+                    rope = self.rope.index_select(0, positions)
+                    self._torch_attention(eps_qk, w_qk, self.buffers[0], slot, rope, None)
+
+            return {"kernel": compiled, "torch": pytorch}
+
+        choice = kernels.faster(key, candidates)
+        self._attend = None  # bound without the padding bias: rebind at the first step
+        return choice == "kernel"
 
     def _attention_calls(self) -> list:
         """The compiled attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v) of each layer, bound

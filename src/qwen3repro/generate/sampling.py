@@ -184,10 +184,41 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
     if params.presence_penalty and seen is not None:
         x = apply_presence_penalty(x, seen, params.presence_penalty)
     if params.min_p == 0.0 and x.device.type == "cpu" and k <= kernels.MAX_TOP_K:
-        kernel = kernels.sampling_kernel()
-        if kernel is not None:  # the code below in one compiled call, with the same noise draws
-            noise = torch.empty((x.shape[0], k), dtype=torch.float32).exponential_(generator=generator)
-            return kernel(x, k, params.temperature, params.top_p, noise)
+        kernel = _sampling_kernel(*x.shape, params, torch.get_num_threads())
+        if kernel is not None:  # `_draw_top_k` in one compiled call, with the same noise draws
+            return _kernel_draw(kernel, x, params, generator)
+    return _draw_top_k(x, params, generator)
+
+
+def _kernel_draw(kernel, x: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
+    noise = torch.empty((x.shape[0], params.top_k), dtype=torch.float32).exponential_(generator=generator)
+    return kernel(x, params.top_k, params.temperature, params.top_p, noise)
+
+
+def _sampling_kernel(batch: int, vocab: int, params: SamplingParams, threads: int):
+    """The compiled sampler, where it is faster than `_draw_top_k` for this shape on this machine
+    (`kernels.faster`, measured once per machine and shape bucket; `QWEN3REPRO_KERNELS=1` always uses
+    it), else None."""
+    kernel = kernels.sampling_kernel()
+    if kernel is None or kernels.mode() == "on":
+        return kernel
+    b = kernels.bucket(batch)
+    key = (f"sample-top-k {kernel.name} batch={b} vocab={vocab} k={params.top_k} "
+           f"top_p={'on' if params.top_p < 1.0 else 'off'} threads={threads}")
+
+    def candidates():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(b, vocab, generator=g) * 4
+        draws = 4  # per timing: several steps' worth, well above the timer's resolution
+        return {"kernel": lambda: [_kernel_draw(kernel, x, params, g) for _ in range(draws)],
+                "torch": lambda: [_draw_top_k(x, params, g) for _ in range(draws)]}
+
+    return kernel if kernels.faster(key, candidates) == "kernel" else None
+
+
+def _draw_top_k(x: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
+    """`sample` with top-k on, after the presence penalty, as PyTorch operations."""
+    k = params.top_k
     values, index = _top_k(x, k)  # sorted, descending
     if params.temperature != 1.0:
         values = values / params.temperature

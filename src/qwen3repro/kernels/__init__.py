@@ -13,6 +13,14 @@ dimension and group size, so its inner loops have constant trip counts.
 Without a working compiler (or with `QWEN3REPRO_KERNELS=0`) the loaders return None, once warning
 why, and the engine runs the same arithmetic as PyTorch operations; the results agree to float
 rounding either way (tests/test_kernels.py).
+
+A kernel is used only where it is faster: whether a kernel or its PyTorch operations run is measured,
+once per machine and shape, by `faster` (both timed on the same buffers, the faster kept), and the
+choice is kept on disk next to the built kernels, so it is paid once per machine, not per process.
+`QWEN3REPRO_KERNELS` picks: `auto` (the default: measured), `1` (always the kernels, e.g. to test
+them), `0` (never). `QWEN3REPRO_KERNEL_ISA` picks the instruction set they are built for: `native`
+(the default: this CPU's), `avx2` (`-mavx2 -mfma`: stands in for an AVX2-only machine on an AVX-512
+one), or `generic` (the compiler's baseline).
 """
 from __future__ import annotations
 
@@ -23,23 +31,47 @@ import math
 import os
 import platform
 import shutil
+import json
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-__all__ = ["attention_kernel", "sampling_kernel", "enabled", "cache_dir"]
+__all__ = ["attention_kernel", "sampling_kernel", "enabled", "mode", "cache_dir", "faster", "measured_choices"]
 
 _SOURCES = Path(__file__).resolve().parent
-LANES = 16  # floats per vector in decode_attention.c: the head dimension must be a multiple of it
+LANES = 16  # the widest vector decode_attention.c uses (AVX-512's 16 floats): head dimension and cache length are multiples of it
 MAX_TOP_K = 256  # sample_top_k.c's MAX_K (its candidate arrays): the two must be equal
+
+
+def mode() -> str:
+    """`QWEN3REPRO_KERNELS`: "auto" (unset or auto: the kernels where measured faster), "on" (1/true/yes/on:
+    always), "off" (0/false/no/off: never)."""
+    value = os.environ.get("QWEN3REPRO_KERNELS", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    if value in ("1", "true", "yes", "on"):
+        return "on"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(f"QWEN3REPRO_KERNELS={value!r}: expected auto, 1 or 0")
 
 
 def enabled() -> bool:
     """False when `QWEN3REPRO_KERNELS` is 0/false/no/off."""
-    return os.environ.get("QWEN3REPRO_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return mode() != "off"
+
+
+def isa() -> str:
+    """`QWEN3REPRO_KERNEL_ISA`: the instruction set the kernels are built for (see the module docstring)."""
+    value = os.environ.get("QWEN3REPRO_KERNEL_ISA", "native").strip().lower() or "native"
+    if value not in _ISA_FLAGS:
+        raise ValueError(f"QWEN3REPRO_KERNEL_ISA={value!r}: expected one of {', '.join(_ISA_FLAGS)}")
+    return value
 
 
 def cache_dir() -> Path:
@@ -59,19 +91,21 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-# Tried in order until one compiles: the first is the fast one; the others keep a compiler without
-# -march=native or OpenMP usable (slower, still correct).
-_FLAG_SETS = (
-    ("-O3", "-march=native", "-fopenmp", "-fno-math-errno"),
-    ("-O3", "-fopenmp", "-fno-math-errno"),
-    ("-O3", "-fno-math-errno"),
-)
+_ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-mavx2", "-mfma"), "generic": ()}
+
+
+def _flag_sets(target_isa: str) -> list[tuple[str, ...]]:
+    """Tried in order until one compiles: the first is the fast one; the others keep a compiler without
+    the instruction-set flags or OpenMP usable (slower, still correct)."""
+    sets = [("-O3", *_ISA_FLAGS[target_isa], "-fopenmp", "-fno-math-errno"), ("-O3", "-fopenmp", "-fno-math-errno"),
+            ("-O3", "-fno-math-errno")]
+    return list(dict.fromkeys(sets))
 
 
 @functools.lru_cache(maxsize=None)
-def _build(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
-    """Compile `source` (a file next to this one) with `defines` into the cache and load it, or warn
-    once and return None."""
+def _build(source: str, defines: tuple[tuple[str, int], ...], target_isa: str) -> ctypes.CDLL | None:
+    """Compile `source` (a file next to this one) with `defines` for `target_isa` (`_ISA_FLAGS`) into the
+    cache and load it, or warn once and return None."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         warnings.warn(f"no C compiler ({compiler!r}) found: the generation engine uses PyTorch operations "
@@ -80,7 +114,7 @@ def _build(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | N
     text = (_SOURCES / source).read_text()
     macros = [f"-D{k}={v}" for k, v in defines]
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in _flag_sets(target_isa):
         command = [compiler, *flags, *macros, "-shared", "-fPIC", "-std=gnu11"]
         key = hashlib.sha256("\0".join([text, *command, _compiler_version(compiler), _cpu_signature()]).encode())
         target = _writable_cache() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
@@ -133,6 +167,7 @@ class AttentionKernel:
 
     def __init__(self, lib: ctypes.CDLL, head_dim: int, group: int) -> None:
         self.head_dim, self.group = head_dim, group
+        self.name = Path(lib._name).stem  # names the build (source, flags, compiler, CPU) in measured choices
         fn = self._fn = lib.decode_attention
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         fn.argtypes = [p, i64, p, ctypes.c_float, p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
@@ -186,6 +221,7 @@ class SamplingKernel:
     """`sample_top_k.c`: next tokens [B] from logits [B, V], top-k, temperature, top-p and noise [B, k]."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        self.name = Path(lib._name).stem
         fn = self._fn = lib.sample_top_k
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         fn.argtypes = [p, i64, i64, i64, i64, ctypes.c_float, ctypes.c_float, p, p, ctypes.c_int]
@@ -205,12 +241,79 @@ class SamplingKernel:
         return tokens
 
 
+# ------------------------------------------------------------------------------ measured choices
+# Choices measured by `faster`, in this process and as kept on disk: {key: {"choice", "seconds"}}.
+_CHOICES: dict[str, dict] = {}
+ROUNDS = 5  # interleaved timings of each candidate; the fastest of each candidate's is compared
+
+
+def measured_choices() -> dict[str, dict]:
+    """The choices `faster` made or read in this process: {key: {"choice": name, "seconds": {name: s}}}."""
+    return dict(_CHOICES)
+
+
+def _choices_file() -> Path:
+    """Per machine: the CPU, the threads' library and PyTorch's version all change which path is faster."""
+    machine = hashlib.sha256("\0".join([_cpu_signature(), torch.__version__]).encode()).hexdigest()[:16]
+    return _writable_cache() / f"choices-{machine}.json"
+
+
+def _read_choices(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def faster(key: str, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
+    """The name of the fastest of the calls `candidates()` returns (name -> a call doing the work) for
+    `key` on this machine; `candidates` is called only when a measurement is needed.
+
+    Measured once per machine: each candidate runs once to warm up, then `ROUNDS` times, interleaved,
+    and the one with the smallest time wins (the minimum is the least disturbed by other work on a
+    shared machine). The choice and the times are kept in the cache directory (`choices-<machine>.json`,
+    replaced atomically), so later processes read it instead of measuring. `key` must name everything
+    the answer depends on besides the machine: the operation, its shapes, the thread count, the
+    kernel's build."""
+    if key in _CHOICES:
+        return _CHOICES[key]["choice"]
+    path = _choices_file()
+    known = _read_choices(path).get(key)
+    if isinstance(known, dict) and isinstance(known.get("choice"), str):
+        _CHOICES[key] = known
+        return known["choice"]
+    candidates = candidates()
+    for run in candidates.values():
+        run()
+    best = {name: math.inf for name in candidates}
+    for _ in range(ROUNDS):
+        for name, run in candidates.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    record = {"choice": min(best, key=best.get), "seconds": best}
+    _CHOICES[key] = record
+    data = _read_choices(path)  # re-read: another process may have added choices meanwhile
+    data[key] = record
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return record["choice"]
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above n (≥ 1): shapes within a factor of two share a measured choice."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def attention_kernel(head_dim: int, group: int) -> AttentionKernel | None:
     """The fused decode-attention kernel for this head shape, or None (no compiler, disabled, or a head
     dimension that is not a multiple of 16)."""
     if not enabled() or head_dim % LANES or not 1 <= group <= 16 or head_dim > 512:
         return None
-    lib = _build("decode_attention.c", (("HEAD_DIM", head_dim), ("GROUP", group)))
+    lib = _build("decode_attention.c", (("HEAD_DIM", head_dim), ("GROUP", group)), isa())
     return None if lib is None else AttentionKernel(lib, head_dim, group)
 
 
@@ -218,5 +321,5 @@ def sampling_kernel() -> SamplingKernel | None:
     """The fused top-k sampler, or None (no compiler, or disabled)."""
     if not enabled():
         return None
-    lib = _build("sample_top_k.c", ())
+    lib = _build("sample_top_k.c", (), isa())
     return None if lib is None else SamplingKernel(lib)

@@ -6,8 +6,9 @@
  *
  * Compiled at first use by `qwen3repro.kernels` with HEAD_DIM and GROUP (query heads per KV head)
  * fixed, so every inner loop has a constant trip count and vectorises. Plain C with GCC vector
- * extensions (portable: a vector wider than the machine's is split by the compiler), OpenMP over
- * the (row, KV head) pairs. The arithmetic follows `DenseDecodeStep.__call__`; results agree with
+ * extensions as wide as the machine's vectors (16 floats with AVX-512, else 8: a vector wider than
+ * the machine's is split by the compiler into code ~10x slower than either), OpenMP over the
+ * (row, KV head) pairs. The arithmetic follows `DenseDecodeStep.__call__`; results agree with
  * it to float rounding (tests/test_kernels.py).
  *
  * Layouts (all float32, contiguous, as `DenseDecodeStep` keeps them):
@@ -16,7 +17,7 @@
  *           (x_0, x_{D/2}, x_1, x_{D/2+1}, ...);
  *   qk_norm [Hk·(GROUP+1), HEAD_DIM]: QK-norm weights in the same order (q's carry 1/√D);
  *   rope    [P, HEAD_DIM/2, 2]: (cos, sin) of every position and frequency;
- *   keys    [B·Hk, HEAD_DIM, T] (transposed), values [B·Hk, T, HEAD_DIM], T a multiple of LANES;
+ *   keys    [B·Hk, HEAD_DIM, T] (transposed), values [B·Hk, T, HEAD_DIM], T a multiple of 16;
  *   bias    [B·Hk, T]: 0 for real tokens, -inf for padding (NULL: no padding);
  *   scores  [B·Hk, GROUP, T]: workspace;
  *   out     [B, Hk·GROUP·HEAD_DIM]: attention output, query heads in order.
@@ -34,12 +35,16 @@
 
 #define D HEAD_DIM
 #define G GROUP
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8 /* AVX2's width, and two of SSE's or NEON's */
+#endif
 #define DV (D / LANES)                           /* vectors per head */
 #define KEY_BLOCKS (G <= 2 ? 4 : G <= 4 ? 2 : 1) /* key vectors per pass: KEY_BLOCKS·G accumulators */
 
 #if D % LANES != 0
-#error "HEAD_DIM must be a multiple of 16"
+#error "HEAD_DIM must be a multiple of LANES"
 #endif
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
