@@ -210,6 +210,8 @@ def test_without_a_working_compiler_generation_falls_back(fresh_build, monkeypat
         assert kernels.attention_kernel(16, 2) is None
     with pytest.warns(UserWarning, match="PyTorch operations"):
         assert kernels.sampling_kernel() is None
+    with pytest.warns(UserWarning, match="PyTorch operations"):
+        assert kernels.elementwise_kernel() is None
     model = MODELS[2]
     gens = generate(model, [[1, 2, 3], [4]], GREEDY, max_new_tokens=5, return_logprobs=True)
     monkeypatch.delenv("CC")
@@ -251,6 +253,32 @@ def test_attention_bind_refuses_bad_buffers(change, message):
     kernel = kernels.attention_kernel(16, 2)
     with pytest.raises(ValueError, match=message):
         kernel.bind(**{**_buffers(), **change})
+
+
+def test_elementwise_bind_refuses_bad_buffers():
+    kernel = kernels.elementwise_kernel()
+    with pytest.raises(ValueError, match="same"):
+        kernel.bind_rms(torch.zeros(2, 8), torch.zeros(2, 9), 1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.bind_rms(torch.zeros(8, 2).t(), torch.zeros(2, 8), 1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        kernel.bind_swiglu(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="inter"):
+        kernel.bind_swiglu(torch.zeros(2, 8), torch.zeros(2, 8))
+
+
+@settings(max_examples=20)
+@given(rows=st.integers(1, 5), n=st.integers(1, 70), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_elementwise_kernel_matches_its_definition(rows, n, scale, seed):
+    # Row lengths that are and are not multiples of the vector width; gates far into silu's tails.
+    g = torch.Generator().manual_seed(seed)
+    x, gu = torch.randn(rows, n, generator=g) * scale, torch.randn(rows, 2 * n, generator=g) * scale
+    out, act = torch.empty(rows, n), torch.empty(rows, n)
+    kernel = kernels.elementwise_kernel()
+    kernel.bind_rms(x, out, 1e-6)(1)
+    kernel.bind_swiglu(gu, act)(2)
+    torch.testing.assert_close(out, x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6).float())
+    torch.testing.assert_close(act, torch.nn.functional.silu(gu[:, :n]) * gu[:, n:], rtol=1e-5, atol=1e-6)
 
 
 def test_attention_call_refuses_a_slot_outside_the_cache():
@@ -340,6 +368,20 @@ def test_the_engine_never_keeps_the_slower_attention(fresh_build, monkeypatch, s
 
 
 @pytest.mark.parametrize("slowed", ["kernel", "torch"])
+def test_the_engine_never_keeps_the_slower_norm_and_swiglu(fresh_build, monkeypatch, slowed):
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", "auto")
+    if slowed == "kernel":
+        bind = kernels.ElementwiseKernel.bind_swiglu
+        monkeypatch.setattr(kernels.ElementwiseKernel, "bind_swiglu", lambda self, *a: _slowed(bind(self, *a)))
+    else:
+        monkeypatch.setattr(torch.nn.functional, "silu", _slowed(torch.nn.functional.silu))
+    step = DenseDecodeStep(MODELS[2], 4, 24)
+    assert (step.elementwise is None) == (slowed == "kernel")
+    (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith("decode-norm-swiglu")]
+    assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
+
+
+@pytest.mark.parametrize("slowed", ["kernel", "torch"])
 def test_the_sampler_never_keeps_the_slower_draw(fresh_build, monkeypatch, slowed):
     from qwen3repro.generate import sampling
 
@@ -390,4 +432,4 @@ def test_every_instruction_set_build_matches_torch(fresh_build, monkeypatch, isa
         for a, b in zip(fast, ref):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     built = {p.name.split("-")[0] for p in fresh_build.glob("*.so")}
-    assert built == {"decode_attention"}
+    assert built == {"decode_attention", "decode_norm_swiglu"}

@@ -41,6 +41,7 @@ pipeline-parallel model add the loss layer by layer (`nanotron.model`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -422,3 +423,84 @@ def bradley_terry_loss(
 
 
 __all__.append("bradley_terry_loss")
+
+
+# ------------------------------------------------------------------------------- distillation
+# Strong-to-weak distillation (Qwen3 report §4.5) aligns the student's next-token distribution P_S
+# with the teacher's P_T, both at logits / τ. The generalized Jensen–Shannon divergence of GKD
+# (Agarwal et al., ICLR 2024, Eq. 1) spans the two KLs with one β, the mixture M = β·P_T + (1−β)·P_S:
+#     JSD(β) = β·KL(P_T‖M) + (1−β)·KL(P_S‖M)          0 < β < 1
+#     β = 0: KL(P_T‖P_S), forward (mode-covering)      β = 1: KL(P_S‖P_T), reverse (mode-seeking)
+# The endpoints are the plain KLs, not the formula's limits: the interior tends to 0 there
+# (≈ β·KL(P_T‖P_S) as β → 0), so the loss is discontinuous at β = 0 and 1, as TRL's is.
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) over the last dimension, from log-probabilities of finite logits."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The mean over scored tokens of the generalized JSD between student and teacher (see above).
+
+    student_logits, teacher_logits [B, T, V] (the same vocabulary); mask [B, T], True = scored (None:
+    every token). Gradients flow into whichever logits require them (the teacher's are normally
+    computed without). A mask with no scored token gives 0."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: distillation needs one vocabulary and one [B, T]")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # half precision is computed in fp32
+    log_s = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if beta == 0.0:
+        per_token = _kl(log_t, log_s)
+    elif beta == 1.0:
+        per_token = _kl(log_s, log_t)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
+        per_token = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+    if mask is None:
+        return per_token.mean()
+    if mask.shape != per_token.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(per_token.shape)}")
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def reverse_kl_pg_loss(
+    student_logps: torch.Tensor,
+    teacher_logps: torch.Tensor,
+    mask: torch.Tensor,
+    old_logps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """On-policy distillation as policy gradient: per-token advantage A_t = −(log p_S(y_t) − log p_T(y_t))
+    at discount 0 (each token answers for its own term of the reverse KL only), weighted by the
+    importance ratio p_S / p_old of the sampling policy, as a scalar mean over the masked tokens:
+
+        L = −Σ_t m_t · ρ_t · A_t / Σ_t m_t,   ρ_t = exp(log p_S(y_t) − log p_old(y_t)),  A_t detached.
+
+    student_logps [B, T]: log-probs of the sampled tokens under the student being trained
+    (differentiable); teacher_logps [B, T]: the teacher's of the same tokens; old_logps: the sampling
+    policy's (None: on-policy, ρ ≡ 1 in value); mask [B, T], 1 = a sampled token that counts. In
+    expectation over y_t ~ p_S its gradient is that of KL(p_S‖p_T) at each position."""
+    if student_logps.shape != teacher_logps.shape or mask.shape != student_logps.shape:
+        raise ValueError(f"student_logps {tuple(student_logps.shape)}, teacher_logps {tuple(teacher_logps.shape)} "
+                         f"and mask {tuple(mask.shape)} must all be [B, T]")
+    if old_logps is None:
+        old_logps = student_logps.detach()
+    advantages = -(student_logps.detach() - teacher_logps.detach())
+    ratio = torch.exp(student_logps - old_logps)
+    mask = mask.to(student_logps.dtype)
+    return -(ratio * advantages * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+__all__ += ["generalized_jsd_loss", "reverse_kl_pg_loss"]

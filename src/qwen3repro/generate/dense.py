@@ -66,6 +66,9 @@ class _DenseWeights:
                 m.down_proj.weight.t().contiguous(), m.gate_proj.weight.shape[0],
             ))
         self.qk_eps = [float(layer.self_attn.q_norm.eps) for layer in model.model.layers]
+        # Every RMSNorm's eps in the order a step applies them (two per layer, then the final norm), as the
+        # tensors the PyTorch path adds and as the floats the compiled one takes.
+        self.norm_eps = [e for layer in self.layers for e in (layer[0], layer[5])] + [eps(model.model.norm.eps)]
         norm = model.model.norm
         self.final_eps = eps(norm.eps)
         self.mean_h = torch.full((self.hidden, 1), 1 / self.hidden, dtype=w.dtype, device=w.device)
@@ -169,9 +172,15 @@ class DenseDecodeStep:
         self.keys = proto.new_empty(n_layers, batch_size * w.hk, w.d, self.capacity)
         self.values = proto.new_empty(n_layers, batch_size * w.hk, self.capacity, w.d)
         self.bias = None  # [B·Hk, 1, capacity]: 0 for real tokens, -inf for padding
+        self.elementwise = None  # RMSNorm scaling and SwiGLU: the compiled kernel, or None (PyTorch ops)
         self._bind()
         if self.kernel is not None and kernels.mode() == "auto" and not self._kernel_is_faster():
             self.kernel = None
+        if proto.device.type == "cpu" and proto.dtype == torch.float32:
+            self.elementwise = kernels.elementwise_kernel()
+        if self.elementwise is not None and kernels.mode() == "auto" and not self._elementwise_is_faster():
+            self.elementwise = None
+        self._bind_elementwise()
 
     @staticmethod
     def supports(model) -> bool:
@@ -220,7 +229,29 @@ class DenseDecodeStep:
         inter = w.layers[0][-1]
         ws.gu = new(b, 2 * inter)
         ws.gate, ws.up = ws.gu[:, :inter], ws.gu[:, inter:]
+        ws.act = new(b, inter)  # silu(gate) · up
+        ws.x = new(b, w.hidden)  # the residual stream, updated in place
         self._attend = None  # the kernel's per-layer calls, bound to these buffers at the next step
+        self._bind_elementwise()
+
+    def _bind_elementwise(self) -> None:
+        """The step's RMSNorms (ws.x -> ws.xn; two per layer, then the final one) and SwiGLU
+        (ws.gu -> ws.act) as calls taking the thread count: compiled ones bound to the workspace, or the
+        same arithmetic as PyTorch operations."""
+        w, ws, ek = self.w, self.ws, self.elementwise
+        if ek is not None:
+            self._norms = [ek.bind_rms(ws.x, ws.xn, float(e)) for e in w.norm_eps]
+            self._swiglu = ek.bind_swiglu(ws.gu, ws.act)
+            return
+
+        def norm(eps):  # x · (mean(x²) + eps)^-½, the mean as a matmul with a column of 1/n that adds eps
+            def call(threads: int) -> None:
+                r = torch.addmm(eps, torch.mul(ws.x, ws.x, out=ws.sq), w.mean_h, out=ws.r).rsqrt_()
+                torch.mul(ws.x, r, out=ws.xn)
+            return call
+
+        self._norms = [norm(e) for e in w.norm_eps]
+        self._swiglu = lambda threads: torch.mul(F.silu(ws.gate), ws.up, out=ws.act)
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None):
         """input_ids, positions, attention_mask (True = real token; None = no padding) [B, S] -> the last
@@ -278,38 +309,40 @@ class DenseDecodeStep:
     def __call__(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """token, positions [B] -> last logits [B, V]; stores the token's keys/values at the next slot."""
         w, ws = self.w, self.ws
-        mean_h, slot = w.mean_h, self.length
+        slot = self.length
         t = slot + 1
         if t > self.max_len:
             raise ValueError(f"cache overflow: {t} tokens do not fit in max_len={self.max_len}")
         if self.kernel is not None:
-            attend, threads = self._attention_calls(), torch.get_num_threads()
+            attend = self._attention_calls()
             ws.positions.copy_(positions)
         else:
             attend = [None] * len(w.layers)
             bias = self.bias.narrow(2, 0, t) if self.bias is not None else None
             rope = self.rope.index_select(0, positions)  # [B, 1, D/2]
-        x = F.embedding(token, w.embed)  # [B, hidden]
-        # Every line below uses as few tensor operations as it can (each costs microseconds of overhead).
-        # RMSNorm: x · (mean(x²) + eps)^-½, the mean as a matmul with a column of 1/n that also adds eps
-        # (cheaper here than `mean` + `add`, or `F.rms_norm`, which runs several operations inside).
-        for (eps1, w_qkv, eps_qk, w_qk, w_o, eps2, w_gu, w_down, _), buffers, kernel_call in zip(
+        threads = torch.get_num_threads()
+        torch.index_select(w.embed, 0, token, out=ws.x)
+        norms = iter(self._norms)
+        # Every line below uses as few tensor operations as it can (each costs microseconds of overhead);
+        # an RMSNorm's weight is in the matmul after it, so a norm only scales rows (`_bind_elementwise`).
+        for (_, w_qkv, eps_qk, w_qk, w_o, _, w_gu, w_down, _), buffers, kernel_call in zip(
             w.layers, self.buffers, attend
         ):
-            torch.addmm(eps1, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
-            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_qkv, out=ws.qkv)
+            next(norms)(threads)
+            torch.mm(ws.xn, w_qkv, out=ws.qkv)
             if kernel_call is not None:
                 # Everything down to the attention output, in one compiled call (kernels/decode_attention.c).
                 kernel_call(slot, threads)
             else:
                 self._torch_attention(eps_qk, w_qk, buffers, slot, rope, bias)
-            x = torch.addmm(x, ws.att_2d, w_o)
-            torch.addmm(eps2, torch.mul(x, x, out=ws.sq), mean_h, out=ws.r).rsqrt_()
-            torch.mm(torch.mul(x, ws.r, out=ws.xn), w_gu, out=ws.gu)
-            x = torch.addmm(x, F.silu(ws.gate).mul_(ws.up), w_down)
+            ws.x.addmm_(ws.att_2d, w_o)
+            next(norms)(threads)
+            torch.mm(ws.xn, w_gu, out=ws.gu)
+            self._swiglu(threads)
+            ws.x.addmm_(ws.act, w_down)
         self.length = t
-        x = x * torch.addmm(w.final_eps, x * x, mean_h).rsqrt_()
-        return torch.mm(x, w.lm_head).float()
+        next(norms)(threads)
+        return torch.mm(ws.xn, w.lm_head).float()
 
     def _torch_attention(self, eps_qk, w_qk, buffers, slot: int, rope, bias) -> None:
         """One layer's attention for a decode step as PyTorch operations, from `ws.qkv` into `ws.att`:
@@ -364,6 +397,35 @@ class DenseDecodeStep:
         choice = kernels.faster(key, candidates)
         self._attend = None  # bound without the padding bias: rebind at the first step
         return choice == "kernel"
+
+    def _elementwise_is_faster(self) -> bool:
+        """Whether the compiled RMSNorm scaling and SwiGLU beat their PyTorch operations at this step's
+        shapes on this machine (`kernels.faster`, as `_kernel_is_faster`), timed on this step's workspace."""
+        w, ws, ek = self.w, self.ws, self.elementwise
+        b, threads = ws.x.shape[0], torch.get_num_threads()
+        key = (f"decode-norm-swiglu {ek.name} hidden={w.hidden} intermediate={ws.act.shape[1]} "
+               f"batch={kernels.bucket(b)} threads={threads}")
+
+        def candidates():
+            ws.x.normal_()
+            ws.gu.normal_()
+            timed = {}
+            for name, chosen in (("kernel", ek), ("torch", None)):
+                self.elementwise = chosen
+                self._bind_elementwise()
+                (norm, *_), swiglu, layers = self._norms, self._swiglu, 4  # per timing: a few layers' worth
+
+                def run(norm=norm, swiglu=swiglu):
+                    for _ in range(layers):
+                        norm(threads)
+                        norm(threads)
+                        swiglu(threads)
+
+                timed[name] = run
+            self.elementwise = ek
+            return timed
+
+        return kernels.faster(key, candidates) == "kernel"
 
     def _attention_calls(self) -> list:
         """The compiled attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v) of each layer, bound

@@ -1,9 +1,10 @@
-"""Compiled CPU kernels for the generation engine's decode step: fused attention and top-k sampling.
+"""Compiled CPU kernels for the generation engine's decode step: fused attention, RMSNorm and SwiGLU,
+and top-k sampling.
 
 At rollout sizes a decode step on a CPU is mostly per-operation overhead: ~10 small tensor operations
-per layer for attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v) and a dozen for top-k /
-top-p sampling, each costing microseconds of dispatch. The two C files here do each of those in one
-call. They are compiled at first use with the system's C compiler (`$CC`, else `cc`), with
+per layer for attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v), 4 per RMSNorm, 2 for
+SwiGLU and a dozen for top-k / top-p sampling, each costing microseconds of dispatch. The C files here
+do each of those in one call. They are compiled at first use with the system's C compiler (`$CC`, else `cc`), with
 `-march=native` and OpenMP, into a per-user cache (`$QWEN3REPRO_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/qwen3repro/kernels`, else `~/.cache/qwen3repro/kernels`), named by a hash of the
 source, the flags, the compiler and the CPU, and loaded with `ctypes` (plain C: no Python or PyTorch
@@ -41,7 +42,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["attention_kernel", "sampling_kernel", "enabled", "mode", "cache_dir", "faster", "measured_choices"]
+__all__ = ["attention_kernel", "elementwise_kernel", "sampling_kernel", "enabled", "mode", "cache_dir", "faster", "measured_choices"]
 
 _SOURCES = Path(__file__).resolve().parent
 LANES = 16  # the widest vector decode_attention.c uses (AVX-512's 16 floats): head dimension and cache length are multiples of it
@@ -111,7 +112,8 @@ def _build(source: str, defines: tuple[tuple[str, int], ...], target_isa: str) -
         warnings.warn(f"no C compiler ({compiler!r}) found: the generation engine uses PyTorch operations "
                       "instead of its compiled decode kernels (slower; the same arithmetic)", stacklevel=3)
         return None
-    text = (_SOURCES / source).read_text()
+    # The source and the headers it may include: a change to either is a new build.
+    text = "\0".join(f.read_text() for f in [_SOURCES / source, *sorted(_SOURCES.glob("*.h"))])
     macros = [f"-D{k}={v}" for k, v in defines]
     errors = []
     for flags in _flag_sets(target_isa):
@@ -217,6 +219,50 @@ class AttentionKernel:
         return call
 
 
+class ElementwiseKernel:
+    """`decode_norm_swiglu.c`: a decode step's RMSNorm scaling and SwiGLU, each bound once to its buffers
+    (as `AttentionKernel.bind`) and then called with the thread count only."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.name = Path(lib._name).stem
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._rms, self._swiglu = lib.rms_scale, lib.swiglu
+        self._rms.argtypes = [p, p, i64, i64, ctypes.c_float, ctypes.c_int]
+        self._swiglu.argtypes = [p, p, i64, i64, ctypes.c_int]
+        self._rms.restype = self._swiglu.restype = None
+
+    @staticmethod
+    def _check(what: str, tensors) -> None:
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+            raise ValueError(f"{what}: tensors must be float32 on the CPU, contiguous")
+
+    def bind_rms(self, x: torch.Tensor, out: torch.Tensor, eps: float):
+        """-> call(threads): out = x · (mean(x², last dim) + eps)^-½, x and out [rows, n]."""
+        self._check("rms_scale", (x, out))
+        if x.dim() != 2 or out.shape != x.shape:
+            raise ValueError(f"rms_scale: x {tuple(x.shape)} and out {tuple(out.shape)} must be the same [rows, n]")
+        fn, fixed = self._rms, (x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+
+        def call(threads: int) -> None:
+            fn(*fixed, threads)
+
+        call.tensors = (x, out)  # the call holds its tensors: their memory stays valid
+        return call
+
+    def bind_swiglu(self, gu: torch.Tensor, out: torch.Tensor):
+        """-> call(threads): out = silu(gate) · up, gu [rows, 2·inter] (gate, then up), out [rows, inter]."""
+        self._check("swiglu", (gu, out))
+        if gu.dim() != 2 or gu.shape[1] % 2 or out.shape != (gu.shape[0], gu.shape[1] // 2):
+            raise ValueError(f"swiglu: gu {tuple(gu.shape)} must be [rows, 2·inter] and out {tuple(out.shape)} [rows, inter]")
+        fn, fixed = self._swiglu, (gu.data_ptr(), out.data_ptr(), gu.shape[0], gu.shape[1] // 2)
+
+        def call(threads: int) -> None:
+            fn(*fixed, threads)
+
+        call.tensors = (gu, out)
+        return call
+
+
 class SamplingKernel:
     """`sample_top_k.c`: next tokens [B] from logits [B, V], top-k, temperature, top-p and noise [B, k]."""
 
@@ -315,6 +361,14 @@ def attention_kernel(head_dim: int, group: int) -> AttentionKernel | None:
         return None
     lib = _build("decode_attention.c", (("HEAD_DIM", head_dim), ("GROUP", group)), isa())
     return None if lib is None else AttentionKernel(lib, head_dim, group)
+
+
+def elementwise_kernel() -> ElementwiseKernel | None:
+    """The fused RMSNorm scaling and SwiGLU of a decode step, or None (no compiler, or disabled)."""
+    if not enabled():
+        return None
+    lib = _build("decode_norm_swiglu.c", (), isa())
+    return None if lib is None else ElementwiseKernel(lib)
 
 
 def sampling_kernel() -> SamplingKernel | None:

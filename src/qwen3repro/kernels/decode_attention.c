@@ -6,9 +6,7 @@
  *
  * Compiled at first use by `qwen3repro.kernels` with HEAD_DIM and GROUP (query heads per KV head)
  * fixed, so every inner loop has a constant trip count and vectorises. Plain C with GCC vector
- * extensions as wide as the machine's vectors (16 floats with AVX-512, else 8: a vector wider than
- * the machine's is split by the compiler into code ~10x slower than either), OpenMP over the
- * (row, KV head) pairs. The arithmetic follows `DenseDecodeStep.__call__`; results agree with
+ * extensions as wide as the machine's vectors (vector_math.h), OpenMP over the (row, KV head) pairs. The arithmetic follows `DenseDecodeStep.__call__`; results agree with
  * it to float rounding (tests/test_kernels.py).
  *
  * Layouts (all float32, contiguous, as `DenseDecodeStep` keeps them):
@@ -35,39 +33,14 @@
 
 #define D HEAD_DIM
 #define G GROUP
-#if defined(__AVX512F__)
-#define LANES 16
-#else
-#define LANES 8 /* AVX2's width, and two of SSE's or NEON's */
-#endif
+#include "vector_math.h"
+
 #define DV (D / LANES)                           /* vectors per head */
 #define KEY_BLOCKS (G <= 2 ? 4 : G <= 4 ? 2 : 1) /* key vectors per pass: KEY_BLOCKS·G accumulators */
 
 #if D % LANES != 0
 #error "HEAD_DIM must be a multiple of LANES"
 #endif
-
-typedef float vf __attribute__((vector_size(LANES * 4)));
-typedef int32_t vi __attribute__((vector_size(LANES * 4)));
-
-static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-
-/* exp(x) lane by lane: x = n·ln2 + r with n the nearest integer to x/ln2 and |r| <= ln2/2, exp(r) by
- * Cephes' degree-6 polynomial, 2^n by building the float's exponent bits. Relative error ~1e-7;
- * exactly 0 below -87.3, so a padding position (-inf) gets weight 0. */
-static inline vf vexp(vf v) {
-    const vi under = v < -87.3f;
-    vf x = (vf)(((vi)v & ~under) | ((vi)((vf){0} - 87.3f) & under));
-    const vi over = x > 88.3f;
-    x = (vf)(((vi)x & ~over) | ((vi)((vf){0} + 88.3f) & over));
-    const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;               /* x - n·ln2, in two parts */
-    const vf p = ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
-                    + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r + r + 1.0f);
-    const vi two_n = (__builtin_convertvector(n, vi) + 127) << 23;
-    return (vf)((vi)(p * (vf)two_n) & ~under);
-}
 
 /* RMS-normalise one head (x · (mean(x²) + eps)^-½ · w), then rotate its (x_i, x_{i+D/2}) pairs, stored
  * side by side, by the position's angles: RoPE as a complex multiplication. */
