@@ -31,6 +31,33 @@ def one_thread():
     yield
 
 
+@pytest.fixture
+def cut_at_call(monkeypatch):
+    """A run cut part-way: `with cut_at_call(module, "name", n): ...` makes the n-th call of
+    `module.name` inside the block raise KeyboardInterrupt (expected by the block), as a crash or a
+    Ctrl-C there would; the attribute is restored when the block ends, ready for the resumed run."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cut(module, name: str, n: int):
+        real, calls = getattr(module, name), {"n": 0}
+
+        def cutting(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt("simulated crash")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, cutting)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(module, name, real)
+
+    return cut
+
+
 @pytest.fixture(scope="session")
 def make_plan():
     """A factory of pipeline `Plan`s over hand-made stage directories, for code that reads a plan

@@ -236,7 +236,7 @@ def _records(out):
             for r in map(json.loads, (out / "metrics.jsonl").open())]
 
 
-def test_stage_runs_end_to_end_with_a_loopback_judge_and_resumes_exactly(tmp_path, tok, parents, monkeypatch):
+def test_stage_runs_end_to_end_with_a_loopback_judge_and_resumes_exactly(tmp_path, tok, parents, monkeypatch, cut_at_call):
     fusion, rm = parents
     cfg = _cfg()
     quiet = lambda s: None  # noqa: E731
@@ -254,19 +254,8 @@ def test_stage_runs_end_to_end_with_a_loopback_judge_and_resumes_exactly(tmp_pat
     assert lineage.uses == {"reward-model": read_lineage(rm).hash}
     # A cut after the step-2 checkpoint resumes to the same metrics.
     cut = tmp_path / "cut"
-    real = general_rl.collect
-    calls = {"n": 0}
-
-    def crash_on_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
-    monkeypatch.setattr(general_rl, "collect", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_at_call(general_rl, "collect", 3):
         general_rl.run(cfg, fusion, StageContext(cut, tmp_path / "cache", quiet, inputs={"reward-model": rm}))
-    monkeypatch.setattr(general_rl, "collect", real)
     general_rl.run(cfg, fusion, StageContext(cut, tmp_path / "cache", quiet, inputs={"reward-model": rm}))
     assert _records(cut) == records
 

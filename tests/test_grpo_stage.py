@@ -272,7 +272,7 @@ def _records(out):
     return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in map(json.loads, (out / "metrics.jsonl").open())]
 
 
-def test_stage_runs_and_resumes_exactly(tmp_path, parent_dir, monkeypatch):
+def test_stage_runs_and_resumes_exactly(tmp_path, parent_dir, monkeypatch, cut_at_call):
     cfg = grpo.GRPOConfig.from_dict(STAGE)
     quiet = lambda s: None  # noqa: E731
     full = grpo.run(cfg, parent_dir, StageContext(tmp_path / "full", tmp_path / "cache", quiet),
@@ -292,20 +292,9 @@ def test_stage_runs_and_resumes_exactly(tmp_path, parent_dir, monkeypatch):
     assert "claim" not in ev and "report" not in ev  # the stage knows nothing of the claims
 
     # Cut the run during step 3 (after the step-2 checkpoint), then resume.
-    calls = {"n": 0}
-    real = grpo.collect_rollouts
-
-    def crash_on_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(grpo, "collect_rollouts", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_at_call(grpo, "collect_rollouts", 3):
         grpo.run(cfg, parent_dir, StageContext(cut, tmp_path / "cache", quiet), score_fn=first_token_reward)
-    monkeypatch.setattr(grpo, "collect_rollouts", real)
     assert [r["step"] for r in _records(cut)] == [0, 1, 2]
     said = []
     grpo.run(cfg, parent_dir, StageContext(cut, tmp_path / "cache", said.append), score_fn=first_token_reward)

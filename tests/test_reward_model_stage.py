@@ -282,7 +282,7 @@ def _records(out):
             for r in map(json.loads, (out / "metrics.jsonl").open())]
 
 
-def test_stage_runs_end_to_end_and_resumes_exactly(tmp_path, tok, parent_dir, monkeypatch):
+def test_stage_runs_end_to_end_and_resumes_exactly(tmp_path, tok, parent_dir, monkeypatch, cut_at_call):
     transformers = pytest.importorskip("transformers")
     cfg = stage.RewardModelConfig.from_dict(STAGE)
     quiet = lambda s: None  # noqa: E731
@@ -318,20 +318,9 @@ def test_stage_runs_end_to_end_and_resumes_exactly(tmp_path, tok, parent_dir, mo
         assert hf(input_ids=ids).logits[0, 0].item() == pytest.approx(scorer.score(pair.prompt, pair.chosen), abs=1e-4)
 
     # Cut the run during step 3 (after the step-2 checkpoint), then resume: the same metrics.
-    calls = {"n": 0}
-    real = stage.pair_loss
-
-    def crash_on_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(stage, "pair_loss", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_at_call(stage, "pair_loss", 3):
         stage.run(cfg, parent_dir, StageContext(cut, tmp_path / "cache", quiet))
-    monkeypatch.setattr(stage, "pair_loss", real)
     assert [r["step"] for r in _records(cut)] == [1, 2] and not (cut / "lineage.json").exists()
     said = []
     stage.run(cfg, parent_dir, StageContext(cut, tmp_path / "cache", said.append))
@@ -342,11 +331,11 @@ def test_stage_runs_end_to_end_and_resumes_exactly(tmp_path, tok, parent_dir, mo
 
 
 def test_policy_pairs_join_the_training_pairs_and_are_kept_for_a_resumed_run(tmp_path, tok, parent_dir, monkeypatch):
-    question = rm_eval.heldout_task_queries(1, 0, heldout=False)[0].question
+    question = rm_eval.rule_task_queries(1, 0, split="train")[0].question
     fake_groups, decoder = _fake_sampler({question: [1.0, 0.0]}, {question: ["<think>\n\n</think>\n\n1", "2"]})
     monkeypatch.setattr(rm_eval, "sample_groups", fake_groups)
-    monkeypatch.setattr(stage, "heldout_task_queries",
-                        lambda n, seed, heldout: rm_eval.heldout_task_queries(1, 0, heldout=False))
+    monkeypatch.setattr(stage, "rule_task_queries",
+                        lambda n, seed, split: rm_eval.rule_task_queries(1, 0, split="train"))
     cfg = stage.RewardModelConfig.from_dict({**STAGE, "policy_queries": 1, "policy_samples": 2})
     out = tmp_path / "rm"
     out.mkdir()

@@ -153,3 +153,45 @@ def test_a_used_stage_enters_the_lineage_hash(tmp_path, monkeypatch):
     assert written.hash == expected_hash(node)
     with pytest.raises(ConfigError, match="uses 's2'"):
         build_plan("micro", out_root=tmp_path / "runs", overrides=['pipeline.stages=["tokenizer", "s1", "s2b"]', *sizes])
+
+
+def test_a_stage_may_use_another_roles_stage(tmp_path, monkeypatch):
+    """A student stage that reads a flagship's output (distillation's teacher) names it "role/stage": it is
+    planned after it, its input is the flagship's directory, and its hash follows the flagship's stage.
+    A role listed after the student, an unknown role or a stage the scale does not run is an error."""
+    root = tmp_path / "repo"
+    for folder in ("recipes", "tiny"):
+        shutil.copytree(repo_root() / folder, root / folder)
+    (root / "recipes" / "s2t.toml").write_text(
+        'extends = "s2"\nparent = "s1"\nuses = ["flagship/s2"]\nroles = ["student"]\n')
+    monkeypatch.setenv("QWEN3REPRO_ROOT", str(root))
+    stages = 'pipeline.stages=["tokenizer", "s1", "s2", "s2t"]'
+    sizes = ["stages.s2t.tokens=4000", "stages.s2t.n_docs=100"]
+    plan = build_plan("micro", out_root=tmp_path / "runs", overrides=[stages, *sizes])
+    node, teacher = plan.node("student/s2t"), plan.node("flagship/s2")
+    assert node.uses == {"flagship/s2": teacher} and node.parent is plan.node("student/s1")
+    keys = [n.key for n in plan.nodes]
+    assert keys.index("flagship/s2") < keys.index("student/s2t")
+    assert load_stage_graph(root).depth("s2t") > load_stage_graph(root).depth("s2")
+    changed = build_plan("micro", out_root=tmp_path / "runs",
+                         overrides=[stages, *sizes, "roles.flagship.stages.s2.tokens=9000"])
+    assert expected_hash(changed.node("student/s2t")) != expected_hash(node)
+    assert expected_hash(changed.node("student/s1")) == expected_hash(plan.node("student/s1"))
+    # What the stage writes when it finishes is what the pipeline expects.
+    for n in plan.nodes:
+        if n.key != "student/s2t":
+            n.out_dir.mkdir(parents=True)
+            write_lineage(n.out_dir, make_lineage(n.key, n.config, n.parent.out_dir if n.parent else None))
+    written = make_lineage("s2t", node.config, node.parent.out_dir, uses={"flagship/s2": teacher.out_dir})
+    assert written.hash == expected_hash(node)
+    with pytest.raises(ConfigError, match=r"roles must list 'flagship' before 'student'"):
+        build_plan("micro", out_root=tmp_path / "runs",
+                   overrides=[stages, *sizes, 'pipeline.roles=["student", "flagship"]'])
+    with pytest.raises(ConfigError, match="which must be listed before it"):
+        build_plan("micro", out_root=tmp_path / "runs", overrides=['pipeline.stages=["tokenizer", "s1", "s2t"]', *sizes])
+    (root / "recipes" / "s2t.toml").write_text(
+        'extends = "s2"\nparent = "s1"\nuses = ["teacher/s2"]\nroles = ["student"]\n')
+    with pytest.raises(ConfigError, match="runs s2 for flagship, student, not for teacher"):
+        load_stage_graph(root)
+    with pytest.raises(ConfigError, match="must be a stage name or role/stage"):
+        stage_facts("x", {"kind": "pretrain", "parent": "s1", "uses": ["/s2"], "roles": ["student"]})

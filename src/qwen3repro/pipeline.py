@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import torch
@@ -40,7 +40,7 @@ from .config_fields import Positive, SettingError, checked_fields, dotted
 from .evals.claims import run_claims
 from .lineage import chain_hash, parent_with_uses, read_lineage
 from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, load_recipe, load_scale, load_stage_graph,
-                      parse_override, recipe_lineage, split_recipe)
+                      parse_override, recipe_lineage, split_recipe, split_use)
 from .files import RunFileError, read_json_object, write_json_atomic
 from .perf import describe_machine, machine_info
 from .progress import format_duration
@@ -81,7 +81,8 @@ class StageNode:
     out_dir: Path
     parent: "StageNode | None" = None
     uses: dict[str, "StageNode"] = field(default_factory=dict)
-    """The other stage nodes (of the same role) whose outputs this one reads (recipe `uses`)."""
+    """The other stage nodes whose outputs this one reads, by their recipe `uses` entry: a stage of the
+    same role ("reward-model") or of another ("flagship/general-rl")."""
     status: str = "pending"
     seconds: float = 0.0
 
@@ -215,15 +216,29 @@ def _resolve_nodes(raw: Mapping[str, Any], graph: StageGraph, roles: tuple[str, 
                 _resolve(facts, layers, complete=False)
                 continue
             layers.append((f"stages.{stage}", _derived_from_parent(facts, parent, layers)))
-            missing = [u for u in facts.uses if u not in by_name]
-            if missing:
-                raise ConfigError(f"stage {stage!r} of role {role!r} uses {', '.join(map(repr, missing))} "
-                                  f"(recipes/{stage}.toml); add it to [pipeline] stages before {stage!r}")
             node = StageNode(f"{role}/{stage}", facts.kind, _resolve(facts, layers), root / role / stage, parent,
-                             {u: by_name[u] for u in facts.uses})
+                             {u: _used_node(u, role, stage, by_name, nodes, roles) for u in facts.uses})
             by_name[stage] = node
             nodes.append(node)
     return nodes
+
+
+def _used_node(use: str, role: str, stage: str, by_name: Mapping[str, StageNode], earlier: list[StageNode],
+               roles: Sequence[str]) -> StageNode:
+    """The node `use` names for `role`'s `stage`: the same role's stage, or another role's ("role/stage"),
+    which must already be planned (an earlier role of the scale, the stage listed in [pipeline] stages)."""
+    used_role, used_stage = split_use(use)
+    if used_role is None:
+        if use not in by_name:
+            raise ConfigError(f"stage {stage!r} of role {role!r} uses {use!r} (recipes/{stage}.toml); "
+                              f"add it to [pipeline] stages before {stage!r}")
+        return by_name[use]
+    found = next((n for n in earlier if n.key == use), None)
+    if found is None:
+        raise ConfigError(f"stage {stage!r} of role {role!r} uses {use!r} (recipes/{stage}.toml), which this "
+                          f"scale does not run before it: [pipeline] roles must list {used_role!r} before "
+                          f"{role!r} (now {list(roles)}) and stages must include {used_stage!r}")
+    return found
 
 
 def _check_unrun_tables(raw: Mapping[str, Any], graph: StageGraph, settings: PipelineSettings, root: Path) -> None:

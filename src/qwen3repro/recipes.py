@@ -173,12 +173,21 @@ class StageFacts:
     continues_parent_lr: bool = False
     """The stage continues its parent's peak LR and batch size (S2 decays from S1's stable LR)."""
     uses: tuple[str, ...] = ()
-    """Other stages of the same role whose outputs this one reads besides its parent's (general RL
-    scores with the reward model's); they run first and their lineage enters this stage's."""
+    """Other stages whose outputs this one reads besides its parent's; they run first and their lineage
+    enters this stage's. A name is the same role's stage (general RL scores with the reward model's);
+    "role/stage" is another role's (a student distilled from a flagship reads the flagship's model):
+    `split_use`."""
 
     @property
     def is_root(self) -> bool:
         return self.parent is None
+
+
+def split_use(use: str) -> tuple[str | None, str]:
+    """A recipe's `uses` entry -> (role, stage): "reward-model" -> (None, "reward-model"), the same role's
+    stage; "flagship/general-rl" -> ("flagship", "general-rl"), that role's."""
+    role, sep, stage = use.partition("/")
+    return (role, stage) if sep else (None, use)
 
 
 def stage_facts(name: str, raw: Mapping[str, Any]) -> StageFacts:
@@ -202,6 +211,10 @@ def stage_facts(name: str, raw: Mapping[str, Any]) -> StageFacts:
     uses = raw.get("uses", [])
     if not isinstance(uses, list) or not all(isinstance(u, str) and u for u in uses):
         raise ConfigError(f"{where}: `uses` must be a list of stage names, got {uses!r}")
+    for use in uses:
+        role, stage = split_use(use)
+        if not stage or role == "" or "/" in stage:
+            raise ConfigError(f"{where}: `uses` entry {use!r} must be a stage name or role/stage")
     if name in uses or (parent is not None and parent in uses):
         raise ConfigError(f"{where}: `uses` names the stage itself or its parent")
     return StageFacts(name, kind, parent, tuple(roles), factor, continues, tuple(uses))
@@ -221,12 +234,16 @@ class StageGraph:
             if f.parent is not None and f.parent not in self.facts:
                 raise ConfigError(f"recipes/{f.name}.toml: parent {f.parent!r} has no recipe; "
                                   f"stages: {', '.join(sorted(self.facts))}")
-            for used in f.uses:
+            for use in f.uses:
+                role, used = split_use(use)
                 if used not in self.facts:
-                    raise ConfigError(f"recipes/{f.name}.toml: uses {used!r}, which has no recipe; "
+                    raise ConfigError(f"recipes/{f.name}.toml: uses {use!r}, which has no recipe; "
                                       f"stages: {', '.join(sorted(self.facts))}")
-                if f.name in self.ancestors(used):
-                    raise ConfigError(f"recipes/{f.name}.toml: uses {used!r}, which descends from it")
+                if role is None and f.name in self.ancestors(used):
+                    raise ConfigError(f"recipes/{f.name}.toml: uses {use!r}, which descends from it")
+                if role is not None and role not in self.facts[used].roles:
+                    raise ConfigError(f"recipes/{f.name}.toml: uses {use!r}, but recipes/{used}.toml runs "
+                                      f"{used} for {', '.join(self.facts[used].roles)}, not for {role}")
         for name in self.facts:
             self.ancestors(name)  # raises on a cycle
 
@@ -253,7 +270,7 @@ class StageGraph:
         uses (0 for a root). Sorting by it puts every stage after its parent and the stages it uses."""
         facts = self[name]
         before = [facts.parent] if facts.parent is not None else []
-        return 1 + max((self.depth(b) for b in before + list(facts.uses)), default=-1)
+        return 1 + max((self.depth(b) for b in before + [split_use(u)[1] for u in facts.uses]), default=-1)
 
     def nearest(self, name: str, candidates: set[str] | frozenset[str]) -> str | None:
         """The closest ancestor of `name` among `candidates` (a scale that skips a stage starts its
@@ -267,9 +284,9 @@ class StageGraph:
             parent = self[name].parent
             if parent is not None and parent in names and parent not in seen:
                 raise ConfigError(f"stage {name!r} is listed before its parent {parent!r}")
-            for used in self[name].uses:
-                if used not in seen:
-                    raise ConfigError(f"stage {name!r} uses {used!r}, which must be listed before it")
+            for use in self[name].uses:
+                if split_use(use)[1] not in seen:
+                    raise ConfigError(f"stage {name!r} uses {use!r}, which must be listed before it")
             seen.add(name)
         return list(names)
 

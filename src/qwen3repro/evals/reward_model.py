@@ -40,7 +40,7 @@ from ..rl.rollout import sample_groups, verifier_score
 from ..tokenizer import Tokenizer
 
 __all__ = ["ScoreFn", "LengthBaseline", "BagOfWordsBaseline", "pairwise_accuracy", "best_of_k_accuracy",
-           "by_domain", "heldout_task_queries", "best_of_n_rerank", "policy_pairs", "plot_pairwise_accuracy",
+           "by_domain", "rule_task_queries", "best_of_n_rerank", "policy_pairs", "plot_pairwise_accuracy",
            "RERANK_FAMILIES"]
 
 ScoreFn = Callable[[Sequence[tuple[str, str]]], list[float]]
@@ -159,12 +159,18 @@ class BagOfWordsBaseline:
 
 
 # ----------------------------------------------------------------------------- best-of-N reranking
-def heldout_task_queries(n: int, seed: int, families: Sequence[str] = RERANK_FAMILIES, *,
-                         heldout: bool = True) -> list[Query]:
-    """`n` rule-checkable queries of the held-out partition (checked by the "task" reward); with
-    `heldout=False`, of the training partition instead (the policy pairs the reward model trains on)."""
-    rng = random.Random(f"reward-model-rerank|{seed}" if heldout else f"reward-model-policy-pairs|{seed}")
-    return [Query.from_task(tasks.sample_item(rng, heldout=heldout, families=tuple(families))) for _ in range(n)]
+SPLITS = ("heldout", "train")
+
+
+def rule_task_queries(n: int, seed: int, families: Sequence[str] = RERANK_FAMILIES, *,
+                      split: str = "heldout") -> list[Query]:
+    """`n` rule-checkable queries (checked by the "task" reward) of the task world's `split`: "heldout"
+    (what reranking is evaluated on) or "train" (the policy pairs the reward model trains on)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(f"reward-model-rerank|{seed}" if split == "heldout" else f"reward-model-policy-pairs|{seed}")
+    return [Query.from_task(tasks.sample_item(rng, heldout=split == "heldout", families=tuple(families)))
+            for _ in range(n)]
 
 
 def policy_pairs(policy, tokenizer: Tokenizer, queries: Sequence[Query], n: int, *, max_new_tokens: int,

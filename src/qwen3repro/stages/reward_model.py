@@ -51,7 +51,7 @@ from ..config_fields import NonNegative, Positive, checked_fields
 from ..data.preferences import (BEST_OF, PREFERENCE_DOMAINS, BestOfKSet, PreferencePair, best_of_k_sets,
                                 build_preferences)
 from ..evals.reward_model import (BagOfWordsBaseline, LengthBaseline, best_of_k_accuracy, best_of_n_rerank,
-                                  by_domain, heldout_task_queries, pairwise_accuracy, plot_pairwise_accuracy,
+                                  by_domain, rule_task_queries, pairwise_accuracy, plot_pairwise_accuracy,
                                   policy_pairs)
 from ..files import write_json_atomic
 from ..lineage import make_lineage, read_lineage, write_lineage
@@ -321,7 +321,7 @@ def policy_training_pairs(cfg: RewardModelConfig, parent: Path, policy: Qwen3, t
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("key") == key:
             return [PreferencePair(**p) for p in saved["pairs"]], saved["counts"]
-    queries = heldout_task_queries(cfg.policy_queries, cfg.seed, heldout=False)
+    queries = rule_task_queries(cfg.policy_queries, cfg.seed, split="train")
     pairs, counts = policy_pairs(policy, tokenizer, queries, cfg.policy_samples,
                                  max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed,
                                  pairs_per_query=cfg.policy_pairs_per_query)
@@ -365,7 +365,7 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
 
     scorer = RewardModelScorer(model.eval(), tokenizer, max_len=cfg.max_len)
     results = evaluate(scorer, tokenizer, train_pairs, data)
-    results["best_of_n"] = best_of_n_rerank(policy, tokenizer, scorer, heldout_task_queries(cfg.bon_queries, cfg.seed),
+    results["best_of_n"] = best_of_n_rerank(policy, tokenizer, scorer, rule_task_queries(cfg.bon_queries, cfg.seed),
                                             cfg.bon_n, max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed)
     plot_pairwise_accuracy(results["pairwise"], out / PLOT_FILE)
     write_json_atomic(out / "eval.json", {
