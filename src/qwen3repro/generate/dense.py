@@ -6,11 +6,12 @@ that does not change between steps is prepared once: fused and norm-folded weigh
 (RoPE as one complex multiplication), kept across calls while the model's parameters are unchanged;
 per call the padding bias and a workspace; keys are kept transposed for the attention matmuls,
 which replace SDPA (slow on CPU for one query per row). On a CPU in float32, each layer's QK-norm,
-RoPE, cache writes and attention are one call of a compiled kernel (`qwen3repro.kernels`, built at
-first use with the system's C compiler, and used where measured faster than them on this machine);
-without one, or with `QWEN3REPRO_KERNELS=0`, the PyTorch operations here run, with the same results up to rounding. They are the reference the kernel is
-tested against (tests/test_kernels.py), and `Qwen3.forward` is the reference for both
-(tests/test_generate.py compares log-probs with a full forward).
+RoPE, cache writes and attention are one call of a compiled kernel, and so are each RMSNorm and
+SwiGLU (`qwen3repro.kernels`, built at first use with the system's C compiler, and used where measured
+faster than the PyTorch operations here on this machine); without them, or with
+`QWEN3REPRO_KERNELS=0`, the PyTorch operations run, with the same results up to rounding. They are
+the reference the kernels are tested against (tests/test_kernels.py), and `Qwen3.forward` is the
+reference for both (tests/test_generate.py compares log-probs with a full forward).
 
 Other models (MoE layers, dual chunk attention, half precision) are not served here
 (`DenseDecodeStep.supports`); the engine runs them through `model.forward`.
