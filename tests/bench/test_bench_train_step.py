@@ -26,8 +26,10 @@ from qwen3repro.perf import cpu_has_bf16, matmul_peak_flops, train_step_flops
 
 pytestmark = pytest.mark.bench
 
-# (model, batch, seq): a compute-bound tiny config, and the overhead-bound micro test model.
-CASES = {"tiny-student": ("tiny-student", 8, 256), "micro": ("micro", 4, 64)}
+# (model, batch, seq): a compute-bound tiny config, the tiny flagship at its S1 shape (3 x 256, the
+# pipeline's longest stage), and the overhead-bound micro test model.
+CASES = {"tiny-student": ("tiny-student", 8, 256), "tiny-flagship": ("tiny-flagship", 3, 256),
+         "micro": ("micro", 4, 64)}
 WARMUP, ROUNDS = 3, 10
 OUT = Path(os.environ.get("QWEN3REPRO_BENCH_OUT", "runs/bench"))
 
