@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 
 from qwen3repro.losses import generalized_jsd_loss, reverse_kl_pg_loss
 
-torch.set_default_dtype(torch.float32)
-
 
 def _trl_jsd():
     try:

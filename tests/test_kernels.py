@@ -33,6 +33,7 @@ from qwen3repro import kernels
 from qwen3repro.generate import GREEDY, THINKING_SAMPLING, DenseDecodeStep, SamplingParams, generate
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
+from qwen3repro.perf import cpuinfo
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
 
@@ -407,19 +408,11 @@ def test_forced_on_skips_the_measurement(fresh_build, monkeypatch):
         kernels.mode()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {w for ln in f if ln.startswith("flags") for w in ln.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
 @pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 def test_every_instruction_set_build_matches_torch(fresh_build, monkeypatch, isa):
     # The AVX2 build is what an AVX2-only machine runs (8-float vectors); on an AVX-512 machine native
     # builds 16-float ones: both, and the compiler's baseline, must give the PyTorch path's logits.
-    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+    if isa == "avx2" and not {"avx2", "fma"} <= cpuinfo()[1]:
         pytest.skip("this CPU cannot run AVX2 code")
     monkeypatch.setenv("QWEN3REPRO_KERNEL_ISA", isa)
     rng = random.Random(5)

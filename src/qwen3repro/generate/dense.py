@@ -67,11 +67,11 @@ class _DenseWeights:
                 m.down_proj.weight.t().contiguous(), m.gate_proj.weight.shape[0],
             ))
         self.qk_eps = [float(layer.self_attn.q_norm.eps) for layer in model.model.layers]
-        # Every RMSNorm's eps in the order a step applies them (two per layer, then the final norm), as the
-        # tensors the PyTorch path adds and as the floats the compiled one takes.
-        self.norm_eps = [e for layer in self.layers for e in (layer[0], layer[5])] + [eps(model.model.norm.eps)]
         norm = model.model.norm
         self.final_eps = eps(norm.eps)
+        # Every RMSNorm's eps in the order a step applies them (two per layer, then the final norm), as the
+        # tensors the PyTorch path adds and as the floats the compiled one takes.
+        self.norm_eps = [e for layer in self.layers for e in (layer[0], layer[5])] + [self.final_eps]
         self.mean_h = torch.full((self.hidden, 1), 1 / self.hidden, dtype=w.dtype, device=w.device)
         self.mean_d = torch.full((d, 1), 1 / d, dtype=w.dtype, device=w.device)
         self.lm_head = (w * norm.weight).t().contiguous()

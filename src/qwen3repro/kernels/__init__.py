@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from ..perf import cpuinfo
+
 __all__ = ["attention_kernel", "elementwise_kernel", "sampling_kernel", "enabled", "mode", "cache_dir", "faster", "measured_choices"]
 
 _SOURCES = Path(__file__).resolve().parent
@@ -82,14 +84,13 @@ def cache_dir() -> Path:
     return Path(base) / "qwen3repro" / "kernels"
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_signature() -> str:
     """What `-march=native` depends on: the CPU's model and feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
+    model, flags = cpuinfo()
+    if not (model or flags):
         return platform.processor() or platform.machine()
+    return "\n".join([model, " ".join(sorted(flags))])
 
 
 _ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-mavx2", "-mfma"), "generic": ()}
