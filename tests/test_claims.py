@@ -199,12 +199,24 @@ def test_each_scale_measures_its_claims_for_the_roles_that_ran_their_stages():
         assert plan.roles_with("cold-start-unfiltered") == ["flagship"]  # Filtering
         assert plan.roles_with("reasoning-rl") == plan.roles_with("fusion") == ["flagship"]
         assert plan.roles_with("reward-model") == plan.roles_with("general-rl") == ["flagship"]
-        assert plan.roles_with("s3") == ["flagship", "student"]
         assert plan.eval_settings("longcontext")["role"] == "flagship"
         assert plan.experiment_settings("moe")
+    assert build_plan("micro").roles_with("s3") == ["flagship", "student"]
+    tiny = build_plan("tiny")
+    assert tiny.roles_with("s3") == ["flagship", "student", "moe-student"]
+    # Strong-to-weak distillation: the flagship teaches; both students distill off-policy; Table 21's arms
+    # (RL, on-policy, compute-matched SFT) run from the dense student's off-policy checkpoint.
+    assert tiny.roles_with("teacher-outputs") == ["flagship"]
+    assert tiny.roles_with("distill") == ["student", "moe-student"]
+    assert tiny.roles_with("onpolicy-distill") == tiny.roles_with("distill-grpo") == tiny.roles_with(
+        "distill-more") == ["student"]
+    assert {u.key for u in tiny.node("moe-student/distill").uses.values()} == {"flagship/teacher-outputs"}
+    assert {u.key for u in tiny.node("student/onpolicy-distill").uses.values()} == {"flagship/general-rl"}
+    assert tiny.node("student/distill-grpo").parent.key == "student/distill"
+    assert tiny.node("student/distill-grpo").config.loss_type == "dapo"  # reasoning RL's recipe, extended
     small = build_plan("small")
     assert set(small.settings.claims) == {"filtering", "grpo", "fusion", "budget", "reward_model",
-                                          "general_rl"} <= set(CLAIMS)
+                                          "general_rl", "distillation", "distilled_modes"} <= set(CLAIMS)
     assert small.roles_with("reasoning-rl") == small.roles_with("cold-start-unfiltered") == ["flagship"]
 
 

@@ -280,7 +280,7 @@ def test_training_step_loss_on_masked_shards_equals_masked_cross_entropy(shards)
 # ------------------------------------------------------------------------------------- the command
 @pytest.mark.parametrize("stage, model, source", [
     ("cold-start", "qwen3-32b", "hub open-r1/OpenR1-Math-220k (messages column"),
-    ("distill", "qwen3-0.6b", "jsonl runs/full/teacher-outputs (messages column"),
+    ("distill", "qwen3-0.6b", "disk runs/full/flagship/teacher-outputs/data (messages column"),
 ])
 def test_dry_run_prints_data_source_and_mask(tmp_path, stage, model, source):
     from click.testing import CliRunner

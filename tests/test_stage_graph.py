@@ -191,7 +191,7 @@ def test_a_stage_may_use_another_roles_stage(tmp_path, monkeypatch):
         build_plan("micro", out_root=tmp_path / "runs", overrides=['pipeline.stages=["tokenizer", "s1", "s2t"]', *sizes])
     (root / "recipes" / "s2t.toml").write_text(
         'extends = "s2"\nparent = "s1"\nuses = ["teacher/s2"]\nroles = ["student"]\n')
-    with pytest.raises(ConfigError, match="runs s2 for flagship, student, not for teacher"):
+    with pytest.raises(ConfigError, match="runs s2 for flagship, student, moe-student, not for teacher"):
         load_stage_graph(root)
     with pytest.raises(ConfigError, match="must be a stage name or role/stage"):
         stage_facts("x", {"kind": "pretrain", "parent": "s1", "uses": ["/s2"], "roles": ["student"]})

@@ -45,7 +45,7 @@ from .files import RunFileError, read_json_object, write_json_atomic
 from .perf import describe_machine, machine_info
 from .progress import format_duration
 from .run_lock import RunLock
-from .stages import coldstart, fusion, general_rl, grpo, pretrain, sft
+from .stages import coldstart, distill, fusion, general_rl, grpo, onpolicy_distill, pretrain, sft, teacher_outputs
 from .stages import reward_model as reward_model_stage
 from .stages import tokenizer as tokenizer_stage
 from .stages.common import StageContext
@@ -136,6 +136,9 @@ STAGE_KINDS = {
     "fusion": (fusion, fusion.FusionConfig),
     "reward-model": (reward_model_stage, reward_model_stage.RewardModelConfig),
     "general-rl": (general_rl, general_rl.GeneralRLConfig),
+    "teacher-outputs": (teacher_outputs, teacher_outputs.TeacherOutputsConfig),
+    "distill": (distill, distill.DistillConfig),
+    "onpolicy-distill": (onpolicy_distill, onpolicy_distill.OnPolicyDistillConfig),
 }
 
 

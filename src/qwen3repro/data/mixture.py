@@ -4,7 +4,7 @@ At full scale each pre-training stage reads a mixture of corpora (hub datasets, 
 JSON-lines shards, optionally streamed); at tiny scale a mixture may also hold the synthetic
 corpora. Both go through one interface:
 
-* :class:`SourceSpec` names one source: its kind ("hub", "parquet", "jsonl", "synthetic"), where
+* :class:`SourceSpec` names one source: its kind ("hub", "parquet", "jsonl", "disk", "synthetic"), where
   it is, the split, which field holds the text, its weight and whether to stream it.
 * :class:`StageMixture` loads every source, reduces each to ``{"text", "source"}`` and interleaves
   them with ``datasets.interleave_datasets`` (probabilities = normalised weights, a seed, a
@@ -28,7 +28,7 @@ import datasets
 
 from .synthetic import STAGES, build_corpus
 
-SOURCE_KINDS = ("hub", "parquet", "jsonl", "synthetic")
+SOURCE_KINDS = ("hub", "parquet", "jsonl", "disk", "synthetic")
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
 
 
@@ -40,8 +40,9 @@ class MixtureError(ValueError):
 class SourceSpec:
     """One corpus in a stage mixture.
 
-    ``path_or_id``: a hub id ("hub"), a file, directory or glob of files ("parquet", "jsonl"), or
-    a stage name "s1"/"s2"/"s3" ("synthetic": built with :func:`.synthetic.build_corpus`).
+    ``path_or_id``: a hub id ("hub"), a file, directory or glob of files ("parquet", "jsonl"), a directory
+    written by `Dataset.save_to_disk` ("disk": e.g. a teacher-outputs stage's `data/`), or a stage name
+    "s1"/"s2"/"s3" ("synthetic": built with :func:`.synthetic.build_corpus`).
     ``config_name`` is the hub dataset's configuration (e.g. a language subset).
     """
 
@@ -98,6 +99,15 @@ def load_source(spec: SourceSpec, *, seed: int = 0, cache_dir: str | os.PathLike
         ext = (".parquet",) if spec.kind == "parquet" else (".jsonl", ".json", ".jsonl.gz", ".json.gz")
         files = data_files(spec, ext)
         return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split, streaming=spec.streaming, cache_dir=hf_cache)
+    if spec.kind == "disk":
+        if not os.path.isdir(spec.path_or_id):
+            raise MixtureError(f"source {spec.label}: {spec.path_or_id} is not a directory written by save_to_disk")
+        ds = datasets.load_from_disk(spec.path_or_id)
+        if isinstance(ds, datasets.DatasetDict):
+            if spec.split not in ds:
+                raise MixtureError(f"source {spec.label}: no split {spec.split!r}; splits: {list(ds)}")
+            ds = ds[spec.split]
+        return ds.to_iterable_dataset() if spec.streaming else ds
     # synthetic
     if spec.path_or_id not in STAGES:
         raise MixtureError(f"source {spec.label}: synthetic path_or_id must be a stage ({', '.join(STAGES)}), got {spec.path_or_id!r}")

@@ -112,6 +112,11 @@ def write_report(plan, rows: Iterable) -> Path:
     if diagnoses:
         lines += ["", "### Diagnoses", ""]
         lines += [f"- **{r.name}**: {r.diagnosis}" for r in diagnoses]
+    tables = [r for r in rows if r.table]
+    if tables:
+        lines += ["", "## Tables"]
+        for r in tables:
+            lines += ["", f"**{r.name}**", "", r.table]
     lines += ["", "## Stages", "", "| stage | steps | tokens | final loss | held-out loss | time |", "|---|---|---|---|---|---|"]
     for n in plan.nodes:
         if n.kind == "tokenizer":

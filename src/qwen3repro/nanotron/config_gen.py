@@ -62,10 +62,11 @@ from .plan import Layout, RunPlan
 # How nanotron trains each kind of stage: packed documents, or masked conversations with the loss on assistant
 # tokens only. The cold start and fusion build their conversations at tiny scale and read them from real
 # datasets here; both train like an SFT stage.
-NANOTRON_KINDS = {"pretrain": "pretrain", "sft": "sft", "coldstart": "sft", "fusion": "sft"}
+NANOTRON_KINDS = {"pretrain": "pretrain", "sft": "sft", "coldstart": "sft", "fusion": "sft", "distill": "sft"}
 # Where each kind keeps its optimisation settings in its recipe: a stage that builds its data first trains with
 # the SFT stage's settings, in its `[sft]` table.
-TRAIN_TABLE = {"pretrain": ("train",), "sft": ("train",), "coldstart": ("sft", "train"), "fusion": ("sft", "train")}
+TRAIN_TABLE = {"pretrain": ("train",), "sft": ("train",), "coldstart": ("sft", "train"), "fusion": ("sft", "train"),
+               "distill": ("sft", "train")}
 # TrainConfig fields that are sizes or bookkeeping: the full scale sets these itself (full/stages.toml, the
 # layout, nanotron's checkpointing); every other field of a recipe's train table is read.
 SHARDS_DIRNAME = "sft-shards"  # a SFT stage's masked conversation shards, in its run folder

@@ -64,6 +64,7 @@ from ..rl.rollout import (
 from ..rl.selection import USED_QUERIES_FILE, SelectionResult, load_used_uids, screen, select_queries
 from ..tokenizer import Tokenizer
 from ..progress import format_duration
+from ..train.compute import COMPUTE_FILE, ComputeLedger, flop_parameters
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
 from ..files import write_json_atomic
 from .common import StageContext, copy_tokenizer, identity_fields
@@ -375,10 +376,12 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
                       run_extra={"stage": cfg.name, "grpo": config_hash(identity_fields(cfg)),
                                  "selection": config_hash([q.uid for q in queries])})
     controller = entropy_controller(cfg)
+    ledger = ComputeLedger(n_student=flop_parameters(model.config))
     step, opt_steps = run.step, int(run.state.get("opt_steps", 0))
     if run.resumed_from is not None:
         stream.load_state_dict(run.state["loader"])
         controller.load_state_dict(run.state["entropy_controller"])
+        ledger.load_state_dict(run.state["compute"])
     else:
         ctx.say(f"{cfg.name}: {cfg.steps} steps x {cfg.queries_per_step} queries x {cfg.group_size} rollouts, "
                 f"{len(queries)} queries, loss {cfg.loss_type}, eps {cfg.epsilon_low}/{cfg.epsilon_high}, "
@@ -392,10 +395,11 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
 
     def save(at_step: int) -> str:
         return run.save(at_step, loader_state=stream.state_dict(), opt_steps=opt_steps,
-                        entropy_controller=controller.state_dict(), grpo_config=asdict(cfg))
+                        entropy_controller=controller.state_dict(), compute=ledger.state_dict(),
+                        grpo_config=asdict(cfg))
 
     if step == 0:
-        run.log({"step": 0, **run_eval()})
+        run.log({"step": 0, "flops": 0, **run_eval()})
     while step < cfg.steps:
         step_seed = cfg.seed * 1_000_003 + step
         generator = torch.Generator(device=torch_device).manual_seed(step_seed)  # sampling
@@ -411,6 +415,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
             "groups_kept": len(groups), "gen_rounds": stats.rounds, "truncated_share":
                 stats.truncated / max(len(stats.lengths), 1), "no_reward_groups": stats.groups_no_reward,
         }
+        ledger.add(generated=sum(stats.lengths))  # every sampled token, dropped groups' too
         if groups:
             batch = build_batch(groups, pad_id=tokenizer.pad_token_id, scale_rewards=cfg.scale_rewards).to(torch_device)
             with torch.no_grad():
@@ -425,6 +430,9 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
             updates = optimisation_passes(model, run.optimizer, batch, old_logps, ref_logps, cfg, controller,
                                           entropy_now, shuffler, lambda k: run.schedule.lr(first_opt_step + k))
             opt_steps += len(updates)
+            n_read = int(batch.attention_mask.sum())
+            # mu passes of forward + backward; the old and reference log-probs: two no-grad forwards
+            ledger.add(trained=cfg.mu * n_read, student_scored=2 * n_read)
             for key in ("loss", "grad_norm", "clip_fraction", "ratio_mean", "lr"):
                 record[key] = sum(u[key] for u in updates) / len(updates)
             record["ratio_max"] = max(u["ratio_max"] for u in updates)
@@ -435,6 +443,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
         else:
             record["entropy_coef"] = controller.coef
         step += 1
+        record["flops"] = ledger.flops
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             record.update(run_eval())
         record["elapsed_s"] = run.elapsed()
@@ -454,6 +463,9 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
     copy_tokenizer(parent, out)
     records = run.metrics.read()
     write_json_atomic(out / "eval.json", summarize(cfg, records, selection))
+    # Query selection's sampling (selection_k samples of each candidate) is not counted: the RL arm's
+    # FLOPs are a lower bound.
+    write_json_atomic(out / COMPUTE_FILE, {**ledger.summary(), "not_counted": "query selection"})
     write_lineage(out, make_lineage(cfg.name, cfg, parent))
     return out
 
@@ -473,6 +485,7 @@ def _finish_untrained(cfg: GRPOConfig, parent: Path, out: Path, model, tokenizer
                     "pass@1_by_family_after": {k.split("/", 1)[1]: v for k, v in before.items()
                                                if k.startswith("pass@1/")}})
     write_json_atomic(out / "eval.json", summary)
+    write_json_atomic(out / COMPUTE_FILE, ComputeLedger(n_student=flop_parameters(model.config)).summary())
     write_lineage(out, make_lineage(cfg.name, cfg, parent))
     return out
 

@@ -202,6 +202,16 @@ class SFTLoader:
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return len(self._batches(epoch))
 
+    def tokens_per_epoch(self, epoch: int = 0) -> int:
+        """Token positions the model computes over one epoch's batches (padding included), as `collate` lays
+        them out: what a FLOP count of the training multiplies by."""
+        total = 0
+        for rows in self._batches(epoch):
+            width = self.seq_len if self.batching == "pack" else max(
+                sum(len(self.examples[i].input_ids) for i in row) for row in rows)
+            total += len(rows) * width
+        return total
+
     def collate(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         width = self.seq_len if self.batching == "pack" else max(
             sum(len(self.examples[i].input_ids) for i in row) for row in rows)
@@ -282,6 +292,31 @@ def conversations_hash(conversations: Sequence[Sequence[Mapping]]) -> str:
     return hashlib.sha256(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Conversations made ready for training: split, tokenised and batched as `fine_tune` trains on them."""
+
+    loader: SFTLoader
+    examples: list[Example]
+    eval_examples: list[Example]
+    dropped: int
+    """Conversations dropped as longer than seq_len (training and held-out together)."""
+    data_hash: str
+
+
+def prepare(cfg: SFTConfig, tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping]]) -> Prepared:
+    """Hold out `n_eval` conversations (at most half), tokenise the rest and batch them (`SFTLoader`)."""
+    convs = [list(c) for c in conversations]
+    data_hash = conversations_hash(convs)
+    random.Random(f"sft-split|{cfg.seed}").shuffle(convs)
+    n_eval = min(cfg.n_eval, len(convs) // 2)
+    eval_examples, dropped_eval = tokenize_conversations(tokenizer, convs[:n_eval], cfg.seq_len, cfg.enable_thinking)
+    examples, dropped = tokenize_conversations(tokenizer, convs[n_eval:], cfg.seq_len, cfg.enable_thinking)
+    loader = SFTLoader(examples, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=tokenizer.pad_token_id,
+                       seed=cfg.seed, batching=cfg.batching)
+    return Prepared(loader, examples, eval_examples, dropped + dropped_eval, data_hash)
+
+
 def fine_tune(cfg: SFTConfig, parent: Path, ctx: StageContext, conversations: Sequence[Sequence[Mapping]]) -> str:
     """Fine-tune the parent checkpoint on `conversations` into `ctx.out_dir` (model, tokenizer, eval.json);
     resumes a cut run of the same config and data. Returns the conversations' hash for the caller's lineage."""
@@ -295,18 +330,12 @@ def fine_tune(cfg: SFTConfig, parent: Path, ctx: StageContext, conversations: Se
         longer = Qwen3(model.config.replace(max_position_embeddings=cfg.seq_len))
         longer.load_state_dict(model.state_dict())
         model = longer
-    convs = [list(c) for c in conversations]
-    data_hash = conversations_hash(convs)
-    random.Random(f"sft-split|{cfg.seed}").shuffle(convs)
-    n_eval = min(cfg.n_eval, len(convs) // 2)
-    eval_examples, dropped_eval = tokenize_conversations(tokenizer, convs[:n_eval], cfg.seq_len, cfg.enable_thinking)
-    examples, dropped = tokenize_conversations(tokenizer, convs[n_eval:], cfg.seq_len, cfg.enable_thinking)
-    loader = SFTLoader(examples, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=tokenizer.pad_token_id,
-                       seed=cfg.seed, batching=cfg.batching)
+    data = prepare(cfg, tokenizer, conversations)
+    loader, examples, eval_examples, data_hash = data.loader, data.examples, data.eval_examples, data.data_hash
     tcfg = cfg.train_config(loader.batches_per_epoch(0))
     n_assistant = sum(sum(t != IGNORE_INDEX for t in e.labels) for e in examples)
     n_tokens = sum(len(e.input_ids) for e in examples)
-    ctx.say(f"{cfg.name}: {len(examples):,} conversations ({dropped} dropped as longer than {cfg.seq_len} tokens),"
+    ctx.say(f"{cfg.name}: {len(examples):,} conversations ({data.dropped} dropped as longer than {cfg.seq_len} tokens),"
             f" {n_assistant:,} of {n_tokens:,} tokens trained (assistant), {tcfg.steps} steps x {cfg.batch_size}"
             f" ({cfg.batching}, {loader.batches_per_epoch(0)} batches/epoch), {len(eval_examples)} held out")
     eval_fn = heldout_loss_fn(eval_examples, tokenizer.pad_token_id) if eval_examples else None
@@ -318,7 +347,7 @@ def fine_tune(cfg: SFTConfig, parent: Path, ctx: StageContext, conversations: Se
     final_eval = {k.removeprefix("eval/"): v for k, v in summary["eval"].items()}
     write_json_atomic(out / "eval.json", {
         "stage": cfg.name, "final_loss": summary["loss"], **final_eval, "n_train": len(examples),
-        "n_eval": len(eval_examples), "dropped_too_long": dropped + dropped_eval,
+        "n_eval": len(eval_examples), "dropped_too_long": data.dropped,
         "assistant_token_share": n_assistant / max(n_tokens, 1), "tokens_seen": summary["tokens_seen"],
         "elapsed_s": summary["elapsed_s"]})
     return data_hash
@@ -334,6 +363,6 @@ def run(cfg: SFTConfig, parent: Path, ctx: StageContext) -> Path:
     return Path(ctx.out_dir)
 
 
-__all__ = ["BATCHING", "DROP_NO_ASSISTANT", "DROP_TOO_LONG", "Example", "SFTConfig", "SFTLoader", "SFTTable", "conversations_hash",
-           "fine_tune", "heldout_loss_fn", "make_example", "run", "sft_loss", "tokenize_conversations",
+__all__ = ["BATCHING", "DROP_NO_ASSISTANT", "DROP_TOO_LONG", "Example", "Prepared", "SFTConfig", "SFTLoader", "SFTTable",
+           "conversations_hash", "fine_tune", "prepare", "heldout_loss_fn", "make_example", "run", "sft_loss", "tokenize_conversations",
            "tokenize_example"]

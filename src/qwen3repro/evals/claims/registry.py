@@ -12,6 +12,7 @@ from ...files import write_json_atomic
 from .. import report
 from .budget import claim_budget
 from .copy_probe import add_copy_diagnoses
+from .distillation import claim_distillation, claim_distilled_modes
 from .filtering import claim_filtering
 from .fusion import claim_fusion
 from .general_rl import claim_general_rl
@@ -34,6 +35,8 @@ CLAIMS: dict[str, Callable[..., list[ClaimRow]]] = {
     "budget": claim_budget,
     "reward_model": claim_reward_model,
     "general_rl": claim_general_rl,
+    "distillation": claim_distillation,
+    "distilled_modes": claim_distilled_modes,
 }
 
 

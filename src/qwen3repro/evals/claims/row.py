@@ -20,6 +20,8 @@ class ClaimRow:
     details: dict[str, Any] = field(default_factory=dict)
     role: str = ""
     """The role whose checkpoints were measured ('' when the row reads none)."""
+    table: str = ""
+    """A Markdown table the row's measurement fills (REPORT.md shows it under "Tables"), or ''."""
 
 
 __all__ = ["ClaimRow"]

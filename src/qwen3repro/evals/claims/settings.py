@@ -75,6 +75,20 @@ class RewardModelFigures:
 
 
 @dataclass(frozen=True)
+class DistillationFigures:
+    onpolicy_flops_share_max: float
+    thinkfollow_min: float
+    report_offpolicy_aime24: float
+    report_offpolicy_aime24_pass64: float
+    report_rl_aime24: float
+    report_rl_aime24_pass64: float
+    report_rl_gpu_hours: int
+    report_onpolicy_aime24: float
+    report_onpolicy_aime24_pass64: float
+    report_onpolicy_gpu_hours: int
+
+
+@dataclass(frozen=True)
 class BudgetFigures:
     report_budget_curve_aime24: dict[int, float]
     """Thinking budget (tokens) -> accuracy (%), in the file's order."""
@@ -91,6 +105,7 @@ class ClaimSettings:
     thinking_budget: BudgetFigures
     general_rl: GeneralRLFigures
     reward_model: RewardModelFigures
+    distillation: DistillationFigures
 
 
 def _number(value: Any, kind: type, where: str) -> Any:
@@ -153,6 +168,6 @@ def claim_settings() -> ClaimSettings:
     return load_claim_settings(CLAIMS_FILE)
 
 
-__all__ = ["BudgetFigures", "CLAIMS_FILE", "ClaimSettings", "CopyProbeFigures", "FusionFigures", "GRPOFigures",
+__all__ = ["BudgetFigures", "CLAIMS_FILE", "ClaimSettings", "CopyProbeFigures", "DistillationFigures", "FusionFigures", "GRPOFigures",
            "GeneralRLFigures", "LongContextFigures", "RewardModelFigures", "Significance", "claim_settings",
            "load_claim_settings"]
