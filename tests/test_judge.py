@@ -22,7 +22,7 @@ from qwen3repro.chat_cli import complete_chat
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
 from qwen3repro.rewards import get_reward
-from qwen3repro.rewards.judge import OUTCOMES, JudgeClient, JudgeSettings, configure_judge, judge_prompt
+from qwen3repro.rewards.judge import OUTCOMES, JudgeClient, JudgeSettings, JudgeStats, configure_judge, judge_prompt
 from qwen3repro.serve import ChatCompletions, make_server
 from qwen3repro.tokenizer import train_tokenizer
 
@@ -368,3 +368,15 @@ def test_bad_judge_settings_are_one_clear_error(field, value):
     fields = dict(base_url="http://127.0.0.1:1/v1", model="judge") | {field: value}
     with pytest.raises(ValueError, match=field):
         JudgeSettings(**fields)
+
+
+def test_judge_stats_restore_what_a_cut_run_saved():
+    stats = JudgeStats()
+    for outcome in ("scored", "scored", "timeout", "retries"):
+        stats.add(outcome)
+    again = JudgeStats()
+    again.restore(stats.counts())
+    again.add("no_score")
+    assert again.counts() == {**stats.counts(), "no_score": 1}
+    with pytest.raises(ValueError, match="unknown judge outcome"):
+        again.restore({"maybe": 1})

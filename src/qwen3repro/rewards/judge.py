@@ -42,7 +42,7 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from .registry import RewardResult, answer_text, register
 
@@ -159,6 +159,14 @@ class JudgeStats:
         """Every outcome's count (zeros included) and "retries"."""
         with self._lock:
             return {name: self._counts[name] for name in (*OUTCOMES, "retries")}
+
+    def restore(self, counts: Mapping[str, int]) -> None:
+        """Start from `counts` (what `counts()` returned when a cut run saved its state)."""
+        unknown = set(counts) - {*OUTCOMES, "retries"}
+        if unknown:
+            raise ValueError(f"unknown judge outcome(s) {sorted(unknown)}")
+        with self._lock:
+            self._counts = Counter({name: int(n) for name, n in counts.items()})
 
     @property
     def no_reward(self) -> int:

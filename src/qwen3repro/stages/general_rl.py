@@ -78,16 +78,16 @@ from ..tokenizer import Tokenizer
 from ..tools import ToolEnvironment, ToolLimits, Trajectory, default_tools, tool_rollouts
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
 from .common import StageContext, copy_tokenizer, identity_fields
-from .grpo import check_update_settings, clip_fraction, entropy_controller, window_means
+from .grpo import GRPOUpdate, check_update_settings, clip_fraction, entropy_controller, window_means
 
 FLAG_THINK, FLAG_NO_THINK = "/think", "/no_think"
 MODES = ("think", "no_think", "unflagged")
 
 
 @dataclass(frozen=True)
-class GeneralRLConfig:
-    """One general-RL run. Field groups: tasks, modes, tools, judge, reward model, rollouts, loss,
-    optimisation, entropy, evaluation, bookkeeping."""
+class GeneralRLConfig(GRPOUpdate):
+    """One general-RL run. Field groups: the GRPO update (loss, optimisation, entropy: `stages.grpo.GRPOUpdate`),
+    tasks, modes, tools, judge, reward model, rollouts, evaluation, bookkeeping."""
 
     name: str = "general-rl"
     # ---- tasks
@@ -135,26 +135,6 @@ class GeneralRLConfig:
     dynamic_sampling: bool = True
     max_gen_rounds: Positive = 2
     scale_rewards: str = "group"
-    # ---- loss (as the reasoning stage: `stages.grpo`)
-    loss_type: str = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28
-    beta: float = 0.0
-    mu: Positive = 2
-    """Optimisation passes over each rollout batch, one optimizer step each (off-policy after the first)."""
-    # ---- optimisation
-    lr: float = 5e-5
-    warmup_steps: NonNegative = 0
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    clip_grad_norm: float = 1.0
-    # ---- entropy control (rl.entropy)
-    entropy_control: str = "proportional"
-    entropy_coef: float = 0.0
-    entropy_coef_delta: float = 0.005
-    entropy_coef_max: float = 0.1
-    entropy_target_ratio: float = 1.0
-    entropy_gain: float = 0.3
     # ---- evaluation
     eval_every: Positive = 10
     eval_per_task: Positive = 4
@@ -227,10 +207,7 @@ class GeneralRLConfig:
 
     def train_config(self) -> TrainConfig:
         """AdamW over optimizer steps (`mu` per generation step), warm-up then constant."""
-        return TrainConfig(steps=self.steps * self.mu, lr=self.lr, betas=self.betas,
-                           weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, decay_fraction=0.0,
-                           clip_grad_norm=self.clip_grad_norm, seed=self.seed, device=self.device,
-                           ckpt_every=self.ckpt_every, keep_last=self.keep_last, log_every=self.log_every)
+        return self.policy_train_config(self.steps * self.mu)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -678,6 +655,10 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
     if run.resumed_from is not None:
         stream.load_state_dict(run.state["loader"])
         controller.load_state_dict(run.state["entropy_controller"])
+        # The counted reward outcomes (training and evaluation alike) go on from where the cut run saved them,
+        # so eval.json's totals are the uncut run's.
+        scorer.counts = Counter(run.state.get("reward_counts", {}))
+        judge.stats.restore(run.state.get("judge_counts", {}))
     else:
         for name, why in cfg.unscored_tasks.items():
             ctx.say(f"{cfg.name}: WARNING task {name} left out of the mix: {why}")
@@ -690,7 +671,8 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
 
     def save(at_step: int) -> str:
         return run.save(at_step, loader_state=stream.state_dict(), opt_steps=opt_steps,
-                        entropy_controller=controller.state_dict(), general_rl_config=asdict(cfg))
+                        entropy_controller=controller.state_dict(), reward_counts=dict(scorer.counts),
+                        judge_counts=judge.stats.counts(), general_rl_config=asdict(cfg))
 
     if step == 0:
         run.log({"step": 0, **run_eval()})

@@ -73,8 +73,58 @@ SELECTION_FILE = "selection.json"
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    """One reasoning-RL run. Field groups: queries, rollouts, loss, optimisation, entropy, eval, bookkeeping."""
+class PolicyOptimizer:
+    """How the stages that train on their own samples (the RL stages, on-policy distillation) optimise: AdamW
+    at a constant LR after a linear warm-up over optimizer steps, with gradient clipping."""
+
+    lr: float = 5e-5
+    warmup_steps: NonNegative = 0
+    """Linear warm-up over optimizer steps; then constant."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    clip_grad_norm: float = 1.0
+
+    def policy_train_config(self, optimizer_steps: int) -> TrainConfig:
+        """These settings as a TrainConfig over `optimizer_steps` (a WSD schedule without decay), with the
+        stage's seed, device and checkpoint cadence."""
+        return TrainConfig(steps=optimizer_steps, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay,
+                           warmup_steps=self.warmup_steps, decay_fraction=0.0, clip_grad_norm=self.clip_grad_norm,
+                           seed=self.seed, device=self.device, ckpt_every=self.ckpt_every, keep_last=self.keep_last,
+                           log_every=self.log_every)
+
+
+@dataclass(frozen=True)
+class GRPOUpdate(PolicyOptimizer):
+    """The GRPO update every RL stage shares (reasoning RL, general RL, the student's RL arm): the loss, the
+    optimiser (`PolicyOptimizer`) and the entropy control, with `recipes/reasoning-rl.toml`'s defaults.
+    Checked by `check_update_settings`."""
+
+    # ---- loss
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    """ε_high > ε_low is DAPO's clip-higher."""
+    beta: float = 0.0
+    """k3 KL coefficient to the starting model (the KL is logged either way)."""
+    mu: Positive = 2
+    """Optimisation passes over each rollout batch (off-policy after the first mini-batch)."""
+    # ---- entropy control (rl.entropy)
+    entropy_control: str = "proportional"
+    """'none' | 'bonus' | 'adaptive' | 'proportional'."""
+    entropy_coef: float = 0.0
+    """Fixed coefficient ('bonus'), or the starting one ('adaptive')."""
+    entropy_coef_delta: float = 0.005
+    entropy_coef_max: float = 0.1
+    entropy_target_ratio: float = 1.0
+    """Target = ratio × the first step's entropy (adaptive) or the first ENTROPY_WINDOW steps' mean."""
+    entropy_gain: float = 0.3
+    """Proportional: coefficient = min(max, gain × relative shortfall below the target)."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig(GRPOUpdate):
+    """One reasoning-RL run. Field groups: the GRPO update (loss, optimisation, entropy: `GRPOUpdate`), queries,
+    rollouts, eval, bookkeeping."""
 
     name: str = "reasoning-rl"
     # ---- query selection (§4.2's four criteria)
@@ -115,35 +165,9 @@ class GRPOConfig:
     """Generation rounds per step with dynamic sampling."""
     scale_rewards: str = "group"
     """Advantage scaling: 'group' | 'batch' | 'none' (Dr. GRPO)."""
-    # ---- loss
-    loss_type: str = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28
-    """ε_high > ε_low is DAPO's clip-higher."""
-    beta: float = 0.0
-    """k3 KL coefficient to the starting model (the KL is logged either way)."""
-    # ---- optimisation
-    mu: Positive = 2
-    """Optimisation passes over each rollout batch (off-policy after the first mini-batch)."""
+    # ---- optimisation (besides `GRPOUpdate`'s)
     mini_batches: Positive = 1
     """Mini-batches (= optimizer steps) per pass."""
-    lr: float = 5e-5
-    warmup_steps: NonNegative = 0
-    """Linear warm-up over optimizer steps; then constant."""
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    clip_grad_norm: float = 1.0
-    # ---- entropy control (rl.entropy)
-    entropy_control: str = "proportional"
-    """'none' | 'bonus' | 'adaptive' | 'proportional'."""
-    entropy_coef: float = 0.0
-    """Fixed coefficient ('bonus'), or the starting one ('adaptive')."""
-    entropy_coef_delta: float = 0.005
-    entropy_coef_max: float = 0.1
-    entropy_target_ratio: float = 1.0
-    """Target = ratio × the first step's entropy (adaptive) or the first ENTROPY_WINDOW steps' mean."""
-    entropy_gain: float = 0.3
-    """Proportional: coefficient = min(max, gain × relative shortfall below the target)."""
     # ---- evaluation
     eval_every: Positive = 10
     eval_items: Positive = 64
@@ -199,12 +223,8 @@ class GRPOConfig:
         return SamplingParams(temperature=self.eval_temperature, top_p=self.eval_top_p, top_k=self.eval_top_k)
 
     def train_config(self) -> TrainConfig:
-        """The optimiser settings as a TrainConfig over optimizer steps (`mu` x `mini_batches` per generation
-        step): AdamW, linear warm-up then a constant LR (a WSD schedule without decay), checkpoint cadence."""
-        return TrainConfig(steps=self.steps * self.mu * self.mini_batches, lr=self.lr, betas=self.betas,
-                           weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, decay_fraction=0.0,
-                           clip_grad_norm=self.clip_grad_norm, seed=self.seed, device=self.device,
-                           ckpt_every=self.ckpt_every, keep_last=self.keep_last, log_every=self.log_every)
+        """The optimiser settings over optimizer steps: `mu` x `mini_batches` per generation step."""
+        return self.policy_train_config(self.steps * self.mu * self.mini_batches)
 
 
 def check_update_settings(cfg: Any) -> None:
@@ -530,5 +550,5 @@ def summarize(cfg: GRPOConfig, records: Sequence[Mapping[str, Any]], selection: 
     }
 
 
-__all__ = ["GRPOConfig", "run", "candidate_queries", "check_update_settings", "clip_fraction", "entropy_controller",
+__all__ = ["GRPOConfig", "GRPOUpdate", "PolicyOptimizer", "run", "candidate_queries", "check_update_settings", "clip_fraction", "entropy_controller",
            "eval_queries", "optimisation_passes", "summarize"]

@@ -54,14 +54,17 @@ from ..tokenizer import Tokenizer
 from ..train.compute import COMPUTE_FILE, ComputeLedger, flop_parameters
 from ..train.loop import TrainConfig, TrainingRun, resolve_device
 from .common import StageContext, copy_tokenizer, identity_fields
-from .grpo import eval_queries, sample_task_items
+from .grpo import PolicyOptimizer, eval_queries, sample_task_items
 from .teacher_outputs import FLAGS, MODES, check_same_vocabulary, vocabulary_of
 
 LOSSES = ("jsd", "pg")
 
 
 @dataclass(frozen=True)
-class OnPolicyDistillConfig:
+class OnPolicyDistillConfig(PolicyOptimizer):
+    """One on-policy distillation run: prompts and sampling, loss, evaluation, bookkeeping; the optimiser is
+    `stages.grpo.PolicyOptimizer`'s (its lr default here is 1e-4)."""
+
     name: str = "onpolicy-distill"
     teacher: str = "flagship/general-rl"
     """The `uses` entry of the teacher checkpoint."""
@@ -84,12 +87,7 @@ class OnPolicyDistillConfig:
     beta: float = 1.0
     """Generalized JSD interpolation: 1 = reverse KL(P_S‖P_T) (the report), 0 = forward KL."""
     jsd_temperature: float = 1.0
-    # ---- optimisation
     lr: float = 1e-4
-    warmup_steps: NonNegative = 0
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    clip_grad_norm: float = 1.0
     # ---- evaluation (the fields `stages.grpo.eval_queries` reads, same meaning)
     eval_every: Positive = 10
     eval_items: Positive = 48
@@ -143,10 +141,7 @@ class OnPolicyDistillConfig:
         return self.max_new_tokens if mode == "think" else self.max_new_tokens_no_think
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay,
-                           warmup_steps=self.warmup_steps, decay_fraction=0.0, clip_grad_norm=self.clip_grad_norm,
-                           seed=self.seed, device=self.device, ckpt_every=self.ckpt_every, keep_last=self.keep_last,
-                           log_every=self.log_every)
+        return self.policy_train_config(self.steps)
 
 
 def training_queries(cfg: OnPolicyDistillConfig) -> list[Query]:

@@ -69,6 +69,8 @@ class TeacherOutputsConfig:
     name: str = "teacher-outputs"
     families: tuple[str, ...] = ()
     """Reasoning task families (empty: all of `data.tasks`)."""
+    family_weights: Mapping[str, float] = field(default_factory=dict)
+    """Shares of the families among the reasoning queries (empty: uniform)."""
     n_task_queries: Positive = 256
     n_general_queries: NonNegative = 64
     general_weights: Mapping[str, float] = field(default_factory=dict)
@@ -100,6 +102,12 @@ class TeacherOutputsConfig:
         unknown = set(self.families) - set(tasks.FAMILIES)
         if unknown:
             raise ConfigError(f"{self.name}: unknown task families {sorted(unknown)}; known: {list(tasks.FAMILIES)}")
+        stray = sorted(set(self.family_weights) - set(self.families or tasks.FAMILIES))
+        if stray or any(not (isinstance(w, (int, float)) and w >= 0) for w in self.family_weights.values()):
+            raise ConfigError(f"{self.name}: family_weights must give shares >= 0 to the stage's families "
+                              f"{list(self.families or tasks.FAMILIES)}, got {dict(self.family_weights)}")
+        if self.family_weights and not sum(self.family_weights.values()) > 0:
+            raise ConfigError(f"{self.name}: family_weights give no family a positive share")
         if not self.modes or set(self.modes) - set(MODES) or len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"{self.name}: modes must be distinct names from {MODES}, got {list(self.modes)}")
         unknown_tasks = sorted(set(self.general_weights) - set(general_tasks.GENERAL_TASKS))
@@ -147,12 +155,14 @@ def prompt_queries(cfg: TeacherOutputsConfig) -> list[tuple[str, Query]]:
     """(task name, query): reasoning items, then general-task queries, all from the training partition."""
     rng = random.Random(f"teacher-queries|{cfg.seed}")
     families = cfg.families or tuple(tasks.FAMILIES)
+    weights = [float(cfg.family_weights.get(f, 0.0)) for f in families] if cfg.family_weights else None
     seen: set[str] = set()
     out: list[tuple[str, Query]] = []
     for _ in range(100 * cfg.n_task_queries):
         if len(out) == cfg.n_task_queries:
             break
-        item = tasks.sample_item(rng, heldout=False, families=families)
+        family = rng.choices(families, weights=weights)[0]
+        item = tasks.sample_item(rng, heldout=False, families=(family,))
         if item.uid not in seen:
             seen.add(item.uid)
             out.append((item.family, Query.from_task(item)))

@@ -93,12 +93,16 @@ def _curve(metrics: Path, k: int) -> list[dict[str, float]]:
             for r in rows if "eval/pass@1" in r and "flops" in r]
 
 
+def _flops(arm: Mapping[str, Any]) -> str:
+    return f"{arm['flops']:.3g}" if arm.get("flops") is not None else "-"
+
+
 def table21(result: Mapping[str, Any]) -> str:
     """The arms as the report's Table 21 lays them out (accuracy, pass@k in parentheses, compute)."""
     k = result["k"]
     lines = [f"| method | held-out pass@1 (pass@{k}) | training FLOPs | wall time |", "|---|---|---|---|"]
     for key, arm in result["arms"].items():
-        flops = f"{arm['flops']:.3g}" if arm.get("flops") is not None else "-"
+        flops = _flops(arm)
         secs = f"{arm['seconds'] / 60:.1f} min" if arm.get("seconds") is not None else "-"
         lines.append(f"| {arm['label']} (`{key}`) | {arm['pass@1']:.1%} ({arm[f'pass@{k}']:.1%}) | {flops} | {secs} |")
     return "\n".join(lines)
@@ -159,18 +163,21 @@ def claim_distillation(plan, say: Callable[[str], None]) -> list[ClaimRow]:
     per_flop = onp["pass@1"] >= rl["pass@1"] and share is not None and share <= figures.onpolicy_flops_share_max
     passk_gain_onp, passk_gain_rl = onp[pk] - start[pk], rl[pk] - start[pk]
     passk = passk_gain_onp > passk_gain_rl and passk_gain_onp > 0
+    rl_skipped = _read_json(Path(rl["checkpoint"]) / "eval.json").get("skipped")
+    share_text = f"{share:.1%} of RL's" if share is not None else "RL spent none"
     measured = (f"held-out pass@1 ({pk}), n={result['n_items']}: off-policy {pct(start['pass@1'])} ({pct(start[pk])}); "
-                f"+RL {pct(rl['pass@1'])} ({pct(rl[pk])}) at {rl['flops']:.3g} FLOPs; +on-policy "
-                f"{pct(onp['pass@1'])} ({pct(onp[pk])}) at {onp['flops']:.3g} FLOPs "
-                f"({share:.1%} of RL's)" + (f"; +SFT compute-matched {pct(sft['pass@1'])} ({pct(sft[pk])})"
-                                             if sft else "")
+                f"+RL {pct(rl['pass@1'])} ({pct(rl[pk])}) at {_flops(rl)} FLOPs"
+                + (" (skipped: no learnable query)" if rl_skipped else "")
+                + f"; +on-policy {pct(onp['pass@1'])} ({pct(onp[pk])}) at {_flops(onp)} FLOPs ({share_text})"
+                + (f"; +SFT compute-matched {pct(sft['pass@1'])} ({pct(sft[pk])})" if sft else "")
                 + (f"; MoE student off-policy {pct(arms[f'{MOE_ROLE}/{START}']['pass@1'])}"
                    if f"{MOE_ROLE}/{START}" in arms else ""))
     why = []
     if onp["pass@1"] < rl["pass@1"]:
         why.append(f"on-policy pass@1 {pct(onp['pass@1'])} is below RL's {pct(rl['pass@1'])}")
     if share is None or share > figures.onpolicy_flops_share_max:
-        why.append(f"on-policy used {share:.1%} of RL's FLOPs" if share is not None else "RL's FLOPs unknown")
+        why.append(f"on-policy used {share:.1%} of RL's FLOPs" if share is not None
+                   else "RL spent no FLOPs to compare with (skipped or not counted)")
     if not passk:
         why.append(f"{pk} gain on-policy {passk_gain_onp:+.1%} vs RL {passk_gain_rl:+.1%}")
     return [ClaimRow(
