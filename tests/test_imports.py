@@ -41,6 +41,8 @@ LAZY_ALLOWED: dict[str, set[str]] = {
     # lm-eval's IFEval checks and NLTK (~2.5 s of imports: scipy, scikit-learn) for the instruction-following
     # reward only; NLTK's data path must be set before NLTK loads.
     f"{PACKAGE}.rewards.ifeval": {"lm_eval", "nltk", "punkt", "langdetect"},
+    # vLLM generates the teacher outputs at full scale when it is installed (a GPU-only engine, in no extra).
+    f"{PACKAGE}.stages.teacher_outputs": {"vllm"},
 }
 
 

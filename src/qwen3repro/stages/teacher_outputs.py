@@ -25,13 +25,16 @@ The stage's parent is the teacher: the flagship at the end of its chain (general
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import datasets
 import torch
 
 from ..chat import EMPTY_THINK, parse, render, wants_thinking
@@ -240,11 +243,7 @@ def vocabulary_of(checkpoint: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- generation
 def _vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("vllm") is not None
 
 
 def resolve_backend(backend: str) -> str:
@@ -381,9 +380,8 @@ def _counts(values) -> dict[str, int]:
 
 
 def run(cfg: TeacherOutputsConfig, parent: Path, ctx: StageContext) -> Path:
-    """Generate the teacher's outputs from the teacher checkpoint `parent` into `ctx.out_dir/data`."""
-    import datasets  # the distillation data's on-disk form (Arrow), readable by any `datasets` user
-
+    """Generate the teacher's outputs from the teacher checkpoint `parent` into `ctx.out_dir/data` (a `datasets`
+    dataset in Arrow files: what any `datasets` user, and the full scale's SFT data step, reads)."""
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parent = Path(parent)
@@ -399,7 +397,6 @@ def run(cfg: TeacherOutputsConfig, parent: Path, ctx: StageContext) -> Path:
     data.save_to_disk(str(partial))
     final = out / DATA_DIR
     if final.exists():
-        import shutil
         shutil.rmtree(final)
     partial.rename(final)
     write_json_atomic(out / REPORT_FILE, report)
@@ -415,8 +412,6 @@ def _rows_hash(rows: Sequence[Mapping[str, Any]]) -> str:
 def load_teacher_outputs(directory: Path, modes: Sequence[str] = MODES) -> tuple[list[list[dict]], dict[str, Any]]:
     """The conversations of a teacher-outputs directory in `modes` (fields the Arrow schema filled with None
     removed), and its report."""
-    import datasets
-
     directory = Path(directory)
     report_path = directory / REPORT_FILE
     if not (directory / DATA_DIR).is_dir() or not report_path.is_file():
