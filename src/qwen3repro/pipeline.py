@@ -4,7 +4,7 @@
     qwen3repro pipeline micro --dry-run # print every resolved stage config and exit
 
 The stage graph comes from the recipes (`recipes.StageGraph`: each recipe's `kind`, `parent` and
-`roles`). A scale file (`tiny/<scale>.toml`) names its roles (the flagship and the student, each a
+`roles`). A scale file (`tiny/<scale>.toml`) names its roles (the flagship and the students, each a
 registry model), the stages it runs, and their sizes; a stage runs for every role its recipe names.
 Every stage's config is its recipe (`recipes/<stage>.toml`) deep-merged with the scale's
 `[stages.<stage>]` table, then the role's `[roles.<role>.stages.<stage>]` table, then `--set`
