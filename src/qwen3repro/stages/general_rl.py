@@ -142,14 +142,8 @@ class GeneralRLConfig(GRPOUpdate):
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
     eval_top_k: NonNegative = 20
-    # ---- bookkeeping
+    # ---- bookkeeping (besides `PolicyOptimizer`'s)
     world_seed: int = 0
-    ckpt_every: NonNegative = 10
-    keep_last: NonNegative = 2
-    log_every: Positive = 1
-    seed: int = 0
-    device: str = "cpu"
-    description: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))

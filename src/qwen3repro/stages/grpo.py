@@ -75,7 +75,8 @@ SELECTION_FILE = "selection.json"
 @dataclass(frozen=True)
 class PolicyOptimizer:
     """How the stages that train on their own samples (the RL stages, on-policy distillation) optimise: AdamW
-    at a constant LR after a linear warm-up over optimizer steps, with gradient clipping."""
+    at a constant LR after a linear warm-up over optimizer steps, with gradient clipping; and their
+    bookkeeping (checkpoint cadence, logging, seed, device)."""
 
     lr: float = 5e-5
     warmup_steps: NonNegative = 0
@@ -83,6 +84,13 @@ class PolicyOptimizer:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     clip_grad_norm: float = 1.0
+    # ---- bookkeeping
+    ckpt_every: NonNegative = 10
+    keep_last: NonNegative = 2
+    log_every: Positive = 1
+    seed: int = 0
+    device: str = "cpu"
+    description: str = ""
 
     def policy_train_config(self, optimizer_steps: int) -> TrainConfig:
         """These settings as a TrainConfig over `optimizer_steps` (a WSD schedule without decay), with the
@@ -178,13 +186,6 @@ class GRPOConfig(GRPOUpdate):
     eval_top_k: NonNegative = 0
     eval_families: tuple[str, ...] | None = None
     """Default: `families`."""
-    # ---- bookkeeping
-    ckpt_every: NonNegative = 10
-    keep_last: NonNegative = 2
-    log_every: Positive = 1
-    seed: int = 0
-    device: str = "cpu"
-    description: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "families", tuple(self.families))

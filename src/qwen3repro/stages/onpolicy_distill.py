@@ -95,13 +95,6 @@ class OnPolicyDistillConfig(PolicyOptimizer):
     eval_temperature: float = 1.0
     eval_families: tuple[str, ...] | None = None
     eval_max_new_tokens: Positive = 160
-    # ---- bookkeeping
-    ckpt_every: NonNegative = 10
-    keep_last: NonNegative = 2
-    log_every: Positive = 1
-    seed: int = 0
-    device: str = "cpu"
-    description: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "families", tuple(self.families))
