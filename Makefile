@@ -14,8 +14,9 @@ help:
 	@echo "make test            CPU test suite (what CI runs)"
 	@echo "make bench           benchmarks (pytest-benchmark), ratios against transformers"
 	@echo "make clean           remove runs/ and caches (keeps .venv)"
-	@echo "make full STAGE=s2 MODEL=qwen3-0.6b [NODES=4 GPUS_PER_NODE=8] [DRY_RUN=1] [DATA=shards]"
+	@echo "make full STAGE=s2 MODEL=qwen3-0.6b [NODES=4 GPUS_PER_NODE=8] [DRY_RUN=1] [DATA=shards] [INIT=hub-id] [FORCE=1]"
 	@echo "                     full-scale stage through nanotron: write its config, launch or print the plan"
+	@echo "make full STAGE=all MODEL=qwen3-32b DRY_RUN=1   every stage of the model's chain, planned"
 
 # The code reward's sandbox needs bubblewrap and libseccomp (Debian packages). As root they are installed
 # here; otherwise the sandbox refuses to run code, and this says what to install.
@@ -61,15 +62,19 @@ scaling-laws: $(STAMP)
 clean:
 	rm -rf runs .pytest_cache .hypothesis
 
-# Full scale through nanotron (full/README.md). STAGE: s1 s2 s3 cold-start fusion distill; MODEL: qwen3-0.6b ...
+# Full scale through nanotron (full/README.md). STAGE: s1 s2 s3 cold-start fusion distill, or all (the chain's
+# plan, with DRY_RUN=1); MODEL: qwen3-0.6b ...; INIT: a released checkpoint (hub id or local folder) to start from;
+# FORCE=1 launches a plan that does not fit in 90% of GPU memory.
 STAGE ?=
 MODEL ?=
 NODES ?=
 GPUS_PER_NODE ?=
 DRY_RUN ?=
 DATA ?=
+INIT ?=
+FORCE ?=
 .PHONY: full
 full: $(STAMP)
 	$(PY) -m qwen3repro.nanotron.cli --stage "$(STAGE)" --model "$(MODEL)" \
 		$(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
-		$(if $(DRY_RUN),--dry-run) $(if $(DATA),--data $(DATA))
+		$(if $(DRY_RUN),--dry-run) $(if $(DATA),--data $(DATA)) $(if $(INIT),--init $(INIT)) $(if $(FORCE),--force)

@@ -15,6 +15,15 @@ What it measures (each part is timed and bounded; results go to --out as JSON an
 3. MFU of `qwen3-0.6b` training steps in bf16 (random init, sequence 4096, micro-batch 4, flash-attn if present
    else SDPA): seconds per step and MFU against 989 TFLOP/s (H100/H200 dense bf16) and against this GPU's
    measured bf16 matmul peak.
+4. nanotron's real `DistributedTrainer`, through our entry point (`python -m torch.distributed.run ...
+   qwen3repro.nanotron.launch`), TP=1 on one GPU: `qwen3-0.6b` S1 as `make full` generates it (sequence 4,096,
+   its planned micro-batch), 9 steps with a checkpoint every 3, on random-token documents. An uncut run, and a
+   run killed (SIGKILL) once its first checkpoint exists, then restarted: it must resume from `latest.txt` and
+   end with the uncut run's weights. The final checkpoint is converted to Hugging Face layout and loaded by
+   transformers: its logits must equal nanotron's own model loaded from the checkpoint. The peak memory the
+   trainer's GPU held (`peak_memory.json`) is set against the plan's estimate for the same layout. Without
+   flash-attn, nanotron's trainer module still imports it (through its Llama model, which we do not use): a stub
+   package then satisfies those imports, every stubbed function raises if called, and our model runs SDPA.
 """
 from __future__ import annotations
 
@@ -194,11 +203,155 @@ def check_mfu(pc, result: dict, steps: int = 10) -> None:
     }
 
 
+# ------------------------------------------------------------------------------------ 4. the real trainer
+TRAINER_STEPS, TRAINER_CKPT_EVERY = 9, 3
+
+
+def flash_attn_stub(root: Path) -> Path:
+    """A `flash_attn` package whose modules give, for any name, a function that raises when called: what
+    nanotron's trainer needs to import its Llama model (which we never build). Returns the folder to put first on
+    PYTHONPATH."""
+    body = ('def __getattr__(name):\n'
+            '    if name.startswith("__"):\n        raise AttributeError(name)\n'
+            '    def unavailable(*args, **kwargs):\n'
+            '        raise RuntimeError(f"flash_attn.{name}: flash-attn is not installed (a stub satisfies imports only)")\n'
+            '    return unavailable\n')
+    for module in ("__init__", "bert_padding", "flash_attn_interface", "layers/__init__", "layers/rotary",
+                   "ops/__init__", "ops/triton/__init__", "ops/triton/layer_norm"):
+        path = root / "flash_attn" / f"{module}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+    return root
+
+
+def trainer_stage_config(run_dir: Path, steps: int) -> tuple[Path, object]:
+    """qwen3-0.6b S1 on one GPU as `make full` writes it, shortened to `steps` steps (a checkpoint every
+    TRAINER_CKPT_EVERY), attention on SDPA (flash-attn may be a stub here)."""
+    import yaml
+
+    from qwen3repro.nanotron.config_gen import build_stage_spec, write_stage_config
+
+    spec = build_stage_spec("s1", "qwen3-0.6b", nodes=1, gpus_per_node=1, run_dir=run_dir)
+    yaml_path, _ = write_stage_config(spec, run_dir)
+    d = spec.nanotron_dict()
+    d["model"]["model_config"]["attn_implementation"] = "sdpa"
+    d["tokens"]["train_steps"] = steps
+    d["tokens"]["batch_accumulation_per_replica"] = 2  # not S1's thousands of micro-batches per step
+    d["checkpoints"]["checkpoint_interval"] = TRAINER_CKPT_EVERY
+    d["optimizer"]["learning_rate_scheduler"]["lr_warmup_steps"] = 2
+    d["optimizer"]["learning_rate_scheduler"]["lr_decay_starting_step"] = steps
+    yaml_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return yaml_path, spec
+
+
+def random_documents(path: Path, vocab: int, n: int = 256) -> Path:
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(200, 3000, (n,), generator=g)
+    docs = [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in lengths]
+    datasets.Dataset.from_dict({"input_ids": docs}).save_to_disk(str(path))
+    return path
+
+
+def launch_trainer(yaml_path: Path, data: Path, env: dict, kill_at_checkpoint: bool = False) -> dict:
+    """Our entry point under torch's launcher; with `kill_at_checkpoint`, SIGKILL the run once `latest.txt`
+    names its first checkpoint (a crash mid-stage)."""
+    import signal
+    import subprocess
+
+    ckpts = yaml_path.parent / "qwen3-0.6b" / "s1" / "checkpoints"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=1",
+           "-m", "qwen3repro.nanotron.launch", "--config-file", str(yaml_path), "--data", str(data)]
+    log = open(yaml_path.with_suffix(".log"), "ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed_after = None
+    if kill_at_checkpoint:
+        while proc.poll() is None:
+            latest = ckpts / "latest.txt"
+            if latest.is_file() and latest.read_text().strip():
+                killed_after = int(latest.read_text())
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    rc = proc.wait(timeout=600)
+    return {"returncode": rc, "killed_after_checkpoint": killed_after,
+            "latest": (ckpts / "latest.txt").read_text().strip() if (ckpts / "latest.txt").is_file() else None}
+
+
+def check_trainer(pc, result: dict, workdir: Path) -> None:
+    from qwen3repro.models.registry import get_model_config
+    from qwen3repro.nanotron.convert import nanotron_to_hf, read_nanotron_weights
+    from qwen3repro.nanotron.launch import PEAK_MEMORY_FILE
+
+    out: dict = {}
+    result["trainer"] = out
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None), env.pop("MASTER_PORT", None)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    paths = [src]
+    try:
+        import flash_attn  # noqa: F401
+
+        out["flash_attn"] = "installed"
+    except ImportError:
+        paths.insert(0, str(flash_attn_stub(workdir / "stub")))
+        out["flash_attn"] = "stub (imports only; attention on SDPA)"
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    data = random_documents(workdir / "docs", get_model_config("qwen3-0.6b").vocab_size)
+
+    t0 = time.time()
+    uncut_yaml, spec = trainer_stage_config(workdir / "uncut", TRAINER_STEPS)
+    out["uncut"] = launch_trainer(uncut_yaml, data, env)
+    cut_yaml, _ = trainer_stage_config(workdir / "cut", TRAINER_STEPS)
+    out["cut_first"] = launch_trainer(cut_yaml, data, env, kill_at_checkpoint=True)
+    out["cut_resumed"] = launch_trainer(cut_yaml, data, env)
+    out["seconds"] = time.time() - t0
+    final = f"qwen3-0.6b/s1/checkpoints/{TRAINER_STEPS}"
+    a = read_nanotron_weights(workdir / "uncut" / final)
+    b = read_nanotron_weights(workdir / "cut" / final)
+    diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
+    out["resume_max_abs_weight_diff"] = max(diffs.values())
+    out["resume_pass"] = (a.keys() == b.keys() and out["resume_max_abs_weight_diff"] <= 1e-3
+                          and out["cut_first"]["killed_after_checkpoint"] is not None)
+
+    # Conversion of the trainer's own checkpoint, loaded by transformers, against nanotron's model of it.
+    from transformers import AutoModelForCausalLM
+    from nanotron.serialize import load_weights
+
+    from qwen3repro.nanotron.model import Qwen3NTConfig, build_qwen3, pipeline_inputs
+
+    hf_dir = nanotron_to_hf(workdir / "uncut" / final, workdir / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).to(DEV).eval()
+    cfg = spec.model_config
+    nt = build_qwen3(Qwen3NTConfig.from_model_config(cfg, attn_implementation="sdpa"), pc, dtype=torch.float32,
+                     device=DEV)
+    load_weights(nt, pc, workdir / "uncut" / final)
+    ids = torch.randint(0, cfg.vocab_size, (1, 65), device=DEV)
+    with torch.no_grad():
+        want = hf(ids[:, :-1]).logits.float()
+        mb = {"input_ids": ids[:, :-1], "position_ids": torch.arange(64, device=DEV)[None],
+              "label_ids": ids[:, 1:], "label_mask": torch.ones(1, 64, dtype=torch.bool, device=DEV)}
+        loss_nt = float(nt(**pipeline_inputs(nt, mb))["loss"])
+        loss_hf = float(torch.nn.functional.cross_entropy(want[0], ids[0, 1:]))
+    out["hf_vs_nanotron_loss"] = [loss_hf, loss_nt]
+    out["conversion_pass"] = abs(loss_hf - loss_nt) <= 1e-3 * max(1.0, abs(loss_nt))
+
+    peak_file = uncut_yaml.with_name(PEAK_MEMORY_FILE)
+    if peak_file.is_file():
+        peak = json.loads(peak_file.read_text())
+        planned = spec.plan().memory()["total"] / 2**30
+        out["memory"] = {"planned_gib": planned, "max_allocated_gib": peak["max_allocated_gib"],
+                         "max_reserved_gib": peak["max_reserved_gib"],
+                         "allocated_over_plan": peak["max_allocated_gib"] / planned}
+    out["pass"] = bool(out["resume_pass"] and out["conversion_pass"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="gpu_check.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["loss", "flash", "mfu"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["loss", "flash", "mfu", "trainer"])
     ap.add_argument("--cpu-smoke", action="store_true", help="run part 1 on CPU/gloo (tests this script, measures nothing)")
     args = ap.parse_args()
     global DEV
@@ -208,7 +361,7 @@ def main() -> None:
     compat.import_nanotron()
     if args.cpu_smoke:
         DEV = torch.device("cpu")
-        args.skip = ["flash", "mfu"]
+        args.skip = ["flash", "mfu", "trainer"]
         compat.init_gloo(0, 1, int(os.environ["MASTER_PORT"]))
         pc = compat.cpu_parallel_context()
     elif not torch.cuda.is_available():
@@ -227,7 +380,8 @@ def main() -> None:
         result["distributed_trainer_imports"] = f"no: {type(e).__name__}: {e}"
     for name, fn in (("loss", lambda: check_loss_curve(pc, args.steps, result)),
                      ("flash", lambda: check_flash_vs_sdpa(pc, result)),
-                     ("mfu", lambda: check_mfu(pc, result))):
+                     ("mfu", lambda: check_mfu(pc, result)),
+                     ("trainer", lambda: check_trainer(pc, result, Path(tempfile.mkdtemp(prefix="trainer-check-"))))):
         if name in args.skip:
             continue
         t0 = time.time()
@@ -238,7 +392,8 @@ def main() -> None:
         result[f"{name}_seconds"] = time.time() - t0
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=str)[-2000:], flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    ok = all(result.get(k, {}).get("pass", True) for k in ("loss_curve", "flash_vs_sdpa") if isinstance(result.get(k), dict))
+    ok = all(result.get(k, {}).get("pass", True) for k in ("loss_curve", "flash_vs_sdpa", "trainer")
+             if isinstance(result.get(k), dict))
     print("GPU CHECK", "PASSED" if ok and not any(k.endswith("_error") for k in result) else "FAILED")
 
 

@@ -11,7 +11,11 @@
 * nanotron's training step (1F1B pipeline engine, PP=2, 2 gloo processes) on micro-batches read from the
   shards through the launcher's batch conversion gives our plain model's `masked_cross_entropy` per micro-batch,
   and, with the launcher's token weighting for SFT, `masked_cross_entropy` over the whole step's tokens;
-* `full --dry-run` for cold-start and distill prints the data source, the mask and the shard folder.
+* `full --dry-run` for cold-start and distill prints the data source, the mask and the shard folder;
+* fusion: shards written from a thinking and a non-thinking source hold each conversation token for token as the
+  tiny fusion stage builds it (`/think` or no flag, `/no_think` with the empty think block, in the system or the
+  user turn, per conversation), non-thinking data with reasoning is dropped and counted, and the sources' modes
+  come from full/stages.toml.
 """
 from __future__ import annotations
 
@@ -299,3 +303,107 @@ def test_dry_run_prints_data_source_and_mask(tmp_path, stage, model, source):
                               "loss": "assistant tokens only (labels -100 elsewhere)"}
     launch = (tmp_path / f"{stage}.slurm").read_text() if (tmp_path / f"{stage}.slurm").exists() else r.output
     assert f"--data {shard_dir}" in launch
+
+
+# ------------------------------------------------------------------------------------------ fusion
+FUSION_SEED = 5
+THINKING = [[{"role": "user", "content": f"What is {a} plus {a + 2}?"},
+             {"role": "assistant", "content": f"<think>\nAdd {a} and {a + 2}.\n</think>\n\n{2 * a + 2}"}]
+            for a in range(24)]
+# The first non-thinking conversation answers with reasoning: it does not belong to non-thinking data.
+DIRECT = [[{"role": "user", "content": "What is 1 plus 1?"},
+           {"role": "assistant", "content": "<think>\nOne and one.\n</think>\n\n2"}]] + [
+    [{"role": "user", "content": f"Name the number after {a}."}, {"role": "assistant", "content": str(a + 1)}]
+    for a in range(23)]
+
+
+def _tiny_fusion_conversation(messages, thinking, rng, unflagged_share, system_flag_share):
+    """What the tiny fusion stage's `build_conversations` makes of a thinking sample or a direct (non-thinking)
+    one, written out with its own pieces (`_single_turn`, THINK / NO_THINK, the empty think block of
+    `DirectSample.content`) and its own order of random draws."""
+    from qwen3repro.chat import EMPTY_THINK
+    from qwen3repro.stages import fusion
+
+    question, answer = messages[0]["content"], messages[1]["content"]
+    if thinking:
+        if rng.random() < unflagged_share:
+            return fusion._single_turn(question, answer, None, False)
+        return fusion._single_turn(question, answer, fusion.THINK, rng.random() < system_flag_share)
+    return fusion._single_turn(question, EMPTY_THINK + answer, fusion.NO_THINK, rng.random() < system_flag_share)
+
+
+def test_fusion_shards_flag_each_conversation_as_the_tiny_fusion_stage(tmp_path, tok):
+    import random
+
+    from qwen3repro.chat import EMPTY_THINK
+
+    think_src = _write_jsonl(tmp_path / "thinking.jsonl", THINKING)
+    direct_src = _write_jsonl(tmp_path / "direct.jsonl", DIRECT)
+    sources = [{"kind": "jsonl", "path_or_id": str(think_src), "text_field": "messages", "weight": 0.5,
+                "name": "thinking"},
+               {"kind": "jsonl", "path_or_id": str(direct_src), "text_field": "messages", "weight": 0.5,
+                "name": "non-thinking"}]
+    flags = sft_data.FusionFlags({"thinking": "think", "non-thinking": "no_think"}, unflagged_share=0.3,
+                                 system_flag_share=0.4)
+    m = sft_data.write_sft_shards(sources, tok, tmp_path / "shards", seq_len=SEQ, seed=FUSION_SEED, fusion=flags,
+                                  stage="fusion")
+
+    # The tiny stage's conversation for each one read, in the order the sources were mixed (per conversation
+    # seeded by its place in that order), tokenised as the shards' masks are.
+    want = []
+    mixed = sft_data.interleave([iter(THINKING), iter(DIRECT)], [0.5, 0.5], FUSION_SEED)
+    for k, (i, messages) in enumerate(mixed):
+        if i == 1 and messages is DIRECT[0]:
+            continue  # reasoning in non-thinking data: dropped
+        rng = random.Random(f"fusion-flags|{FUSION_SEED}|{k}")
+        built = _tiny_fusion_conversation(messages, i == 0, rng, 0.3, 0.4)
+        ids, mask = tokenize_conversation(tok, built)
+        want.append((tuple(ids[:-1]), tuple(t if keep else -100 for t, keep in zip(ids[1:], mask[1:]))))
+    assert m["counts"]["dropped_mode_mismatch"] == 1 and m["counts"]["kept"] == len(want)
+
+    got = [(tuple(ids), tuple(labels)) for b in sft_data.MaskedShardLoader(tmp_path / "shards", seq_len=SEQ,
+                                                                          micro_batch_size=1)
+           for ids, labels, _ in _segments(b)]
+    assert sorted(got) == sorted(want)  # token for token, every conversation once
+    cats = m["categories"]
+    assert set(cats) == {"think_unflagged", "think_user_flag", "think_system_flag", "no_think_user_flag",
+                         "no_think_system_flag"} and sum(cats.values()) == len(want)
+    assert m["thinking_modes"] == {"thinking": "think", "non-thinking": "no_think"} and m["enable_thinking"] is None
+    texts = [tok.decode(list(ids)) for ids, _ in got]
+    plain = [t for t in texts if "Name the number" in t]
+    assert plain and all("/no_think" in t and EMPTY_THINK in t for t in plain)  # flagged, empty think block
+    assert not any("/no_think" in t for t in texts if "plus" in t)
+
+
+def test_fusion_conversation_of_a_multi_turn_chat():
+    """The shared builder on what real data holds: a system prompt, several turns."""
+    import random
+
+    from qwen3repro.chat import EMPTY_THINK
+    from qwen3repro.stages.fusion import fusion_conversation
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"}]
+    out, cat = fusion_conversation(chat, "no_think", random.Random(0), unflagged_share=0.3, system_flag_share=0.0)
+    assert cat == "no_think_user_flag" and out[3]["content"] == "Capital of France? /no_think"
+    assert out[2]["train"] is False and "train" not in out[4]  # earlier turns are context only
+    assert out[4]["content"] == EMPTY_THINK + "Paris" and chat[4]["content"] == "Paris"  # the input is not changed
+    out, cat = fusion_conversation(chat, "think", random.Random(0), unflagged_share=0.0, system_flag_share=1.0)
+    assert cat == "think_system_flag" and out[0]["content"] == "Be brief. /think" and len(out) == len(chat)
+
+
+def test_fusion_modes_must_name_every_source(tmp_path, tok):
+    src = _write_jsonl(tmp_path / "a.jsonl", THINKING[:2])
+    with pytest.raises(DataError, match=r"sources without a mode \['a'\], modes for no source \['b'\]"):
+        sft_data.write_sft_shards([{"kind": "jsonl", "path_or_id": str(src), "text_field": "messages", "name": "a"}],
+                                  tok, tmp_path / "out", seq_len=SEQ, fusion=sft_data.FusionFlags({"b": "think"}))
+
+
+def test_fusion_stage_reads_its_modes_from_full_stages_toml():
+    from qwen3repro.nanotron.config_gen import build_stage_spec
+
+    flags = sft_data.fusion_flags(build_stage_spec("fusion", "qwen3-0.6b"))
+    assert flags.modes == {"thinking": "think", "non-thinking": "no_think"}
+    assert (flags.unflagged_share, flags.system_flag_share) == (0.3, 0.4)  # recipes/fusion.toml
+    assert sft_data.fusion_flags(build_stage_spec("cold-start", "qwen3-0.6b")) is None

@@ -1,41 +1,64 @@
-"""`qwen3repro full`: write a stage's nanotron config, then launch it or print its plan.
+"""`qwen3repro full`: write a stage's nanotron config, then launch it or print its plan; or plan a whole chain.
 
     qwen3repro full --stage s2 --model qwen3-0.6b --dry-run
     make full STAGE=s2 MODEL=qwen3-0.6b DRY_RUN=1
+    make full STAGE=cold-start MODEL=qwen3-8b INIT=Qwen/Qwen3-8B-Base     # start from a released model
+    make full STAGE=all MODEL=qwen3-32b DRY_RUN=1                         # every stage of the model's chain
+
+Before anything starts on GPUs, launching checks, and refuses with every problem named: a plan that does not fit
+in memory (unless --force), a parent stage without a checkpoint, a stage already trained to its last step, and a
+machine without what the trainer needs (`launch.preflight`: CUDA GPUs, NCCL, flash-attn, nanotron).
 
 Registered by `qwen3repro.cli` (`main.add_command(full_command)`); nanotron is imported only when it runs.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import click
-import torch
 
 from ..config import ConfigError
-from .config_gen import build_stage_spec, load_with_nanotron, validate, write_stage_config
-from .launch import launch_command, slurm_script
+from ..recipes import load_stage_graph
+from .config_gen import (StageSpec, build_stage_spec, full_stages, latest_checkpoint, load_settings, load_with_nanotron,
+                         validate, write_stage_config)
+from .launch import launch_command, log_dir, preflight, slurm_script
+from .plan import GIB, MEMORY_HEADROOM
 from .sft_data import is_masked_shards
+
+ALL = "all"
 
 
 @click.command("full", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--stage", required=True, help="a stage that full/stages.toml sizes, e.g. s2 (its recipe says the rest)")
+@click.option("--stage", required=True, help="a stage that full/stages.toml sizes, e.g. s2 (its recipe says the rest); "
+              "'all': plan every stage of the model's chain (with --dry-run)")
 @click.option("--model", "model_name", required=True, help="a real Qwen3 model, e.g. qwen3-0.6b (`qwen3repro model list`)")
 @click.option("--nodes", type=int, default=None, help="number of nodes (default: the model's entry in full/models.toml)")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default 8)")
 @click.option("--dry-run", is_flag=True, help="write and validate the config, print the plan, launch nothing")
-@click.option("--data", default=None, help="tokenised shards for the run (needed to launch; SFT stages default to "
-              "their masked shards, runs/full/<model>/<stage>/sft-shards)")
+@click.option("--data", default=None, help="the stage's shards (default: what its data job writes, "
+              "runs/full/<model>/<stage>/token-shards for pretraining, .../sft-shards for the SFT stages)")
+@click.option("--init", "init_source", default=None, help="start from a released checkpoint instead of the parent "
+              "stage: a hub id (e.g. Qwen/Qwen3-8B-Base) or a local Hugging Face folder, converted into the "
+              "stage's first checkpoint (runs/full/<model>/<stage>/init)")
+@click.option("--force", is_flag=True, help=f"launch even though the plan does not fit in {MEMORY_HEADROOM:.0%} of GPU memory")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="where to write the config "
               "(default runs/full/<model>/<stage>/)")
-def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir):
+def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, init_source, force, out_dir):
     """Full-scale stage through nanotron: write the config, then launch (GPUs) or print the plan (--dry-run)."""
+    if stage == ALL:
+        if not dry_run:
+            raise click.UsageError("--stage all plans the chain; launch its stages one at a time (add --dry-run)")
+        sys.exit(plan_chain(model_name, nodes, gpus_per_node))
     try:
         spec = build_stage_spec(stage, model_name, nodes=nodes, gpus_per_node=gpus_per_node)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    if init_source:
+        spec = _with_init(spec, init_source, convert_now=not dry_run)
     problems = validate(spec)
     if problems:
         raise click.ClickException("invalid layout: " + "; ".join(problems))
@@ -45,8 +68,9 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
 
     plan = spec.plan()
     click.echo(plan.render())
-    parent = spec.parent_checkpoint
-    click.echo(f"  starts from {parent} ({spec.parent} stage's last checkpoint)" if parent else "  starts from random init")
+    click.echo(f"  LR rule     {spec.lr_rule}")
+    click.echo(f"  {spec.starts_from}")
+    click.echo(f"  resumes     from {spec.checkpoints_path}/latest.txt when a checkpoint exists (else starts fresh)")
     if not spec.in_report_pipeline:
         click.echo(f"  note: the report runs {stage} only for the {' and '.join(spec.facts.roles)} models")
     for line in spec.data_lines():
@@ -54,36 +78,172 @@ def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, out_dir
     click.echo(f"  config      {yaml_path} (nanotron, loads with get_config_from_file)")
     click.echo(f"  sidecar     {side_path} (stage facts, data mixture)")
 
-    if spec.is_sft and not data:
-        data = str(spec.shards_path)  # SFT stages read their masked shards from the stage folder by default
+    if not data and (spec.is_sft or spec.shards_path.is_dir()):
+        data = str(spec.shards_path)  # the stage's data job writes its shards into the stage folder
+    script = None
     if spec.layout.nodes == 1:
-        cmd = launch_command(spec, yaml_path, data or "<tokenised shards>")
-        click.echo("  launch      " + " ".join(cmd))
+        click.echo("  launch      " + " ".join(launch_command(spec, yaml_path, data or "<tokenised shards>")))
     else:
         script = yaml_path.with_name(f"{stage}.slurm")
         script.write_text(slurm_script(spec, yaml_path, data or "<tokenised shards>"))
+        log_dir(spec).mkdir(parents=True, exist_ok=True)  # Slurm opens its output file before the script runs
         click.echo(f"  launch      sbatch {script}")
     if dry_run:
         return
-    if not torch.cuda.is_available():
-        click.echo(f"\nerror: launching {model_name} {stage} needs GPUs ({spec.layout.world} in the plan) and none "
-                   "are visible here; use --dry-run (DRY_RUN=1) to only write the config and print the plan.",
-                   err=True)
+
+    refusals = launch_refusals(spec, plan, force)
+    if refusals:
+        click.echo(f"\nerror: {model_name} {stage} cannot launch:\n  " + "\n  ".join(refusals), err=True)
+        sys.exit(1)
+    if _already_trained(spec):
+        click.echo(f"\n{stage} is already trained to its last step ({spec.schedule.total_steps}): nothing to do.")
+        return
+    missing = preflight(spec.layout.gpus_per_node)
+    if missing:
+        click.echo(f"\nerror: launching {model_name} {stage} needs GPUs ({spec.layout.world} in the plan) and this "
+                   "machine lacks:\n  " + "\n  ".join(missing)
+                   + "\n(use --dry-run, DRY_RUN=1, to only write the config and print the plan)", err=True)
         sys.exit(2)
     if not data:
-        raise click.UsageError("--data (tokenised shards of the stage's mixture) is needed to launch")
-    if spec.is_sft:
-        if not is_masked_shards(data):
-            raise click.UsageError(f"{stage} trains on masked conversation shards and {data} has none; write them "
-                                   f"with: python -m qwen3repro.nanotron.sft_data --stage {stage} --model {model_name}")
-    if spec.layout.nodes == 1:
+        raise click.UsageError(f"--data (tokenised shards of the stage's mixture) is needed to launch; write them "
+                               f"into {spec.shards_path} with: {spec.data_job}")
+    if spec.is_sft and not is_masked_shards(data):
+        raise click.UsageError(f"{stage} trains on masked conversation shards and {data} has none; write them "
+                               f"with: python -m qwen3repro.nanotron.sft_data --stage {stage} --model {model_name}")
+    if script is None:
         sys.exit(subprocess.call(launch_command(spec, yaml_path, data)))
     if shutil.which("sbatch") is None:
         raise click.ClickException(f"{spec.layout.nodes} nodes need Slurm (sbatch not found); script: {script}")
     sys.exit(subprocess.call(["sbatch", str(script)]))
 
 
-__all__ = ["full_command"]
+def launch_refusals(spec: StageSpec, plan, force: bool) -> list[str]:
+    """What stops a launch before any GPU is asked for (empty: go)."""
+    out = []
+    if not plan.fits and not force:
+        mem = plan.memory()
+        out.append(f"the plan needs {mem['total'] / GIB:.1f} GiB per GPU, more than {MEMORY_HEADROOM:.0%} of {plan.gpu_memory_gib:g} GiB "
+                   "(more nodes, TP/PP or recomputation in full/models.toml; --force / FORCE=1 to launch anyway)")
+    if (spec.parent or spec.init) and spec.parent_checkpoint is None:
+        out.append(f"{spec.starts_from}")
+    return out
+
+
+def _already_trained(spec: StageSpec) -> bool:
+    ckpt = latest_checkpoint(spec.checkpoints_path)
+    return ckpt is not None and int(ckpt.name) >= spec.schedule.total_steps
+
+
+def _with_init(spec: StageSpec, source: str, convert_now: bool) -> StageSpec:
+    """The stage started from a released checkpoint, converted into runs/full/<model>/<stage>/init (once)."""
+    import dataclasses
+
+    from .convert import MODEL_CONFIG_JSON, init_from_hf
+
+    target = spec.run_dir / spec.model / spec.stage / "init"
+    if convert_now and not (target / "model").is_dir():  # `model/` appears only once a conversion completed
+        try:
+            init_from_hf(source, spec.model, target)
+        except (ConfigError, ValueError, OSError) as e:  # OSError: an existing folder, the hub unreachable
+            raise click.ClickException(f"--init {source}: {e}") from None
+    elif not convert_now:
+        click.echo(f"  init        {source} would be converted into {target} (not in a dry run)")
+    if (target / MODEL_CONFIG_JSON).is_file():
+        # The released weights were trained at their RoPE base; a stage at another base (S1/S2 at 1e4 from a
+        # release at 1e6) would silently change what every position means.
+        released = float(json.loads((target / MODEL_CONFIG_JSON).read_text())["rope_theta"])
+        if released != spec.rope_theta:
+            raise click.ClickException(f"--init {source}: the release's RoPE base is {released:g} and stage "
+                                       f"{spec.stage} trains at {spec.rope_theta:g}; start a stage at the release's "
+                                       "base (S3 or later)")
+    return dataclasses.replace(spec, init=target)
+
+
+# ------------------------------------------------------------------------------------------ the chain
+def chain_stages(model: str, settings: dict, graph) -> list[str]:
+    """The stages this scale trains for `model`, in order: those full/stages.toml sizes whose recipe's roles
+    include the model's role (full/models.toml)."""
+    role = settings["models"][model]["role"]
+    return [s for s in full_stages(settings) if role in graph[s].roles]
+
+
+def chain_gaps(stages: list[str], graph) -> dict[str, str]:
+    """Report stages this scale does not train that sit between a chain stage and the parent it starts from
+    (e.g. reasoning RL between the cold start and fusion), each with why it is a missing piece of the chain."""
+    gaps = {}
+    for stage in stages:
+        parent = graph.nearest(stage, set(stages))
+        if parent is None:  # the chain's first stage: before it only the tokenizer, the released one here
+            continue
+        between = []
+        for ancestor in graph.ancestors(stage):
+            if ancestor == parent:
+                break
+            between.append(ancestor)
+        for skipped in reversed(between):
+            gaps[skipped] = (f"{skipped} (between {parent} and {stage}; recipe kind {graph[skipped].kind}) has no "
+                             f"full-scale path yet: {stage} would start from {parent}'s checkpoint instead")
+    return gaps
+
+
+def plan_chain(model: str, nodes: int | None, gpus_per_node: int | None) -> int:
+    """Print every stage of `model`'s chain (parent, layout, memory, steps, time, data); 0 when the chain is
+    complete and every plan fits, else 1 after listing each missing piece."""
+    try:
+        settings = load_settings()
+        graph = load_stage_graph()
+        if model not in settings["models"]:
+            build_stage_spec(full_stages(settings)[0], model)  # raises with the valid names
+        stages = chain_stages(model, settings, graph)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    missing: list[str] = []
+    total_seconds = 0.0
+    click.echo(f"chain: {model} ({settings['models'][model]['role']}): {' -> '.join(stages)}")
+    for stage in stages:
+        try:
+            spec = build_stage_spec(stage, model, nodes=nodes, gpus_per_node=gpus_per_node)
+        except ConfigError as e:
+            missing.append(f"{stage}: {e}")
+            click.echo(f"\n[{stage}] cannot be planned: {e}")
+            continue
+        plan, mem = spec.plan(), spec.plan().memory()
+        lay = spec.layout
+        total_seconds += plan.seconds
+        click.echo(f"\n[{stage}] parent {spec.parent or '(random init)'} · {lay.nodes} node(s) x {lay.gpus_per_node} GPUs "
+                   f"dp={lay.dp} tp={lay.tp} pp={lay.pp}{' · recompute' if spec.recompute else ''}")
+        click.echo(f"  sequence {spec.seq_len} · RoPE base {spec.rope_theta:g} · {plan.steps:,} steps of "
+                   f"{plan.tokens_per_step:,} tokens · peak LR {spec.lr:.3g} ({spec.lr_rule})")
+        click.echo(f"  memory   {mem['total'] / GIB:.1f} GiB per GPU (worst pipeline stage) · "
+                   + ("fits" if plan.fits else "DOES NOT FIT") + f" in {MEMORY_HEADROOM:.0%} of {plan.gpu_memory_gib:g} GiB")
+        click.echo(f"  time     {plan.seconds / 3600:,.1f} h ({plan.seconds / 86400:,.1f} days) at MFU {plan.mfu:.0%}")
+        for line in spec.data_lines()[:1 + len(spec.data["sources"])]:
+            click.echo(line)
+        problems = validate(spec)
+        if problems:
+            missing.append(f"{stage}: invalid layout: {'; '.join(problems)}")
+        if not plan.fits:
+            missing.append(f"{stage}: does not fit ({mem['total'] / GIB:.1f} GiB per GPU)")
+        for source in spec.data["sources"]:
+            if source["kind"] == "disk" and not Path(source["path_or_id"]).exists():
+                click.echo(f"  note     {source['path_or_id']} is written by an earlier job of the chain "
+                           "(not there yet)")
+    gaps = chain_gaps(stages, graph)
+    missing += gaps.values()
+    role = settings["models"][model]["role"]
+    # the report's stages that continue this chain (the tiny scale's control arms branch off earlier)
+    after = [s for s in graph.facts if role in graph[s].roles and stages and stages[-1] in graph.ancestors(s)]
+    click.echo(f"\ntotal: {total_seconds / 86400:,.1f} days of training, one stage after another, each on its "
+               "planned GPUs")
+    if after:
+        click.echo(f"after this chain (not trained through nanotron): {', '.join(after)}")
+    if missing:
+        click.echo("\nthe chain is incomplete:\n  " + "\n  ".join(missing), err=True)
+        return 1
+    return 0
+
+
+__all__ = ["full_command", "chain_stages", "chain_gaps", "plan_chain", "launch_refusals"]
 
 
 if __name__ == "__main__":  # `python -m qwen3repro.nanotron.cli` (what `make full` runs)

@@ -21,9 +21,20 @@ Where each value comes from:
 * the schedule: `train.TrainConfig.schedule()` (warmup–stable–decay, `train.schedule.WSDSchedule`), mapped to
   nanotron 0.4's `lr_warmup_steps` / `lr_decay_starting_step` / `lr_decay_steps` / `min_decay_lr` (0.4 knows
   linear and cosine decay, not 1-sqrt);
-* chaining: each stage starts from the previous stage's last checkpoint (`model.init_method.path`: weights
-  only, fresh optimizer and schedule, as SmolLM3's long-context runs did); restarts of the same stage resume
-  from its own `checkpoints_path` (`checkpoints.resume_checkpoint_path`, set by the launcher when one exists);
+* chaining: each stage starts from its parent's latest checkpoint (`model.init_method.path`: weights only, fresh
+  optimizer and schedule, as SmolLM3's long-context runs did), read from the `latest.txt` nanotron writes in the
+  parent's `checkpoints/` when the config is generated (at every launch), never from a step number computed
+  from today's layout; or from a released model converted by `convert.init_from_hf` (`init=`). A restart of the
+  same stage resumes from its own `checkpoints_path`: `checkpoints.resume_checkpoint_path` is that folder, and
+  nanotron resumes from its `latest.txt` (weights, optimizer, LR schedule, step and consumed samples; the
+  launcher moves our loader past the consumed samples) or starts fresh when there is none;
+* continued pretraining (S2, S3): the peak LR and batch size are those of the run it continues (S1's
+  scaling-law point), not a from-scratch law at the stage's own compute, which would re-warm S3 above S1's
+  peak. S2 decays from that LR at once (its recipe); S3 re-warms to it and decays again, the re-warm/re-decay
+  rule for continued pretraining of Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually
+  Pre-train Large Language Models", arXiv 2403.08763, §5); the tiny scale's S3 runs at S1's peak LR too;
+* weight decay: on matrices only, none on norms and embeddings, as the tiny trainer (`train.loop`), through
+  `optimizer.weight_decay_groups` in the launcher;
 * data: real `datasets` sources (`full/stages.toml` [data.<stage>]) as `data.mixture.SourceSpec`s, written into
   the sidecar JSON; batches reach nanotron through our loader, so the YAML's `data` section has no HF dataset
   (0.4's loader is strict: it accepts no keys of ours there). The SFT stages (cold start, fusion, off-policy
@@ -70,6 +81,7 @@ TRAIN_TABLE = {"pretrain": ("train",), "sft": ("train",), "coldstart": ("sft", "
 # TrainConfig fields that are sizes or bookkeeping: the full scale sets these itself (full/stages.toml, the
 # layout, nanotron's checkpointing); every other field of a recipe's train table is read.
 SHARDS_DIRNAME = "sft-shards"  # a SFT stage's masked conversation shards, in its run folder
+TOKEN_SHARDS_DIRNAME = "token-shards"  # a pretraining stage's packed rows (`pretrain_data`), in its run folder
 SCALE_TRAIN_FIELDS = frozenset({"steps", "lr", "warmup_steps", "grad_accum", "ckpt_every", "keep_last", "log_every",
                                 "seed", "device", "precision"})
 CHECKPOINT_EVERY = 500  # steps; a stage's step count is rounded up to a multiple, so its last step is saved
@@ -90,7 +102,8 @@ class FullStage:
     seq_len: int
     rope_theta: float
     lr_from: str
-    """The stage whose scaling-law point gives the peak LR and batch size (itself, or the parent it continues)."""
+    """The stage whose scaling-law point gives the peak LR and batch size: itself, or for continued pretraining the
+    first stage of the run it continues (S1)."""
     train: dict[str, Any]
     """The recipe's scale-free optimisation settings (schedule shape, weight decay, betas, clipping)."""
     document_masking: bool
@@ -145,8 +158,8 @@ def resolve_stage(stage: str, settings: Mapping[str, Any], graph: StageGraph, ro
             raise ConfigError(f"{stage}: its length derives from {facts.parent!r}, which full/stages.toml does not size")
         seq_len = resolve_stage(facts.parent, settings, graph, root).seq_len * facts.seq_len_factor
     lr_from = stage
-    while graph[lr_from].continues_parent_lr:
-        lr_from = graph[lr_from].parent
+    while graph[lr_from].parent is not None and graph[graph[lr_from].parent].kind == "pretrain":
+        lr_from = graph[lr_from].parent  # continued pretraining: the run it continues sets LR and batch (module doc)
     table: Any = recipe
     for key in TRAIN_TABLE[facts.kind]:
         table = table.get(key, {})
@@ -184,6 +197,8 @@ class StageSpec:
     facts: FullStage
     settings: dict
     recompute: bool = False
+    init: Path | None = None
+    """A converted released checkpoint (`convert.init_from_hf`) to start from instead of the parent stage."""
 
     @property
     def model_config(self):
@@ -199,18 +214,48 @@ class StageSpec:
     def checkpoints_path(self) -> Path:
         return self.run_dir / self.model / self.stage / "checkpoints"
 
-    parent_steps: int | None = None
-
     @property
     def checkpoint_interval(self) -> int:
         return checkpoint_interval(self.schedule.total_steps)
 
     @property
+    def parent_checkpoints_path(self) -> Path | None:
+        return None if self.parent is None else self.run_dir / self.model / self.parent / "checkpoints"
+
+    @property
     def parent_checkpoint(self) -> Path | None:
-        """The parent stage's last checkpoint: nanotron writes `<checkpoints_path>/<step>`."""
+        """The checkpoint this stage starts from: the converted released model (`init`), else the parent stage's
+        latest checkpoint (its `latest.txt`; None while the parent has none), else None (random init)."""
+        if self.init is not None:
+            return self.init
         if self.parent is None:
             return None
-        return self.run_dir / self.model / self.parent / "checkpoints" / str(self.parent_steps)
+        return latest_checkpoint(self.parent_checkpoints_path)
+
+    @property
+    def starts_from(self) -> str:
+        """One line for the plan: where the weights come from."""
+        if self.init is not None:
+            return f"starts from {self.init} (a released model, converted)"
+        if self.parent is None:
+            return "starts from random init"
+        ckpt = self.parent_checkpoint
+        if ckpt is None:
+            return (f"starts from {self.parent}'s latest checkpoint: none yet in {self.parent_checkpoints_path} "
+                    f"(train {self.parent} first, or start from a released model with INIT=)")
+        return f"starts from {ckpt} ({self.parent}'s latest checkpoint)"
+
+    @property
+    def lr_rule(self) -> str:
+        """Where the peak LR comes from, for the plan and the sidecar (module doc)."""
+        facts = self.facts
+        if facts.kind != "pretrain":
+            return "full/stages.toml"
+        if facts.lr_from == self.stage:
+            return "[scaling_law] at this stage's compute"
+        how = "decays from it" if self.schedule.warmup_steps == 0 else "re-warms to it and decays again"
+        return (f"{facts.lr_from}'s peak ([scaling_law] at {facts.lr_from}'s compute): continued pretraining {how} "
+                "(Ibrahim et al. 2024, arXiv 2403.08763)")
 
     @property
     def is_sft(self) -> bool:
@@ -219,8 +264,15 @@ class StageSpec:
 
     @property
     def shards_path(self) -> Path:
-        """Where `sft_data` writes this stage's masked shards (and where the launcher reads them by default)."""
-        return self.run_dir / self.model / self.stage / SHARDS_DIRNAME
+        """Where this stage's data job writes its shards, and where the launcher reads them by default: masked
+        conversations (`sft_data`) for the SFT stages, packed token rows (`pretrain_data`) otherwise."""
+        return self.run_dir / self.model / self.stage / (SHARDS_DIRNAME if self.is_sft else TOKEN_SHARDS_DIRNAME)
+
+    @property
+    def data_job(self) -> str:
+        """The command that writes this stage's shards."""
+        module = "sft_data" if self.is_sft else "pretrain_data"
+        return f"python -m qwen3repro.nanotron.{module} --stage {self.stage} --model {self.model}"
 
     def data_lines(self) -> list[str]:
         """What the stage trains on and which tokens carry the loss, for the printed plan."""
@@ -244,6 +296,11 @@ class StageSpec:
         else:
             masking = "with" if self.facts.document_masking else "without"
             lines.append(f"  mask        every token counts (documents packed {masking} document masking)")
+            if self.facts.length_mix:
+                mix = ", ".join(f"{r['share']:.0%} in {r['tokens'][0]:,}-{r['tokens'][1]:,}"
+                                for r in self.facts.length_mix_tokens())
+                lines.append(f"  length mix  documents cut to the recipe's mix: {mix} tokens (pretrain_data)")
+            lines.append(f"  shards      {self.shards_path} (write: {self.data_job} [--worker-index i --num-workers n])")
         return lines
 
     @property
@@ -269,7 +326,10 @@ class StageSpec:
         start, end = self.schedule.decay_window
         steps = self.schedule.total_steps
         decaying = end > start and self.schedule.min_lr_ratio < 1.0
-        init = {"path": str(self.parent_checkpoint)} if self.parent else {"std": get_model_config(self.model).initializer_range}
+        if self.init is None and self.parent is None:
+            init = {"std": get_model_config(self.model).initializer_range}
+        else:  # until the parent has a checkpoint, its folder: launching refuses first (`missing_parent`)
+            init = {"path": str(self.parent_checkpoint or self.parent_checkpoints_path)}
         return {
             "general": {"project": "qwen3repro-full", "run": f"{self.model}-{self.stage}", "seed": 0,
                         "ignore_sanity_checks": True},
@@ -281,7 +341,9 @@ class StageSpec:
             "tokenizer": {"tokenizer_name_or_path": f"{_hub_id(self.model)}", "tokenizer_revision": None,
                           "tokenizer_max_length": None},
             "checkpoints": {"checkpoints_path": str(self.checkpoints_path), "checkpoint_interval": self.checkpoint_interval,
-                            "save_initial_state": False, "resume_checkpoint_path": None,
+                            "save_initial_state": False,
+                            # nanotron resumes from this folder's latest.txt, or starts fresh without one
+                            "resume_checkpoint_path": str(self.checkpoints_path),
                             "checkpoints_path_is_shared_file_system": True},
             "logging": {"log_level": "info", "log_level_replica": "info", "iteration_step_info_interval": 1},
             "tokens": {"sequence_length": self.seq_len, "train_steps": steps,
@@ -314,8 +376,12 @@ class StageSpec:
             "role": self.role, "in_report_pipeline": self.in_report_pipeline,
             "recipe_file": f"recipes/{self.stage}.toml", "recipe": self.facts.recipe,
             "parent_stage": self.parent,
-            "parent_checkpoint": str(self.parent_checkpoint) if self.parent else None,
+            "parent_checkpoint": str(self.parent_checkpoint) if self.parent_checkpoint else None,
+            "init_from_release": str(self.init) if self.init else None,
             "seq_len": self.seq_len, "rope_theta": self.rope_theta, "recompute_layers": self.recompute,
+            "lr_rule": self.lr_rule,
+            # the launcher's optimizer groups (`optimizer.weight_decay_groups`): no decay on norms and embeddings
+            "decay_embeddings": bool(self.train.get("decay_embeddings", False)),
             "document_masking": self.facts.document_masking,
             "length_mix": self.facts.length_mix_tokens(),
             "tokens": self.tokens, "lr": self.lr,
@@ -325,12 +391,29 @@ class StageSpec:
             # What `launch.py --data` must be: masked conversation shards for the SFT stages (checked there).
             "shards": ({"format": "sft-masked", "path": str(self.shards_path),
                         "loss": "assistant tokens only (labels -100 elsewhere)"} if self.is_sft
-                       else {"format": "tokens", "path": None, "loss": "every token"}),
+                       else {"format": "packed-tokens", "path": str(self.shards_path), "loss": "every token"}),
         }
 
 
 def checkpoint_interval(steps: int) -> int:
     return min(CHECKPOINT_EVERY, steps)
+
+
+def latest_checkpoint(checkpoints_path: Path | None) -> Path | None:
+    """`<checkpoints_path>/<step>` named by the `latest.txt` nanotron's trainer writes after each save, or None
+    when the folder has none. A `latest.txt` naming a missing folder is an error (a checkpoint was removed)."""
+    if checkpoints_path is None:
+        return None
+    latest = Path(checkpoints_path) / "latest.txt"
+    if not latest.is_file():
+        return None
+    text = latest.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{latest} should hold a step number, found {text!r}")
+    ckpt = Path(checkpoints_path) / text
+    if not ckpt.is_dir():
+        raise ConfigError(f"{latest} names step {text}, but {ckpt} does not exist")
+    return ckpt
 
 
 def _hub_id(model: str) -> str:
@@ -372,7 +455,7 @@ def data_sources(facts: FullStage, settings: dict) -> dict:
 
 
 def build_stage_spec(stage: str, model: str, nodes: int | None = None, gpus_per_node: int | None = None,
-                     root: Path | None = None, run_dir: Path | None = None) -> StageSpec:
+                     root: Path | None = None, run_dir: Path | None = None, init: Path | str | None = None) -> StageSpec:
     root = root or repo_root()
     settings = load_settings(root)
     check_names(stage, model, settings)
@@ -403,10 +486,6 @@ def build_stage_spec(stage: str, model: str, nodes: int | None = None, gpus_per_
     steps = max(1, math.ceil(tokens / (grad_accum * mbs * layout.dp * seq_len)))
     every = checkpoint_interval(steps)
     steps = math.ceil(steps / every) * every
-    parent_steps = None
-    if facts.parent is not None:
-        parent_steps = build_stage_spec(facts.parent, model, nodes=nodes, gpus_per_node=gpus_per_node,
-                                        root=root, run_dir=run_dir).schedule.total_steps
     train = TrainConfig.from_dict({**facts.train, "steps": steps, "lr": lr,
                                    "warmup_steps": min(int(size.get("warmup_steps", 0)), steps - 1)})
     if train.decay_shape not in ("linear", "cosine"):
@@ -417,7 +496,7 @@ def build_stage_spec(stage: str, model: str, nodes: int | None = None, gpus_per_
         tokens=tokens, lr=float(lr), micro_batch_size=mbs, grad_accum=grad_accum, schedule=train.schedule(),
         train=train.to_dict(), data=data_sources(facts, settings), parent=facts.parent,
         run_dir=Path(run_dir or Path("runs") / "full"), facts=facts, settings=settings, recompute=recompute,
-        parent_steps=parent_steps,
+        init=Path(init) if init else None,
     )
 
 
@@ -475,6 +554,7 @@ def generate_all(out_root: Path, nodes: Mapping[str, int] | None = None) -> list
 
 
 __all__ = [
-    "FullStage", "StageSpec", "build_stage_spec", "check_names", "full_stages", "generate_all", "load_settings",
+    "FullStage", "StageSpec", "build_stage_spec", "check_names", "full_stages", "generate_all", "latest_checkpoint",
+    "load_settings",
     "load_with_nanotron", "resolve_stage", "scaling_law", "validate", "write_stage_config",
 ]

@@ -7,17 +7,29 @@
   shards of `sft_data`, so the loss counts assistant tokens only. The sidecar next to the YAML says which.
   For MoE models each optimizer step first counts expert selections over its micro-batches (the global-batch
   load-balancing loss, see model.py).
-* `launch_command(spec, yaml)` builds the torchrun line for one node; `slurm_script(spec, yaml)` fills
-  `full/launch.slurm.template` for several nodes.
+* `launch_command(spec, yaml)` builds the launcher line for one node: `python -m torch.distributed.run` with
+  the same interpreter that runs `make full` (the project's `.venv`), never a `torchrun` found on PATH, which
+  may belong to another environment; `slurm_script(spec, yaml)` fills `full/launch.slurm.template` for several
+  nodes the same way.
+* `preflight(gpus)` names every missing GPU dependency before any rank starts (CUDA GPUs, NCCL, flash-attn,
+  which nanotron's trainer imports at module level, and nanotron itself); `make full` and every rank run it.
+* Resume: the generated config's `resume_checkpoint_path` is the stage's own checkpoint folder, so nanotron
+  restores weights, optimizer, LR schedule, step and consumed samples from its `latest.txt`; the entry point
+  then moves our loader past the samples this data-parallel rank already trained on
+  (`skip_consumed`), so a restarted stage continues with the next batch instead of repeating the first ones.
+* Weight decay: matrices only (`optimizer.weight_decay_groups`), as the tiny trainer.
 
-The trainer imports flash-attn (through nanotron's Llama module), so the entry point needs a GPU machine with
-flash-attn installed; the CPU test suite checks everything up to it (configs, model, conversion).
+The CPU test suite checks everything up to the trainer (configs, model, conversion, resume through nanotron's
+own checkpoint functions); `full/gpu_check.py` runs the trainer itself on a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -26,9 +38,39 @@ from ..data.packing import DataError, PackingLoader, load_documents
 from ..recipes import repo_root
 from .compat import import_nanotron
 from .config_gen import StageSpec
+from .pretrain_data import PackedShardLoader, is_packed_shards
 from .sft_data import MaskedShardLoader, is_masked_shards
 
 ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "8"}
+# What launching needs beyond the CPU install, and how to get it (full/README.md, "Installing the GPU extras").
+FLASH_ATTN_HINT = ("pip install flash-attn --no-build-isolation (needs the CUDA toolkit matching torch; "
+                   "full/README.md, 'Installing the GPU extras')")
+
+
+def preflight(gpus: int) -> list[str]:
+    """Every missing piece a launch of `gpus` GPUs per node would hit, each with what to do (empty: ready).
+
+    Checked before any rank starts, because nanotron's trainer imports flash-attn at module level and NCCL and
+    CUDA are only touched once every rank has started: one missing piece would otherwise cost a full queue
+    wait and a crash per attempt."""
+    import torch
+
+    problems = []
+    if not torch.cuda.is_available():
+        problems.append(f"no CUDA GPU is visible (torch {torch.__version__}, CUDA build: "
+                        f"{torch.version.cuda or 'no, a CPU-only wheel'}); install a CUDA build of torch")
+    elif torch.cuda.device_count() < gpus:
+        problems.append(f"{gpus} GPUs per node are planned and {torch.cuda.device_count()} are visible "
+                        "(CUDA_VISIBLE_DEVICES, or --gpus-per-node)")
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_nccl_available()):
+        problems.append("torch.distributed has no NCCL backend (a CUDA build of torch has it)")
+    if importlib.util.find_spec("flash_attn") is None:
+        problems.append(f"flash-attn is not installed (nanotron's trainer imports it): {FLASH_ATTN_HINT}")
+    if importlib.util.find_spec("nanotron") is None:
+        problems.append("nanotron is not installed: pip install -e '.[full]'")
+    return problems
 
 
 def entry_args(yaml_path: Path, data: str | None) -> list[str]:
@@ -38,10 +80,15 @@ def entry_args(yaml_path: Path, data: str | None) -> list[str]:
     return args
 
 
+def launcher(python: str | None = None) -> list[str]:
+    """torch's launcher run by this interpreter (what `torchrun` is), so the ranks use this environment."""
+    return [python or sys.executable, "-m", "torch.distributed.run"]
+
+
 def launch_command(spec: StageSpec, yaml_path: Path, data: str | None = None) -> list[str]:
-    """torchrun on this node (NODES=1)."""
+    """The launcher on this node (NODES=1)."""
     env = [f"{k}={v}" for k, v in ENV.items()]
-    return ["env", *env, "torchrun", f"--nproc_per_node={spec.layout.gpus_per_node}", "--nnodes=1",
+    return ["env", *env, *launcher(), f"--nproc_per_node={spec.layout.gpus_per_node}", "--nnodes=1",
             *entry_args(yaml_path, data)]
 
 
@@ -51,16 +98,41 @@ def slurm_script(spec: StageSpec, yaml_path: Path, data: str | None = None, temp
     values = {
         "JOB_NAME": f"{spec.model}-{spec.stage}", "NODES": str(spec.layout.nodes),
         "GPUS_PER_NODE": str(spec.layout.gpus_per_node), "CONFIG": str(yaml_path),
+        "LAUNCHER": " ".join(shlex.quote(a) for a in launcher()),
         "ENTRY_ARGS": " ".join(shlex.quote(a) for a in entry_args(yaml_path, data)),
-        "LOG_DIR": str(spec.run_dir / spec.model / spec.stage / "logs"),
+        "LOG_DIR": str(log_dir(spec)),
     }
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
     return text
 
 
+def log_dir(spec: StageSpec) -> Path:
+    """Slurm's output folder: it must exist before `sbatch`, since Slurm opens the output file before the
+    script (and any `mkdir` in it) runs; `make full` creates it when it writes the script."""
+    return (spec.run_dir / spec.model / spec.stage / "logs").resolve()
+
+
 # ------------------------------------------------------------------------------ entry point (GPU)
-def nanotron_batches(loader, model, device):
+def forever(loader):
+    """The loader's epochs, one after another."""
+    while True:
+        yield from loader
+
+
+def skip_consumed(loader, samples: int, micro_batch_size: int):
+    """This rank's batches, forever, past `samples` already-trained samples (a resumed stage, module doc): the
+    loader's own `skip(samples)` when it has one (no data read), else its first micro-batches dropped (across
+    epochs when a stage ran longer than one)."""
+    if samples % micro_batch_size:
+        raise ValueError(f"{samples} consumed samples is not a whole number of micro-batches of {micro_batch_size}")
+    if samples and hasattr(loader, "skip"):
+        loader.skip(samples)
+        return forever(loader)
+    return itertools.islice(forever(loader), samples // micro_batch_size, None)
+
+
+def nanotron_batches(loader, model, device, consumed_samples: int = 0, micro_batch_size: int = 1):
     """Loader batches -> the dicts our nanotron model takes, forever (epoch after epoch).
 
     Both loaders give `labels` (the next token, or -100 where nothing is trained: padding, document ends, and
@@ -69,13 +141,12 @@ def nanotron_batches(loader, model, device):
     out). Packed documents or conversations are told apart by `position_ids` restarting at 0."""
     from .model import pipeline_inputs
 
-    while True:
-        for batch in loader:
-            labels = batch["labels"]
-            yield pipeline_inputs(model, {
-                "input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
-                "label_ids": labels.clamp(min=0).to(device), "label_mask": (labels != -100).to(device),
-            })
+    for batch in skip_consumed(loader, consumed_samples, micro_batch_size):
+        labels = batch["labels"]
+        yield pipeline_inputs(model, {
+            "input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+            "label_ids": labels.clamp(min=0).to(device), "label_mask": (labels != -100).to(device),
+        })
 
 
 def read_sidecar(yaml_path: str | Path) -> dict:
@@ -89,7 +160,8 @@ def read_sidecar(yaml_path: str | Path) -> dict:
 
 def make_loader(kind: str, data: str, *, seq_len: int, micro_batch_size: int, seed: int, dp_rank: int,
                 dp_size: int, eot_id: int, vocab_size: int | None = None, document_masking: bool = True):
-    """This data-parallel rank's loader: masked conversation shards for SFT stages, packed documents otherwise.
+    """This data-parallel rank's loader: masked conversation shards for SFT stages; for pretraining stages the
+    packed rows the pretraining data job writes (`pretrain_data`), or tokenised documents packed here.
 
     The kind of data must match the stage: SFT on unmasked token shards would train on the prompts too, and
     pretraining on SFT shards would train on assistant tokens only."""
@@ -102,26 +174,56 @@ def make_loader(kind: str, data: str, *, seq_len: int, micro_batch_size: int, se
                                  dp_size=dp_size, seed=seed, vocab_size=vocab_size)
     if masked:
         raise DataError(f"{data} holds SFT conversation shards, but this is a pretraining stage (every token counts)")
+    if is_packed_shards(data):  # rows packed by the pretraining data job (`pretrain_data`)
+        return PackedShardLoader(data, micro_batch_size, dp_rank, dp_size, seed, seq_len=seq_len,
+                                 vocab_size=vocab_size, document_masking=document_masking)
+    if eot_id is None:
+        raise DataError("the model config has no bos_token_id (<|endoftext|> in the released Qwen3 configs), "
+                        "which separates packed documents")
     # Each data-parallel rank packs its own shard of the documents (TP/PP ranks of a replica see the same data).
     docs = load_documents(data).shard(num_shards=dp_size, index=dp_rank, contiguous=False)
     return PackingLoader(docs, seq_len=seq_len, batch_size=micro_batch_size, eot_id=eot_id, seed=seed,
                          document_masking=document_masking, too_long="split", drop_last=True)
 
 
+PEAK_MEMORY_FILE = "peak_memory.json"  # next to the stage's YAML: what the GPUs held, against the plan
+
+
+def write_peak_memory(path: Path, rank: int) -> None:
+    """Every rank's peak allocated and reserved GiB, gathered into one JSON file (rank 0 writes it), so a run's
+    real memory can be set against the plan's estimate (`plan.RunPlan.memory`)."""
+    import torch.distributed as tdist
+
+    mine = [rank, torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
+    everyone = [None] * tdist.get_world_size()
+    tdist.all_gather_object(everyone, mine)
+    if rank == 0:
+        rows = sorted(everyone)
+        path.write_text(json.dumps({
+            "max_allocated_gib": max(r[1] for r in rows), "max_reserved_gib": max(r[2] for r in rows),
+            "per_rank": [{"rank": r, "allocated_gib": a, "reserved_gib": b} for r, a, b in rows],
+        }, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train one full-scale stage with nanotron (run under torchrun).")
     parser.add_argument("--config-file", required=True, help="generated <stage>.yaml")
-    parser.add_argument("--data", required=True, help="pretraining: token shards (parquet/arrow with an input_ids "
+    parser.add_argument("--data", required=True, help="pretraining: the packed shard folder written by "
+                        "qwen3repro.nanotron.pretrain_data (or tokenised documents: parquet/arrow with an input_ids "
                         "column); SFT stages: the masked shard folder written by qwen3repro.nanotron.sft_data")
     args = parser.parse_args(argv)
     sidecar = read_sidecar(args.config_file)  # before the (slow) trainer start, so a wrong --data fails fast
     kind = sidecar["kind"]
+    problems = preflight(gpus=1)  # this rank's own GPU; `make full` checked the whole node before starting
+    if problems:
+        sys.exit("cannot start training:\n  " + "\n  ".join(problems))
 
     import_nanotron()
     import nanotron.distributed as dist
     from nanotron.trainer import DistributedTrainer
 
     from .model import Qwen3ForTraining, Qwen3NTConfig, count_experts, weight_by_tokens
+    from .optimizer import weight_decay_groups
 
     by_tokens = kind == "sft"  # the SFT loss is the mean over the step's assistant tokens (as the tiny stage)
 
@@ -137,16 +239,22 @@ def main(argv: list[str] | None = None) -> None:
                 dataloader = iter(mbs)
             return super().training_step(dataloader)
 
-    trainer = Qwen3Trainer(args.config_file, model_config_class=Qwen3NTConfig, model_class=Qwen3ForTraining)
+    with weight_decay_groups(zero_stage=1, decay_embeddings=bool(sidecar.get("decay_embeddings", False))):
+        trainer = Qwen3Trainer(args.config_file, model_config_class=Qwen3NTConfig, model_class=Qwen3ForTraining)
     cfg = trainer.config
     pc = trainer.parallel_context
     mc = cfg.model.model_config
-    loader = make_loader(kind, args.data, seq_len=cfg.tokens.sequence_length, micro_batch_size=cfg.tokens.micro_batch_size,
-                         seed=cfg.data.seed, dp_rank=dist.get_rank(pc.dp_pg), dp_size=pc.dp_pg.size(),
+    mbs, dp = cfg.tokens.micro_batch_size, pc.dp_pg.size()
+    loader = make_loader(kind, args.data, seq_len=cfg.tokens.sequence_length, micro_batch_size=mbs,
+                         seed=cfg.data.seed, dp_rank=dist.get_rank(pc.dp_pg), dp_size=dp,
                          eot_id=mc.bos_token_id, vocab_size=mc.vocab_size,
                          document_masking=sidecar["document_masking"])
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model  # DDP-wrapped or not
-    trainer.train(nanotron_batches(loader, model, torch.device("cuda")))
+    # Resumed: nanotron counts samples over all DP ranks; each rank trained on its own equal share.
+    consumed = trainer.consumed_train_samples // dp
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train(nanotron_batches(loader, model, torch.device("cuda"), consumed, mbs))
+    write_peak_memory(Path(args.config_file).with_name(PEAK_MEMORY_FILE), dist.get_rank(pc.world_pg))
 
 
 if __name__ == "__main__":

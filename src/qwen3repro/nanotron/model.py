@@ -21,7 +21,10 @@ model uses (`models.attention.RMSNorm`/`rotate`/`rope_tables`/`build_attention_m
 * loss: `sharded_cross_entropy` over vocabulary-sharded logits, masked mean over `label_mask` (per micro-batch,
   or over the whole optimizer step after `weight_by_tokens`, as the SFT stages use it); for MoE plus
   `router_aux_loss_coef` x the load-balancing loss (below);
-* one `PipelineBlock` per decoder layer (plus embedding, final norm, LM head, loss), balanced by FLOPs.
+* one `PipelineBlock` per decoder layer (plus embedding, final norm, LM head, loss), balanced by FLOPs;
+* initialisation (`init_model_randomly`): transformers' (normal(0, initializer_range), norms at 1), and the same
+  weights for any TP/PP/DP layout given the seed: each parameter is drawn, unsharded, from generators seeded by
+  the run's seed and the parameter's name, and each rank keeps its own shard (`_fill_normal_shard`).
 
 Load balancing: `losses.load_balancing_loss` with scope "global" and the config's `lbl_layers` ("per_layer" by
 default; module doc of `losses`). nanotron's pipeline engine runs one micro-batch at a time, and a layer sees only its
@@ -38,12 +41,14 @@ step's E·Σ_i f̄_i P̄_i.
 
 Parallel layout per model (full/models.toml, full/README.md): TP inside a node (ALL_REDUCE mode) + DP with ZeRO-1
 for every model: TP 1 (0.6B, 1.7B), 2 (4B), 4 (8B), 8 (14B) at 4k tokens, twice that (max 8) at 32k; 32B TP 8 x
-PP 2; 30B-A3B TP 4 x PP 2 (PP 4 at 32k); 235B-A22B TP 4 x PP 16 (no expert parallelism in 0.4). Optional per-layer
-activation recomputation (`recompute_layers`), which 0.4 lacks, fits the 32k stages.
+PP 2; 30B-A3B TP 4 x PP 4; 235B-A22B TP 4 x PP 16 at 4k and PP 32 at 32k (no expert parallelism in 0.4); full/models.toml
+is the source. Optional per-layer activation recomputation (`recompute_layers`), which 0.4 lacks, fits the 32k stages.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 from dataclasses import field
 from typing import Any, Dict, Optional, Union
 
@@ -497,17 +502,120 @@ class Qwen3ForTraining(NanotronModel):
         return []
 
     @torch.no_grad()
-    def init_model_randomly(self, config=None):
-        """transformers' init (normal(0, initializer_range), norms at 1), as the plain model."""
+    def init_model_randomly(self, config=None, seed: Optional[int] = None) -> None:
+        """transformers' init (normal(0, initializer_range), norms at 1), identical for every parallel layout.
+
+        nanotron's trainer calls `init_model_randomly(config=<its whole Config>)` after `set_random_seed`, which
+        seeds the global RNG alike on every rank: drawing each rank's shard from the global RNG would give every
+        TP rank the same shard (every model with tp > 1 would train 1/tp of its heads and MLP/expert widths). So
+        the global RNG is not used: every parameter is drawn as its whole unsharded tensor from generators seeded
+        by the seed and the parameter's name (`_fill_normal_shard`), and each rank keeps its slice, using the
+        shard metadata nanotron attaches to sharded parameters. The weights then depend on the seed only, not on
+        TP, PP (names do not depend on the stage a layer lives on) or DP; replicated parameters are the same on
+        every rank, and tied parameters (the LM head tied to the embedding) are drawn under one name.
+
+        The seed: `seed` if given, else the trainer config's `general.seed`, else 0. The std is the model's
+        `initializer_range`; a trainer config whose `model.init_method.std` differs is refused rather than ignored.
+        """
+        seed = _init_seed_from(config, seed)
         std = self.model_config.initializer_range
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, Experts):
-                module.gate_up_proj.normal_(0.0, std)
-                module.down_proj.normal_(0.0, std)
+        init_std = getattr(getattr(getattr(config, "model", None), "init_method", None), "std", None)
+        if init_std is not None and not math.isclose(float(init_std), std, rel_tol=1e-6):
+            raise ValueError(f"model.init_method.std is {init_std} but the model's initializer_range is {std}: "
+                             "the initialisation is transformers' (std = initializer_range); make them equal")
+        prefixes = {id(m): f"{n}." for n, m in self.named_modules()}
+        prefixes[id(self)] = ""
+        # The embedding/LM head pair is drawn under the first name whether or not it is tied yet, so the LM head
+        # on the last pipeline stage gets the embedding's values.
+        tied = self.get_embeddings_lm_head_tied_names()
+        alias = {name: tied[0] for name in tied}
+        done = set()
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in done:  # a parameter tied inside this process appears under several names
+                    continue
+                done.add(id(param))
+                name = f"{module_name}.{param_name}"
+                if isinstance(param, NanotronParameter) and param.is_tied:
+                    name = param.get_tied_info().get_full_name_from_module_id_to_prefix(module_id_to_prefix=prefixes)
+                name = alias.get(name, name)
+                if isinstance(module, RMSNorm):
+                    param.fill_(1.0)
+                elif isinstance(module, nn.Linear) and param_name == "bias":
+                    param.zero_()
+                elif isinstance(module, (nn.Linear, nn.Embedding, Experts)):
+                    _fill_normal_shard(param, name, seed, std)
+                else:
+                    raise TypeError(f"init_model_randomly has no rule for {name} (a parameter of "
+                                    f"{type(module).__name__}); add one")
+
+
+# ------------------------------------------------------------------------------------- initialisation
+# Random numbers are drawn in blocks of whole rows (along dim 0 of the unsharded tensor) of about this many
+# elements (at least one row), each block from its own generator, so a rank never materialises a large unsharded
+# tensor (the stacked experts of a large MoE layer hold ~10^9 numbers) and skips the blocks its shard does not touch.
+_INIT_BLOCK_ELEMENTS = 1 << 22
+
+
+def _init_seed_from(config, seed: Optional[int]) -> int:
+    if seed is not None:
+        return int(seed)
+    general_seed = getattr(getattr(config, "general", None), "seed", None)
+    return int(general_seed) if general_seed is not None else 0
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    """A generator seed for one block of one parameter: a stable digest (unlike `hash`, the same in every process)."""
+    digest = hashlib.sha256(f"{seed}|{name}|{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid, non-negative torch seed
+
+
+def _concrete(s: slice, size: int, what: str) -> tuple[int, int]:
+    start, stop, step = s.indices(size)
+    if step != 1:
+        raise ValueError(f"{what}: strided shard slices are not supported ({s})")
+    return start, stop
+
+
+@torch.no_grad()
+def _fill_normal_shard(param: torch.Tensor, name: str, seed: int, std: float) -> None:
+    """Fill `param` with this rank's part of an unsharded normal(0, std) tensor that depends only on (seed, name).
+
+    A sharded `NanotronParameter` carries the unsharded shape and (local slices, global slices) pairs (several
+    for fused tensors built with `contiguous_chunks`, e.g. QKV); any other parameter is its whole tensor. The
+    unsharded tensor is generated block by block (rows of dim 0, block size from the unsharded shape only), in
+    float32 whatever the parameter's dtype, so every layout sees the same numbers."""
+    if isinstance(param, NanotronParameter) and param.is_sharded:
+        info = param.get_sharded_info()
+        shape = tuple(int(n) for n in info.unsharded_shape)
+        pairs = [(p.local_slices, p.global_slices) for p in info.local_global_slices_pairs]
+    else:
+        shape = tuple(param.shape)
+        whole = tuple(slice(None) for _ in shape)
+        pairs = [(whole, whole)]
+    if not shape:
+        raise ValueError(f"{name}: a scalar parameter has no normal-init rule")
+    # Each pair as (local start row, global rows [g0, g1), slices of the other dimensions).
+    rows = []
+    for local, glob in pairs:
+        l0, l1 = _concrete(local[0], param.shape[0], name)
+        g0, g1 = _concrete(glob[0], shape[0], name)
+        if l1 - l0 != g1 - g0:
+            raise ValueError(f"{name}: shard metadata maps {l1 - l0} local rows to {g1 - g0} global rows")
+        rows.append((l0, g0, g1, tuple(local[1:]), tuple(glob[1:])))
+    block_rows = max(1, _INIT_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for index, start in enumerate(range(0, shape[0], block_rows)):
+        stop = min(start + block_rows, shape[0])
+        wanted = [r for r in rows if r[1] < stop and r[2] > start]
+        if not wanted:
+            continue
+        generator = torch.Generator(device=param.device).manual_seed(_block_seed(seed, name, index))
+        block = torch.empty((stop - start, *shape[1:]), dtype=torch.float32, device=param.device)
+        block.normal_(0.0, std, generator=generator)
+        for l0, g0, g1, local_rest, global_rest in wanted:
+            lo, hi = max(g0, start), min(g1, stop)  # the global rows of this pair that the block holds
+            dst = (slice(l0 + lo - g0, l0 + hi - g0), *local_rest)
+            param[dst] = block[(slice(lo - start, hi - start), *global_rest)]
 
 
 # ------------------------------------------------------------------------------------- building

@@ -15,16 +15,23 @@ Writing (`write_sft_shards`), one stage's `[data.<stage>]` sources:
    `text_field` column ("messages"): a list of {"role", "content", ...} messages;
 2. interleave the sources by weight, seeded, stopping when the first runs out (the default of
    `data.mixture.StageMixture`, so every prefix keeps the weights);
-3. render with our Qwen3 chat template and tokenise: `stages.sft.tokenize_example`, i.e.
+3. fusion only (`FusionFlags`): each source is thinking or non-thinking data (`[data.fusion] thinking_modes`
+   in full/stages.toml), and every conversation is flagged by the tiny fusion stage's own builder,
+   `stages.fusion.fusion_conversation`, with the fusion recipe's shares: `/think` (or, thinking being the default,
+   no flag) for thinking data, `/no_think` and the empty think block for non-thinking data, in the system
+   message or the last user turn; seeded per conversation, so the same whichever part writes it. A conversation
+   whose final answer does not match its source's mode (reasoning in non-thinking data, none in thinking data)
+   is dropped and counted;
+4. render with our Qwen3 chat template and tokenise: `stages.sft.tokenize_example`, i.e.
    `chat.tokenize_conversation`, whose mask is 1 exactly on the assistant's tokens. A conversation longer than
    seq_len + 1 tokens is dropped and counted (never truncated: the cut would remove the answer it trains on),
    as is one with nothing to train;
-4. pack with the tiny SFT stage's own packing, `stages.sft.SFTLoader(batching="pack")`: first-fit in a seeded
+5. pack with the tiny SFT stage's own packing, `stages.sft.SFTLoader(batching="pack")`: first-fit in a seeded
    order into rows of exactly seq_len tokens, `labels` = next token on assistant tokens and -100 elsewhere
    (prompts, headers, padding), `position_ids` restarting at 0 in every conversation, `segment_ids` numbering
    the conversations of a row (-1 on padding). Packing runs on chunks of `chunk_conversations`, so memory stays
    bounded at any data size;
-5. write parquet shards of `rows_per_shard` rows (columns input_ids, labels, position_ids, segment_ids; int32)
+6. write parquet shards of `rows_per_shard` rows (columns input_ids, labels, position_ids, segment_ids; int32)
    and a manifest with the counts (read, kept, dropped by reason and by source) and what the shards assume
    (sequence length, tokenizer, a hash of the chat template).
 
@@ -46,6 +53,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -55,9 +63,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..chat import CHAT_TEMPLATE
+from ..chat import CHAT_TEMPLATE, parse
+from ..chat_template import REASONING_FIELDS
 from ..data.mixture import SourceSpec, data_files, load_source
 from ..data.packing import IGNORE_INDEX, DataError
+from ..stages.fusion import FusionConfig, fusion_conversation
 from ..stages.sft import SFTLoader, tokenize_example
 from ..tokenizer import Tokenizer
 from .config_gen import build_stage_spec
@@ -65,6 +75,39 @@ from .config_gen import build_stage_spec
 FORMAT = "qwen3repro-sft-masked"
 FORMAT_VERSION = 1
 COLUMNS = ("input_ids", "labels", "position_ids", "segment_ids")
+THINKING_MODES = ("think", "no_think")
+
+
+@dataclass(frozen=True)
+class FusionFlags:
+    """Thinking-mode fusion at full scale: the mode of each source and the shares of the flag placements, the
+    fusion recipe's (defaults: `stages.fusion.FusionConfig`'s), so that every conversation is flagged as the tiny
+    fusion stage flags its own (`stages.fusion.fusion_conversation`)."""
+
+    modes: Mapping[str, str]
+    """Source label -> "think" or "no_think" (full/stages.toml `[data.fusion] thinking_modes`)."""
+    unflagged_share: float = FusionConfig.unflagged_share
+    system_flag_share: float = FusionConfig.system_flag_share
+
+    def check(self, labels: Sequence[str]) -> None:
+        bad = {k: v for k, v in self.modes.items() if v not in THINKING_MODES}
+        if bad:
+            raise DataError(f"thinking modes must be one of {THINKING_MODES}, got {bad}")
+        missing, unknown = sorted(set(labels) - set(self.modes)), sorted(set(self.modes) - set(labels))
+        if missing or unknown:
+            raise DataError(f"thinking_modes must name every fusion source exactly: sources without a mode "
+                            f"{missing}, modes for no source {unknown} (sources: {list(labels)})")
+
+
+def answer_reasoning(messages: Sequence[Mapping]) -> str:
+    """The reasoning of the conversation's last assistant turn ('' when it has none), as the template reads it."""
+    for m in reversed(messages):
+        if m.get("role") == "assistant":
+            for key in REASONING_FIELDS:
+                if isinstance(m.get(key), str):
+                    return m[key]
+            return parse(m.get("content") or "")["reasoning_content"]
+    return ""
 
 
 # ----------------------------------------------------------------------------- reading conversations
@@ -149,11 +192,13 @@ def manifest_name(part: int, parts: int) -> str:
 def write_sft_shards(sources: Sequence[Any], tokenizer: Any, out_dir: str | Path, *, seq_len: int,
                      rows_per_shard: int = 256, chunk_conversations: int = 20_000, seed: int = 0,
                      enable_thinking: bool = True, limit: int | None = None, part: int = 0, parts: int = 1,
-                     tokenizer_name: str | None = None, stage: str | None = None) -> dict:
+                     tokenizer_name: str | None = None, stage: str | None = None,
+                     fusion: FusionFlags | None = None) -> dict:
     """Tokenise, pack and write the conversations of `sources` (module doc); returns the manifest it writes.
 
     `tokenizer`: a `qwen3repro.tokenizer.Tokenizer` (or a transformers fast tokenizer). `limit` stops after
-    that many conversations read (all parts together), e.g. for a smoke run."""
+    that many conversations read (all parts together), e.g. for a smoke run. `fusion`: flag every conversation
+    in its source's thinking mode (module doc, step 3); `enable_thinking` then follows each conversation's mode."""
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_hf(tokenizer)
     if not 0 <= part < parts:
@@ -164,10 +209,13 @@ def write_sft_shards(sources: Sequence[Any], tokenizer: Any, out_dir: str | Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [s.label for s in specs]
+    if fusion is not None:
+        fusion.check(labels)
     streams = [read_conversations(s) for s in specs]
     mixed = interleave(streams, [s.weight for s in specs], seed) if len(specs) > 1 else ((0, x) for x in streams[0])
 
     counts: Counter = Counter()
+    categories: Counter = Counter()  # fusion: kept conversations per flag placement (stages.fusion.CATEGORIES)
     per_source = {label: Counter() for label in labels}
     files: list[dict] = []
     chunk: list = []
@@ -194,8 +242,23 @@ def write_sft_shards(sources: Sequence[Any], tokenizer: Any, out_dir: str | Path
             continue
         counts["read"] += 1
         per_source[labels[i]]["read"] += 1
+        thinking, category = enable_thinking, None
+        if fusion is not None:
+            mode = fusion.modes[labels[i]]
+            if bool(answer_reasoning(messages).strip()) != (mode == "think"):
+                counts["dropped_mode_mismatch"] += 1
+                per_source[labels[i]]["dropped_mode_mismatch"] += 1
+                continue
+            # Seeded by the conversation's place in the mixed stream: the same flags whichever part writes it.
+            rng = random.Random(f"fusion-flags|{seed}|{k}")
+            try:
+                messages, category = fusion_conversation(messages, mode, rng, unflagged_share=fusion.unflagged_share,
+                                                         system_flag_share=fusion.system_flag_share)
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
+            thinking = mode == "think"
         try:
-            example, dropped = tokenize_example(tokenizer, messages, seq_len, enable_thinking)
+            example, dropped = tokenize_example(tokenizer, messages, seq_len, thinking)
         except ValueError as e:  # the template names the bad message; we name the line or row
             raise DataError(f"{where}: {e}") from None
         if example is None:
@@ -204,6 +267,8 @@ def write_sft_shards(sources: Sequence[Any], tokenizer: Any, out_dir: str | Path
             continue
         counts["kept"] += 1
         per_source[labels[i]]["kept"] += 1
+        if category is not None:
+            categories[category] += 1
         chunk.append(example)
         if len(chunk) >= chunk_conversations:
             flush()
@@ -213,7 +278,12 @@ def write_sft_shards(sources: Sequence[Any], tokenizer: Any, out_dir: str | Path
 
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "stage": stage, "seq_len": seq_len,
-        "part": part, "parts": parts, "seed": seed, "enable_thinking": enable_thinking,
+        "part": part, "parts": parts, "seed": seed,
+        # fusion: per conversation, by its source's mode (thinking_modes); else one setting for every conversation
+        "enable_thinking": None if fusion is not None else enable_thinking,
+        "thinking_modes": dict(fusion.modes) if fusion is not None else None,
+        "flag_shares": ({"unflagged_share": fusion.unflagged_share, "system_flag_share": fusion.system_flag_share}
+                        if fusion is not None else None),
         "tokenizer": tokenizer_name, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_token_id,
         "chat_template_sha256": chat_template_hash(),
         "loss": "labels are the next token on assistant tokens only, -100 elsewhere",
@@ -221,8 +291,10 @@ def write_sft_shards(sources: Sequence[Any], tokenizer: Any, out_dir: str | Path
         "counts": {"read": counts["read"], "kept": counts["kept"],
                    "dropped_too_long": counts["dropped_too_long"],
                    "dropped_no_assistant_tokens": counts["dropped_no_assistant_tokens"],
+                   "dropped_mode_mismatch": counts["dropped_mode_mismatch"],
                    "rows": counts["rows"], "tokens": counts["tokens"], "assistant_tokens": counts["assistant_tokens"]},
         "per_source": {label: dict(c) for label, c in per_source.items()},
+        "categories": dict(categories) if fusion is not None else None,
         "files": files,
     }
     (out / manifest_name(part, parts)).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -251,7 +323,7 @@ def read_manifests(path: str | Path) -> list[dict]:
         if m.get("format") != FORMAT:
             raise DataError(f"{f}: format {m.get('format')!r}, expected {FORMAT!r}")
         manifests.append(m)
-    for key in ("seq_len", "tokenizer", "chat_template_sha256", "parts", "enable_thinking"):
+    for key in ("seq_len", "tokenizer", "chat_template_sha256", "parts", "enable_thinking", "thinking_modes"):
         values = {json.dumps(m.get(key)) for m in manifests}
         if len(values) > 1:
             raise DataError(f"{path}: parts disagree on {key}: {sorted(values)}")
@@ -306,6 +378,20 @@ class MaskedShardLoader:
 
 
 # ----------------------------------------------------------------------------- command line
+def fusion_flags(spec) -> FusionFlags | None:
+    """The fusion stage's flags (its sources' modes from full/stages.toml, the shares from its recipe); None for
+    the other SFT stages, whose conversations are used as they are."""
+    if spec.facts.recipe_kind != "fusion":
+        return None
+    modes = spec.settings.get("data", {}).get(spec.stage, {}).get("thinking_modes")
+    if not modes:
+        raise DataError(f"full/stages.toml [data.{spec.stage}] needs thinking_modes (source name -> \"think\" or "
+                        "\"no_think\"): fusion flags every conversation by its source's mode")
+    recipe = spec.facts.recipe
+    return FusionFlags(dict(modes), unflagged_share=float(recipe.get("unflagged_share", FusionConfig.unflagged_share)),
+                       system_flag_share=float(recipe.get("system_flag_share", FusionConfig.system_flag_share)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a full-scale SFT / distillation stage's masked shards.")
     parser.add_argument("--stage", required=True, help="cold-start | fusion | distill")
@@ -324,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     name = args.tokenizer or spec.nanotron_dict()["tokenizer"]["tokenizer_name_or_path"]
     manifest = write_sft_shards(spec.data["sources"], Tokenizer.load(name), args.out or spec.shards_path,
                                 seq_len=spec.seq_len, rows_per_shard=args.rows_per_shard, limit=args.limit,
-                                part=args.part, parts=args.parts, tokenizer_name=name, stage=args.stage)
+                                part=args.part, parts=args.parts, tokenizer_name=name, stage=args.stage,
+                                fusion=fusion_flags(spec))
     print(json.dumps(manifest["counts"]))
 
 

@@ -419,6 +419,44 @@ def _single_turn(question: str, content: str, flag: str | None, in_system: bool)
     return [{"role": "user", "content": _flagged(question, flag)}, {"role": "assistant", "content": content}]
 
 
+def fusion_conversation(messages: Sequence[Mapping[str, Any]], mode: str, rng: random.Random, *,
+                        unflagged_share: float, system_flag_share: float) -> tuple[list[dict], str]:
+    """One conversation of the fusion set in `mode` ("think" or "no_think"), flagged as this stage flags its
+    single-turn samples; returns (messages, category).
+
+    A thinking conversation carries no flag with probability `unflagged_share` (thinking is the default), else
+    `/think`; a non-thinking one always `/no_think`. The flag goes in a system message with probability
+    `system_flag_share` (at the end of the chat's own system message when it opens with one), else at the end of
+    the last user query. Non-thinking assistant turns get the empty think block (Table 9) when they have none.
+    Assistant turns before the last user query are context only (`"train": False`, as in `multi_turn`: the
+    template drops their reasoning). The full-scale SFT shards (`nanotron.sft_data`) flag real conversations
+    with it, so both scales build fusion data alike."""
+    if mode not in ("think", "no_think"):
+        raise ValueError(f"mode must be 'think' or 'no_think', got {mode!r}")
+    messages = [dict(m) for m in messages]
+    last_query = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        if i < last_query:
+            m["train"] = False
+        if mode == "no_think" and "</think>" not in (m.get("content") or ""):
+            m["content"] = EMPTY_THINK + (m.get("content") or "")
+    if mode == "think" and rng.random() < unflagged_share:
+        return messages, "think_unflagged"
+    flag = THINK if mode == "think" else NO_THINK
+    in_system = rng.random() < system_flag_share
+    if in_system and messages and messages[0].get("role") == "system":
+        messages[0]["content"] = _flagged(messages[0].get("content") or "", flag)
+    elif in_system:
+        messages.insert(0, {"role": "system", "content": flag})
+    elif last_query >= 0:
+        messages[last_query]["content"] = _flagged(messages[last_query].get("content") or "", flag)
+    else:
+        raise ValueError("a fusion conversation needs a user message to carry its flag")
+    return messages, f"{mode}_{'system' if in_system else 'user'}_flag"
+
+
 def budget_content(sample: ThinkingSample, tokenizer: Tokenizer, rng: random.Random,
                    keep: tuple[float, float]) -> tuple[str, int, int]:
     """A budget example's assistant turn: the first j tokens of the reasoning (j a random share
@@ -476,20 +514,16 @@ def build_conversations(cfg: FusionConfig, thinking: Sequence[ThinkingSample], d
     """The fusion set as records {"messages", "category", "meta"}, shuffled (seeded); `general` are records
     of `general_records`, added as they are."""
     records: list[dict[str, Any]] = []
+    shares = {"unflagged_share": cfg.unflagged_share, "system_flag_share": cfg.system_flag_share}
     for s in thinking:
         meta = {"source": s.source, "family": s.item.family, "difficulty": s.item.difficulty, "uid": s.item.uid}
-        if rng.random() < cfg.unflagged_share:
-            records.append({"messages": _single_turn(s.item.question, s.content, None, False),
-                            "category": "think_unflagged", "meta": meta})
-        else:
-            in_system = rng.random() < cfg.system_flag_share
-            records.append({"messages": _single_turn(s.item.question, s.content, THINK, in_system),
-                            "category": "think_system_flag" if in_system else "think_user_flag", "meta": meta})
+        messages, category = fusion_conversation(_single_turn(s.item.question, s.content, None, False), "think",
+                                                 rng, **shares)
+        records.append({"messages": messages, "category": category, "meta": meta})
     for d in direct:
-        in_system = rng.random() < cfg.system_flag_share
-        records.append({"messages": _single_turn(d.question, d.content, NO_THINK, in_system),
-                        "category": "no_think_system_flag" if in_system else "no_think_user_flag",
-                        "meta": {"kind": d.kind, **d.meta}})
+        messages, category = fusion_conversation(_single_turn(d.question, d.content, None, False), "no_think",
+                                                 rng, **shares)
+        records.append({"messages": messages, "category": category, "meta": {"kind": d.kind, **d.meta}})
     n_budget = round(cfg.budget_share * len(thinking))
     for s in rng.sample(list(thinking), min(n_budget, len(thinking))):
         if len(tokenizer.encode(s.reasoning)) < 2:
@@ -636,5 +670,5 @@ def run(cfg: FusionConfig, parent: Path, ctx: StageContext, *,
 
 __all__ = ["BUDGET_SENTENCE", "CATEGORIES", "DATA_FILE", "DirectSample", "FusionConfig", "NON_THINKING_KINDS",
            "REPORT_FILE", "ThinkingSample", "accept", "budget_content", "build_conversations", "build_fusion_data",
-           "data_report", "direct_samples", "multi_turn", "read_records", "reference_samples", "rejection_sample",
+           "data_report", "direct_samples", "fusion_conversation", "multi_turn", "read_records", "reference_samples", "rejection_sample",
            "run", "sample_queries"]
