@@ -17,6 +17,7 @@ help:
 	@echo "make full STAGE=s2 MODEL=qwen3-0.6b [NODES=4 GPUS_PER_NODE=8] [DRY_RUN=1] [DATA=shards] [INIT=hub-id] [FORCE=1]"
 	@echo "                     full-scale stage through nanotron: write its config, launch or print the plan"
 	@echo "make full STAGE=all MODEL=qwen3-32b DRY_RUN=1   every stage of the model's chain, planned"
+	@echo "make full-eval STAGE=fusion MODEL=qwen3-32b     a trained stage converted to HF and evaluated"
 
 # The code reward's sandbox needs bubblewrap and libseccomp (Debian packages). As root they are installed
 # here; otherwise the sandbox refuses to run code, and this says what to install.
@@ -73,7 +74,11 @@ DRY_RUN ?=
 DATA ?=
 INIT ?=
 FORCE ?=
-.PHONY: full
+.PHONY: full full-eval
+# A trained stage's latest checkpoint -> Hugging Face layout -> the evaluation suites (qwen3repro eval-hf).
+full-eval: $(STAMP)
+	$(VENV)/bin/qwen3repro full-eval --stage "$(STAGE)" --model "$(MODEL)" $(if $(DRY_RUN),--dry-run)
+
 full: $(STAMP)
 	$(PY) -m qwen3repro.nanotron.cli --stage "$(STAGE)" --model "$(MODEL)" \
 		$(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \

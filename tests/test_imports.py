@@ -30,9 +30,9 @@ LAZY_ALLOWED: dict[str, set[str]] = {
     # only report writers need.
     "": {"nanotron", "matplotlib"},
     # nanotron's YAML configs and Hugging Face checkpoints (`full` extras), in nanotron code only; and
-    # the project module that imports nanotron when it loads (checked by
+    # the project modules that import nanotron when they load (checked by
     # test_lazily_imported_project_modules_load_an_optional_dependency).
-    f"{PACKAGE}.nanotron": {"yaml", "transformers", f"{PACKAGE}.nanotron.model"},
+    f"{PACKAGE}.nanotron": {"yaml", "transformers", f"{PACKAGE}.nanotron.model", f"{PACKAGE}.nanotron.optimizer"},
     # flash-attn is built for GPUs only; the nanotron model falls back to PyTorch attention without it.
     f"{PACKAGE}.nanotron.model": {"flash_attn"},
     # `Tokenizer.load` of a hub id (full scale) goes through transformers (the `full` extra); the tiny
@@ -43,6 +43,10 @@ LAZY_ALLOWED: dict[str, set[str]] = {
     f"{PACKAGE}.rewards.ifeval": {"lm_eval", "nltk", "punkt", "langdetect"},
     # vLLM generates the teacher outputs at full scale when it is installed (a GPU-only engine, in no extra).
     f"{PACKAGE}.stages.teacher_outputs": {"vllm"},
+    # Evaluating any Hugging Face checkpoint (`eval-hf`): the transformers and vLLM backends load their engine
+    # when chosen, and a hub id is fetched through huggingface_hub; the tiny evaluations use neither.
+    f"{PACKAGE}.evals.backends": {"transformers", "vllm"},
+    f"{PACKAGE}.evals.hf_checkpoint": {"transformers", "huggingface_hub"},
 }
 
 

@@ -15,11 +15,12 @@ from .chat_cli import chat_command
 from .config import ConfigError
 from .data.cache import CorruptCacheError
 from .evals.cli import eval_group
+from .evals.hf_cli import eval_hf_command
 from .experiments.cli import scaling_laws_command
 from .files import RunFileError
 from .models.hf import CheckpointError
 from .models.registry import MODELS, count_parameters, get_model_config
-from .nanotron.cli import full_command
+from .nanotron.cli import full_command, full_eval_command
 from .pipeline import build_plan, describe, run_pipeline
 from .run_lock import RunDirectoryBusyError
 from .serve import serve_command
@@ -114,9 +115,11 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
 # Command groups that live next to their code.
 main.add_command(eval_group)
 main.add_command(full_command)
+main.add_command(full_eval_command)
 main.add_command(chat_command)
 main.add_command(serve_command)
 main.add_command(scaling_laws_command)
+main.add_command(eval_hf_command)
 
 if __name__ == "__main__":
     main()

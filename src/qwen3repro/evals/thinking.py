@@ -18,13 +18,15 @@
   (s1's definition; also the mean over successive points), in accuracy points per 100 thinking
   tokens; Performance = the best accuracy. A PNG plots accuracy vs budget with the baseline.
 
-The budget is enforced by `generate`'s controller. The forced text is, by default, the one the
-fusion set trains ("\\n\\n" + the report's stop-thinking sentence + "\\n</think>\\n\\n", which is
-what the chat template can render and the official client recipe appends); `directive = "report"`
-forces `chat.STOP_THINKING_DIRECTIVE` verbatim (with the "." after `</think>`, whose remnant
-`answer_text` drops before scoring). All sampling settings are pinned and written into each
-result. Sizes come from the scale's `[evals.fusion]` and `[evals.thinking_budget]` tables
-(`ThinkingEvalConfig` fields).
+Every measurement runs on a generation backend (`evals.backends`): our engine for our models, whose
+controller enforces the budget inside the decode loop, or transformers / vLLM on a Hugging Face
+checkpoint (`evals.hf_checkpoint`), which reach the same forced text in phases. The forced text
+is, by default, the one the fusion set trains ("\\n\\n" + the report's stop-thinking sentence +
+"\\n</think>\\n\\n", which is what the chat template can render and the official client recipe
+appends); `directive = "report"` forces `chat.STOP_THINKING_DIRECTIVE` verbatim (with the "." after
+`</think>`, whose remnant `answer_text` drops before scoring). All sampling settings are pinned and
+written into each result. Sizes come from the scale's `[evals.fusion]` and `[evals.thinking_budget]`
+tables (`ThinkingEvalConfig` fields).
 """
 from __future__ import annotations
 
@@ -32,17 +34,18 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .. import plotting
-from ..chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE, TEMPLATE_STOP_THINKING, parse, render, wants_thinking
+from ..chat import EMPTY_THINK, STOP_THINKING_DIRECTIVE, TEMPLATE_STOP_THINKING, parse, wants_thinking
 from ..config import ConfigError, strict_fields
 from ..data import tasks
 from ..data.synthetic import s2_eval_items
-from ..generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, Generation, SamplingParams, ThinkingBudget, generate
+from ..generate import NON_THINKING_SAMPLING, THINKING_SAMPLING, Generation, SamplingParams
 from ..rewards import answer_text as reward_answer_text
+from .backends import EngineBackend, GenerationBackend, count_thinking_tokens
 
 # The forced text when a budget runs out: "template" = what the fusion set trains and the chat
 # template renders; "report" = the directive verbatim as printed in the report.
@@ -149,16 +152,7 @@ def is_correct(item: tasks.TaskItem, completion: str) -> bool:
 
 def thinking_tokens(gen: Generation, think_start_id: int, think_end_id: int) -> int:
     """Sampled (not forced) tokens inside the thinking part, recounted from the output ids."""
-    inside, count = False, 0
-    forced = gen.forced or [False] * len(gen.token_ids)
-    for tok, was_forced in zip(gen.token_ids, forced):
-        if tok == think_start_id:
-            inside = True
-        elif tok == think_end_id:
-            inside = False
-        elif inside and not was_forced:
-            count += 1
-    return count
+    return count_thinking_tokens(gen.token_ids, gen.forced, think_start_id, think_end_id)
 
 
 # ----------------------------------------------------------------------------- s1 metrics
@@ -196,10 +190,12 @@ def doubling_grid(longest: int, start: int = 8) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- data
-def follow_conversations(n: int, *, seed: int = 0, families: Sequence[str] = ("add", "mul", "order")
-                         ) -> list[dict[str, Any]]:
+def follow_conversations(n: int, *, seed: int = 0, families: Sequence[str] = ("add", "mul", "order"),
+                         instruction: str = "") -> list[dict[str, Any]]:
     """`n` held-out chats, balanced over FOLLOW_KINDS × expected mode. Each is
     {"messages", "kind", "expected": "think" | "no_think", "item"} with the final user turn last.
+    `instruction` is appended to every question, before its flag (real models are told how to
+    present their answer; the tiny models were trained on the bare questions).
 
     * user: the final user turn holds the flag (2–3 turns; earlier turns may hold other flags);
     * system: only a system message holds a flag;
@@ -232,7 +228,8 @@ def follow_conversations(n: int, *, seed: int = 0, families: Sequence[str] = ("a
                 user_flags[0] = other
         messages: list[dict] = [{"role": "system", "content": system}] if system else []
         for k, (it, flag) in enumerate(zip(items, user_flags)):
-            messages.append({"role": "user", "content": f"{it.question} {flag}" if flag else it.question})
+            question = it.question + instruction
+            messages.append({"role": "user", "content": f"{question} {flag}" if flag else question})
             if k < n_turns - 1:  # earlier answers filled in (the template drops their reasoning)
                 messages.append({"role": "assistant", "content": it.answer})
         assert (wants_thinking(messages) == (expected == "think")), "follow conversation built wrong"
@@ -252,45 +249,38 @@ def relative_difficulty(item: tasks.TaskItem) -> str:
 
 
 # ----------------------------------------------------------------------------- running
-def _prompt(tokenizer, messages, enable_thinking: bool = True) -> list[int]:
-    return tokenizer.encode(render(messages, add_generation_prompt=True, enable_thinking=enable_thinking))
+# Each measurement runs on a `GenerationBackend` (`evals.backends`): our engine for the tiny models,
+# or transformers / vLLM on a real checkpoint (`evals.hf_checkpoint`). `think_follow`,
+# `accuracy_by_mode` and `budget_curve` are the tiny models' entry points: our engine on a model and
+# our tokenizer. The keyword-only settings of the `measure_*` functions default to the tiny protocol;
+# a real model gets an instruction on the answer's form, a scorer that reads it, and room to write it.
+Score = Callable[[tasks.TaskItem, str], bool]
 
 
-def _budget(tokenizer, budget: int, directive: str) -> ThinkingBudget:
-    base = ThinkingBudget.from_tokenizer(tokenizer, budget)
-    if directive == "report":
-        return base
-    return ThinkingBudget(budget=budget, think_start_id=base.think_start_id, think_end_id=base.think_end_id,
-                          directive_ids=tuple(tokenizer.encode(TEMPLATE_DIRECTIVE)), empty_ids=base.empty_ids)
+def _longest_trace(backend: GenerationBackend, items: Sequence[tasks.TaskItem]) -> int:
+    return max(backend.count_tokens(tasks.render_trace(it)) for it in items)
 
 
-def _generate(model, tokenizer, prompts, sampling, max_new_tokens, seed, budget=None, batch_size=64):
-    return generate(model, prompts, sampling, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed,
-                    thinking_budget=budget, max_batch_size=batch_size, pad_token_id=tokenizer.pad_token_id)
+def _user_chats(items: Sequence[tasks.TaskItem], instruction: str) -> list[list[dict]]:
+    return [[{"role": "user", "content": it.question + instruction}] for it in items]
 
 
-def _longest_trace(tokenizer, items: Sequence[tasks.TaskItem]) -> int:
-    return max(len(tokenizer.encode(tasks.render_trace(it))) for it in items)
-
-
-@torch.no_grad()
-def think_follow(model, tokenizer, cfg: ThinkingEvalConfig, max_new_tokens: int | None = None) -> dict[str, Any]:
+def measure_think_follow(backend: GenerationBackend, cfg: ThinkingEvalConfig, max_new_tokens: int | None = None, *,
+                         instruction: str = "", score: Score = is_correct) -> dict[str, Any]:
     """ThinkFollow on `cfg.follow_n` held-out chats; by kind and expected mode, with examples."""
-    model.eval()
-    convs = follow_conversations(cfg.follow_n, seed=cfg.seed, families=cfg.follow_families)
+    convs = follow_conversations(cfg.follow_n, seed=cfg.seed, families=cfg.follow_families, instruction=instruction)
     items = [tasks.TaskItem.from_dict(c["item"]) for c in convs]
-    max_new = max_new_tokens or _longest_trace(tokenizer, items) + 64
+    max_new = max_new_tokens or _longest_trace(backend, items) + 64
     results: list[dict[str, Any]] = [{} for _ in convs]
     for mode in ("think", "no_think"):
         idx = [i for i, c in enumerate(convs) if c["expected"] == mode]
         sampling = cfg.thinking_sampling if mode == "think" else cfg.non_thinking_sampling
-        gens = _generate(model, tokenizer, [_prompt(tokenizer, convs[i]["messages"]) for i in idx], sampling,
-                         max_new, cfg.seed + (1 if mode == "think" else 2))
-        for i, g in zip(idx, gens):
-            text = tokenizer.decode(g.token_ids)
+        samples = backend.generate([convs[i]["messages"] for i in idx], max_new_tokens=max_new, sampling=sampling,
+                                   seed=cfg.seed + (1 if mode == "think" else 2))
+        for i, (s,) in zip(idx, samples):
             results[i] = {"kind": convs[i]["kind"], "expected": mode,
-                          "follows": follows_mode(text, mode == "think"), "correct": is_correct(items[i], text),
-                          "completion": text}
+                          "follows": follows_mode(s.text, mode == "think"), "correct": score(items[i], s.text),
+                          "completion": s.text}
     share = lambda rows: sum(r["follows"] for r in rows) / len(rows) if rows else None  # noqa: E731
     return {
         "thinkfollow": share(results), "n": len(results),
@@ -300,6 +290,13 @@ def think_follow(model, tokenizer, cfg: ThinkingEvalConfig, max_new_tokens: int 
         "failures": [{**r, "messages": c["messages"]} for r, c in zip(results, convs) if not r["follows"]][:8],
         "max_new_tokens": max_new,
     }
+
+
+@torch.no_grad()
+def think_follow(model, tokenizer, cfg: ThinkingEvalConfig, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """ThinkFollow of a model of ours (`measure_think_follow` on our engine)."""
+    model.eval()
+    return measure_think_follow(EngineBackend(model, tokenizer), cfg, max_new_tokens)
 
 
 def _accuracy_table(items: Sequence[tasks.TaskItem], correct: Sequence[bool]) -> dict[str, Any]:
@@ -317,60 +314,70 @@ def _accuracy_table(items: Sequence[tasks.TaskItem], correct: Sequence[bool]) ->
             "by_family_difficulty": {k: acc(v) for k, v in sorted(by_cell.items())}}
 
 
-@torch.no_grad()
-def accuracy_by_mode(model, tokenizer, cfg: ThinkingEvalConfig,
-                     items: Sequence[tasks.TaskItem] | None = None) -> dict[str, Any]:
-    """Held-out accuracy in thinking mode vs non-thinking mode, by difficulty."""
-    model.eval()
+def measure_accuracy_by_mode(backend: GenerationBackend, cfg: ThinkingEvalConfig,
+                             items: Sequence[tasks.TaskItem] | None = None, *, instruction: str = "",
+                             score: Score = is_correct, answer_tokens: int = 64) -> dict[str, Any]:
+    """Held-out accuracy in thinking mode vs non-thinking mode, by difficulty. `answer_tokens` is the
+    non-thinking completions' token limit."""
     items = list(items if items is not None else eval_items(cfg))
-    max_new = cfg.max_new_tokens or _longest_trace(tokenizer, items) + 64
-    chats = [[{"role": "user", "content": it.question}] for it in items]
-    think = _generate(model, tokenizer, [_prompt(tokenizer, m) for m in chats], cfg.thinking_sampling, max_new,
-                      cfg.seed + 11)
-    plain = _generate(model, tokenizer, [_prompt(tokenizer, m, enable_thinking=False) for m in chats],
-                      cfg.non_thinking_sampling, 64, cfg.seed + 12)
-    think_text = [tokenizer.decode(g.token_ids) for g in think]
-    plain_text = [EMPTY_THINK + tokenizer.decode(g.token_ids) for g in plain]  # the prefilled block
+    max_new = cfg.max_new_tokens or _longest_trace(backend, items) + 64
+    chats = _user_chats(items, instruction)
+    think = [s for s, in backend.generate(chats, max_new_tokens=max_new, sampling=cfg.thinking_sampling,
+                                          seed=cfg.seed + 11)]
+    plain = [s for s, in backend.generate(chats, enable_thinking=False, max_new_tokens=answer_tokens,
+                                          sampling=cfg.non_thinking_sampling, seed=cfg.seed + 12)]
+    think_text = [s.text for s in think]
+    plain_text = [EMPTY_THINK + s.text for s in plain]  # the prefilled block
     return {
-        "thinking": {**_accuracy_table(items, [is_correct(it, t) for it, t in zip(items, think_text)]),
-                     "mean_thinking_tokens": sum(thinking_tokens(g, tokenizer.think_start_id, tokenizer.think_end_id)
-                                                 for g in think) / max(len(think), 1),
-                     "truncated": sum(g.finish_reason == "length" for g in think)},
-        "non_thinking": _accuracy_table(items, [is_correct(it, t) for it, t in zip(items, plain_text)]),
-        "max_new_tokens": {"thinking": max_new, "non_thinking": 64},
+        "thinking": {**_accuracy_table(items, [score(it, t) for it, t in zip(items, think_text)]),
+                     "mean_thinking_tokens": sum(s.thinking_tokens for s in think) / max(len(think), 1),
+                     "truncated": sum(s.finish_reason == "length" for s in think)},
+        "non_thinking": _accuracy_table(items, [score(it, t) for it, t in zip(items, plain_text)]),
+        "max_new_tokens": {"thinking": max_new, "non_thinking": answer_tokens},
         "examples": [{"question": it.question, "answer": it.answer, "thinking": a, "non_thinking": b}
                      for it, a, b in list(zip(items, think_text, plain_text))[:4]],
     }
 
 
 @torch.no_grad()
-def budget_curve(model, tokenizer, cfg: ThinkingEvalConfig,
-                 items: Sequence[tasks.TaskItem] | None = None) -> dict[str, Any]:
-    """Accuracy at each thinking budget, the non-thinking baseline, and s1's Control / Scaling."""
+def accuracy_by_mode(model, tokenizer, cfg: ThinkingEvalConfig,
+                     items: Sequence[tasks.TaskItem] | None = None) -> dict[str, Any]:
+    """Accuracy by mode of a model of ours (`measure_accuracy_by_mode` on our engine)."""
     model.eval()
+    return measure_accuracy_by_mode(EngineBackend(model, tokenizer), cfg, items)
+
+
+def measure_budget_curve(backend: GenerationBackend, cfg: ThinkingEvalConfig,
+                         items: Sequence[tasks.TaskItem] | None = None, *, instruction: str = "",
+                         score: Score = is_correct, answer_tokens: int = 64, answer_room: int = 48) -> dict[str, Any]:
+    """Accuracy at each thinking budget, the non-thinking baseline, and s1's Control / Scaling.
+    `answer_room` is the room left for the answer after the budget and the forced text;
+    `answer_tokens` the non-thinking baseline's token limit."""
     items = list(items if items is not None else eval_items(cfg))
-    longest = _longest_trace(tokenizer, items)
+    longest = _longest_trace(backend, items)
     budgets = list(cfg.budgets) if cfg.budgets is not None else doubling_grid(longest)
-    directive_len = len(tokenizer.encode(TEMPLATE_DIRECTIVE if cfg.directive == "template" else STOP_THINKING_DIRECTIVE))
-    prompts = [_prompt(tokenizer, [{"role": "user", "content": it.question}]) for it in items]
+    directive = TEMPLATE_DIRECTIVE if cfg.directive == "template" else STOP_THINKING_DIRECTIVE
+    directive_len = backend.count_tokens(directive)
+    chats = _user_chats(items, instruction)
     runs = []
     for b in budgets:
         t0 = time.perf_counter()
         # Room for <think>, the budget, the forced directive and the answer.
-        gens = _generate(model, tokenizer, prompts, cfg.thinking_sampling, b + directive_len + 48, cfg.seed + 21,
-                         budget=_budget(tokenizer, b, cfg.directive))
-        texts = [tokenizer.decode(g.token_ids) for g in gens]
-        counts = [thinking_tokens(g, tokenizer.think_start_id, tokenizer.think_end_id) for g in gens]
-        correct = [is_correct(it, t) for it, t in zip(items, texts)]
+        samples = [s for s, in backend.generate(chats, max_new_tokens=b + directive_len + answer_room,
+                                                sampling=cfg.thinking_sampling, seed=cfg.seed + 21,
+                                                thinking_budget=b, directive=directive)]
+        texts = [s.text for s in samples]
+        counts = [s.thinking_tokens for s in samples]
+        correct = [score(it, t) for it, t in zip(items, texts)]
         runs.append({"budget": b, "accuracy": sum(correct) / len(items),
                      "mean_thinking_tokens": sum(counts) / len(counts), "max_thinking_tokens": max(counts),
                      "within_budget_share": sum(c <= b for c in counts) / len(counts),
-                     "budget_hit_share": sum(g.budget_hit for g in gens) / len(gens),
+                     "budget_hit_share": sum(s.budget_hit for s in samples) / len(samples),
                      "by_relative_difficulty": _accuracy_table(items, correct)["by_relative_difficulty"],
                      "seconds": round(time.perf_counter() - t0, 2), "example": texts[0]})
-    plain = _generate(model, tokenizer, [_prompt(tokenizer, [{"role": "user", "content": it.question}], False)
-                                         for it in items], cfg.non_thinking_sampling, 64, cfg.seed + 22)
-    baseline = sum(is_correct(it, EMPTY_THINK + tokenizer.decode(g.token_ids)) for it, g in zip(items, plain)) / len(items)
+    plain = backend.generate(chats, enable_thinking=False, max_new_tokens=answer_tokens,
+                             sampling=cfg.non_thinking_sampling, seed=cfg.seed + 22)
+    baseline = sum(score(it, EMPTY_THINK + s.text) for it, (s,) in zip(items, plain)) / len(items)
     points = [(r["mean_thinking_tokens"], r["accuracy"]) for r in runs]
     accs = [r["accuracy"] for r in runs]
     return {
@@ -381,6 +388,14 @@ def budget_curve(model, tokenizer, cfg: ThinkingEvalConfig,
                "scaling_unit": "accuracy points per 100 thinking tokens (compute = mean thinking tokens per run)"},
         "monotone_steps": sum(b >= a for a, b in zip(accs, accs[1:])), "steps": len(accs) - 1,
     }
+
+
+@torch.no_grad()
+def budget_curve(model, tokenizer, cfg: ThinkingEvalConfig,
+                 items: Sequence[tasks.TaskItem] | None = None) -> dict[str, Any]:
+    """The budget curve of a model of ours (`measure_budget_curve` on our engine)."""
+    model.eval()
+    return measure_budget_curve(EngineBackend(model, tokenizer), cfg, items)
 
 
 def plot_budget(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
@@ -458,5 +473,6 @@ def plot_fusion(follow: Mapping[str, Any], modes: Mapping[str, Any], path: str |
 
 __all__ = ["DIRECTIVES", "FOLLOW_KINDS", "TEMPLATE_DIRECTIVE", "ThinkingEvalConfig", "accuracy_by_mode", "answer_text",
            "budget_curve", "doubling_grid", "eval_items", "follow_conversations", "follows_mode", "is_correct",
-           "pinned_settings", "plot_budget", "plot_fusion", "relative_difficulty", "s1_control", "s1_scaling",
-           "successive_scaling", "think_follow", "thinking_tokens"]
+           "measure_accuracy_by_mode", "measure_budget_curve", "measure_think_follow", "pinned_settings",
+           "plot_budget", "plot_fusion", "relative_difficulty", "s1_control", "s1_scaling", "successive_scaling",
+           "think_follow", "thinking_tokens"]

@@ -13,6 +13,7 @@ Registered by `qwen3repro.cli` (`main.add_command(full_command)`); nanotron is i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -22,9 +23,12 @@ from pathlib import Path
 import click
 
 from ..config import ConfigError
+from ..evals.hf_cli import eval_hf_command
 from ..recipes import load_stage_graph
 from .config_gen import (StageSpec, build_stage_spec, full_stages, latest_checkpoint, load_settings, load_with_nanotron,
                          validate, write_stage_config)
+from . import convert
+from .convert import MODEL_CONFIG_JSON
 from .launch import launch_command, log_dir, preflight, slurm_script
 from .plan import GIB, MEMORY_HEADROOM
 from .sft_data import is_masked_shards
@@ -136,14 +140,10 @@ def _already_trained(spec: StageSpec) -> bool:
 
 def _with_init(spec: StageSpec, source: str, convert_now: bool) -> StageSpec:
     """The stage started from a released checkpoint, converted into runs/full/<model>/<stage>/init (once)."""
-    import dataclasses
-
-    from .convert import MODEL_CONFIG_JSON, init_from_hf
-
     target = spec.run_dir / spec.model / spec.stage / "init"
     if convert_now and not (target / "model").is_dir():  # `model/` appears only once a conversion completed
         try:
-            init_from_hf(source, spec.model, target)
+            convert.init_from_hf(source, spec.model, target)
         except (ConfigError, ValueError, OSError) as e:  # OSError: an existing folder, the hub unreachable
             raise click.ClickException(f"--init {source}: {e}") from None
     elif not convert_now:
@@ -243,7 +243,45 @@ def plan_chain(model: str, nodes: int | None, gpus_per_node: int | None) -> int:
     return 0
 
 
-__all__ = ["full_command", "chain_stages", "chain_gaps", "plan_chain", "launch_refusals"]
+# ------------------------------------------------------------------------------------------ evaluation
+@click.command("full-eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--stage", required=True, help="the trained stage, e.g. fusion")
+@click.option("--model", "model_name", required=True, help="the real model, e.g. qwen3-8b")
+@click.option("--checkpoint", default=None, help="a checkpoint folder (default: the stage's latest, latest.txt)")
+@click.option("--tokenizer", default=None, help="the tokenizer to ship with it (default: the model's hub id)")
+@click.option("--suites", default=None, help="eval-hf's suites (default: all)")
+@click.option("--backend", type=click.Choice(["auto", "ours", "transformers", "vllm"]), default="auto", show_default=True)
+@click.option("--n", "n", type=click.IntRange(min=1), default=None, help="items per suite (default: eval-hf's)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
+@click.option("--dry-run", is_flag=True, help="convert nothing; print what would be evaluated")
+@click.pass_context
+def full_eval_command(ctx, stage, model_name, checkpoint, tokenizer, suites, backend, n, device, dry_run):
+    """Evaluate a full-scale stage: its checkpoint converted to Hugging Face layout (runs/full/<model>/<stage>/hf,
+    with the model's tokenizer and chat template), then `qwen3repro eval-hf` on it (runs/full/<model>/<stage>/eval)."""
+    try:
+        spec = build_stage_spec(stage, model_name)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    source = Path(checkpoint) if checkpoint else latest_checkpoint(spec.checkpoints_path)
+    if source is None:
+        raise click.ClickException(f"{stage} has no checkpoint yet in {spec.checkpoints_path} (no latest.txt)")
+    stage_dir = spec.run_dir / spec.model / spec.stage
+    hf_dir, out = stage_dir / "hf", stage_dir / "eval"
+    tokenizer = tokenizer or spec.nanotron_dict()["tokenizer"]["tokenizer_name_or_path"]
+    click.echo(f"evaluate {source} -> {hf_dir} (tokenizer {tokenizer}) -> {out}")
+    if dry_run:
+        return
+    try:
+        convert.nanotron_to_hf(source, hf_dir, tokenizer=tokenizer)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(f"converting {source}: {e}") from None
+    extra = {"suites": suites} if suites else {}
+    if n:
+        extra["n"] = n
+    ctx.invoke(eval_hf_command, checkpoint=str(hf_dir), backend=backend, device=device, out=out, **extra)
+
+
+__all__ = ["full_command", "full_eval_command", "chain_stages", "chain_gaps", "plan_chain", "launch_refusals"]
 
 
 if __name__ == "__main__":  # `python -m qwen3repro.nanotron.cli` (what `make full` runs)

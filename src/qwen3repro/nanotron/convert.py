@@ -48,7 +48,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence
 
+import huggingface_hub
 import torch
+from packaging.version import Version
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -59,6 +61,7 @@ from ..models.hf import (
     SAFE_INDEX, _weight_files, check_tensors, expected_hub_shapes, from_hub_state_dict,
 )
 from ..models.qwen3 import Qwen3
+from ..models.registry import get_model_config
 from .compat import import_nanotron
 
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
@@ -316,9 +319,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             f"(no {LATEST_TXT})")
 
 
-def nanotron_to_hf(ckpt: str | Path, out: str | Path, config: Optional[ModelConfig] = None) -> Path:
+# The files of a Hugging Face tokenizer (Qwen3's: tokenizer.json, its config with the chat template, vocab, merges).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+
+
+def copy_tokenizer(source: str | Path, out: str | Path, revision: Optional[str] = None) -> list[str]:
+    """Copy a tokenizer (a hub id such as Qwen/Qwen3-8B, or a local Hugging Face folder) into `out`, so a
+    converted checkpoint loads with its tokenizer and chat template (`AutoTokenizer`, `qwen3repro eval-hf`).
+    Returns the names copied; a source with no tokenizer.json is an error."""
+    folder = resolve_hf_source(source, revision, allow_patterns=TOKENIZER_FILES)
+    names = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if "tokenizer.json" not in names:
+        raise CheckpointError(f"{source}: no tokenizer.json, so not a tokenizer to copy")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(folder / name, Path(out) / name)
+    return names
+
+
+def nanotron_to_hf(ckpt: str | Path, out: str | Path, config: Optional[ModelConfig] = None,
+                   tokenizer: str | Path | None = None) -> Path:
     """nanotron checkpoint (any layout; or a checkpoints folder: its latest step) -> Hugging Face directory
-    loadable by `Qwen3.from_pretrained` and transformers' `AutoModelForCausalLM`."""
+    loadable by `Qwen3.from_pretrained` and transformers' `AutoModelForCausalLM`; with `tokenizer` (a hub id or
+    folder), its tokenizer files too (`copy_tokenizer`)."""
     ckpt = resolve_checkpoint(ckpt)
     config = config or read_checkpoint_config(ckpt)
     sd = nt_to_ours(read_nanotron_weights(ckpt), config)
@@ -330,6 +354,8 @@ def nanotron_to_hf(ckpt: str | Path, out: str | Path, config: Optional[ModelConf
         model.lm_head.weight = model.model.embed_tokens.weight
     model.to(dtype)
     model.save_pretrained(out)
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, out)
     return Path(out)
 
 
@@ -346,8 +372,6 @@ def resolve_hf_source(source: str | Path, revision: Optional[str] = None,
         raise CheckpointError(f"{source}: a file, not a Hugging Face checkpoint directory")
     if not _HUB_ID_RE.match(str(source)):
         raise CheckpointError(f"{source}: no such directory, and not a hub id of the form 'org/name'")
-    import huggingface_hub
-
     return Path(huggingface_hub.snapshot_download(repo_id=str(source), revision=revision,
                                                   allow_patterns=list(allow_patterns)))
 
@@ -405,7 +429,6 @@ def _write_checkpoint(hf_dir: Path, config: ModelConfig, out: str | Path, metas:
     import_nanotron()
     from nanotron.constants import CHECKPOINT_VERSION
     from nanotron.serialize.metadata import CheckpointMetadata, process_type
-    from packaging.version import Version
 
     from .model import Qwen3NTConfig
 
@@ -469,8 +492,6 @@ def init_from_hf(source: str | Path, model: str | ModelConfig, out_dir: str | Pa
     Its architecture must be the registry's (`ARCHITECTURE_FIELDS`): a mismatch is a ConfigError naming each
     differing field and both values, raised before anything is written. Returns `out_dir`, which holds model/,
     checkpoint_metadata.json and model_config.json (`_write_checkpoint`)."""
-    from ..models.registry import get_model_config
-
     name, expected = (model, get_model_config(model)) if isinstance(model, str) else ("the expected model", model)
     # The config alone first: from the hub, a wrong model then fails before its weights are downloaded.
     config_dir = resolve_hf_source(source, revision, allow_patterns=("config.json",))
@@ -517,12 +538,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     to_hf.add_argument("ckpt", help="a checkpoint folder (<checkpoints_path>/<step>) or a checkpoints folder "
                                     "(its latest.txt step)")
     to_hf.add_argument("out", help="the Hugging Face directory to write")
+    to_hf.add_argument("--tokenizer", default=None, help="also copy this tokenizer (hub id, e.g. Qwen/Qwen3-8B, or "
+                       "a local folder), so the directory loads with its chat template")
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
             path = init_from_hf(args.source, args.model, args.out, revision=args.revision, overwrite=args.overwrite)
         else:
-            path = nanotron_to_hf(args.ckpt, args.out)
+            path = nanotron_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer)
     except (ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors; missing files OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -534,7 +557,7 @@ __all__ = [
     "nt_to_ours", "ours_to_nt", "load_state_dict_into", "local_shard", "tied_name", "read_nanotron_weights",
     "write_nanotron_weights", "nanotron_to_hf", "hf_to_nanotron", "init_from_hf", "read_checkpoint_config",
     "model_config_from_nanotron", "nanotron_only_fields", "resolve_checkpoint", "resolve_hf_source",
-    "check_matches_registry", "ARCHITECTURE_FIELDS", "HUB_ALLOW_PATTERNS", "main",
+    "check_matches_registry", "copy_tokenizer", "ARCHITECTURE_FIELDS", "HUB_ALLOW_PATTERNS", "TOKENIZER_FILES", "main",
 ]
 
 

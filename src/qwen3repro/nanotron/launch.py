@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from ..data.packing import DataError, PackingLoader, load_documents
 from ..recipes import repo_root
@@ -53,8 +54,6 @@ def preflight(gpus: int) -> list[str]:
     Checked before any rank starts, because nanotron's trainer imports flash-attn at module level and NCCL and
     CUDA are only touched once every rank has started: one missing piece would otherwise cost a full queue
     wait and a crash per attempt."""
-    import torch
-
     problems = []
     if not torch.cuda.is_available():
         problems.append(f"no CUDA GPU is visible (torch {torch.__version__}, CUDA build: "
@@ -62,8 +61,6 @@ def preflight(gpus: int) -> list[str]:
     elif torch.cuda.device_count() < gpus:
         problems.append(f"{gpus} GPUs per node are planned and {torch.cuda.device_count()} are visible "
                         "(CUDA_VISIBLE_DEVICES, or --gpus-per-node)")
-    import torch.distributed as tdist
-
     if not (tdist.is_available() and tdist.is_nccl_available()):
         problems.append("torch.distributed has no NCCL backend (a CUDA build of torch has it)")
     if importlib.util.find_spec("flash_attn") is None:
@@ -192,8 +189,6 @@ PEAK_MEMORY_FILE = "peak_memory.json"  # next to the stage's YAML: what the GPUs
 def write_peak_memory(path: Path, rank: int) -> None:
     """Every rank's peak allocated and reserved GiB, gathered into one JSON file (rank 0 writes it), so a run's
     real memory can be set against the plan's estimate (`plan.RunPlan.memory`)."""
-    import torch.distributed as tdist
-
     mine = [rank, torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
     everyone = [None] * tdist.get_world_size()
     tdist.all_gather_object(everyone, mine)

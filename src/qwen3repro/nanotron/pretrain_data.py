@@ -86,7 +86,7 @@ from ..data.packing import IGNORE_INDEX, DataError
 from ..data.synthetic import check_length_mix, length_ranges
 from ..files import atomic_write, read_json_object, write_json_atomic
 from ..tokenizer import Tokenizer
-from .config_gen import TOKEN_SHARDS_DIRNAME
+from .config_gen import TOKEN_SHARDS_DIRNAME, build_stage_spec
 from .sft_data import interleave
 
 FORMAT = "qwen3repro-packed-tokens"
@@ -667,8 +667,6 @@ class PackedShardLoader:
 
 # ----------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> None:
-    from .config_gen import build_stage_spec
-
     parser = argparse.ArgumentParser(
         description="Write a full-scale pretraining stage's packed token shards (one worker's part of its mixture). "
                     "Rerun the same command to resume a killed job.")

@@ -36,11 +36,13 @@ class ModelSource(Protocol):
 
 
 class CheckpointModels:
-    """A checkpoint loaded once; `build(config)` gives a model with that config and the same weights."""
+    """A checkpoint loaded once; `build(config)` gives a model with that config and the same weights.
+    `model`: the checkpoint already loaded (on any device and dtype), instead of loading it here."""
 
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
+                 model: Qwen3 | None = None) -> None:
         self.path = Path(path)
-        self.base = Qwen3.from_pretrained(self.path, dtype=dtype).eval()
+        self.base = (model if model is not None else Qwen3.from_pretrained(self.path, dtype=dtype)).eval()
         self.config: ModelConfig = self.base.config
         self._built: list[tuple[ModelConfig, nn.Module]] = [(self.config, self.base)]
 
