@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 
 import pytest
 import torch
 
 pytest.importorskip("nanotron")
+
+from gloo_helpers import free_port  # noqa: E402
 
 from qwen3repro.models.registry import REAL_MODELS, count_parameters  # noqa: E402
 from qwen3repro.nanotron import config_gen  # noqa: E402
@@ -143,10 +144,6 @@ def test_a_derived_size_stated_by_the_scale_is_an_error():
 
 
 # ---------------------------------------------------------------------------------- parameter counts
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _count_worker(rank, port):
@@ -165,7 +162,7 @@ def _count_worker(rank, port):
 
 
 def test_nanotron_parameter_count_equals_registry():
-    torch.multiprocessing.spawn(_count_worker, args=(_free_port(),), nprocs=1, join=True)
+    torch.multiprocessing.spawn(_count_worker, args=(free_port(),), nprocs=1, join=True)
 
 
 # ---------------------------------------------------------------------------------- memory against nanotron
@@ -204,7 +201,7 @@ def _held_by_each_gpu_worker(rank, port, out_dir):
 
 
 def test_memory_estimate_counts_what_nanotron_holds_on_each_gpu(tmp_path):
-    torch.multiprocessing.spawn(_held_by_each_gpu_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_held_by_each_gpu_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name in MEASURED_MODELS:
         base = config_gen.build_stage_spec("s2", name).plan()

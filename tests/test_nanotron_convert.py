@@ -33,7 +33,6 @@ import dataclasses
 import fnmatch
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +41,8 @@ import pytest
 import torch
 
 pytest.importorskip("nanotron")
+
+from gloo_helpers import free_port  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 from qwen3repro.config import ConfigError  # noqa: E402
@@ -55,15 +56,11 @@ RTOL, ATOL = 1e-4, 1e-5  # fp32; the only differences are the kernels' summation
 STEP = 3  # the training step the trainer checkpoint is saved at
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(worker, *args) -> None:
     """One gloo process (nanotron's parallel context needs torch.distributed; the test process stays clean)."""
-    torch.multiprocessing.spawn(worker, args=(_free_port(), *args), nprocs=1, join=True)
+    torch.multiprocessing.spawn(worker, args=(free_port(), *args), nprocs=1, join=True)
 
 
 def _ids(vocab_size: int, batch: int = 2, seq: int = 10) -> torch.Tensor:

@@ -23,7 +23,6 @@ Tolerance as in test_nanotron_parallel: fp32, rtol 1e-4 / atol 1e-6 (the only di
 """
 from __future__ import annotations
 
-import socket
 import types
 
 import pytest
@@ -31,20 +30,18 @@ import torch
 
 pytest.importorskip("nanotron")
 
+from gloo_helpers import free_port, packed_batches, reference_backward  # noqa: E402
+
 RTOL, ATOL = 1e-4, 1e-6
 SEED = 1234
 CPU = torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(worker, nprocs: int, *args) -> None:
-    torch.multiprocessing.spawn(worker, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=True)
+    torch.multiprocessing.spawn(worker, args=(nprocs, free_port(), *args), nprocs=nprocs, join=True)
 
 
 def _start(rank: int, world: int, port: int) -> None:
@@ -76,48 +73,8 @@ def _nt_config(cfg):
     return Qwen3NTConfig.from_model_config(cfg, attn_implementation="sdpa")
 
 
-def _batches(cfg, n_micro: int = 2, b: int = 2, s: int = 12, seed: int = 1):
-    """Micro-batches with a packed document boundary and a loss mask; each counts the same number of tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_micro):
-        ids = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g)
-        pos = torch.arange(s).repeat(b, 1)
-        pos[1, 7:] = torch.arange(s - 7)  # a second packed document in row 1
-        mask = torch.ones(b, s, dtype=torch.bool)
-        mask[0, :3] = False  # e.g. a prompt that does not count
-        out.append(dict(input_ids=ids[:, :-1], position_ids=pos, label_ids=ids[:, 1:], label_mask=mask))
-    return out
 
 
-def _reference_backward(ref, cfg, mbs) -> float:
-    """The plain model's loss over the micro-batches (each weighted 1/len(mbs), the load-balancing loss with the
-    step's expert counts), backpropagated; returns the loss."""
-    from qwen3repro.losses import ExpertCounts, load_balancing_loss, masked_cross_entropy
-    from qwen3repro.nanotron.model import segment_ids_from_positions
-
-    def fwd(mb):
-        return ref(mb["input_ids"], position_ids=mb["position_ids"],
-                   segment_ids=segment_ids_from_positions(mb["position_ids"]), output_router_logits=True)
-
-    e, k = cfg.num_experts, cfg.num_experts_per_tok
-    step_counts = None
-    if cfg.is_moe:
-        with torch.no_grad():
-            for mb in mbs:
-                counts = ExpertCounts.of(fwd(mb).router_logits, e, k, layers="per_layer")
-                step_counts = counts if step_counts is None else step_counts + counts
-    total = 0.0
-    for mb in mbs:
-        out = fwd(mb)
-        loss = masked_cross_entropy(out.logits, mb["label_ids"], mb["label_mask"])
-        if step_counts is not None:
-            loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(out.router_logits, e, k, layers="per_layer",
-                                                                           step_counts=step_counts)
-        loss = loss / len(mbs)
-        loss.backward()
-        total += float(loss.detach())
-    return total
 
 
 def _reference_model(cfg):
@@ -251,9 +208,9 @@ def _tp_pp_worker(rank, world, port):
     pc = compat.cpu_parallel_context(tp=2, pp=2)
     for cfg_name in ("micro", "micro-moe"):
         cfg = _config(cfg_name)
-        mbs = _batches(cfg)
+        mbs = packed_batches(cfg)
         ref = _reference_model(cfg)
-        ref_loss = _reference_backward(ref, cfg, mbs)
+        ref_loss = reference_backward(ref, cfg, mbs)
 
         model = build_qwen3(_nt_config(cfg), pc, device=CPU)
         load_state_dict_into(model, {k: v.detach() for k, v in ref.state_dict().items()}, cfg)
@@ -324,10 +281,10 @@ def _dp_worker(rank, world, port):
         engine = OneForwardOneBackwardPipelineEngine()
 
         for step in range(STEPS):
-            halves = _batches(cfg, n_micro=2, seed=10 + step)  # the step's doubled batch, one half per DP rank
+            halves = packed_batches(cfg, n_micro=2, seed=10 + step)  # the step's doubled batch, one half per DP rank
             doubled = {k: torch.cat([h[k] for h in halves]) for k in halves[0]}
             ref_opt.zero_grad()
-            _reference_backward(ref, cfg, [doubled])
+            reference_backward(ref, cfg, [doubled])
 
             mb = halves[dp_rank]
             count_experts(model, [mb])  # expert counts summed over DP: the doubled batch's

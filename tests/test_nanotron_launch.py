@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import pytest
 import torch
 
 pytest.importorskip("nanotron")
+
+from gloo_helpers import free_port  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -33,10 +34,6 @@ from qwen3repro.nanotron.cli import full_command, launch_refusals  # noqa: E402
 from qwen3repro.nanotron.launch import launch_command, preflight, skip_consumed, slurm_script  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _checkpoint(folder: Path, step: int) -> Path:
@@ -219,7 +216,7 @@ def _decay_worker(rank, world, port):
 
 
 def test_no_weight_decay_on_norms_and_embeddings():
-    torch.multiprocessing.spawn(_decay_worker, args=(1, _free_port()), nprocs=1, join=True)
+    torch.multiprocessing.spawn(_decay_worker, args=(1, free_port()), nprocs=1, join=True)
 
 
 # ------------------------------------------------------------------------------------ kill and resume
@@ -347,7 +344,7 @@ def test_a_killed_stage_resumes_to_the_weights_of_an_uncut_run(tmp_path):
     _documents(tmp_path)
     _resume_config(tmp_path, "uncut")
     _resume_config(tmp_path, "cut")
-    torch.multiprocessing.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     uncut, cut = torch.load(tmp_path / "uncut" / "final.pt"), torch.load(tmp_path / "cut" / "final.pt")
     assert uncut.keys() == cut.keys() and len(uncut) > 5
     for name in uncut:

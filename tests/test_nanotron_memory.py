@@ -27,7 +27,6 @@ the weights' values, and 128 real experts of Qwen3-235B-A22B would take 4.8 GB o
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import types
 
@@ -36,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("nanotron")
+
+from gloo_helpers import free_port  # noqa: E402
 
 from qwen3repro.models.registry import get_model_config  # noqa: E402
 from qwen3repro.nanotron.plan import (  # noqa: E402
@@ -54,10 +55,6 @@ SEQ_LENS = (32, 64)  # one sequence each; per token = (bytes(64) - bytes(32)) / 
 INIT_STD = 0.02
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ the flash-attn stand-in
@@ -171,7 +168,7 @@ def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("saved")
     results = {}
     for tp, models in MEASUREMENTS:
-        torch.multiprocessing.spawn(_measure_worker, args=(tp, _free_port(), models, str(out)), nprocs=tp, join=True)
+        torch.multiprocessing.spawn(_measure_worker, args=(tp, free_port(), models, str(out)), nprocs=tp, join=True)
         ranks = [json.loads((out / f"tp{tp}-rank{r}.json").read_text()) for r in range(tp)]
         assert all(r == ranks[0] for r in ranks), ranks
         results.update({(tp, name): ranks[0][name] for name in models})

@@ -12,65 +12,27 @@ logits, and `hf_to_nanotron` -> nanotron `load_weights` gives back every rank's 
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 
 pytest.importorskip("nanotron")
 
+from gloo_helpers import free_port, packed_batches, reference_backward  # noqa: E402
+
 RTOL, ATOL = 1e-4, 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _batches(cfg, n_micro=2, b=2, s=12):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n_micro):
-        ids = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g)
-        pos = torch.arange(s).repeat(b, 1)
-        pos[1, 7:] = torch.arange(s - 7)  # a second packed document in row 1
-        mask = torch.ones(b, s, dtype=torch.bool)
-        mask[0, :3] = False  # e.g. a prompt that does not count
-        out.append(dict(input_ids=ids[:, :-1], position_ids=pos, label_ids=ids[:, 1:], label_mask=mask))
-    return out
 
 
 def _reference(cfg, mbs, lbl_layers):
-    from qwen3repro.losses import ExpertCounts, load_balancing_loss, masked_cross_entropy
     from qwen3repro.models.qwen3 import Qwen3
-    from qwen3repro.nanotron.model import segment_ids_from_positions
 
     torch.manual_seed(0)
     ref = Qwen3(cfg)
-
-    def fwd(mb):
-        return ref(mb["input_ids"], position_ids=mb["position_ids"],
-                   segment_ids=segment_ids_from_positions(mb["position_ids"]), output_router_logits=True)
-
-    e, k = cfg.num_experts, cfg.num_experts_per_tok
-    step_counts = None
-    if cfg.is_moe:  # the step's counts first, over both micro-batches
-        with torch.no_grad():
-            for mb in mbs:
-                counts = ExpertCounts.of(fwd(mb).router_logits, e, k, layers=lbl_layers)
-                step_counts = counts if step_counts is None else step_counts + counts
-    total = 0.0
-    for mb in mbs:
-        out = fwd(mb)
-        loss = masked_cross_entropy(out.logits, mb["label_ids"], mb["label_mask"])
-        if step_counts is not None:
-            loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(out.router_logits, e, k, layers=lbl_layers,
-                                                                           step_counts=step_counts)
-        loss = loss / len(mbs)
-        loss.backward()
-        total += float(loss)
-    return ref, total
+    return ref, reference_backward(ref, cfg, mbs, lbl_layers)
 
 
 def _worker(rank, world, port, mode, tmpdir):
@@ -108,7 +70,7 @@ def _check(pc, mode, cfg_name, lbl_layers, tmpdir):
     if cfg.is_moe:  # a large LBL coefficient (a wrong gradient cannot hide in the tolerance), and YaRN RoPE
         cfg = cfg.replace(router_aux_loss_coef=0.5, rope_theta=1e6,
                           rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})
-    mbs = _batches(cfg)
+    mbs = packed_batches(cfg)
     ref, ref_loss = _reference(cfg, mbs, lbl_layers)
 
     # PP runs with per-layer activation recomputation, TP without: both must give the same gradients.
@@ -176,4 +138,4 @@ def _check(pc, mode, cfg_name, lbl_layers, tmpdir):
 @pytest.mark.parametrize("mode", ["tp", "pp"])
 def test_nanotron_matches_plain_model(mode, tmp_path):
     """Dense (micro) and MoE (micro-moe) in one pair of processes per layout (process start-up dominates)."""
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)

@@ -20,12 +20,13 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 
 pytest.importorskip("nanotron")
+
+from gloo_helpers import free_port  # noqa: E402
 
 from qwen3repro.chat import tokenize_conversation  # noqa: E402
 from qwen3repro.data.packing import DataError  # noqa: E402
@@ -206,10 +207,6 @@ def test_launcher_refuses_the_wrong_kind_of_data(shards, tmp_path):
 
 
 # ------------------------------------------------------------------------------ the training step
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step_worker(rank, port, path):
@@ -278,7 +275,7 @@ def _step_worker(rank, port, path):
 
 def test_training_step_loss_on_masked_shards_equals_masked_cross_entropy(shards):
     path, _ = shards
-    torch.multiprocessing.spawn(_step_worker, args=(_free_port(), str(path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_step_worker, args=(free_port(), str(path)), nprocs=2, join=True)
 
 
 # ------------------------------------------------------------------------------------- the command

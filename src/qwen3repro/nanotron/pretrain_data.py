@@ -87,7 +87,7 @@ from ..data.synthetic import check_length_mix, length_ranges
 from ..files import atomic_write, read_json_object, write_json_atomic
 from ..tokenizer import Tokenizer
 from .config_gen import TOKEN_SHARDS_DIRNAME, build_stage_spec
-from .sft_data import interleave
+from .sft_data import check_parts_agree, interleave
 
 FORMAT = "qwen3repro-packed-tokens"
 FORMAT_VERSION = 1
@@ -496,15 +496,9 @@ def read_token_manifests(path: str | Path) -> list[dict]:
             raise DataError(f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected {FORMAT!r} "
                             f"version {FORMAT_VERSION}")
         manifests.append(m)
-    for key in ("stage", "seq_len", "tokenizer_sha256", "num_workers", "document_masking", "length_mix", "sources",
-                "seed"):
-        values = {json.dumps(m.get(key), sort_keys=True) for m in manifests}
-        if len(values) > 1:
-            raise DataError(f"{path}: workers disagree on {key}: {sorted(values)}")
-    n = manifests[0]["num_workers"]
-    have = sorted(m["worker_index"] for m in manifests)
-    if have != list(range(n)):
-        raise DataError(f"{path}: written by {n} workers but found workers {have}")
+    check_parts_agree(path, manifests, ("stage", "seq_len", "tokenizer_sha256", "num_workers", "document_masking",
+                                        "length_mix", "sources", "seed"),
+                      count_key="num_workers", index_key="worker_index", noun="workers")
     unfinished = [m["worker_index"] for m in manifests if not m.get("done")]
     if unfinished:
         raise DataError(f"{path}: workers {unfinished} have not finished (killed or still running); rerun them "

@@ -323,15 +323,23 @@ def read_manifests(path: str | Path) -> list[dict]:
         if m.get("format") != FORMAT:
             raise DataError(f"{f}: format {m.get('format')!r}, expected {FORMAT!r}")
         manifests.append(m)
-    for key in ("seq_len", "tokenizer", "chat_template_sha256", "parts", "enable_thinking", "thinking_modes"):
-        values = {json.dumps(m.get(key)) for m in manifests}
-        if len(values) > 1:
-            raise DataError(f"{path}: parts disagree on {key}: {sorted(values)}")
-    parts = manifests[0]["parts"]
-    have = sorted(m["part"] for m in manifests)
-    if have != list(range(parts)):
-        raise DataError(f"{path}: written in {parts} parts but found parts {have}")
+    check_parts_agree(path, manifests, ("seq_len", "tokenizer", "chat_template_sha256", "parts", "enable_thinking",
+                                        "thinking_modes"), count_key="parts", index_key="part", noun="parts")
     return manifests
+
+
+def check_parts_agree(path, manifests: Sequence[Mapping[str, Any]], keys: Sequence[str], *, count_key: str,
+                      index_key: str, noun: str) -> None:
+    """The manifests of a shard folder written in parts (SFT `--part`, pretraining `--worker-index`) must agree
+    on every setting in `keys` and number exactly 0 .. n-1 (`count_key` says n, `index_key` each one's number)."""
+    for key in keys:
+        values = {json.dumps(m.get(key), sort_keys=True) for m in manifests}
+        if len(values) > 1:
+            raise DataError(f"{path}: {noun} disagree on {key}: {sorted(values)}")
+    n = manifests[0][count_key]
+    have = sorted(m[index_key] for m in manifests)
+    if have != list(range(n)):
+        raise DataError(f"{path}: written in {n} {noun} but found {noun} {have}")
 
 
 class MaskedShardLoader:
