@@ -5,11 +5,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed
+# Where the tiny, small and micro pipelines compute: cpu (default), cuda, cuda:N or auto. The device is not
+# part of any lineage hash; a run asking for a GPU on a machine without one stops before its first stage.
+DEVICE ?= cpu
 
 .PHONY: help venv system-deps test test-all bench tiny-pipeline small-pipeline micro-pipeline scaling-laws clean
 
 help:
-	@echo "make tiny-pipeline   run the tiny replication end to end (writes runs/tiny/)"
+	@echo "make tiny-pipeline   run the tiny replication end to end (writes runs/tiny/); DEVICE=cuda runs it on one GPU"
 	@echo "make small-pipeline  tiny's pretraining + ~6x longer post-training (writes runs/small/, ~1 h after tiny)"
 	@echo "make test            CPU test suite (what CI runs)"
 	@echo "make bench           benchmarks (pytest-benchmark), ratios against transformers"
@@ -33,6 +36,7 @@ $(STAMP): pyproject.toml | system-deps
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[dev,full]'
+	$(PIP) install -q --no-deps verl==0.9.1
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -47,14 +51,14 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -m bench --benchmark-enable -s tests/bench
 
 tiny-pipeline: $(STAMP)
-	$(VENV)/bin/qwen3repro pipeline tiny
+	$(VENV)/bin/qwen3repro pipeline tiny --device $(DEVICE)
 
 # Post-training claims with more compute; copies tiny's finished pretraining stages when present.
 small-pipeline: $(STAMP)
-	$(VENV)/bin/qwen3repro pipeline small
+	$(VENV)/bin/qwen3repro pipeline small --device $(DEVICE)
 
 micro-pipeline: $(STAMP)
-	$(VENV)/bin/qwen3repro pipeline micro
+	$(VENV)/bin/qwen3repro pipeline micro --device $(DEVICE)
 
 # LR x batch x model-size sweep and power-law fits for the optimal LR and batch (~30 min on one thread).
 scaling-laws: $(STAMP)
@@ -83,3 +87,23 @@ full: $(STAMP)
 	$(PY) -m qwen3repro.nanotron.cli --stage "$(STAGE)" --model "$(MODEL)" \
 		$(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
 		$(if $(DRY_RUN),--dry-run) $(if $(DATA),--data $(DATA)) $(if $(INIT),--init $(INIT)) $(if $(FORCE),--force)
+
+# verl 0.9.1 for the full-scale RL and on-policy distillation stages, in its own environment: verl pins
+# transformers >=5.5.3,<5.11 while the main environment has a newer one. Our package goes in without extras
+# (its core dependencies have no transformers pin, so verl's choice stands), enough for the reward module
+# (qwen3repro.verl.reward) and the data writer to import next to verl. hypothesis is for the peer tests
+# (tests/test_verl_peer.py), which skip while this environment is absent.
+VERL_VENV    ?= .venv-verl
+VERL_VERSION ?= 0.9.1
+VERL_STAMP   := $(VERL_VENV)/.installed
+.PHONY: verl-env
+$(VERL_STAMP): pyproject.toml
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/pip install -q --upgrade pip
+	$(VERL_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(VERL_VENV)/bin/pip install -q torch==$(TORCH_VERSION) 'verl[verl-core]==$(VERL_VERSION)' -e . 'hypothesis>=6.100' 'pytest>=8'
+	$(VERL_VENV)/bin/pip check
+	$(VERL_VENV)/bin/python -c "import verl, transformers, qwen3repro.rewards; print('verl', verl.__version__, 'transformers', transformers.__version__)"
+	touch $(VERL_STAMP)
+
+verl-env: $(VERL_STAMP)

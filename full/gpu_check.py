@@ -24,6 +24,11 @@ What it measures (each part is timed and bounded; results go to --out as JSON an
    trainer's GPU held (`peak_memory.json`) is set against the plan's estimate for the same layout. Without
    flash-attn, nanotron's trainer module still imports it (through its Llama model, which we do not use): a stub
    package then satisfies those imports, every stubbed function raises if called, and our model runs SDPA.
+5. The CPU scales on the GPU: `qwen3repro pipeline micro --device cuda` end to end (every stage, the engine's
+   PyTorch path, the evaluations, the claims and the MoE experiment) as a subprocess, bounded by
+   --micro-timeout seconds (killed past it; the stages it finished are still reported). Recorded: its exit
+   status, each stage's seconds and the device its `timing.json` names, and the claims table's rows. It
+   passes when the run ends cleanly and every stage ran on the GPU.
 """
 from __future__ import annotations
 
@@ -347,11 +352,62 @@ def check_trainer(pc, result: dict, workdir: Path) -> None:
     out["pass"] = bool(out["resume_pass"] and out["conversion_pass"])
 
 
+# ------------------------------------------------------------------------------------ 5. the CPU scales on the GPU
+MICRO_TIMEOUT_S = 300  # the micro pipeline takes 2-4 min on two CPU cores; parts 1-4 need the rest of the slot
+
+
+def micro_pipeline_summary(root: Path) -> dict:
+    """What a micro pipeline run left in `root` (= <out>/micro): every finished stage's seconds and device (from
+    its `timing.json`, so a run cut by the timeout still shows how far it got), and the claims table's rows."""
+    stages = {}
+    for timing in sorted(root.glob("**/timing.json")):
+        record = json.loads(timing.read_text())
+        stages[str(timing.parent.relative_to(root))] = {"seconds": record.get("seconds"),
+                                                         "device": record.get("device")}
+    claims_file = root / "claims" / "claims.json"
+    rows = json.loads(claims_file.read_text()) if claims_file.is_file() else []
+    pipeline_file = root / "pipeline.json"
+    total = json.loads(pipeline_file.read_text()).get("total_seconds") if pipeline_file.is_file() else None
+    return {"stages": stages, "total_seconds": total,
+            "claims": [{"name": r["name"], "measured": r["measured"], "reproduced": r["reproduced"]} for r in rows]}
+
+
+def check_micro_pipeline(result: dict, workdir: Path, timeout: float) -> None:
+    import signal
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # part 1's process group
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "qwen3repro.cli", "pipeline", "micro", "--device", "cuda", "--out", str(workdir)]
+    log_path = workdir / "micro.log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and any process it started
+            proc.wait()
+            rc = None
+    out = {"command": " ".join(cmd[1:]), "returncode": rc, "timed_out": rc is None, "timeout_s": timeout,
+           "seconds": time.time() - t0, **micro_pipeline_summary(workdir / "micro")}
+    if rc != 0:
+        out["log_tail"] = log_path.read_text(errors="replace")[-3000:]
+    devices = {stage["device"] for stage in out["stages"].values()}
+    out["pass"] = rc == 0 and bool(out["stages"]) and devices == {"cuda"} and bool(out["claims"])
+    result["micro_pipeline"] = out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="gpu_check.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["loss", "flash", "mfu", "trainer"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["loss", "flash", "mfu", "trainer", "micro"])
+    ap.add_argument("--micro-timeout", type=float, default=MICRO_TIMEOUT_S,
+                    help="seconds the micro pipeline (part 5) may run before it is killed")
     ap.add_argument("--cpu-smoke", action="store_true", help="run part 1 on CPU/gloo (tests this script, measures nothing)")
     args = ap.parse_args()
     global DEV
@@ -361,7 +417,7 @@ def main() -> None:
     compat.import_nanotron()
     if args.cpu_smoke:
         DEV = torch.device("cpu")
-        args.skip = ["flash", "mfu", "trainer"]
+        args.skip = ["flash", "mfu", "trainer", "micro"]
         compat.init_gloo(0, 1, int(os.environ["MASTER_PORT"]))
         pc = compat.cpu_parallel_context()
     elif not torch.cuda.is_available():
@@ -381,7 +437,9 @@ def main() -> None:
     for name, fn in (("loss", lambda: check_loss_curve(pc, args.steps, result)),
                      ("flash", lambda: check_flash_vs_sdpa(pc, result)),
                      ("mfu", lambda: check_mfu(pc, result)),
-                     ("trainer", lambda: check_trainer(pc, result, Path(tempfile.mkdtemp(prefix="trainer-check-"))))):
+                     ("trainer", lambda: check_trainer(pc, result, Path(tempfile.mkdtemp(prefix="trainer-check-")))),
+                     ("micro", lambda: check_micro_pipeline(result, Path(tempfile.mkdtemp(prefix="micro-check-")),
+                                                            args.micro_timeout))):
         if name in args.skip:
             continue
         t0 = time.time()
@@ -392,7 +450,8 @@ def main() -> None:
         result[f"{name}_seconds"] = time.time() - t0
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=str)[-2000:], flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    ok = all(result.get(k, {}).get("pass", True) for k in ("loss_curve", "flash_vs_sdpa", "trainer")
+    ok = all(result.get(k, {}).get("pass", True)
+             for k in ("loss_curve", "flash_vs_sdpa", "trainer", "micro_pipeline")
              if isinstance(result.get(k), dict))
     print("GPU CHECK", "PASSED" if ok and not any(k.endswith("_error") for k in result) else "FAILED")
 

@@ -148,10 +148,15 @@ def test_chain_plan_prints_every_stage_and_refuses_missing_pieces(tmp_path):
         assert stage in student.output
     assert "[cold-start]" not in student.output  # not the students' pipeline
     assert "GiB per GPU" in student.output and "days" in student.output and "parent s3" in student.output
-    # The flagship's chain skips reasoning RL (no full-scale engine yet): a missing piece, named.
-    assert flagship.exit_code == 1
-    assert "[fusion] parent cold-start" in flagship.output
-    assert "reasoning-rl (between cold-start and fusion" in flagship.output
+    # The RL stages are planned on verl: the students' on-policy distillation, the flagship's reasoning and
+    # general RL. The flagship's chain then has no gap: fusion starts from reasoning RL's merged output.
+    assert "[distill-online] parent distill · verl" in student.output and "(teacher)" in student.output
+    assert flagship.exit_code == 0, flagship.output
+    for stage in ("[cold-start]", "[reasoning-rl] parent cold-start · verl", "[fusion] parent reasoning-rl",
+                  "[general-rl] parent fusion · verl"):
+        assert stage in flagship.output
+    assert "starts   from reasoning-rl's verl output, converted: runs/full/qwen3-32b/reasoning-rl/hf" in flagship.output
+    assert "has no full-scale path" not in flagship.output and "incomplete" not in flagship.output
     r = CliRunner().invoke(full_command, ["--stage", "all", "--model", "qwen3-32b"])
     assert r.exit_code != 0 and "--dry-run" in r.output
 
@@ -377,7 +382,7 @@ def test_init_from_a_release_becomes_the_stage_start(tmp_path, monkeypatch):
         # launching converts (then stops here: no GPUs), and the config starts from the converted folder
         r = CliRunner().invoke(full_command, ["--stage", "cold-start", "--model", "qwen3-8b", "--init", "Qwen/Qwen3-8B-Base"])
         assert calls == [("Qwen/Qwen3-8B-Base", "qwen3-8b", Path("runs/full/qwen3-8b/cold-start/init"))]
-        assert "a released model, converted" in r.output
+        assert "a Hugging Face checkpoint, converted" in r.output
         cfg = config_gen.load_with_nanotron(Path("runs/full/qwen3-8b/cold-start/cold-start.yaml"))
         assert Path(cfg.model.init_method.path) == Path("runs/full/qwen3-8b/cold-start/init")
         # S2 trains at base 1e4; the release was trained at 1e6
@@ -385,3 +390,27 @@ def test_init_from_a_release_becomes_the_stage_start(tmp_path, monkeypatch):
         Path("runs/full/qwen3-8b/s2/init/model_config.json").write_text(json.dumps({"rope_theta": 1e6}))
         r = CliRunner().invoke(full_command, ["--stage", "s2", "--model", "qwen3-8b", "--init", "Qwen/Qwen3-8B-Base"])
         assert r.exit_code != 0 and "RoPE base is 1e+06" in r.output
+
+
+def test_a_stage_after_a_verl_stage_starts_from_its_output(tmp_path, monkeypatch):
+    """Fusion's parent in the report is reasoning RL, which trains on verl: fusion starts from reasoning RL's
+    merged Hugging Face output (converted at launch), not from the cold start, and refuses while it is missing."""
+    import json
+
+    from qwen3repro.nanotron import convert
+
+    def fake_init(source, model, out):
+        (Path(out) / "model").mkdir(parents=True)
+        (Path(out) / "model_config.json").write_text(json.dumps({"rope_theta": 1e6}))
+        return Path(out)
+
+    monkeypatch.setattr(convert, "init_from_hf", fake_init)
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        r = CliRunner().invoke(full_command, ["--stage", "fusion", "--model", "qwen3-32b"])
+        assert r.exit_code != 0 and "reasoning-rl's output" in r.output and "does not exist yet" in r.output
+        Path("runs/full/qwen3-32b/reasoning-rl/hf").mkdir(parents=True)
+        Path("runs/full/qwen3-32b/reasoning-rl/hf/config.json").write_text("{}")
+        r = CliRunner().invoke(full_command, ["--stage", "fusion", "--model", "qwen3-32b"])
+        assert "starts from runs/full/qwen3-32b/fusion/init" in r.output
+        cfg = config_gen.load_with_nanotron(Path("runs/full/qwen3-32b/fusion/fusion.yaml"))
+        assert Path(cfg.model.init_method.path) == Path("runs/full/qwen3-32b/fusion/init")

@@ -15,7 +15,7 @@ from qwen3repro.pipeline import build_plan, describe, expected_hash, run_pipelin
 def micro_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     lines: list[str] = []
-    plan = run_pipeline("micro", out_root=root, printer=lines.append)
+    plan = run_pipeline("micro", out_root=root, printer=lines.append, device="cpu")  # through the run's setting
     return plan, lines
 
 
@@ -36,13 +36,16 @@ def test_micro_pipeline_runs_every_stage_and_writes_the_report(micro_run):
     names = {c["name"] for c in claims}
     assert any(n.startswith("s2_reasoning") for n in names)
     assert any(n.startswith("yarn_dca") for n in names)
-    # The machine is recorded: in REPORT.md, in pipeline.json and with every trained stage's time.
+    # The machine and the device are recorded: in REPORT.md, in pipeline.json and with every trained stage's
+    # time (its timing.json); the device also in the stage.json a stage writes when it starts.
     summary = json.loads((plan.root / "pipeline.json").read_text())
     assert summary["machine"] == plan.machine and plan.machine["matmul_peak_gflops_fp32"] > 0
+    assert summary["device"] == plan.device == "cpu" and "gpu" not in plan.machine
     assert plan.machine["torch_threads"] == plan.settings.threads
-    assert f"Machine: {plan.machine['cpu']}" in report
+    assert f"Machine: {plan.machine['cpu']}" in report and "; device cpu " in report
     for key, stage in summary["stages"].items():
-        assert stage["trained"] == {"seconds": stage["seconds"], "machine": plan.machine}, key
+        assert stage["trained"] == {"seconds": stage["seconds"], "machine": plan.machine, "device": "cpu"}, key
+        assert json.loads((plan.node(key).out_dir / "stage.json").read_text())["device"] == "cpu", key
     # every stage logged a progress line with an ETA and wrote metrics.jsonl
     assert any("eta" in line for line in lines)
     assert (plan.node("student/s1").out_dir / "metrics.jsonl").exists()

@@ -97,19 +97,24 @@ def model_info(name: str, as_json: bool) -> None:
               help="Override a scale value, e.g. --set stages.s1.tokens=200000 (TOML value syntax).")
 @click.option("--only", multiple=True, metavar="STAGE", help="Run only these stages (e.g. tokenizer, s1, flagship/s2).")
 @click.option("--no-claims", is_flag=True, help="Train the stages but skip the claims and the report.")
-@click.option("--dry-run", is_flag=True, help="Print every resolved stage config and exit.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where every stage, evaluation and claim computes: cpu, cuda, cuda:N or auto (a GPU when there "
+                   "is one). Not part of any lineage hash.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved device and every resolved stage config, and exit.")
 def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[str, ...], no_claims: bool,
-             dry_run: bool) -> None:
+             device: str, dry_run: bool) -> None:
     """Run the SCALE pipeline (tiny, small, micro: tiny/SCALE.toml): every stage the scale lists, for the roles
     its recipe names, in the order of the stage graph (recipes/), then the claims and REPORT.md.
 
     Up-to-date stages are skipped and cut stages resume; see runs/SCALE/REPORT.md afterwards. One run at a time
-    per output directory: a second one stops at once with an error naming the first one's pid.
+    per output directory: a second one stops at once with an error naming the first one's pid. A --device this
+    machine does not have stops the run before any stage starts.
     """
     if dry_run:
-        click.echo(describe(build_plan(scale, out_root=out_root, overrides=list(overrides))))
+        click.echo(describe(build_plan(scale, out_root=out_root, overrides=list(overrides), device=device)))
         return
-    run_pipeline(scale, out_root=out_root, overrides=list(overrides), only=set(only) or None, claims=not no_claims)
+    run_pipeline(scale, out_root=out_root, overrides=list(overrides), only=set(only) or None, claims=not no_claims,
+                 device=device)
 
 
 # Command groups that live next to their code.

@@ -7,7 +7,8 @@
   scores and values, counting the causal mask as full).
 * `cpu_has_bf16`: whether the CPU advertises native bf16 arithmetic (AVX512-BF16 or AMX-BF16).
 * `machine_info`: what a time or a floating-point figure depends on (CPU model, the ISA flags PyTorch's
-  kernels dispatch on, threads, the measured fp32 matmul peak), recorded next to every pipeline's times.
+  kernels dispatch on, threads, the measured fp32 matmul peak; for a run on a GPU, the GPU and its measured
+  fp32 matmul peak too), recorded next to every pipeline's times.
 """
 from __future__ import annotations
 
@@ -42,24 +43,36 @@ def cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
     return model, flags
 
 
-def machine_info(*, measure_peak: bool = True) -> dict:
+def machine_info(*, measure_peak: bool = True, device: str = "cpu") -> dict:
     """The machine a run's times and figures belong to: CPU model, ISA flags present, logical CPUs,
-    PyTorch threads and version, and (measured, a second or so) the fp32 matmul peak in GFLOP/s."""
+    PyTorch threads and version, and (measured, a second or so) the fp32 matmul peak in GFLOP/s. A run on
+    a GPU (`device` "cuda" or "cuda:N") adds the GPU's name and its measured fp32 matmul peak (TF32 as
+    PyTorch's matmul setting has it: off by default)."""
     model, flags = cpuinfo()
     info = {"cpu": model or platform.processor() or platform.machine(),
             "isa": [f for f in ISA_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     if measure_peak:
         info["matmul_peak_gflops_fp32"] = round(matmul_peak_flops(torch.float32, repeats=3) / 1e9, 1)
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        if measure_peak:
+            info["gpu_matmul_peak_gflops_fp32"] = round(
+                matmul_peak_flops(torch.float32, n=4096, repeats=3, device=device) / 1e9, 1)
     return info
 
 
 def describe_machine(info: dict) -> str:
-    """One line for a report: "AMD EPYC (avx2, fma), 2 threads, fp32 matmul peak 153 GFLOP/s"."""
+    """One line for a report: "AMD EPYC (avx2, fma), 2 threads, fp32 matmul peak 153 GFLOP/s" (and, for a
+    run on a GPU, "; GPU NVIDIA H100 80GB HBM3, fp32 matmul peak 51000 GFLOP/s")."""
     peak = info.get("matmul_peak_gflops_fp32")
-    return (f"{info.get('cpu') or 'unknown CPU'} ({', '.join(info.get('isa') or ()) or 'no AVX flags'}), "
+    line = (f"{info.get('cpu') or 'unknown CPU'} ({', '.join(info.get('isa') or ()) or 'no AVX flags'}), "
             f"{info.get('torch_threads')} thread{'' if info.get('torch_threads') == 1 else 's'}"
             + (f", fp32 matmul peak {peak:.0f} GFLOP/s" if peak else ""))
+    if info.get("gpu"):
+        gpu_peak = info.get("gpu_matmul_peak_gflops_fp32")
+        line += f"; GPU {info['gpu']}" + (f", fp32 matmul peak {gpu_peak:.0f} GFLOP/s" if gpu_peak else "")
+    return line
 
 
 def cpu_has_bf16() -> bool:

@@ -21,6 +21,12 @@ retrieval, the MoE load-balancing experiment) and `REPORT.md`.
 
 One writer per run directory: a run holds `<out>/<scale>/.lock` (`run_lock`) from its first write to
 its last, and a second run on the same directory stops at once with an error naming the holder's pid.
+
+One device per run (`--device`: cpu, cuda, cuda:N or auto; `devices.pipeline_device` checks it before
+anything runs): every stage trains, generates and evaluates there, and so do the claims and the
+experiments. It is bookkeeping, not identity: no stage config states it (a stage table that does is
+refused) and no lineage hash contains it, so a stage trained on a GPU is skipped by a CPU run and the
+other way round; each stage's `timing.json` and the run's `pipeline.json` record the device it ran on.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import torch
 
 from .config import ConfigError, config_hash
 from .config_fields import Positive, SettingError, checked_fields, dotted
+from .devices import pipeline_device
 from .evals.claims import run_claims
 from .lineage import chain_hash, parent_with_uses, read_lineage
 from .recipes import (StageFacts, StageGraph, check_stage_tables, deep_merge, load_recipe, load_scale, load_stage_graph,
@@ -96,6 +103,8 @@ class Plan:
     scale_config: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
     """`perf.machine_info` of the machine this invocation runs on (filled by `run_stages`)."""
+    device: str = "cpu"
+    """Where every stage, evaluation, claim and experiment of this run computes (`devices.pipeline_device`)."""
 
     def node(self, key: str) -> StageNode:
         for n in self.nodes:
@@ -153,11 +162,14 @@ def config_class(kind: str) -> type:
     return STAGE_KINDS[kind][1]
 
 
-def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = ()) -> Plan:
-    """Resolve every stage config of `scale` (strictly) without running anything.
+def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = (),
+               device: str = "cpu") -> Plan:
+    """Resolve every stage config of `scale` (strictly) and the run's `device` without running anything.
 
     The tables of stages and roles the scale does not run are resolved too (and dropped): a wrong
-    setting is an error whether or not its stage runs this time."""
+    setting is an error whether or not its stage runs this time. A device this machine does not have
+    is an error here, before any stage runs."""
+    device = pipeline_device(device)
     raw = load_scale(scale)
     for text in overrides:
         raw = deep_merge(raw, parse_override(text))
@@ -177,7 +189,7 @@ def build_plan(scale: str, *, out_root: str | os.PathLike = "runs", overrides: l
             raise ConfigError(f"tiny/{scale}.toml: role {role!r} has no [roles.{role}] table")
     nodes = _resolve_nodes(raw, graph, settings.roles, settings.stages, root)
     _check_unrun_tables(raw, graph, settings, root)
-    return Plan(scale, root, settings, nodes, raw)
+    return Plan(scale, root, settings, nodes, raw, device=device)
 
 
 def _resolve_nodes(raw: Mapping[str, Any], graph: StageGraph, roles: tuple[str, ...] | list[str],
@@ -270,6 +282,10 @@ def _resolve(facts: StageFacts, layers: list[tuple[str, Mapping[str, Any]]], *, 
     merged: dict[str, Any] = {}
     for label, table in layers:
         merged = deep_merge(merged, table, f"{label}.")
+    stated = next(_device_settings(merged), None)
+    if stated is not None:
+        raise ConfigError(f"{_origin(stated, layers, f'stages.{facts.name}')}: the device is set for the whole run "
+                          "(qwen3repro pipeline --device, make ... DEVICE=), not in a stage's settings")
     if not facts.is_root:
         merged["name"] = facts.name
     cls, where = config_class(facts.kind), f"stages.{facts.name}"
@@ -281,6 +297,17 @@ def _resolve(facts: StageFacts, layers: list[tuple[str, Mapping[str, Any]]], *, 
         if e.where != where:
             raise
         raise ConfigError(f"{_origin(e.path, layers, where)}: {e.problem}") from None
+
+
+def _device_settings(table: Mapping[str, Any], path: tuple[str, ...] = ()):
+    """The key paths of `table` (nested tables included) that set a `device`. A stage config's own `device`
+    fields (the RL stages', the reward model's, a `train` table's) keep their default, "cpu", in every
+    lineage hash; the run's device comes from `--device` alone, so two settings can never disagree."""
+    for key, value in table.items():
+        if key == "device":
+            yield (*path, key)
+        elif isinstance(value, Mapping):
+            yield from _device_settings(value, (*path, key))
 
 
 def _origin(path: tuple[str, ...], layers: list[tuple[str, Mapping[str, Any]]], fallback: str) -> str:
@@ -341,7 +368,8 @@ def expected_hash(node: StageNode) -> str:
 
 
 def describe(plan: Plan) -> str:
-    lines = [f"pipeline {plan.scale}: {len(plan.nodes)} stages under {plan.root}"]
+    lines = [f"pipeline {plan.scale}: {len(plan.nodes)} stages under {plan.root}",
+             f"device: {plan.device} (every stage, evaluation, claim and experiment; not in the lineage hashes)"]
     for node in plan.nodes:
         d = node.config.__dict__ if hasattr(node.config, "__dict__") else node.config
         uses = "".join(f", uses: {used.key}" for used in node.uses.values())
@@ -363,7 +391,7 @@ def _move_aside(node: StageNode, lineage, say: Callable[[str], None]) -> None:
     os.rename(out, aside)
 
 
-def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
+def _prepare_dir(node: StageNode, say: Callable[[str], None], device: str) -> str:
     """'skip' when complete and matching; otherwise make the directory ready to (re)start or resume."""
     out = node.out_dir
     want = expected_hash(node)
@@ -378,7 +406,7 @@ def _prepare_dir(node: StageNode, say: Callable[[str], None]) -> str:
         else:
             say(f"{node.key}: continuing a cut run from its newest checkpoint, if it wrote one")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / STAGE_FILE, {"key": node.key, "lineage_hash": want,
+    write_json_atomic(out / STAGE_FILE, {"key": node.key, "lineage_hash": want, "device": device,
                                          "config": node.config.__dict__})
     return "run"
 
@@ -415,8 +443,8 @@ def run_stages(plan: Plan, *, only: set[str] | None = None, printer: Callable[[s
     torch.set_num_threads(plan.settings.threads)
     datasets.disable_progress_bars()  # the stages print their own progress lines
     try:
-        plan.machine = machine_info()  # at the run's thread count
-        say(f"machine: {describe_machine(plan.machine)}")
+        plan.machine = machine_info(device=plan.device)  # at the run's thread count
+        say(f"machine: {describe_machine(plan.machine)}; device {plan.device}")
         _run_nodes(plan, only, say)
     finally:
         torch.set_num_threads(previous_threads)
@@ -433,22 +461,24 @@ def _run_nodes(plan: Plan, only: set[str] | None, say: Callable[[str], None]) ->
         if _reuse(plan, node, say):
             node.status = f"copied from {plan.settings.reuse}"
             continue
-        action = _prepare_dir(node, say)
+        action = _prepare_dir(node, say, plan.device)
         if action == "skip":
             node.status = "skipped (up to date)"
             say(f"{node.key}: up to date, skipped")
             continue
-        ctx = StageContext(out_dir=node.out_dir, cache_dir=cache_dir, printer=say,
+        ctx = StageContext(out_dir=node.out_dir, cache_dir=cache_dir, printer=say, device=plan.device,
                            inputs={name: used.out_dir for name, used in node.uses.items()})
         say(f"=== {node.key}")
         stage_module(node.kind).run(node.config, node.parent.out_dir if node.parent else None, ctx)
         node.seconds = time.perf_counter() - t0
         node.status = f"trained in {format_duration(node.seconds)}"
-        write_json_atomic(node.out_dir / TIMING_FILE, {"seconds": node.seconds, "machine": plan.machine})
+        write_json_atomic(node.out_dir / TIMING_FILE, {"seconds": node.seconds, "machine": plan.machine,
+                                                       "device": plan.device})
 
 
 def stage_timing(node: StageNode) -> dict[str, Any]:
-    """What `TIMING_FILE` in the stage's directory records (the run that trained it: seconds, machine), or {}."""
+    """What `TIMING_FILE` in the stage's directory records (the run that trained it: seconds, machine, device),
+    or {}."""
     path = node.out_dir / TIMING_FILE
     try:
         return read_json_object(path) if path.exists() else {}
@@ -457,17 +487,17 @@ def stage_timing(node: StageNode) -> dict[str, Any]:
 
 
 def run_pipeline(scale: str, *, out_root: str | os.PathLike = "runs", overrides: list[str] = (),
-                 only: set[str] | None = None, claims: bool = True, printer=None) -> Plan:
+                 only: set[str] | None = None, claims: bool = True, printer=None, device: str = "cpu") -> Plan:
     say = printer or default_printer()
     t0 = time.perf_counter()
-    plan = build_plan(scale, out_root=out_root, overrides=list(overrides))
+    plan = build_plan(scale, out_root=out_root, overrides=list(overrides), device=device)
     with RunLock.acquire(plan.root, say):  # one writer per run directory (run_lock)
         run_stages(plan, only=only, printer=say)
         if claims:
             run_claims(plan, printer=say, only=set(plan.settings.claims) or None)
         total = time.perf_counter() - t0
         write_json_atomic(plan.root / "pipeline.json", {
-            "scale": scale, "total_seconds": total, "machine": plan.machine,
+            "scale": scale, "device": plan.device, "total_seconds": total, "machine": plan.machine,
             # seconds: this invocation's; trained: the run that trained the stage (a skipped or copied
             # stage keeps the time and machine of the run that made it).
             "stages": {n.key: {"status": n.status, "seconds": n.seconds, "trained": stage_timing(n)}

@@ -88,9 +88,10 @@ class GenerationBackend(Protocol):
                  directive: str = TEMPLATE_STOP_THINKING) -> list[list[Sample]]: ...
 
 
-def count_thinking_tokens(ids: Sequence[int], forced: Sequence[bool] | None, start_id: int, end_id: int,
-                          inside: bool = False) -> int:
-    """Sampled (not forced) tokens inside think blocks; `inside`: the prompt ends in an open block."""
+def think_walk(ids: Sequence[int], forced: Sequence[bool] | None, start_id: int, end_id: int,
+               inside: bool = False) -> tuple[bool, int]:
+    """(whether the tokens end inside an open think block, how many sampled (not forced) tokens lay inside think
+    blocks); `inside`: the prompt ends in an open block."""
     count = 0
     for tok, was_forced in zip(ids, forced or [False] * len(ids)):
         if tok == start_id:
@@ -99,7 +100,13 @@ def count_thinking_tokens(ids: Sequence[int], forced: Sequence[bool] | None, sta
             inside = False
         elif inside and not was_forced:
             count += 1
-    return count
+    return inside, count
+
+
+def count_thinking_tokens(ids: Sequence[int], forced: Sequence[bool] | None, start_id: int, end_id: int,
+                          inside: bool = False) -> int:
+    """Sampled (not forced) tokens inside think blocks; `inside`: the prompt ends in an open block."""
+    return think_walk(ids, forced, start_id, end_id, inside)[1]
 
 
 def _grouped(flat: list[Sample], n: int) -> list[list[Sample]]:
@@ -168,15 +175,7 @@ class _Row:
 
     def think_state(self, start_id: int, end_id: int) -> tuple[bool, int]:
         """(inside an open think block, sampled thinking tokens so far over the whole completion)."""
-        inside, count = self.open_at_start, 0
-        for tok, was_forced in zip(self.ids, self.forced):
-            if tok == start_id:
-                inside = True
-            elif tok == end_id:
-                inside = False
-            elif inside and not was_forced:
-                count += 1
-        return inside, count
+        return think_walk(self.ids, self.forced, start_id, end_id, self.open_at_start)
 
 
 class TokenBackend:

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..config import ConfigError
+from ..devices import pipeline_device
 from . import longcontext as lc
 
 _DIR = click.Path(file_okay=False, path_type=Path)
@@ -61,9 +62,10 @@ def _trained_length(s3: Path | None) -> int:
 @click.option("--conditions", help="Override the conditions, e.g. S3,S3+YaRN+DCA.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch intra-op threads (0: torch's default).")
+@click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or auto.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")
 def longcontext(s2, s3, trained_length, tokenizer, out, suite, lengths, n_per_length, variants, conditions, threads,
-                dry_run) -> None:
+                device, dry_run) -> None:
     """Retrieval by (length, depth) and loss by position for S2, S3, S3+YaRN, S3+YaRN+DCA."""
     trained = trained_length or _trained_length(s3)
     overrides = {
@@ -98,7 +100,8 @@ def longcontext(s2, s3, trained_length, tokenizer, out, suite, lengths, n_per_le
         if not checkpoints[k].is_dir():
             raise click.BadParameter(f"{checkpoints[k]} is not a directory", param_hint=f"--{k.lower()}")
     try:
-        results = lc.run_longcontext_eval(checkpoints, out, settings, tokenizer=tokenizer, num_threads=threads)
+        results = lc.run_longcontext_eval(checkpoints, out, settings, tokenizer=tokenizer, num_threads=threads,
+                                          device=pipeline_device(device))
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     for variant, rows in results["summary"].items():

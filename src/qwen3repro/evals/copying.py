@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.synthetic import heldout_text
+from ..devices import model_device
 from ..models.qwen3 import Qwen3
 from ..tokenizer import Tokenizer
 
@@ -26,13 +27,14 @@ N_SPANS = 20
 
 @torch.inference_mode()
 def copy_probe(model: Any, tokenizer: Any = None, *, span_tokens: Sequence[int] = SPAN_TOKENS,
-               n_spans: int = N_SPANS) -> dict[str, Any]:
+               n_spans: int = N_SPANS, device: str = "cpu") -> dict[str, Any]:
     """{"first_nll", "second_nll", "copy_gain", "spans", "span_tokens"} over `n_spans` held-out spans repeated
-    back to back. `model` is a checkpoint directory (then the tokenizer is read from it too) or a
-    callable returning an object with `.logits`, with `tokenizer` given."""
+    back to back. `model` is a checkpoint directory (then the tokenizer is read from it too, and the model
+    loaded on `device`) or a callable returning an object with `.logits`, with `tokenizer` given."""
     if isinstance(model, (str, Path)):
         tokenizer = tokenizer or Tokenizer.load(model)
-        model = Qwen3.from_pretrained(model).eval()
+        model = Qwen3.from_pretrained(model, device=device).eval()
+    on = model_device(model)  # a loaded model's device (the CPU for a callable without parameters)
     first_sum = second_sum = 0.0
     first_n = second_n = spans = 0
     for doc in heldout_text(n_per_language=n_spans):  # every language, in turn
@@ -40,7 +42,7 @@ def copy_probe(model: Any, tokenizer: Any = None, *, span_tokens: Sequence[int] 
         ids = tokenizer.encode(doc["text"])
         if len(ids) < n:
             continue
-        x = torch.tensor([ids[:n] + ids[:n]])
+        x = torch.tensor([ids[:n] + ids[:n]], device=on)
         logp = torch.log_softmax(model(x[:, :-1]).logits.float(), -1)
         nll = -logp.gather(-1, x[:, 1:, None])[0, :, 0]
         first_sum += float(nll[: n - 1].sum())

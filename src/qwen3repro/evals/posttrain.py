@@ -21,6 +21,7 @@ from ..coldstart.filters import ResponseFilter
 from ..coldstart.pipeline import ColdStartConfig, evaluate_outputs, heldout_queries
 from ..coldstart.pool import build_pool
 from ..data.world import build_world
+from ..devices import model_device
 from ..generate import SamplingParams, generate
 from ..models.qwen3 import Qwen3
 from ..rl.rollout import prompt_ids
@@ -33,12 +34,13 @@ FILTERING_SEED = 1234
 
 
 def _complete(model_dir: Path, queries: Sequence, *, max_new_tokens: int, seed: int,
-              batch_size: int = 32) -> list[str]:
-    """One thinking-mode completion per query (chat template, generation prompt), decoded."""
-    model = Qwen3.from_pretrained(model_dir).eval()
+              batch_size: int = 32, device: str = "cpu") -> list[str]:
+    """One thinking-mode completion per query (chat template, generation prompt), decoded; the model on `device`."""
+    model = Qwen3.from_pretrained(model_dir, device=device).eval()
     tok = Tokenizer.load(model_dir)
     stop = [tok.token_to_id("<|im_end|>"), tok.endoftext_id]
-    generator = torch.Generator().manual_seed(seed)
+    # On the model's device: the sampler draws its noise there, and a CPU generator cannot fill a GPU tensor.
+    generator = torch.Generator(device=model_device(model)).manual_seed(seed)
     texts: list[str] = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
@@ -49,8 +51,8 @@ def _complete(model_dir: Path, queries: Sequence, *, max_new_tokens: int, seed: 
 
 
 def measure_filtering(dirs: Mapping[str, Path], coldstart_table: Mapping[str, Any], *, n_per_cell: int,
-                      max_new_tokens: int, seed: int = FILTERING_SEED) -> dict[str, Any]:
-    """Accuracy and defect rates of each cold-start model's own outputs on held-out queries."""
+                      max_new_tokens: int, seed: int = FILTERING_SEED, device: str = "cpu") -> dict[str, Any]:
+    """Accuracy and defect rates of each cold-start model's own outputs on held-out queries (generated on `device`)."""
     cs = ColdStartConfig.from_dict(coldstart_table)
     pool = build_pool(n_queries=1, n_validation=cs.n_validation, distractor_rate=0.0, seed=cs.seed,
                       families=cs.families or None, world_seed=cs.world_seed)
@@ -58,7 +60,7 @@ def measure_filtering(dirs: Mapping[str, Path], coldstart_table: Mapping[str, An
     queries = heldout_queries(n_per_cell=n_per_cell, seed=seed, families=cs.families or None)
     results: dict[str, Any] = {}
     for name, d in dirs.items():
-        texts = _complete(d, queries, max_new_tokens=max_new_tokens, seed=seed)
+        texts = _complete(d, queries, max_new_tokens=max_new_tokens, seed=seed, device=device)
         res = evaluate_outputs(texts, queries, detectors)
         res["examples"] = [{"question": q.question, "output": t} for q, t in list(zip(queries, texts))[:3]]
         results[name] = res

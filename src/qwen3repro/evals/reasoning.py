@@ -18,6 +18,7 @@ import torch
 from .. import plotting
 from ..data import tasks
 from ..data.synthetic import s2_eval_items
+from ..devices import model_device
 from ..generate import GREEDY, generate
 from ..models.qwen3 import Qwen3
 from ..tokenizer import Tokenizer
@@ -41,12 +42,13 @@ def solution_step_accuracy(model: Qwen3, tok: Tokenizer, items: Sequence[tasks.T
     tokens), and the mean NLL of the reference solution. A graded measure that still moves when
     exact-match accuracy of whole generated solutions sits at its floor."""
     model.eval()
+    device = model_device(model)
     hits = total = 0
     nll = 0.0
     for item in items:
         prompt = tok.encode(problem_prompt(item))
         solution = tok.encode("\n".join(item.trace_steps) + f"\nAnswer: {item.answer}") + [tok.endoftext_id]
-        ids = torch.tensor([prompt + solution])
+        ids = torch.tensor([prompt + solution], device=device)
         logits = model(ids[:, :-1]).logits[0, len(prompt) - 1:]
         target = ids[0, len(prompt):]
         hits += int((logits.argmax(-1) == target).sum())
@@ -56,10 +58,10 @@ def solution_step_accuracy(model: Qwen3, tok: Tokenizer, items: Sequence[tasks.T
 
 
 def reasoning_accuracy(model_dir: str | Path, *, n_per_cell: int, max_new_tokens: int, batch_size: int = 32,
-                       seed: int = 0) -> dict[str, Any]:
+                       seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Accuracy on held-out S2 problems, overall and by family and difficulty (greedy generation),
-    plus the teacher-forced step accuracy and solution NLL on the same items."""
-    model = Qwen3.from_pretrained(model_dir)
+    plus the teacher-forced step accuracy and solution NLL on the same items; the model on `device`."""
+    model = Qwen3.from_pretrained(model_dir, device=device)
     tok = Tokenizer.load(model_dir)
     items = s2_eval_items(seed=seed, n_per_cell=n_per_cell)
     # Problems end with their answer line and then the document separator.

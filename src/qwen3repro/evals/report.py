@@ -101,8 +101,9 @@ def write_report(plan, rows: Iterable) -> Path:
                  "to it under `claims/`.")
     machine = getattr(plan, "machine", None)
     if machine:
-        lines += ["", f"Machine: {describe_machine(machine)} (times and floating-point figures belong to it; "
-                      "each stage's own is in its `timing.json` and in `pipeline.json`)."]
+        lines += ["", f"Machine: {describe_machine(machine)}; device {getattr(plan, 'device', 'cpu')} (times and "
+                      "floating-point figures belong to them; each stage's own are in its `timing.json` and in "
+                      "`pipeline.json`)."]
     lines += _reuse_lines(plan)
     lines += ["", "## Claims", "", "| claim | report | measured here | reproduced |", "|---|---|---|---|"]
     for r in rows:

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from ..devices import same_device
 from ..models.qwen3 import Qwen3
 from .budget import ThinkingBudget, ThinkingController
 from .dense import DenseDecodeStep
@@ -148,6 +149,11 @@ def generate(
             generator.manual_seed(int(seed))
         else:
             generator.seed()
+    elif not same_device(generator.device, device):
+        # The draws (`sampling.sample`) fill noise tensors on the logits' device from this generator, which
+        # PyTorch refuses across devices; say so here rather than at the first sampled token.
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}: make it with "
+                         f"torch.Generator(device=<the model's device>)")
 
     step = max_batch_size or len(prompts)
     out: list[Generation] = []

@@ -32,12 +32,15 @@ from .convert import MODEL_CONFIG_JSON
 from .launch import launch_command, log_dir, preflight, slurm_script
 from .plan import GIB, MEMORY_HEADROOM
 from .sft_data import is_masked_shards
+from ..verl.config_gen import VERL_STAGES, build_verl_spec, is_verl_stage, load_verl_settings
+from ..verl.config_gen import run_stage as run_verl_stage
 
 ALL = "all"
 
 
 @click.command("full", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--stage", required=True, help="a stage that full/stages.toml sizes, e.g. s2 (its recipe says the rest); "
+              "an RL stage full/verl.toml sizes (reasoning-rl, general-rl, distill-online: verl); "
               "'all': plan every stage of the model's chain (with --dry-run)")
 @click.option("--model", "model_name", required=True, help="a real Qwen3 model, e.g. qwen3-0.6b (`qwen3repro model list`)")
 @click.option("--nodes", type=int, default=None, help="number of nodes (default: the model's entry in full/models.toml)")
@@ -52,15 +55,31 @@ ALL = "all"
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="where to write the config "
               "(default runs/full/<model>/<stage>/)")
 def full_command(stage, model_name, nodes, gpus_per_node, dry_run, data, init_source, force, out_dir):
-    """Full-scale stage through nanotron: write the config, then launch (GPUs) or print the plan (--dry-run)."""
+    """Full-scale stage through nanotron (or verl for the RL stages): write the config, then launch (GPUs) or print
+    the plan (--dry-run)."""
     if stage == ALL:
         if not dry_run:
             raise click.UsageError("--stage all plans the chain; launch its stages one at a time (add --dry-run)")
         sys.exit(plan_chain(model_name, nodes, gpus_per_node))
+    if is_verl_stage(stage):  # RL and on-policy distillation: nanotron has neither (qwen3repro.verl)
+        sys.exit(run_verl_stage(stage, model_name, nodes=nodes, gpus_per_node=gpus_per_node, dry_run=dry_run,
+                                force=force, out_dir=out_dir))
     try:
         spec = build_stage_spec(stage, model_name, nodes=nodes, gpus_per_node=gpus_per_node)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    graph = load_stage_graph()
+    verl_parent = next((a for a in graph.ancestors(stage) if a in VERL_STAGES.values()), None)
+    if verl_parent and not init_source and spec.parent in graph.ancestors(verl_parent):
+        # The report's parent (e.g. reasoning RL before fusion) trains on verl: start from its merged Hugging Face
+        # output, converted, rather than from the nearest nanotron stage before it.
+        hf_dir = spec.run_dir / model_name / verl_parent / "hf"
+        if not dry_run and not (hf_dir / "config.json").is_file():
+            raise click.ClickException(f"{stage} starts from {verl_parent}'s output, trained on verl, and {hf_dir} "
+                                       f"does not exist yet: run make full STAGE={verl_parent} MODEL={model_name} "
+                                       "first (or start elsewhere with INIT=)")
+        init_source = str(hf_dir)
+        click.echo(f"  {stage} starts from {verl_parent}'s verl output ({hf_dir}), converted")
     if init_source:
         spec = _with_init(spec, init_source, convert_now=not dry_run)
     problems = validate(spec)
@@ -160,19 +179,30 @@ def _with_init(spec: StageSpec, source: str, convert_now: bool) -> StageSpec:
 
 
 # ------------------------------------------------------------------------------------------ the chain
-def chain_stages(model: str, settings: dict, graph) -> list[str]:
-    """The stages this scale trains for `model`, in order: those full/stages.toml sizes whose recipe's roles
-    include the model's role (full/models.toml)."""
+def chain_stages(model: str, settings: dict, graph, verl_settings: dict | None = None) -> list[str]:
+    """The stages this scale trains for `model`, in the graph's order: those full/stages.toml (nanotron) and
+    full/verl.toml (verl: `make full` names, e.g. distill-online for the onpolicy-distill recipe) size whose recipe's
+    roles include the model's role (full/models.toml)."""
     role = settings["models"][model]["role"]
-    return [s for s in full_stages(settings) if role in graph[s].roles]
+    verl = [s for s in (verl_settings or {}).get("stages", {}) if s in VERL_STAGES]
+    stages = [s for s in (*full_stages(settings), *verl) if role in graph[VERL_STAGES.get(s, s)].roles]
+    return sorted(stages, key=lambda s: graph.depth(VERL_STAGES.get(s, s)))  # stable: parents first
+
+
+def chain_parent(stage: str, stages: list[str], graph) -> str | None:
+    """The chain stage `stage` starts from: its nearest ancestor among `stages` (make names)."""
+    recipe_to_stage = {VERL_STAGES.get(s, s): s for s in stages}
+    parent = graph.nearest(VERL_STAGES.get(stage, stage), set(recipe_to_stage))
+    return None if parent is None else recipe_to_stage[parent]
 
 
 def chain_gaps(stages: list[str], graph) -> dict[str, str]:
-    """Report stages this scale does not train that sit between a chain stage and the parent it starts from
-    (e.g. reasoning RL between the cold start and fusion), each with why it is a missing piece of the chain."""
+    """Report stages this scale does not train that sit between a chain stage and the parent it starts from, each
+    with why it is a missing piece of the chain (none for the report's chains since the RL stages run on verl)."""
     gaps = {}
-    for stage in stages:
-        parent = graph.nearest(stage, set(stages))
+    names = [VERL_STAGES.get(s, s) for s in stages]
+    for stage in names:
+        parent = graph.nearest(stage, set(names))
         if parent is None:  # the chain's first stage: before it only the tokenizer, the released one here
             continue
         between = []
@@ -186,21 +216,53 @@ def chain_gaps(stages: list[str], graph) -> dict[str, str]:
     return gaps
 
 
+def _plan_verl_stage(stage: str, model: str, nodes: int | None, gpus_per_node: int | None,
+                     missing: list[str]) -> float:
+    """One verl stage's block of the chain plan; its seconds (0 when it cannot be planned)."""
+    try:
+        spec = build_verl_spec(stage, model, nodes=nodes, gpus_per_node=gpus_per_node)
+    except ConfigError as e:
+        missing.append(f"{stage}: {e}")
+        click.echo(f"\n[{stage}] cannot be planned: {e}")
+        return 0.0
+    t = spec.time()
+    extra = "".join(f" + {n} GPUs ({role})" for role, n in spec.extra_gpus.items())
+    click.echo(f"\n[{stage}] parent {spec.parent} · verl {spec.layout_line()}{extra}")
+    click.echo(f"  rollouts {spec.train_batch_size} prompts x {spec.rollouts_per_query} per step, responses <= "
+               f"{spec.size['max_response_length']} tokens · {t['steps']:,} steps · LR {float(spec.size['lr']):.3g}")
+    mem = max(spec.train_memory()["total"], spec.rollout_peak)
+    click.echo(f"  memory   {mem / GIB:.1f} GiB per GPU (training or rollout, the larger) · "
+               + ("fits" if spec.fits else "DOES NOT FIT") + f" in {MEMORY_HEADROOM:.0%} of "
+               f"{float(spec.defaults['gpu_memory_gib']):g} GiB")
+    click.echo(f"  time     {t['seconds'] / 3600:,.1f} h ({t['seconds'] / 86400:,.1f} days) at the stated rollout "
+               "throughput and MFU")
+    click.echo(f"  data     {spec.data_dir}/{{train,val}}.parquet; output {spec.stage_dir}/hf (verl model merger)")
+    problems = spec.problems()
+    if problems:
+        missing.append(f"{stage}: {'; '.join(problems)}")
+    if not spec.fits:
+        missing.append(f"{stage}: does not fit ({mem / GIB:.1f} GiB per GPU)")
+    return t["seconds"]
+
+
 def plan_chain(model: str, nodes: int | None, gpus_per_node: int | None) -> int:
-    """Print every stage of `model`'s chain (parent, layout, memory, steps, time, data); 0 when the chain is
-    complete and every plan fits, else 1 after listing each missing piece."""
+    """Print every stage of `model`'s chain (parent, layout, memory, steps, time, data), the nanotron stages and
+    the verl ones; 0 when the chain is complete and every plan fits, else 1 after listing each missing piece."""
     try:
         settings = load_settings()
         graph = load_stage_graph()
         if model not in settings["models"]:
             build_stage_spec(full_stages(settings)[0], model)  # raises with the valid names
-        stages = chain_stages(model, settings, graph)
+        stages = chain_stages(model, settings, graph, load_verl_settings())
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     missing: list[str] = []
     total_seconds = 0.0
     click.echo(f"chain: {model} ({settings['models'][model]['role']}): {' -> '.join(stages)}")
     for stage in stages:
+        if is_verl_stage(stage):
+            total_seconds += _plan_verl_stage(stage, model, nodes, gpus_per_node, missing)
+            continue
         try:
             spec = build_stage_spec(stage, model, nodes=nodes, gpus_per_node=gpus_per_node)
         except ConfigError as e:
@@ -210,8 +272,13 @@ def plan_chain(model: str, nodes: int | None, gpus_per_node: int | None) -> int:
         plan, mem = spec.plan(), spec.plan().memory()
         lay = spec.layout
         total_seconds += plan.seconds
-        click.echo(f"\n[{stage}] parent {spec.parent or '(random init)'} · {lay.nodes} node(s) x {lay.gpus_per_node} GPUs "
+        parent = chain_parent(stage, stages, graph) or spec.parent
+        click.echo(f"\n[{stage}] parent {parent or '(random init)'} · {lay.nodes} node(s) x {lay.gpus_per_node} GPUs "
                    f"dp={lay.dp} tp={lay.tp} pp={lay.pp}{' · recompute' if spec.recompute else ''}")
+        if parent is not None and is_verl_stage(parent):
+            # nanotron starts a stage from a nanotron checkpoint or a converted Hugging Face folder: a verl
+            # parent's merged output is converted at launch (`full_command`)
+            click.echo(f"  starts   from {parent}'s verl output, converted: {spec.run_dir / model / parent / 'hf'}")
         click.echo(f"  sequence {spec.seq_len} · RoPE base {spec.rope_theta:g} · {plan.steps:,} steps of "
                    f"{plan.tokens_per_step:,} tokens · peak LR {spec.lr:.3g} ({spec.lr_rule})")
         click.echo(f"  memory   {mem['total'] / GIB:.1f} GiB per GPU (worst pipeline stage) · "
@@ -232,11 +299,12 @@ def plan_chain(model: str, nodes: int | None, gpus_per_node: int | None) -> int:
     missing += gaps.values()
     role = settings["models"][model]["role"]
     # the report's stages that continue this chain (the tiny scale's control arms branch off earlier)
-    after = [s for s in graph.facts if role in graph[s].roles and stages and stages[-1] in graph.ancestors(s)]
+    last = VERL_STAGES.get(stages[-1], stages[-1]) if stages else None
+    after = [s for s in graph.facts if role in graph[s].roles and last and last in graph.ancestors(s)]
     click.echo(f"\ntotal: {total_seconds / 86400:,.1f} days of training, one stage after another, each on its "
                "planned GPUs")
     if after:
-        click.echo(f"after this chain (not trained through nanotron): {', '.join(after)}")
+        click.echo(f"after this chain (not trained at full scale): {', '.join(after)}")
     if missing:
         click.echo("\nthe chain is incomplete:\n  " + "\n  ".join(missing), err=True)
         return 1
@@ -281,7 +349,8 @@ def full_eval_command(ctx, stage, model_name, checkpoint, tokenizer, suites, bac
     ctx.invoke(eval_hf_command, checkpoint=str(hf_dir), backend=backend, device=device, out=out, **extra)
 
 
-__all__ = ["full_command", "full_eval_command", "chain_stages", "chain_gaps", "plan_chain", "launch_refusals"]
+__all__ = ["full_command", "full_eval_command", "chain_stages", "chain_parent", "chain_gaps", "plan_chain",
+           "launch_refusals"]
 
 
 if __name__ == "__main__":  # `python -m qwen3repro.nanotron.cli` (what `make full` runs)

@@ -236,7 +236,7 @@ class StageSpec:
     def starts_from(self) -> str:
         """One line for the plan: where the weights come from."""
         if self.init is not None:
-            return f"starts from {self.init} (a released model, converted)"
+            return f"starts from {self.init} (a Hugging Face checkpoint, converted)"
         if self.parent is None:
             return "starts from random init"
         ckpt = self.parent_checkpoint

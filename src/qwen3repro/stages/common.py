@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from ..config import ConfigError
+from ..train.loop import TrainConfig, resolve_device
 from ..train.metrics import default_printer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -21,7 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 @dataclass
 class StageContext:
-    """Where a stage writes, where cached data lives, and how it reports progress.
+    """Where a stage writes, where cached data lives, how it reports progress and where it computes.
 
     None of these fields changes what the stage computes, so none enters its config hash.
     """
@@ -30,6 +34,8 @@ class StageContext:
     cache_dir: Path
     printer: Callable[[str], None] = field(default_factory=default_printer)
     device: str = "cpu"
+    """Where the stage trains, generates and evaluates: 'cpu', 'cuda' or 'cuda:N' (the pipeline's `--device`,
+    one for the whole run). Bookkeeping like the checkpoint cadence: not in the config or lineage hash."""
     inputs: dict[str, Path] = field(default_factory=dict)
     """Output directories of the other stages this one reads (its recipe's `uses`), by stage name."""
 
@@ -43,6 +49,27 @@ class StageContext:
 
     def say(self, msg: str) -> None:
         self.printer(msg)
+
+    def device_for(self, configured: str = "cpu") -> str:
+        """The device the stage runs on: this context's. `configured` is a device the stage's own config
+        states (the RL stages' and the reward model's `device`, a `train` table's): those fields predate the
+        run-wide setting and stay in the configs at their default, "cpu", so that lineage hashes do not
+        change; any other value that disagrees with the context would be a second setting silently
+        overruled, so it is refused."""
+        if configured not in ("cpu", self.device):
+            raise ConfigError(f"{self.out_dir}: the stage config asks for device {configured!r} but the run is on "
+                              f"{self.device!r}; the device is set for the whole run (qwen3repro pipeline "
+                              "--device, or StageContext.device), not in a stage's config")
+        return self.device
+
+    @property
+    def torch_device(self) -> torch.device:
+        """`device` as a torch device (a ConfigError when it names a GPU this machine does not have)."""
+        return resolve_device(self.device)
+
+    def on_device(self, cfg: TrainConfig) -> TrainConfig:
+        """A stage's training settings on this context's device (`device_for` checks what `cfg` says)."""
+        return cfg.replace(device=self.device_for(cfg.device))
 
 
 # Config fields that say how a run is logged, checkpointed and where it runs, not what it computes.

@@ -658,7 +658,7 @@ def run(cfg: FusionConfig, parent: Path, ctx: StageContext, *,
             ctx.say(f"{cfg.name}: reusing {len(records)} conversations from {data_path.name}")
     if records is None:
         tokenizer = Tokenizer.load(parent)
-        model = Qwen3.from_pretrained(parent)
+        model = Qwen3.from_pretrained(parent, device=ctx.torch_device)  # rejection sampling on the run's device
         records, report = build_fusion_data(cfg, model, tokenizer, ctx=ctx, score_fn=score_fn)
         del model
         write_records(data_path, records)

@@ -614,7 +614,7 @@ def run(cfg: GeneralRLConfig, parent: Path, ctx: StageContext) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     parent = Path(parent)
     rm_dir = ctx.input_dir(cfg.reward_model)
-    torch_device = resolve_device(cfg.device)
+    torch_device = resolve_device(ctx.device_for(cfg.device))
     tokenizer = Tokenizer.load(parent)
     model = Qwen3.from_pretrained(parent).to(torch_device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # the fused model: KL anchor and loopback judge
@@ -625,7 +625,7 @@ def run(cfg: GeneralRLConfig, parent: Path, ctx: StageContext) -> Path:
     scorer = Scorer(cfg)
     judge_server = LoopbackJudge(reference, tokenizer, cfg.judge_max_tokens) if not cfg.judge_base_url else None
     judge = judge_client(cfg, cfg.judge_base_url or judge_server.base_url)
-    rm_scorer = reward_model_module.RewardModelScorer.load(rm_dir)
+    rm_scorer = reward_model_module.RewardModelScorer.load(rm_dir, device=torch_device)  # next to the policy
     judge_module.configure_judge(judge)
     reward_model_module.configure_reward_model(rm_scorer)
     try:
@@ -642,7 +642,8 @@ def _train(cfg: GeneralRLConfig, parent: Path, out: Path, model, reference, toke
     queries = training_queries(cfg)
     heldout = heldout_queries(cfg)
     stream = QueryStream(queries, cfg.seed)
-    run = TrainingRun(model, cfg.train_config(), out, total=cfg.steps, name=cfg.name, printer=ctx.printer,
+    run = TrainingRun(model, ctx.on_device(cfg.train_config()), out, total=cfg.steps, name=cfg.name,
+                      printer=ctx.printer,
                       run_extra={"stage": cfg.name, "general_rl": config_hash(identity_fields(cfg))})
     controller = entropy_controller(cfg)
     step, opt_steps = run.step, int(run.state.get("opt_steps", 0))

@@ -374,7 +374,7 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parent = Path(parent)
-    torch_device = resolve_device(cfg.device)
+    torch_device = resolve_device(ctx.device_for(cfg.device))
     tokenizer = Tokenizer.load(parent)
     model = Qwen3.from_pretrained(parent).to(torch_device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # the starting model: KL anchor
@@ -393,8 +393,8 @@ def run(cfg: GRPOConfig, parent: Path, ctx: StageContext, *, score_fn: ScoreFn =
     stream = QueryStream(queries, cfg.seed)
     heldout = eval_queries(cfg)
 
-    run = TrainingRun(model, cfg.train_config(), out, total=cfg.steps, name=cfg.name, printer=ctx.printer,
-                      run_extra={"stage": cfg.name, "grpo": config_hash(identity_fields(cfg)),
+    run = TrainingRun(model, ctx.on_device(cfg.train_config()), out, total=cfg.steps, name=cfg.name,
+                      printer=ctx.printer, run_extra={"stage": cfg.name, "grpo": config_hash(identity_fields(cfg)),
                                  "selection": config_hash([q.uid for q in queries])})
     controller = entropy_controller(cfg)
     ledger = ComputeLedger(n_student=flop_parameters(model.config))

@@ -39,7 +39,7 @@ import torch
 
 from ..chat import render
 from ..config import ConfigError, ModelConfig, config_hash
-from ..config_fields import NonNegative, Positive, checked_fields
+from ..config_fields import Positive, checked_fields
 from ..data import tasks
 from ..data.queries import Query
 from ..evals.pass_at_k import evaluate_pass_at_k
@@ -216,7 +216,7 @@ def distill_loss(cfg: OnPolicyDistillConfig, student_logits: torch.Tensor, teach
 
 
 def _per_mode(values: torch.Tensor, batch: Batch, mode: str) -> float | None:
-    rows = torch.tensor([m == mode for m in batch.modes])
+    rows = torch.tensor([m == mode for m in batch.modes], device=values.device)
     if not rows.any():
         return None
     return float(masked_mean(values[rows], batch.response_mask[rows].float()))
@@ -239,14 +239,14 @@ def run(cfg: OnPolicyDistillConfig, parent: Path, ctx: StageContext) -> Path:
     check_fits_teacher([len(prompt_ids(tokenizer, q, m)) for q in queries for m in cfg.modes], cfg, teacher_config,
                        teacher_dir)
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(ctx.device_for(cfg.device))
     model = Qwen3.from_pretrained(parent).to(device)
     teacher = Qwen3.from_pretrained(teacher_dir).to(device).eval().requires_grad_(False)
     ledger = ComputeLedger(n_student=flop_parameters(model.config), n_teacher=flop_parameters(teacher.config))
     stream = QueryStream(queries, cfg.seed)
     heldout = eval_queries(cfg)
-    run = TrainingRun(model, cfg.train_config(), out, total=cfg.steps, name=cfg.name, printer=ctx.printer,
-                      run_extra={"stage": cfg.name, "onpolicy": config_hash(identity_fields(cfg))})
+    run = TrainingRun(model, ctx.on_device(cfg.train_config()), out, total=cfg.steps, name=cfg.name,
+                      printer=ctx.printer, run_extra={"stage": cfg.name, "onpolicy": config_hash(identity_fields(cfg))})
     step = run.step
     if run.resumed_from is not None:
         stream.load_state_dict(run.state["loader"])

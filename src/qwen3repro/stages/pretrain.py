@@ -320,7 +320,7 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext) -> Path:
                                   eot_id=tokenizer.endoftext_id, seed=cfg.seed, span_range=cfg.copy_warmup_span)
         ctx.say(f"{cfg.name}: copy warm-up first: {cfg.copy_warmup_steps} steps x {cfg.copy_warmup_batch_size}"
                 f" x {warmup_len} of repeated random spans ({cfg.copy_warmup_span[0]}-{cfg.copy_warmup_span[1]} tokens)")
-    tcfg = cfg.train_config()
+    tcfg = ctx.on_device(cfg.train_config())
     ctx.say(f"{cfg.name}: {cfg.tokens:,} tokens = {cfg.corpus_steps} steps x {cfg.batch_size} x {cfg.seq_len}"
             f" (corpus {cfg.corpus}, {len(docs):,} documents, {tokens_per_epoch:,} tokens/epoch)"
             f", rope_theta {model.config.rope_theta:g}")

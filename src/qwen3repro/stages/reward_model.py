@@ -344,7 +344,7 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
     model = _reward_model_of(parent, cfg.max_len)
 
     train_pairs = build_preferences(cfg.n_train_pairs, seed=cfg.seed, split="train", domains=cfg.domains)
-    policy = Qwen3.from_pretrained(parent).to(resolve_device(cfg.device)).eval()
+    policy = Qwen3.from_pretrained(parent).to(resolve_device(ctx.device_for(cfg.device))).eval()
     on_policy, on_policy_counts = policy_training_pairs(cfg, parent, policy, tokenizer, out, ctx)
     train_pairs = train_pairs + on_policy
     data_hash = preferences_hash(train_pairs)
@@ -356,7 +356,7 @@ def run(cfg: RewardModelConfig, parent: Path, ctx: StageContext) -> Path:
             f"({loader.batches_per_epoch()} batches/epoch), {cfg.n_eval_pairs} evaluation pairs per split")
 
     loss_fn = functools.partial(pair_loss, margin=cfg.margin, center_coefficient=cfg.center_coefficient)
-    summary = train(model, loader, loss_fn, cfg.train_config(), out, resume="auto",
+    summary = train(model, loader, loss_fn, ctx.on_device(cfg.train_config()), out, resume="auto",
                     eval_fn=heldout_accuracy_fn(tokenizer, data, cfg.max_len), eval_every=cfg.eval_every,
                     printer=ctx.printer, run_extra={"stage": cfg.name, "data_hash": data_hash,
                                                     "reward_model": config_hash(identity_fields(cfg))})

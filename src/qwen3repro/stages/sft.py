@@ -332,7 +332,7 @@ def fine_tune(cfg: SFTConfig, parent: Path, ctx: StageContext, conversations: Se
         model = longer
     data = prepare(cfg, tokenizer, conversations)
     loader, examples, eval_examples, data_hash = data.loader, data.examples, data.eval_examples, data.data_hash
-    tcfg = cfg.train_config(loader.batches_per_epoch(0))
+    tcfg = ctx.on_device(cfg.train_config(loader.batches_per_epoch(0)))
     n_assistant = sum(sum(t != IGNORE_INDEX for t in e.labels) for e in examples)
     n_tokens = sum(len(e.input_ids) for e in examples)
     ctx.say(f"{cfg.name}: {len(examples):,} conversations ({data.dropped} dropped as longer than {cfg.seq_len} tokens),"

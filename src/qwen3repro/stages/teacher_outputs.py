@@ -311,7 +311,8 @@ def teacher_outputs(cfg: TeacherOutputsConfig, teacher: Path, ctx: StageContext 
     teacher = Path(teacher)
     tokenizer = Tokenizer.load(teacher)
     backend = resolve_backend(cfg.backend)
-    model = Qwen3.from_pretrained(teacher).eval() if backend == "engine" else None
+    device = ctx.torch_device if ctx is not None else None  # the run's device (default: the CPU)
+    model = Qwen3.from_pretrained(teacher, device=device).eval() if backend == "engine" else None
     lineage = read_lineage(teacher)
     teacher_hash = lineage.hash if lineage else None
     prompts = build_prompts(cfg)

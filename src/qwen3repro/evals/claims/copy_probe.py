@@ -61,7 +61,7 @@ def add_copy_diagnoses(plan, rows: Sequence[ClaimRow], printer: Callable[[str], 
             continue
         key = f"{role}/{stage}"
         if key not in probes:
-            probe = copy_probe(d)
+            probe = copy_probe(d, device=plan.device)
             probes[key] = {**probe, "copies": copies(probe)}
             printer(f"claims: copy probe {key}: first {probe['first_nll']:.2f} vs second "
                     f"{probe['second_nll']:.2f} nats/token (gain {probe['copy_gain']:.2f})")

@@ -67,7 +67,7 @@ def measure_arms(plan, say: Callable[[str], None]) -> dict[str, Any] | None:
         if where is None:
             continue
         t0 = time.perf_counter()
-        model, tokenizer = Qwen3.from_pretrained(where), Tokenizer.load(where)
+        model, tokenizer = Qwen3.from_pretrained(where, device=plan.device), Tokenizer.load(where)
         res = evaluate_pass_at_k(model, tokenizer, heldout, k=k, sampling=cfg.eval_sampling,
                                  max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed + 7919)
         compute = _read_json(where / COMPUTE_FILE)
@@ -205,7 +205,7 @@ def claim_distilled_modes(plan, say: Callable[[str], None]) -> list[ClaimRow]:
                          role=ROLE)]
     cfg = dataclasses.replace(ThinkingEvalConfig.from_dict(plan.eval_settings("fusion")), role=ROLE)
     budget_cfg = dataclasses.replace(ThinkingEvalConfig.from_dict(plan.eval_settings("thinking_budget")), role=ROLE)
-    model, tokenizer = Qwen3.from_pretrained(where), Tokenizer.load(where)
+    model, tokenizer = Qwen3.from_pretrained(where, device=plan.device), Tokenizer.load(where)
     t0 = time.perf_counter()
     follow = think_follow(model, tokenizer, cfg)
     modes = accuracy_by_mode(model, tokenizer, cfg)

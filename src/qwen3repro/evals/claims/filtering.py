@@ -57,7 +57,7 @@ def claim_filtering(plan, say: Callable[[str], None]) -> list[ClaimRow]:
         t0 = time.perf_counter()
         node = plan.node(f"{role}/cold-start")
         res = measure_filtering(dirs, node.config.coldstart, n_per_cell=int(settings.get("n_per_cell", 4)),
-                                max_new_tokens=int(settings.get("max_new_tokens", 256)))
+                                max_new_tokens=int(settings.get("max_new_tokens", 256)), device=plan.device)
         out = plan.root / "claims"
         write_json_atomic(out / f"filtering_{role}.json", res)
         f, u = res["filtered"], res["unfiltered"]

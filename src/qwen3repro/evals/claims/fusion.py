@@ -40,13 +40,13 @@ def eval_config(plan, table: str) -> ThinkingEvalConfig | None:
 
 
 def load_fused(plan, cfg: ThinkingEvalConfig) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, checkpoint dir) of the fused model, or (None, None, why not)."""
+    """(model on the run's device, tokenizer, checkpoint dir) of the fused model, or (None, None, why not)."""
     if not plan.has(cfg.role, STAGE):
         return None, None, f"no {cfg.role}/{STAGE} stage in this pipeline"
     out = Path(plan.stage_dir(cfg.role, STAGE))
     if not (out / LINEAGE_FILE).exists():
         return None, None, f"missing checkpoint {out}"
-    return Qwen3.from_pretrained(out), Tokenizer.load(out), out
+    return Qwen3.from_pretrained(out, device=plan.device), Tokenizer.load(out), out
 
 
 def pct(x: float | None) -> str:

@@ -64,10 +64,10 @@ def _fusion_claim_result(plan, model_dir: Path, cfg: ThinkingEvalConfig) -> dict
 
 
 def measure(model_dir: Path, cfg: ThinkingEvalConfig, ifeval_n: int, ifeval_max_new: int, say,
-            known: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """ThinkFollow, reasoning accuracy by mode and IFEval of one checkpoint (`known`: the fusion claim's
-    ThinkFollow and accuracy of this checkpoint at these settings)."""
-    model, tokenizer = Qwen3.from_pretrained(model_dir), Tokenizer.load(model_dir)
+            known: Mapping[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """ThinkFollow, reasoning accuracy by mode and IFEval of one checkpoint, run on `device` (`known`: the
+    fusion claim's ThinkFollow and accuracy of this checkpoint at these settings)."""
+    model, tokenizer = Qwen3.from_pretrained(model_dir, device=device), Tokenizer.load(model_dir)
     t0 = time.perf_counter()
     follow = known["thinkfollow"] if known else think_follow(model, tokenizer, cfg)
     modes = known["accuracy_by_mode"] if known else accuracy_by_mode(model, tokenizer, cfg)
@@ -138,8 +138,8 @@ def claim_general_rl(plan, say: Callable[[str], None]) -> list[ClaimRow]:
         cfg_role = dataclasses.replace(cfg, role=role)
         ifeval_n, ifeval_max_new = _ifeval_settings(plan)
         before = measure(parent, cfg_role, ifeval_n, ifeval_max_new, say,
-                         known=_fusion_claim_result(plan, parent, cfg_role))
-        after = measure(d, cfg_role, ifeval_n, ifeval_max_new, say)
+                         known=_fusion_claim_result(plan, parent, cfg_role), device=plan.device)
+        after = measure(d, cfg_role, ifeval_n, ifeval_max_new, say, device=plan.device)
         ev = json.loads((d / "eval.json").read_text())
         records = MetricsLog(str(d / "metrics.jsonl")).read()
         tf = (before["thinkfollow"]["thinkfollow"], after["thinkfollow"]["thinkfollow"])

@@ -48,7 +48,7 @@ def claim_longcontext(plan, say: Callable[[str], None]) -> list[ClaimRow]:
     settings = suite_settings(int(plan.node(f"{role}/s3").config.seq_len), cfg, where="[evals.longcontext]")
     out = plan.root / "claims" / "longcontext"
     results = run_longcontext_eval(dirs, out, settings, tokenizer=plan.root / "tokenizer",
-                                   num_threads=int(plan.settings.threads), log=say)
+                                   num_threads=int(plan.settings.threads), log=say, device=plan.device)
     return [row for variant in settings.variants
             for row in variant_rows(role, variant, results, settings, out, figures)]
 

@@ -14,7 +14,8 @@ def claim_moe(plan, say: Callable[[str], None]) -> list[ClaimRow]:
     if not settings:
         return []
     out = plan.root / "moe"
-    res = run_moe_experiment(settings, plan.root / "tokenizer", out, plan.root / "data", printer=say)
+    res = run_moe_experiment(settings, plan.root / "tokenizer", out, plan.root / "data", printer=say,
+                             device=plan.device)
     m, g = res["micro"], res["global"]  # means over seeds; res["per_seed"] holds each seed
     measured = (f"micro vs global LBL, mean of {len(res['settings']['seeds'])} seeds: global imbalance (max/mean) "
                 f"{m['global_imbalance']:.2f} vs {g['global_imbalance']:.2f}; held-out loss {m['heldout_loss']:.3f} vs "

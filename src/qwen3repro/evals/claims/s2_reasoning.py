@@ -27,7 +27,8 @@ def claim_s2_reasoning(plan, say: Callable[[str], None]) -> list[ClaimRow]:
         for stage, d in dirs.items():
             t0 = time.perf_counter()
             results[stage] = reasoning_accuracy(d, n_per_cell=int(settings.get("n_per_cell", 10)),
-                                                max_new_tokens=int(settings.get("max_new_tokens", 200)))
+                                                max_new_tokens=int(settings.get("max_new_tokens", 200)),
+                                                device=plan.device)
             say(f"claims: {role}/{stage} held-out reasoning accuracy {results[stage]['accuracy']:.3f} "
                 f"(n={results[stage]['n']}, {format_duration(time.perf_counter() - t0)})")
         s2, ctrl = results["s2"]["accuracy"], results["s1-control"]["accuracy"]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ...devices import model_device
 from ...progress import Progress
 from ...tokenizer import Tokenizer
 from .models import (
@@ -71,10 +72,12 @@ def loss_by_position(
         progress = flops_progress(sum(forward_flops(source.config, len(d)) for d in documents))
     t0 = time.perf_counter()
     nlls = []
+    device = model_device(model_at)
     for k, doc in enumerate(documents):
-        ids = torch.as_tensor(list(doc), dtype=torch.long)[None]
+        ids = torch.as_tensor(list(doc), dtype=torch.long, device=device)[None]
         logits = model_at(ids).logits[0, :-1].float()
-        nlls.append(F.cross_entropy(logits, ids[0, 1:], reduction="none"))
+        # Per-token NLLs back on the CPU, where `bucket_mean_nll` sums them (a no-op for a CPU model).
+        nlls.append(F.cross_entropy(logits, ids[0, 1:], reduction="none").cpu())
         progress.advance(forward_flops(source.config, len(doc)))
         report_progress(progress, log, f"{condition} loss L={length} ({k + 1}/{len(documents)})",
                         force=k + 1 == len(documents))

@@ -36,13 +36,15 @@ class ModelSource(Protocol):
 
 
 class CheckpointModels:
-    """A checkpoint loaded once; `build(config)` gives a model with that config and the same weights.
-    `model`: the checkpoint already loaded (on any device and dtype), instead of loading it here."""
+    """A checkpoint loaded once (on `device`); `build(config)` gives a model with that config and the same
+    weights, on the same device. `model`: the checkpoint already loaded (on any device and dtype), instead
+    of loading it here."""
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
-                 model: Qwen3 | None = None) -> None:
+                 model: Qwen3 | None = None, device: str | torch.device = "cpu") -> None:
         self.path = Path(path)
-        self.base = (model if model is not None else Qwen3.from_pretrained(self.path, dtype=dtype)).eval()
+        loaded = model if model is not None else Qwen3.from_pretrained(self.path, device=device, dtype=dtype)
+        self.base = loaded.eval()
         self.config: ModelConfig = self.base.config
         self._built: list[tuple[ModelConfig, nn.Module]] = [(self.config, self.base)]
 
@@ -60,8 +62,9 @@ class CheckpointModels:
         return model
 
 
-def model_source(model: str | os.PathLike | ModelSource) -> ModelSource:
-    return CheckpointModels(model) if isinstance(model, (str, os.PathLike)) else model
+def model_source(model: str | os.PathLike | ModelSource, device: str | torch.device = "cpu") -> ModelSource:
+    """A checkpoint directory loaded on `device`, or a `ModelSource` as it is (its models keep their device)."""
+    return CheckpointModels(model, device=device) if isinstance(model, (str, os.PathLike)) else model
 
 
 def load_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:

@@ -34,11 +34,12 @@ def run_longcontext_eval(
     tokenizer: Tokenizer | str | os.PathLike | None = None,
     num_threads: int = 0,
     log: Callable[[str], None] | None = stderr_log,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate every condition of `settings` and write `longcontext.json` and PNG plots to `out_dir`.
 
-    `checkpoints` maps "S2" and "S3" (case-insensitive) to checkpoint directories (or
-    `ModelSource`s); only those the conditions need are required. The tokenizer defaults to the S3
+    `checkpoints` maps "S2" and "S3" (case-insensitive) to checkpoint directories (loaded on `device`) or
+    `ModelSource`s; only those the conditions need are required. The tokenizer defaults to the S3
     directory (its `tokenizer.json`). `num_threads` > 0 sets torch's intra-op threads for the run.
     """
     ckpts = {k.upper(): v for k, v in checkpoints.items()}
@@ -57,7 +58,7 @@ def run_longcontext_eval(
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     try:
-        sources = {k: model_source(ckpts[k]) for k in needed}
+        sources = {k: model_source(ckpts[k], device) for k in needed}
         t0 = time.perf_counter()
         items = {v: settings_items(tok, v, settings) for v in settings.variants}
         documents = loss_documents(tok, settings.loss_tokens, settings.loss_docs, settings.seed, settings.world_seed)

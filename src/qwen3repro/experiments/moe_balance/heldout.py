@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ...data.synthetic import generate_documents
+from ...devices import model_device
 from ...models.qwen3 import Qwen3
 from ...tokenizer import Tokenizer
 from ...train.metrics import MetricsLog
@@ -44,6 +45,7 @@ def route_documents(model: Qwen3, ids: Sequence[Sequence[int]], batch_size: int 
     real token). Returns (selection counts [N, L, E], CE loss sums [N], predicted tokens [N])."""
     cfg = model.config
     model.eval()
+    device = model_device(model)  # the batches are built there; the counts and losses come back as numpy
     n, k, e = len(ids), cfg.num_experts_per_tok, cfg.num_experts
     counts = np.zeros((n, 0, e))
     loss_sum, n_tok = np.zeros(n), np.zeros(n)
@@ -53,8 +55,8 @@ def route_documents(model: Qwen3, ids: Sequence[Sequence[int]], batch_size: int 
         idx = order[start:start + batch_size]
         lens = [len(ids[i]) for i in idx]
         width = max(lens)
-        x = torch.zeros((len(idx), width), dtype=torch.long)
-        valid = torch.zeros((len(idx), width), dtype=torch.bool)
+        x = torch.zeros((len(idx), width), dtype=torch.long, device=device)
+        valid = torch.zeros((len(idx), width), dtype=torch.bool, device=device)
         for row, i in enumerate(idx):
             x[row, :lens[row]] = torch.tensor(ids[i])
             valid[row, :lens[row]] = True
@@ -65,10 +67,11 @@ def route_documents(model: Qwen3, ids: Sequence[Sequence[int]], batch_size: int 
             layers_counts = [np.zeros((n, e)) for _ in out.router_logits]
         for layer, logits in enumerate(out.router_logits):
             sel = torch.topk(logits.float(), k, dim=-1).indices.view(len(idx), width, k)
-            onehot = torch.zeros(len(idx), width, e).scatter_add_(-1, sel, torch.ones_like(sel, dtype=torch.float))
-            layers_counts[layer][idx] = (onehot * valid[..., None]).sum(1).numpy()
-        loss_sum[idx] = nll.sum(1).numpy()
-        n_tok[idx] = valid[:, 1:].sum(1).numpy()
+            onehot = torch.zeros(len(idx), width, e, device=device).scatter_add_(
+                -1, sel, torch.ones_like(sel, dtype=torch.float))
+            layers_counts[layer][idx] = (onehot * valid[..., None]).sum(1).cpu().numpy()
+        loss_sum[idx] = nll.sum(1).cpu().numpy()
+        n_tok[idx] = valid[:, 1:].sum(1).cpu().numpy()
     if layers_counts is not None:
         counts = np.stack(layers_counts, axis=1)  # [N, L, E]
     return counts, loss_sum, n_tok
@@ -86,10 +89,10 @@ def group_counts(doc_counts: np.ndarray, labels: Sequence[str], names: Sequence[
 
 
 def measure_run(run_dir: Path, docs: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, seq_len: int,
-                domains: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
-    """Loss, imbalance and specialisation of the trained model in `run_dir` on held-out `docs`;
-    per-domain values are mixed with the training shares `weights` of `domains`."""
-    model = Qwen3.from_pretrained(run_dir)
+                domains: Sequence[str], weights: Sequence[float], device: str = "cpu") -> dict[str, Any]:
+    """Loss, imbalance and specialisation of the trained model in `run_dir` (run on `device`) on held-out
+    `docs`; per-domain values are mixed with the training shares `weights` of `domains`."""
+    model = Qwen3.from_pretrained(run_dir, device=device)
     k = model.config.num_experts_per_tok
     eot = tokenizer.endoftext_id
     ids = [(tokenizer.encode(d["text"]) + [eot])[: seq_len + 1] for d in docs]

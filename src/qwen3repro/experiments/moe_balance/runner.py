@@ -19,11 +19,13 @@ from .verdict import claim_parts, judge, mean_summary, summarise
 
 
 def run_moe_experiment(settings: Mapping[str, Any] | MoEExperimentSettings, tokenizer_dir: Path, out_dir: Path,
-                       cache_dir: Path, printer: Callable[[str], None] = print) -> dict[str, Any]:
+                       cache_dir: Path, printer: Callable[[str], None] = print,
+                       device: str = "cpu") -> dict[str, Any]:
     """Train the MoE with micro- and global-batch LBL for every seed, measure, write `moe_balance.json` and plots.
 
     settings: the scale file's `[experiments.moe]` table (`MoEExperimentSettings` fields).
     tokenizer_dir: a directory holding the tokenizer (and no model). Runs resume when cut.
+    device: where the arms train and are measured (not part of a run's identity).
     Returns {"claim", "micro", "global" (mean summaries), "per_seed" ({mode: {seed: summary}}),
     "reproduced", "parts", "parts_per_seed", "diagnosis", "domains", "settings", "steps", "wall_s", "files"}.
     """
@@ -42,11 +44,12 @@ def run_moe_experiment(settings: Mapping[str, Any] | MoEExperimentSettings, toke
         for mode in MODES:
             run_dir = out_dir / f"{mode}-seed{seed}-{config_hash(s.run_identity(mode, seed))[:8]}"
             t = time.time()
-            run_dirs[mode, seed] = train_arm(s, mode, seed, domain_docs, shares, tokenizer, tokenizer_dir, run_dir, printer)
+            run_dirs[mode, seed] = train_arm(s, mode, seed, domain_docs, shares, tokenizer, tokenizer_dir, run_dir,
+                                             printer, device)
             wall[mode, seed] = time.time() - t
     docs = heldout_documents(s)
     printer(f"moe experiment: measuring routing on {len(docs)} held-out documents")
-    results = {key: measure_run(d, docs, tokenizer, s.seq_len, names, shares) for key, d in run_dirs.items()}
+    results = {key: measure_run(d, docs, tokenizer, s.seq_len, names, shares, device) for key, d in run_dirs.items()}
     per_seed = {mode: {seed: summarise(results[mode, seed]) for seed in s.seeds} for mode in MODES}
     parts_per_seed = {seed: claim_parts(results["micro", seed], results["global", seed], s.loss_tolerance)
                       for seed in s.seeds}

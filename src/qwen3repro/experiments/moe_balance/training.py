@@ -28,7 +28,8 @@ def selection_counts(router_logits: Sequence[torch.Tensor], micro_batches: int, 
     for logits in router_logits:
         e = logits.shape[-1]
         sel = torch.topk(logits.detach().float(), top_k, dim=-1).indices.reshape(micro_batches, -1)
-        counts = torch.zeros(micro_batches, e).scatter_add_(1, sel, torch.ones_like(sel, dtype=torch.float32))
+        counts = torch.zeros(micro_batches, e, device=sel.device).scatter_add_(
+            1, sel, torch.ones_like(sel, dtype=torch.float32))
         out.append(counts)
     return torch.stack(out, 1)
 
@@ -57,7 +58,7 @@ def step_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, mode: str, lbl
     with torch.no_grad():
         other = lbl("global" if mode == "micro" else "micro")
     aux = lbl(mode)
-    counts = selection_counts(out.router_logits, m, k).numpy()  # [M, L, E]
+    counts = selection_counts(out.router_logits, m, k).cpu().numpy()  # [M, L, E], read on the host
     metrics = {
         "num_tokens": int((batch["labels"] != -100).sum()), "ce": ce.detach(), "lbl": aux.detach(),
         "lbl_micro": (aux if mode == "micro" else other).detach(),
@@ -69,8 +70,9 @@ def step_loss(model: Qwen3, batch: Mapping[str, torch.Tensor], *, mode: str, lbl
 
 def train_arm(s: MoEExperimentSettings, mode: str, seed: int, domain_docs: Sequence[Any], shares: Sequence[float],
               tokenizer: Tokenizer, tokenizer_dir: Path, run_dir: Path,
-              printer: Callable[[str], None]) -> Path:
-    """Train one arm for one seed into `run_dir` (resumes a cut run of the same identity)."""
+              printer: Callable[[str], None], device: str = "cpu") -> Path:
+    """Train one arm for one seed into `run_dir` on `device` (resumes a cut run of the same identity; the
+    device is not part of it)."""
     model_cfg = get_model_config(s.model)
     if not model_cfg.is_moe:
         raise ConfigError(f"experiments.moe.model: {s.model} is not a MoE model")
@@ -92,7 +94,7 @@ def train_arm(s: MoEExperimentSettings, mode: str, seed: int, domain_docs: Seque
             return
         printer(f"  {mode}-batch LBL, seed {seed}: {line}" if hit else line)
 
-    train(model, loader, loss_fn, s.train_config(seed), run_dir, resume="auto", printer=quiet,
+    train(model, loader, loss_fn, s.train_config(seed).replace(device=device), run_dir, resume="auto", printer=quiet,
           run_extra={"experiment": "moe_balance", **s.run_identity(mode, seed)})
     copy_tokenizer(tokenizer_dir, run_dir)
     return run_dir
