@@ -414,3 +414,29 @@ def test_a_stage_after_a_verl_stage_starts_from_its_output(tmp_path, monkeypatch
         assert "starts from runs/full/qwen3-32b/fusion/init" in r.output
         cfg = config_gen.load_with_nanotron(Path("runs/full/qwen3-32b/fusion/fusion.yaml"))
         assert Path(cfg.model.init_method.path) == Path("runs/full/qwen3-32b/fusion/init")
+
+
+# ------------------------------------------------------------------------------------ teacher outputs
+def test_full_teacher_runs_the_stage_on_the_merged_flagship(tmp_path, monkeypatch):
+    """`qwen3repro full-teacher`: the teacher-outputs stage (tested itself in test_distill_stages.py, replaced
+    here) on the flagship's merged general-RL checkpoint, with the recipe plus full/stages.toml's job sizes,
+    writing where [data.distill] reads; no checkpoint, no generation."""
+    from qwen3repro.nanotron import cli
+    from qwen3repro.stages import teacher_outputs
+
+    calls = []
+    monkeypatch.setattr(teacher_outputs, "run", lambda cfg, parent, ctx: calls.append((cfg, parent, ctx)))
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        r = CliRunner().invoke(cli.full_teacher_command, [])
+        assert r.exit_code != 0 and "no config.json" in r.output and not calls
+        hf = Path("runs/full/qwen3-235b-a22b/general-rl/hf")
+        hf.mkdir(parents=True)
+        (hf / "config.json").write_text("{}")
+        r = CliRunner().invoke(cli.full_teacher_command, ["--device", "cpu"])
+        assert r.exit_code == 0, r.output
+    (cfg, parent, ctx), = calls
+    assert parent == hf and ctx.out_dir == Path("runs/full/flagship/teacher-outputs") and ctx.device == "cpu"
+    assert (cfg.backend, cfg.max_new_tokens_think, cfg.n_task_queries) == ("vllm", 32768, 200_000)
+    assert cfg.modes == ("think", "no_think") and cfg.verified_only  # the recipe's
+    distill = config_gen.build_stage_spec("distill", "qwen3-0.6b").data["sources"][0]["path_or_id"]
+    assert distill == str(ctx.out_dir / teacher_outputs.DATA_DIR)

@@ -20,7 +20,7 @@ from .experiments.cli import scaling_laws_command
 from .files import RunFileError
 from .models.hf import CheckpointError
 from .models.registry import MODELS, count_parameters, get_model_config
-from .nanotron.cli import full_command, full_eval_command
+from .nanotron.cli import full_command, full_eval_command, full_teacher_command
 from .pipeline import build_plan, describe, run_pipeline
 from .run_lock import RunDirectoryBusyError
 from .serve import serve_command
@@ -121,6 +121,7 @@ def pipeline(scale: str, out_root: str, overrides: tuple[str, ...], only: tuple[
 main.add_command(eval_group)
 main.add_command(full_command)
 main.add_command(full_eval_command)
+main.add_command(full_teacher_command)
 main.add_command(chat_command)
 main.add_command(serve_command)
 main.add_command(scaling_laws_command)

@@ -273,6 +273,13 @@ def _check_unrun_tables(raw: Mapping[str, Any], graph: StageGraph, settings: Pip
             _resolve(graph[stage], [(f"stages.{stage}", raw.get("stages", {}).get(stage, {}))], complete=False)
 
 
+def stage_config(name: str, table: Mapping[str, Any], where: str):
+    """Stage `name`'s config: its recipe with a scale's `table` for it (found at `where`, for error messages)
+    merged on top, checked as the pipeline checks it. What a job outside the tiny pipeline (the full scale's
+    teacher outputs) builds its stage config with."""
+    return _resolve(load_stage_graph()[name], [(where, table)])
+
+
 def _resolve(facts: StageFacts, layers: list[tuple[str, Mapping[str, Any]]], *, complete: bool = True):
     """The stage config: its recipe (without the graph keys) with `layers` (the key path each table sits
     at, the table) merged on top in order. A wrong setting is named at the key that set it.

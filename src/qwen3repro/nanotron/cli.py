@@ -23,6 +23,10 @@ from pathlib import Path
 import click
 
 from ..config import ConfigError
+from ..models.registry import REAL_MODELS
+from ..pipeline import stage_config
+from ..stages import teacher_outputs
+from ..stages.common import StageContext
 from ..evals.hf_cli import eval_hf_command
 from ..recipes import load_stage_graph
 from .config_gen import (StageSpec, build_stage_spec, full_stages, latest_checkpoint, load_settings, load_with_nanotron,
@@ -303,8 +307,10 @@ def plan_chain(model: str, nodes: int | None, gpus_per_node: int | None) -> int:
     after = [s for s in graph.facts if role in graph[s].roles and last and last in graph.ancestors(s)]
     click.echo(f"\ntotal: {total_seconds / 86400:,.1f} days of training, one stage after another, each on its "
                "planned GPUs")
+    jobs = {TEACHER_JOB: "qwen3repro full-teacher"}  # generation jobs the full scale runs outside the trainers
     if after:
-        click.echo(f"after this chain (not trained at full scale): {', '.join(after)}")
+        click.echo("after this chain: " + ", ".join(f"{s} ({jobs[s]})" if s in jobs else f"{s} (not at full scale)"
+                                                   for s in after))
     if missing:
         click.echo("\nthe chain is incomplete:\n  " + "\n  ".join(missing), err=True)
         return 1
@@ -349,7 +355,54 @@ def full_eval_command(ctx, stage, model_name, checkpoint, tokenizer, suites, bac
     ctx.invoke(eval_hf_command, checkpoint=str(hf_dir), backend=backend, device=device, out=out, **extra)
 
 
-__all__ = ["full_command", "full_eval_command", "chain_stages", "chain_parent", "chain_gaps", "plan_chain",
+# ------------------------------------------------------------------------------------------ teacher outputs
+TEACHER_JOB = "teacher-outputs"
+
+
+@click.command("full-teacher", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--teacher", default=None, help="the teacher model (default: full/stages.toml [jobs.teacher-outputs])")
+@click.option("--checkpoint", default=None, help="the teacher's Hugging Face folder (default: "
+              "runs/full/<teacher>/general-rl/hf, the flagship after general RL, merged from verl)")
+@click.option("--out", "out_dir", default=None, help="where the dataset goes (default: the job's `out`, which "
+              "[data.distill] reads)")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "engine"]), default=None,
+              help="vllm (the job's default), our engine, or auto (vLLM when installed)")
+@click.option("--device", default="cuda", show_default=True, help="where our engine runs (vLLM picks its GPUs)")
+@click.option("--dry-run", is_flag=True, help="print the resolved job, generate nothing")
+def full_teacher_command(teacher, checkpoint, out_dir, backend, device, dry_run):
+    """The teacher-outputs job at full scale: the flagship after general RL answers the task mix in both modes
+    (`recipes/teacher-outputs.toml`, sizes in full/stages.toml [jobs.teacher-outputs]); the kept responses are the
+    off-policy distillation data that `sft_data --stage distill` packs."""
+    try:
+        job = dict(load_settings().get("jobs", {}).get(TEACHER_JOB, {}))
+        teacher = teacher or job.pop("teacher")
+        out = Path(out_dir or job.pop("out"))
+        job.pop("teacher", None), job.pop("out", None)
+        if backend:
+            job["backend"] = backend
+        cfg = stage_config(TEACHER_JOB, job, f"full/stages.toml [jobs.{TEACHER_JOB}]")
+    except (ConfigError, KeyError) as e:
+        raise click.UsageError(f"full/stages.toml [jobs.{TEACHER_JOB}]: {e}") from None
+    if teacher not in REAL_MODELS:
+        raise click.UsageError(f"unknown teacher {teacher!r}; valid models: {', '.join(REAL_MODELS)}")
+    source = Path(checkpoint) if checkpoint else Path("runs/full") / teacher / "general-rl" / "hf"
+    click.echo(f"teacher outputs: {teacher} ({source}) -> {out}/data")
+    click.echo("  " + json.dumps(dataclasses.asdict(cfg), default=str))
+    if dry_run:
+        return
+    if not (source / "config.json").is_file():
+        raise click.ClickException(f"{source} is not a Hugging Face checkpoint (no config.json): train and merge the "
+                                   f"teacher's general RL first (make full STAGE=general-rl MODEL={teacher}), or "
+                                   "pass --checkpoint")
+    ctx = StageContext(out_dir=out, cache_dir=out.parent / "cache", device=device)
+    try:
+        teacher_outputs.run(cfg, source, ctx)
+    except (ConfigError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out / teacher_outputs.DATA_DIR} ({out / teacher_outputs.REPORT_FILE})")
+
+
+__all__ = ["full_command", "full_eval_command", "full_teacher_command", "chain_stages", "chain_parent", "chain_gaps", "plan_chain",
            "launch_refusals"]
 
 
