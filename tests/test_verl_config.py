@@ -186,11 +186,33 @@ def test_loss_aggregation_mapping_follows_our_loss_types(specs):
 def test_launch_refuses_missing_parent_and_environment(specs, tmp_path):
     spec = dataclasses.replace(specs["reasoning-rl", "qwen3-8b"], run_dir=tmp_path)
     refusals = " ".join(spec.launch_refusals(root=tmp_path))
-    assert "cold-start's Hugging Face folder" in refusals and "make full-eval STAGE=cold-start" in refusals
+    assert "cold-start's Hugging Face folder" in refusals and "no checkpoint to convert" in refusals
     assert "make verl-env" in refusals and "train.parquet is missing" in refusals
     (spec.parent_hf).mkdir(parents=True)
     (spec.parent_hf / "config.json").write_text("{}")
     assert "Hugging Face folder" not in " ".join(spec.launch_refusals(root=tmp_path))
+
+
+def test_launch_converts_the_parents_latest_nanotron_checkpoint(tmp_path, monkeypatch):
+    """The actor loads the parent's latest nanotron checkpoint in Hugging Face layout, converted at launch with
+    the model's tokenizer (`nanotron_to_hf`, tested in test_nanotron_convert.py; replaced here)."""
+    from qwen3repro.verl import config_gen as verl_gen
+
+    converted = []
+
+    def fake_to_hf(ckpt, out, tokenizer=None):
+        converted.append((Path(ckpt), Path(out), tokenizer))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(verl_gen, "nanotron_to_hf", fake_to_hf)
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        ckpts = Path("runs/full/qwen3-8b/cold-start/checkpoints")
+        (ckpts / "250").mkdir(parents=True)
+        (ckpts / "latest.txt").write_text("250")
+        r = CliRunner().invoke(full_command, ["--stage", "reasoning-rl", "--model", "qwen3-8b"])
+        assert converted == [(ckpts / "250", Path("runs/full/qwen3-8b/cold-start/hf"), "Qwen/Qwen3-8B")]
+        assert r.exit_code != 0 and "Hugging Face folder" not in r.output  # refused for other reasons here
 
 
 def test_make_full_dispatches_verl_stages(tmp_path):

@@ -44,8 +44,9 @@ import click
 import yaml
 
 from ..config import ConfigError, ModelConfig
-from ..models.registry import REAL_MODELS, get_model_config
-from ..nanotron.config_gen import load_settings
+from ..models.registry import HUB_IDS, REAL_MODELS, get_model_config
+from ..nanotron.config_gen import latest_checkpoint, load_settings
+from ..nanotron.convert import nanotron_to_hf
 from ..recipes import load_recipe, load_toml, repo_root, split_recipe
 from ..stages.general_rl import GeneralRLConfig
 from ..stages.grpo import GRPOConfig
@@ -599,8 +600,7 @@ class VerlStageSpec:
         out = []
         if not (self.parent_hf / "config.json").is_file():
             out.append(f"the actor starts from {self.parent}'s Hugging Face folder {self.parent_hf}, which does not "
-                       f"exist yet (train {self.parent}, then `make full-eval STAGE={self.parent} MODEL={self.model}` "
-                       "converts it)")
+                       f"exist yet, and {self.parent} has no checkpoint to convert into it (train {self.parent} first)")
         if self.teacher_hf is not None and not (self.teacher_hf / "config.json").is_file():
             out.append(f"the teacher {self.teacher}'s {self.teacher_stage} output {self.teacher_hf} does not exist yet")
         for split in ("train", "val"):
@@ -732,6 +732,16 @@ def run_stage(stage: str, model: str, *, nodes: int | None, gpus_per_node: int |
     click.echo(f"              {spec.eval_command()}")
     if dry_run:
         return 0
+    parent_ckpt = latest_checkpoint(spec.run_dir / model / spec.parent / "checkpoints")
+    if not (spec.parent_hf / "config.json").is_file() and parent_ckpt is not None:
+        # The parent trained through nanotron: its latest checkpoint in Hugging Face layout, with the model's
+        # tokenizer and chat template, is what verl's actor loads.
+        click.echo(f"  converting {parent_ckpt} -> {spec.parent_hf}")
+        try:
+            nanotron_to_hf(parent_ckpt, spec.parent_hf, tokenizer=HUB_IDS[model])
+        except (ValueError, OSError) as e:
+            click.echo(f"\nerror: converting {parent_ckpt}: {e}", err=True)
+            return 1
     refusals = spec.launch_refusals(force)
     if refusals:
         click.echo(f"\nerror: {model} {stage} cannot launch:\n  " + "\n  ".join(refusals), err=True)
