@@ -58,6 +58,7 @@ from ..data.queries import Query
 from ..data.synthetic import s2_eval_items
 from ..files import RunFileError, atomic_write, write_json_atomic
 from ..models.errors import CheckpointError
+from ..models.hf import HUB_ID
 from ..models.qwen3 import Qwen3
 from ..rewards import RewardResult, answer_text
 from ..rl.rollout import verifier_score
@@ -84,7 +85,6 @@ SUMMARY_FILE = "summary.md"
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 # Files of a hub checkpoint the suites read: config, weights, tokenizer (with its chat template).
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The report's figures the summary quotes next to ours (Qwen3 technical report).
 REPORT_THINKFOLLOW = "88.7 after thinking-mode fusion, 98.9 after general RL (Qwen3-32B, Table 22)"
 REPORT_BUDGET = ("accuracy rises with the budget from 1K to 32K thinking tokens on AIME'24/'25, LiveCodeBench v5 "

@@ -273,7 +273,8 @@ def plan_chain(model: str, nodes: int | None, gpus_per_node: int | None) -> int:
             missing.append(f"{stage}: {e}")
             click.echo(f"\n[{stage}] cannot be planned: {e}")
             continue
-        plan, mem = spec.plan(), spec.plan().memory()
+        plan = spec.plan()
+        mem = plan.memory()
         lay = spec.layout
         total_seconds += plan.seconds
         parent = chain_parent(stage, stages, graph) or spec.parent
@@ -341,7 +342,7 @@ def full_eval_command(ctx, stage, model_name, checkpoint, tokenizer, suites, bac
         raise click.ClickException(f"{stage} has no checkpoint yet in {spec.checkpoints_path} (no latest.txt)")
     stage_dir = spec.run_dir / spec.model / spec.stage
     hf_dir, out = stage_dir / "hf", stage_dir / "eval"
-    tokenizer = tokenizer or spec.nanotron_dict()["tokenizer"]["tokenizer_name_or_path"]
+    tokenizer = tokenizer or spec.tokenizer
     click.echo(f"evaluate {source} -> {hf_dir} (tokenizer {tokenizer}) -> {out}")
     if dry_run:
         return

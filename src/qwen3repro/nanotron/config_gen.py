@@ -258,6 +258,11 @@ class StageSpec:
                 "(Ibrahim et al. 2024, arXiv 2403.08763)")
 
     @property
+    def tokenizer(self) -> str:
+        """The released model's tokenizer (its hub id): what the data jobs tokenise with and conversions ship."""
+        return HUB_IDS[self.model]
+
+    @property
     def is_sft(self) -> bool:
         """Cold start, fusion and off-policy distillation: conversations, loss on assistant tokens only."""
         return self.facts.kind == "sft"
@@ -338,7 +343,7 @@ class StageSpec:
                             "expert_parallel_size": 1},
             "model": {"model_config": mc, "init_method": init, "dtype": "bfloat16",
                       "make_vocab_size_divisible_by": 1, "ddp_bucket_cap_mb": 25},
-            "tokenizer": {"tokenizer_name_or_path": f"{_hub_id(self.model)}", "tokenizer_revision": None,
+            "tokenizer": {"tokenizer_name_or_path": self.tokenizer, "tokenizer_revision": None,
                           "tokenizer_max_length": None},
             "checkpoints": {"checkpoints_path": str(self.checkpoints_path), "checkpoint_interval": self.checkpoint_interval,
                             "save_initial_state": False,
@@ -414,10 +419,6 @@ def latest_checkpoint(checkpoints_path: Path | None) -> Path | None:
     if not ckpt.is_dir():
         raise ConfigError(f"{latest} names step {text}, but {ckpt} does not exist")
     return ckpt
-
-
-def _hub_id(model: str) -> str:
-    return HUB_IDS[model]
 
 
 def load_settings(root: Path | None = None) -> dict:

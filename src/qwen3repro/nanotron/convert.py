@@ -58,7 +58,7 @@ from ..config import ConfigError, ModelConfig
 from ..models.checksums import verify_checksums
 from ..models.errors import CheckpointError
 from ..models.hf import (
-    SAFE_INDEX, _weight_files, check_tensors, expected_hub_shapes, from_hub_state_dict,
+    HUB_ID, SAFE_INDEX, _weight_files, check_tensors, expected_hub_shapes, from_hub_state_dict,
 )
 from ..models.qwen3 import Qwen3
 from ..models.registry import get_model_config
@@ -92,7 +92,6 @@ HUB_ALLOW_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json",
 )
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -370,7 +369,7 @@ def resolve_hf_source(source: str | Path, revision: Optional[str] = None,
         return path
     if path.exists():
         raise CheckpointError(f"{source}: a file, not a Hugging Face checkpoint directory")
-    if not _HUB_ID_RE.match(str(source)):
+    if not HUB_ID.match(str(source)):
         raise CheckpointError(f"{source}: no such directory, and not a hub id of the form 'org/name'")
     return Path(huggingface_hub.snapshot_download(repo_id=str(source), revision=revision,
                                                   allow_patterns=list(allow_patterns)))

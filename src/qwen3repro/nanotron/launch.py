@@ -234,7 +234,11 @@ def main(argv: list[str] | None = None) -> None:
                 dataloader = iter(mbs)
             return super().training_step(dataloader)
 
-    with weight_decay_groups(zero_stage=1, decay_embeddings=bool(sidecar.get("decay_embeddings", False))):
+    import yaml
+
+    # The optimizer groups cover the ZeRO path; the stage's own config says whether it takes it.
+    zero_stage = int(yaml.safe_load(Path(args.config_file).read_text())["optimizer"]["zero_stage"])
+    with weight_decay_groups(zero_stage=zero_stage, decay_embeddings=bool(sidecar.get("decay_embeddings", False))):
         trainer = Qwen3Trainer(args.config_file, model_config_class=Qwen3NTConfig, model_class=Qwen3ForTraining)
     cfg = trainer.config
     pc = trainer.parallel_context

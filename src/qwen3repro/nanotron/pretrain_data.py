@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     if spec.is_sft:
         parser.error(f"stage {args.stage} trains on conversations: write its shards with "
                      "`python -m qwen3repro.nanotron.sft_data`")
-    name = args.tokenizer or spec.nanotron_dict()["tokenizer"]["tokenizer_name_or_path"]
+    name = args.tokenizer or spec.tokenizer
     out = args.out or spec.shards_path
     manifest = write_token_shards(
         spec.data["sources"], name, out, seq_len=spec.seq_len, length_mix=spec.facts.length_mix or (),

@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = build_stage_spec(args.stage, args.model)
     if not spec.is_sft:
         parser.error(f"stage {args.stage} is pretraining: it reads token shards, not conversations")
-    name = args.tokenizer or spec.nanotron_dict()["tokenizer"]["tokenizer_name_or_path"]
+    name = args.tokenizer or spec.tokenizer
     manifest = write_sft_shards(spec.data["sources"], Tokenizer.load(name), args.out or spec.shards_path,
                                 seq_len=spec.seq_len, rows_per_shard=args.rows_per_shard, limit=args.limit,
                                 part=args.part, parts=args.parts, tokenizer_name=name, stage=args.stage,
