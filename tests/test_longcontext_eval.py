@@ -308,6 +308,20 @@ def test_run_writes_pinned_results_and_plots(checkpoints, tmp_path):
             "retrieval_heatmap_order_s3_yarn_dca.png"} <= set(saved["plots"])
 
 
+def test_s2_up_to_the_trained_length(checkpoints, tmp_path):
+    """With s2_up_to_trained, S2 is evaluated at the lengths up to the trained length only; S3 at all."""
+    settings = SETTINGS.replace(n_per_length=2, variants=("passkey",), conditions=("S2", "S3"), loss_docs=1,
+                                s2_up_to_trained=True)
+    res = lc.run_longcontext_eval(checkpoints, tmp_path / "eval", settings, log=None)
+    grids = res["retrieval"]["passkey"]
+    assert grids["S2"]["lengths"] == [n for n in settings.eval_lengths if n <= TRAINED] == [160]
+    assert grids["S3"]["lengths"] == list(settings.eval_lengths) == [160, 384]
+    assert "at_384" not in res["summary"]["passkey"]["S2"] and "at_384" in res["summary"]["passkey"]["S3"]
+    assert any("only up to the trained length" in n for n in res["notes"])
+    with pytest.raises(ConfigError, match="s2_up_to_trained"):
+        SETTINGS.replace(s2_up_to_trained="yes")
+
+
 def test_cli_dry_run_prints_resolved_settings(tmp_path):
     result = CliRunner().invoke(eval_group, [
         "longcontext", "--s2", str(tmp_path / "s2"), "--s3", str(tmp_path / "s3"), "--out", str(tmp_path / "o"),

@@ -108,6 +108,10 @@ class LongContextSettings:
     dca_local_size: int = 0
     # Apply DCA only to lengths > trained_length (default: at every length of its condition).
     dca_only_beyond_trained: bool = False
+    # Evaluate the S2 checkpoint (the baseline before ABF) only up to trained_length: the claims read it
+    # there, and beyond it S2 retrieved nothing in every tiny run (0% at 2x and 4x) while its passkeys at
+    # 4x cost as much as S3's.
+    s2_up_to_trained: bool = False
     # Data: item seed and the synthetic world (must be the world the models were trained on).
     seed: int = 0
     world_seed: int = WORLD_SEED

@@ -68,7 +68,8 @@ def run_longcontext_eval(
         work = 0.0
         for c in settings.conditions:
             cfg = sources[CONDITIONS[c].checkpoint].config
-            work += sum(forward_flops(cfg, len(tok.encode(it["prompt"]))) for its in items.values() for it in its)
+            work += sum(forward_flops(cfg, len(tok.encode(it["prompt"])))
+                        for v in settings.variants for it in condition_items(c, items[v], settings))
             work += sum(forward_flops(cfg, len(d)) for d in documents)
         progress = flops_progress(work)
         results: dict[str, Any] = {
@@ -88,7 +89,8 @@ def run_longcontext_eval(
             source = sources[CONDITIONS[c].checkpoint]
             for v in settings.variants:
                 results["retrieval"][v][c] = retrieval_grid(source, tok, c, variant=v, settings=settings,
-                                                            items=items[v], progress=progress, log=log)
+                                                            items=condition_items(c, items[v], settings),
+                                                            progress=progress, log=log)
             results["loss_by_position"][c] = loss_by_position(source, tok, c, settings=settings, documents=documents,
                                                               progress=progress, log=log)
             write_json_atomic(out / RESULT_FILE, results)
@@ -102,6 +104,14 @@ def run_longcontext_eval(
         return results
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def condition_items(condition: str, items: list[dict], settings: LongContextSettings) -> list[dict]:
+    """The retrieval items a condition is evaluated on: all, but S2's stop at the trained length when
+    `s2_up_to_trained` is set."""
+    if condition == "S2" and settings.s2_up_to_trained:
+        return [it for it in items if int(it["length"]) <= settings.trained_length]
+    return items
 
 
 def notes(settings: LongContextSettings) -> list[str]:
@@ -121,7 +131,7 @@ def notes(settings: LongContextSettings) -> list[str]:
         "Retrieval: greedy decoding, exact match of the first word of the completion with the pass key "
         "(synthetic.check_retrieval); depth = fraction of the context before the target needle.",
         "Loss by position: mean next-token NLL in nats; bucket_start is the first predicted position of a bucket.",
-    ]
+    ] + ([f"S2 retrieval is evaluated only up to the trained length ({t} tokens)."] if settings.s2_up_to_trained else [])
 
 
 def summarize(results: Mapping[str, Any], settings: LongContextSettings) -> dict[str, Any]:
@@ -140,4 +150,4 @@ def summarize(results: Mapping[str, Any], settings: LongContextSettings) -> dict
     return out
 
 
-__all__ = ["RESULT_FILE", "notes", "run_longcontext_eval", "summarize"]
+__all__ = ["RESULT_FILE", "condition_items", "notes", "run_longcontext_eval", "summarize"]
