@@ -122,19 +122,3 @@ def test_config_adds_warmup_steps_and_rejects_bad_values():
             PretrainConfig(**base, copy_warmup_span=bad)
     with pytest.raises(ConfigError, match="copy_warmup_seq_len"):
         PretrainConfig(**base, copy_warmup_seq_len=-8)
-
-
-def test_copy_warmup_lr_is_a_lead_phase_of_the_schedule():
-    """With its own LR the warm-up ramps to it and holds it; the corpus phase then runs the stage's schedule
-    from its own step 0 (re-warming to `lr`). Without it, one schedule spans both phases."""
-    base = dict(name="s1", corpus="s1", tokens=8192, seq_len=64, batch_size=4, n_docs=10,
-                train={"lr": 1e-3, "warmup_steps": 4, "decay_fraction": 0.0})
-    s = PretrainConfig(**base, copy_warmup_steps=6, copy_warmup_lr=3e-3,
-                       copy_warmup_lr_warmup_steps=3).train_config().schedule()
-    assert [s.lr(k) for k in range(6)] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3, 3e-3])
-    assert [s.lr(6 + k) for k in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
-    one = PretrainConfig(**base, copy_warmup_steps=6).train_config().schedule()
-    assert [one.lr(k) for k in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
-    for bad in (0, -1e-3, float("nan"), "fast"):
-        with pytest.raises(ConfigError, match="copy_warmup_lr"):
-            PretrainConfig(**base, copy_warmup_steps=6, copy_warmup_lr=bad)

@@ -141,29 +141,3 @@ def test_bad_settings_are_named(kwargs, field):
 def test_zero_decay_fraction_means_constant_after_warmup():
     s = WSDSchedule(1.0, 50, warmup_steps=5, decay_fraction=0.0, min_lr_ratio=0.0)
     assert [s.multiplier(k) for k in range(4, 50)] == [1.0] * 46
-
-
-# ------------------------------------------------------------------------ lead phase
-@given(lead=st.integers(1, 40), ramp=st.integers(0, 20), main=st.integers(1, 60), warmup=st.integers(0, 10),
-       lead_lr=st.floats(1e-5, 1e-2), base=st.floats(1e-5, 1e-2), frac=st.floats(0.0, 1.0))
-def test_lead_phase_then_the_schedule_from_its_own_start(lead, ramp, main, warmup, lead_lr, base, frac):
-    """Steps [0, lead) ramp to lead_lr and hold it; step lead + k has the plain schedule's LR at k."""
-    s = WSDSchedule(base, lead + main, warmup, decay_fraction=frac, lead_steps=lead, lead_lr=lead_lr,
-                    lead_warmup_steps=ramp)
-    plain = WSDSchedule(base, main, warmup, decay_fraction=frac)
-    for k in range(lead):
-        expected = lead_lr * (1.0 if ramp == 0 else min(1.0, (k + 1) / ramp))
-        assert s.lr(k) == pytest.approx(expected, rel=1e-12)
-        assert s.multiplier(k) == pytest.approx(expected / base, rel=1e-9)
-    for k in range(main):
-        assert s.lr(lead + k) == pytest.approx(plain.lr(k), rel=1e-12)
-    assert s.decay_window == plain.decay_window
-
-
-def test_lead_phase_bad_values():
-    with pytest.raises(ConfigError, match="lead_steps"):
-        WSDSchedule(1e-3, 10, lead_steps=10, lead_lr=1e-3)
-    with pytest.raises(ConfigError, match="lead_lr"):
-        WSDSchedule(1e-3, 10, lead_steps=2, lead_lr=-1.0)
-    with pytest.raises(ConfigError, match="lead_warmup_steps"):
-        WSDSchedule(1e-3, 10, lead_steps=2, lead_lr=1e-3, lead_warmup_steps=-1)

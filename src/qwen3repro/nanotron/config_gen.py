@@ -492,8 +492,6 @@ def build_stage_spec(stage: str, model: str, nodes: int | None = None, gpus_per_
     if train.decay_shape not in ("linear", "cosine"):
         raise ConfigError(f"{stage}: decay_shape {train.decay_shape!r} is not available in nanotron 0.4 "
                           "(linear or cosine)")
-    if train.lead_steps:
-        raise ConfigError(f"{stage}: a lead phase with its own LR (lead_steps) has no nanotron 0.4 schedule")
     return StageSpec(
         stage=stage, model=model, layout=layout, seq_len=seq_len, rope_theta=facts.rope_theta,
         tokens=tokens, lr=float(lr), micro_batch_size=mbs, grad_accum=grad_accum, schedule=train.schedule(),

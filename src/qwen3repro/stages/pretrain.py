@@ -17,7 +17,6 @@ micro-batches that counts them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -85,14 +84,6 @@ class PretrainConfig:
     32 x 64 tokens, against ~1,500 of 8 x 256."""
     copy_warmup_span: tuple[Positive, Positive] = DEFAULT_SPAN_RANGE
     """[shortest, longest] repeated span in warm-up documents (a document is span + span + EOT)."""
-    copy_warmup_lr: float | None = None
-    """The warm-up's own peak LR, a lead phase of the schedule (`train.schedule`: a ramp of
-    `copy_warmup_lr_warmup_steps`, then held; the corpus phase then runs the stage's schedule from its
-    own step 0). None: one schedule over both phases at the stage's `lr`. The induction phase change
-    is LR-bound: the tiny flagship's copy loss fell at ~550 steps of 32 x 64 at 3e-3 against ~900 at
-    1e-3 (docs/LOG.md)."""
-    copy_warmup_lr_warmup_steps: NonNegative = 50
-    """Linear ramp of the warm-up's own LR (with `copy_warmup_lr`)."""
     category_weights: Mapping[str, float] = field(default_factory=dict)
     """Real-data category weights of the stage's mixture (web, code, math, ...): what the full scale trains
     on (`data.mixture.stage_mixture`). The synthetic corpus (`corpus`) has document kinds of its own."""
@@ -127,9 +118,6 @@ class PretrainConfig:
             corpus_length_ranges(self.corpus, self.seq_len, self.length_mix)
         except ValueError as e:
             raise ConfigError(f"stage {self.name}: {e}") from None
-        if self.copy_warmup_lr is not None and (not isinstance(self.copy_warmup_lr, (int, float))
-                                                or not math.isfinite(self.copy_warmup_lr) or self.copy_warmup_lr <= 0):
-            raise ConfigError(f"copy_warmup_lr must be a positive number or unset, got {self.copy_warmup_lr!r}")
         if self.copy_warmup_steps and int(self.train.get("grad_accum", 1)) != 1:
             raise ConfigError("copy_warmup_steps needs grad_accum = 1 (one warm-up batch per optimizer step)")
         self.train_config()  # validate now, naming unknown keys
@@ -149,12 +137,7 @@ class PretrainConfig:
         return self.copy_warmup_steps + self.corpus_steps
 
     def train_config(self) -> TrainConfig:
-        lead = {}
-        if self.copy_warmup_steps and self.copy_warmup_lr is not None:
-            lead = {"lead_steps": self.copy_warmup_steps, "lead_lr": float(self.copy_warmup_lr),
-                    "lead_warmup_steps": self.copy_warmup_lr_warmup_steps}
-        return TrainConfig.from_dict({**self.train, **lead, "steps": self.steps,
-                                      "seed": self.train.get("seed", self.seed)})
+        return TrainConfig.from_dict({**self.train, "steps": self.steps, "seed": self.train.get("seed", self.seed)})
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -335,10 +318,8 @@ def run(cfg: PretrainConfig, parent: Path | None, ctx: StageContext) -> Path:
         loader = CopyWarmupLoader(loader, steps=cfg.copy_warmup_steps, batch_size=cfg.copy_warmup_batch_size,
                                   seq_len=warmup_len, n_ordinary=tokenizer.endoftext_id,
                                   eot_id=tokenizer.endoftext_id, seed=cfg.seed, span_range=cfg.copy_warmup_span)
-        rate = "" if cfg.copy_warmup_lr is None else f" at lr {cfg.copy_warmup_lr:g}"
         ctx.say(f"{cfg.name}: copy warm-up first: {cfg.copy_warmup_steps} steps x {cfg.copy_warmup_batch_size}"
-                f" x {warmup_len} of repeated random spans ({cfg.copy_warmup_span[0]}-{cfg.copy_warmup_span[1]} tokens)"
-                + rate)
+                f" x {warmup_len} of repeated random spans ({cfg.copy_warmup_span[0]}-{cfg.copy_warmup_span[1]} tokens)")
     tcfg = ctx.on_device(cfg.train_config())
     ctx.say(f"{cfg.name}: {cfg.tokens:,} tokens = {cfg.corpus_steps} steps x {cfg.batch_size} x {cfg.seq_len}"
             f" (corpus {cfg.corpus}, {len(docs):,} documents, {tokens_per_epoch:,} tokens/epoch)"

@@ -105,12 +105,6 @@ class TrainConfig:
     """Step at which the minimum is reached and then held (default: steps)."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of `lr`."""
-    lead_steps: NonNegative = 0
-    """Steps of a lead phase with a rate of its own before the schedule (`train.schedule`); 0: none."""
-    lead_lr: float = 0.0
-    """The lead phase's peak LR."""
-    lead_warmup_steps: NonNegative = 0
-    """The lead phase's linear ramp to `lead_lr`."""
     grad_accum: Positive = 1
     """Micro-batches per optimizer step."""
     clip_grad_norm: float | None = 1.0
@@ -170,9 +164,6 @@ class TrainConfig:
             decay_end=self.decay_end,
             min_lr_ratio=self.min_lr_ratio,
             decay_shape=self.decay_shape,
-            lead_steps=self.lead_steps,
-            lead_lr=float(self.lead_lr),
-            lead_warmup_steps=self.lead_warmup_steps,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,12 +26,6 @@ the last `decay_fraction` of the run. The Qwen3 report's S2 "accelerated learnin
 `decay_fraction`) and/or end it before the end of the stage (`decay_end < total_steps`, then held at
 the minimum), e.g. `decay_start=warmup_steps, decay_end=total_steps // 2`.
 
-A run may start with a *lead phase* of its own (`lead_steps` > 0: the tiny scale's copy warm-up, a
-different task that wants a different rate): a linear ramp over `lead_warmup_steps` to `lead_lr`, held
-for the first `lead_steps` steps; the WSD schedule above then runs over the remaining
-`total_steps - lead_steps` steps from its own step 0 (its warmup re-warms to `base_lr`; `decay_start`
-and `decay_end` count from the end of the lead phase).
-
 Nothing here holds state: a resumed run recomputes `lr(step)` from the step alone, so resume is
 exact.
 """
@@ -69,22 +63,10 @@ class WSDSchedule:
     decay_end: int | None = None
     min_lr_ratio: float = 0.1
     decay_shape: str = "linear"
-    lead_steps: int = 0
-    lead_lr: float = 0.0
-    lead_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.total_steps, int) or self.total_steps <= 0:
             raise ConfigError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        for name in ("lead_steps", "lead_warmup_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-        if self.lead_steps >= self.total_steps:
-            raise ConfigError(f"lead_steps ({self.lead_steps}) must leave steps for the schedule "
-                              f"(total_steps {self.total_steps})")
-        if self.lead_lr < 0 or not math.isfinite(self.lead_lr):
-            raise ConfigError(f"lead_lr must be a finite number >= 0, got {self.lead_lr!r}")
         if self.base_lr < 0 or not math.isfinite(self.base_lr):
             raise ConfigError(f"lr must be a finite number >= 0, got {self.base_lr!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -103,26 +85,15 @@ class WSDSchedule:
             )
 
     @property
-    def main_steps(self) -> int:
-        """Steps of the WSD schedule proper (after the lead phase)."""
-        return self.total_steps - self.lead_steps
-
-    @property
     def decay_window(self) -> tuple[int, int]:
-        """(decay_start, decay_end) in the WSD phase's steps-done units (counted after the lead phase):
-        the multiplier is 1 at t <= start, min at t >= end."""
-        end = self.main_steps if self.decay_end is None else int(self.decay_end)
+        """(decay_start, decay_end) in steps-done units: the multiplier is 1 at t <= start, min at t >= end."""
+        end = self.total_steps if self.decay_end is None else int(self.decay_end)
         if self.decay_start is not None:
             return int(self.decay_start), end
-        return max(end - int(round(self.decay_fraction * self.main_steps)), 0), end
+        return max(end - int(round(self.decay_fraction * self.total_steps)), 0), end
 
     def multiplier_at(self, t: float) -> float:
         """The schedule as a continuous function of t = steps done (real-valued; see module doc)."""
-        if self.lead_steps:
-            if t <= self.lead_steps:
-                ramp = 1.0 if self.lead_warmup_steps == 0 else min(1.0, max(0.0, t) / self.lead_warmup_steps)
-                return (self.lead_lr / self.base_lr if self.base_lr > 0 else 0.0) * ramp
-            t -= self.lead_steps
         warm = 1.0 if self.warmup_steps == 0 else min(1.0, max(0.0, t) / self.warmup_steps)
         start, end = self.decay_window
         if end == start:  # zero-length decay: a step down just after `end` (decay_fraction=0: no decay)
@@ -138,9 +109,6 @@ class WSDSchedule:
         return self.multiplier_at(step + 1)
 
     def lr(self, step: int) -> float:
-        if step < self.lead_steps:  # exact: not a ratio through base_lr
-            ramp = 1.0 if self.lead_warmup_steps == 0 else min(1.0, (step + 1) / self.lead_warmup_steps)
-            return self.lead_lr * ramp
         return self.base_lr * self.multiplier(step)
 
     def __call__(self, step: int) -> float:
