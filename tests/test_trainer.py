@@ -18,7 +18,8 @@ from qwen3repro.losses import masked_cross_entropy
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.run_lock import HOST
 from qwen3repro.train import checkpoint as ckpt
-from qwen3repro.train.loop import TrainConfig, TrainingDivergedError, causal_lm_loss, parameter_groups, train
+from qwen3repro.train.loop import (TrainConfig, TrainingDivergedError, build_optimizer, causal_lm_loss,
+                                   parameter_groups, train)
 
 MICRO = ModelConfig(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -354,6 +355,28 @@ def test_weight_decay_groups():
     with_emb = parameter_groups(model, 0.1, decay_embeddings=True)
     assert id(model.model.embed_tokens.weight) in {id(p) for p in with_emb[0]["params"]}
 
+
+
+def test_the_optimizer_matches_torch_adamw_and_marks_every_parameter_changed():
+    """The fused AdamW equals torch's default AdamW up to rounding, and each step bumps every parameter's
+    version counter (the fused kernel alone does not): the decode step's prepared weights rely on it."""
+    torch.manual_seed(0)
+    a, b = micro_model(), micro_model()
+    b.load_state_dict(a.state_dict())
+    cfg = TrainConfig(steps=3, lr=1e-2, weight_decay=0.1)
+    ours = build_optimizer(a, cfg)
+    reference = torch.optim.AdamW(parameter_groups(b, 0.1), lr=1e-2, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    ids = torch.randint(0, a.config.vocab_size, (2, 12))
+    for _ in range(3):
+        for model, opt in ((a, ours), (b, reference)):
+            opt.zero_grad(set_to_none=True)
+            causal_lm_loss(model, {"input_ids": ids, "labels": ids})[0].backward()
+        versions = [p._version for p in a.parameters()]
+        ours.step()
+        reference.step()
+        assert all(p._version > v for p, v in zip(a.parameters(), versions))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 # bf16 rounds to 8 significant bits: one rounding is a relative error of at most 2^-8. The first step
 # runs both precisions from the same weights, so its loss differs by about one rounding of the logits;
