@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qwen3repro.config import ModelConfig
@@ -230,3 +230,63 @@ def test_reorder_keeps_the_chosen_rows(name, lengths, before, after, data):
             n = lengths[i]
             alone = model(seqs[i][None, : n + before + after]).logits[0, n + before :]
             torch.testing.assert_close(torch.stack([x[row] for x in got]), alone, atol=ATOL, rtol=0)
+
+
+KEEP_MODELS = {
+    **MODELS,
+    "dca": Qwen3(ModelConfig(**COMMON, tie_word_embeddings=True,
+                             dual_chunk_attention_config={"chunk_size": 8, "local_size": 2})).eval(),
+}
+
+
+@given(
+    name=st.sampled_from(sorted(KEEP_MODELS)),
+    batch=st.integers(1, 3),
+    past=st.integers(0, 6),
+    prompt=st.integers(1, 20),
+    keep=st.integers(1, 22),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(name="dense", batch=2, past=0, prompt=10, keep=4, padded=False, seed=1)  # SDPA's causal path
+@example(name="dca", batch=1, past=0, prompt=20, keep=12, padded=False, seed=2)  # queries span two chunks
+@example(name="moe", batch=2, past=3, prompt=7, keep=1, padded=True, seed=3)
+@settings(max_examples=40, deadline=None)
+def test_logits_to_keep_gives_the_last_positions_of_a_full_forward(name, batch, past, prompt, keep, padded, seed):
+    """`logits_to_keep=k` (the prefill's shortcut: the last layer computes queries, attention and MLP
+    for the last k positions only) equals the last k logits of a full forward, with or without cached
+    tokens before and left padding, and leaves the same cache: the next token's logits agree too."""
+    model = KEEP_MODELS[name]
+    padded = padded and name != "dca"  # DCA accepts no padding mask
+    g = torch.Generator().manual_seed(seed)
+    total = past + prompt
+    ids = torch.randint(0, model.config.vocab_size, (batch, total + 1), generator=g)
+    mask = torch.ones(batch, total + 1, dtype=torch.long)
+    if padded:
+        for row in range(batch):
+            mask[row, : int(torch.randint(0, total, (1,), generator=g))] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def upto(n):  # the padding mask of the first n tokens; None without padding (SDPA's causal path)
+        return mask[:, :n] if padded else None
+
+    with torch.no_grad():
+        full = model(ids[:, :total], attention_mask=upto(total), position_ids=positions[:, :total]).logits
+        caches, kept = [], []
+        for k in (0, keep):
+            cache = model.new_kv_cache(batch, total + 1)
+            if past:
+                model(ids[:, :past], attention_mask=upto(past), position_ids=positions[:, :past], kv_cache=cache)
+            out = model(ids[:, past:total], attention_mask=upto(total), position_ids=positions[:, past:total],
+                        kv_cache=cache, logits_to_keep=k).logits
+            kept.append(out)
+            caches.append(cache)
+        n = min(keep, prompt)
+        assert kept[1].shape == (batch, n, model.config.vocab_size)
+        real = mask[:, total - n: total, None].bool()  # padding queries' outputs are meaningless
+        torch.testing.assert_close(torch.where(real, kept[1], 0), torch.where(real, full[:, -n:], 0),
+                                   atol=ATOL, rtol=0)
+        nexts = [model(ids[:, total:], attention_mask=upto(total + 1), position_ids=positions[:, total:], kv_cache=c).logits
+                 for c in caches]
+    torch.testing.assert_close(nexts[1], nexts[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(caches[1].k[:, :, :, :total], caches[0].k[:, :, :, :total], atol=0, rtol=0)

@@ -190,6 +190,17 @@ class AttentionMask:
     is_causal: bool
     causal_only: bool = True  # False when padding or segments are part of `mask`
 
+    def last_queries(self, n: int, total: int, device: torch.device | None = None) -> "AttentionMask":
+        """The mask of the last `n` of this mask's queries, over the same `total` keys."""
+        if self.mask is not None:
+            return AttentionMask(self.mask[:, :, -n:], is_causal=False, causal_only=self.causal_only)
+        if not self.is_causal or n == 1:
+            return AttentionMask(None, is_causal=False)  # the last query sees every key
+        # SDPA's is_causal aligns the first query with the first key; these queries are the last keys.
+        q_slots = torch.arange(total - n, total, device=device)
+        allowed = (torch.arange(total, device=device)[None, :] <= q_slots[:, None])[None, None]
+        return AttentionMask(allowed, is_causal=False)
+
 
 def build_attention_mask(
     batch_size: int,
@@ -273,24 +284,34 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         q_positions: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, float] | None = None,
+        keep_last: int = 0,
     ) -> torch.Tensor:
-        """x [B, S, hidden]; cos/sin [B|1, S, 1, D] (see `rope_tables`); returns [B, S, hidden]."""
+        """x [B, S, hidden]; cos/sin [B|1, S, 1, D] (see `rope_tables`); returns [B, S, hidden].
+
+        keep_last > 0: the output of the last `keep_last` positions only, [B, keep_last, hidden]; the keys
+        and values of all S positions are still computed (and cached)."""
         b, s, _ = x.shape
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        sq = keep_last if 0 < keep_last < s else s
         # Pre-RoPE, QK-normed q, k: [B, S, heads, D].
-        q = self.q_norm(self.q_proj(x).view(b, s, h, d))
+        q = self.q_norm(self.q_proj(x[:, s - sq:]).view(b, sq, h, d))
         k = self.k_norm(self.k_proj(x).view(b, s, hk, d))
         v = self.v_proj(x).view(b, s, hk, d).transpose(1, 2)
+        if sq != s:
+            past = kv_cache.length if kv_cache is not None else 0
+            mask = mask.last_queries(sq, past + s, x.device)
+            q_positions = q_positions[:, s - sq:] if q_positions is not None else None
 
         if self.dca_config is None:
-            q, k = rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2)
+            q = rotate(q, cos[:, s - sq:], sin[:, s - sq:]).transpose(1, 2)
+            k = rotate(k, cos, sin).transpose(1, 2)
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)
             out = attend(q, k, v, None, None, mask)
         else:
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # pre-RoPE: DCA rotates at remapped positions
             out = self._dual_chunk_attend(q, k, v, mask, kv_cache, q_positions, rope)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, h * d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, sq, h * d))
 
     def _dual_chunk_attend(self, q, k, v, mask, kv_cache, q_positions, rope):
         """Pre-RoPE q [B, H, S, D], k/v [B, Hk, S, D] -> DCA output [B, H, S, D] (models/dca.py)."""

@@ -67,8 +67,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, positions=None, rope=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, positions, rope)
+    def forward(self, x, cos, sin, mask, kv_cache=None, positions=None, rope=None, keep_last=0):
+        """keep_last > 0: the last `keep_last` positions' outputs only (see `Attention.forward`)."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, positions, rope, keep_last)
+        x = x[:, x.shape[1] - attn.shape[1]:] + attn
         h = self.post_attention_layernorm(x)
         if self.is_sparse:
             h, router_logits = self.mlp(h)
@@ -164,6 +166,7 @@ class Qwen3Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        keep_last: int = 0,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(the final-norm hidden states [B, S, H], the router logits of every sparse layer).
 
@@ -171,7 +174,9 @@ class Qwen3Decoder(nn.Module):
         [B, past_len + S] or [B, S] when a cache remembers the past (1 = real token, 0 = padding);
         segment_ids [B, S] document ids of packed sequences (attention stays inside a document; pass
         position_ids that restart at 0 per document to match separate forwards); kv_cache from
-        `new_kv_cache`.
+        `new_kv_cache`. keep_last > 0: the hidden states of the last `keep_last` positions only
+        [B, keep_last, H]; the last layer then computes its queries, attention and MLP for those
+        positions alone (its keys and values for all, into the cache), and its router logits cover them.
         """
         b, s = input_ids.shape
         device = input_ids.device
@@ -193,8 +198,9 @@ class Qwen3Decoder(nn.Module):
         rope = (self.inv_freq, self.attention_factor)
 
         router_logits = []
-        for layer in self.model.layers:
-            x, logits = layer(x, cos, sin, mask, kv_cache, position_ids, rope)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x, logits = layer(x, cos, sin, mask, kv_cache, position_ids, rope, keep_last if i == last else 0)
             if logits is not None:
                 router_logits.append(logits)
         if kv_cache is not None:
@@ -241,11 +247,14 @@ class Qwen3(Qwen3Decoder):
         segment_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         output_router_logits: bool = False,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """input_ids [B, S]; the other inputs as in `final_hidden_states`."""
+        """input_ids [B, S]; the other inputs as in `final_hidden_states`. logits_to_keep > 0 (as in
+        transformers): logits [B, logits_to_keep, V] of the last positions only, e.g. 1 for a prompt's
+        prefill, and the last layer computes no more than those need (`final_hidden_states`' keep_last)."""
         hidden, router_logits = self.final_hidden_states(
             input_ids, position_ids=position_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-            kv_cache=kv_cache,
+            kv_cache=kv_cache, keep_last=logits_to_keep,
         )
         return CausalLMOutput(
             logits=self.lm_head(hidden),
