@@ -9,11 +9,12 @@ STAMP  := $(VENV)/.installed
 # part of any lineage hash; a run asking for a GPU on a machine without one stops before its first stage.
 DEVICE ?= cpu
 
-.PHONY: help venv system-deps test test-all bench tiny-pipeline small-pipeline micro-pipeline scaling-laws clean
+.PHONY: help venv system-deps test test-all bench tiny-pipeline small-pipeline seeds micro-pipeline scaling-laws clean
 
 help:
 	@echo "make tiny-pipeline   run the tiny replication end to end (writes runs/tiny/); DEVICE=cuda runs it on one GPU"
 	@echo "make small-pipeline  tiny's pretraining + ~6x longer post-training (writes runs/small/, ~1 h after tiny)"
+	@echo "make seeds           the long-context rows over 3 training seeds (after tiny-pipeline; ~40 min): runs/SPREAD.md"
 	@echo "make test            CPU test suite (what CI runs)"
 	@echo "make bench           benchmarks (pytest-benchmark), ratios against transformers"
 	@echo "make clean           remove runs/ and caches (keeps .venv)"
@@ -56,6 +57,13 @@ tiny-pipeline: $(STAMP)
 # Post-training claims with more compute; copies tiny's finished pretraining stages when present.
 small-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline small --device $(DEVICE)
+
+# The long-context rows over three training seeds: runs/tiny (seed 0) and the flagship's S1-S3 again with
+# seeds 1 and 2 (tiny/tiny-seed1.toml, tiny-seed2.toml), each row's verdict and cells side by side.
+seeds: $(STAMP)
+	$(VENV)/bin/qwen3repro pipeline tiny-seed1 --device $(DEVICE)
+	$(VENV)/bin/qwen3repro pipeline tiny-seed2 --device $(DEVICE)
+	$(VENV)/bin/qwen3repro eval spread runs/tiny runs/tiny-seed1 runs/tiny-seed2 --out runs/SPREAD.md
 
 micro-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline micro --device $(DEVICE)

@@ -318,6 +318,8 @@ def test_s2_up_to_the_trained_length(checkpoints, tmp_path):
     assert grids["S3"]["lengths"] == list(settings.eval_lengths) == [160, 384]
     assert "at_384" not in res["summary"]["passkey"]["S2"] and "at_384" in res["summary"]["passkey"]["S3"]
     assert any("only up to the trained length" in n for n in res["notes"])
+    # what a dry run announces is what ran
+    assert lc.items_per_condition(settings) == {c: len(g["items"]) for c, g in grids.items()} == {"S2": 2, "S3": 4}
     with pytest.raises(ConfigError, match="s2_up_to_trained"):
         SETTINGS.replace(s2_up_to_trained="yes")
 
@@ -331,7 +333,8 @@ def test_cli_dry_run_prints_resolved_settings(tmp_path):
     shown = json.loads(result.output)
     assert shown["settings"]["lengths"] == [256, 8192] and shown["settings"]["n_per_length"] == 3
     assert shown["settings"]["condition_overrides"]["S3+YaRN"]["beyond_trained"]["rope_scaling"]["factor"] == 4.0
-    assert shown["settings"]["dca_chunk_size"] == 1536 and shown["items_per_condition"] == 2 * 3 * 2
+    assert shown["settings"]["dca_chunk_size"] == 1536
+    assert shown["items_per_condition"] == {c: 2 * 3 * 2 for c in shown["settings"]["conditions"]}
     bad = CliRunner().invoke(eval_group, ["longcontext", "--trained-length", "2048", "--conditions", "S3,S9",
                                           "--dry-run"])
     assert bad.exit_code != 0 and "S9" in bad.output

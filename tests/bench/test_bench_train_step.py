@@ -1,6 +1,7 @@
 """Training-step benchmark: our Qwen3 vs transformers' Qwen3ForCausalLM, same config, same batch.
 
-One step = forward + cross-entropy + backward + AdamW step, fp32 on the CPU (and bf16 autocast
+One step = forward + cross-entropy + backward + AdamW step (torch's fused kernel on both sides: ours
+through the stages' `build_optimizer`), fp32 on the CPU (and bf16 autocast
 where the CPU has native bf16). Both transformers attention implementations (eager and sdpa) are
 measured in the same run, so the printed ratio compares like with like on the same machine at the
 same moment. The step's model FLOPs are also reported as a fraction of this CPU's measured matmul
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
 from qwen3repro.perf import cpu_has_bf16, matmul_peak_flops, train_step_flops
+from qwen3repro.train.loop import TrainConfig, build_optimizer
 
 pytestmark = pytest.mark.bench
 
@@ -85,12 +87,12 @@ def test_train_step_vs_transformers(benchmark, case):
     tokens = _batch(cfg.vocab_size, batch, seq)
     torch.manual_seed(0)
     ours = Qwen3(cfg).train()
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt = build_optimizer(ours, TrainConfig(steps=1, lr=1e-4))  # the stages' own (torch's fused AdamW)
 
     results = {}
     for impl in ("eager", "sdpa"):
         hf = _hf_model(cfg, impl)
-        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)  # its best optimizer too
         results[f"transformers_{impl}_s"] = _median_seconds(lambda: _hf_step(hf, hf_opt, tokens))
         del hf, hf_opt
     results["ours_s"] = _median_seconds(lambda: _ours_step(ours, opt, tokens))

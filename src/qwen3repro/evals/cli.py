@@ -87,7 +87,7 @@ def longcontext(s2, s3, trained_length, tokenizer, out, suite, lengths, n_per_le
             "checkpoints": {k: str(v) for k, v in checkpoints.items()},
             "tokenizer": str(tokenizer or s3) if (tokenizer or s3) else None,
             "out": str(out) if out else None,
-            "items_per_condition": len(settings.eval_lengths) * settings.n_per_length * len(settings.variants),
+            "items_per_condition": lc.items_per_condition(settings),
             "settings": settings.resolved(),
         }, indent=2))
         return
@@ -109,3 +109,26 @@ def longcontext(s2, s3, trained_length, tokenizer, out, suite, lengths, n_per_le
             cells = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k.startswith("at_") and v is not None)
             click.echo(f"{variant:8s} {cond:12s} {cells}")
     click.echo(f"wrote {Path(out) / lc.RESULT_FILE}")
+
+
+@eval_group.command("spread")
+@click.argument("runs", nargs=-1, required=True, type=_DIR)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/SPREAD.md"),
+              show_default=True, help="The Markdown table to write (the same records go to its .json twin).")
+@click.option("--dry-run", is_flag=True, help="Print the runs and the rows each one holds as JSON, and exit.")
+def spread(runs, out, dry_run) -> None:
+    """The claims of several runs side by side (RUNS: run directories, e.g. runs/tiny runs/tiny-seed1):
+    each row's verdict and figure per run, how many runs reproduce it, and for long-context rows each
+    retrieval cell's mean and range. Reads each run's claims/claims.json."""
+    from .claims import spread as sp
+
+    loaded = sp.load_runs(runs)
+    if dry_run:
+        click.echo(json.dumps({"runs": [str(r) for r in runs], "out": str(out),
+                               "rows": {label: [r.name for r in rows] for label, rows in loaded.items()}}, indent=2))
+        return
+    records = sp.write_spread(runs, out)
+    for rec in records:
+        click.echo(f"{rec['name']}: reproduced in {rec['reproduced_in']} of {rec['measured_in']} "
+                   f"({', '.join(rec['verdicts'].values())})")
+    click.echo(f"wrote {out}")

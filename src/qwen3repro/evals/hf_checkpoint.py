@@ -560,7 +560,7 @@ def plan(checkpoint: str, settings: HFEvalSettings, *, backend: str = "auto", de
             continue
         suites[suite] = {"trained_length": lcs.trained_length, "lengths": list(lcs.eval_lengths),
                          "variants": list(lcs.variants), "conditions": list(conditions), "dca": dca,
-                         "items_per_condition": len(lcs.eval_lengths) * lcs.n_per_length * len(lcs.variants)}
+                         "items_per_condition": lc.items_per_condition(lcs)}
     return {
         "checkpoint": checkpoint,
         "path": str(ckpt.path) if ckpt.path else f"{ckpt.hub_id}: not in the hub cache (the run downloads it)",

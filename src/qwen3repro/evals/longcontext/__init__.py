@@ -61,12 +61,12 @@ from .settings import (
     CONDITION_NAMES, CONDITIONS, DEFAULT_SUITE, VARIANTS, Condition, LongContextSettings, condition_config,
     condition_overrides, load_suite, suite_settings,
 )
-from .suite import RESULT_FILE, run_longcontext_eval, summarize
+from .suite import RESULT_FILE, items_per_condition, run_longcontext_eval, summarize
 
 __all__ = [
     "CONDITIONS", "CONDITION_NAMES", "VARIANTS", "Condition", "LongContextSettings", "ModelSource",
     "CheckpointModels", "DEFAULT_SUITE", "RESULT_FILE", "load_suite", "suite_settings", "condition_config",
     "condition_overrides", "greedy_decode", "batches", "first_word_complete", "build_items", "depth_bin",
     "depth_bin_edges", "retrieval_grid", "loss_by_position", "loss_documents", "bucket_mean_nll",
-    "run_longcontext_eval", "summarize", "write_plots", "forward_flops",
+    "items_per_condition", "run_longcontext_eval", "summarize", "write_plots", "forward_flops",
 ]

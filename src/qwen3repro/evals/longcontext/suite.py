@@ -114,6 +114,13 @@ def condition_items(condition: str, items: list[dict], settings: LongContextSett
     return items
 
 
+def items_per_condition(settings: LongContextSettings) -> dict[str, int]:
+    """How many retrieval items each condition of `settings` is evaluated on (all variants)."""
+    lengths = [{"length": n} for n in settings.eval_lengths]
+    return {c: len(condition_items(c, lengths, settings)) * settings.n_per_length * len(settings.variants)
+            for c in settings.conditions}
+
+
 def notes(settings: LongContextSettings) -> list[str]:
     """The protocol choices of a run, in words (written into the result file)."""
     t = settings.trained_length
@@ -150,4 +157,4 @@ def summarize(results: Mapping[str, Any], settings: LongContextSettings) -> dict
     return out
 
 
-__all__ = ["RESULT_FILE", "condition_items", "notes", "run_longcontext_eval", "summarize"]
+__all__ = ["RESULT_FILE", "condition_items", "items_per_condition", "notes", "run_longcontext_eval", "summarize"]
