@@ -15,7 +15,7 @@ from qwen3repro.files import RunFileError
 
 
 def _run(root, name, s3_at_8192, verdict, extra=()):
-    summary = {"S3": {"at_2048": 0.95, "at_8192": 0.0, "at_trained_length": 0.95},
+    summary = {"S3": {"at_2048": 0.95, "at_8192": 0.0, "at_512": 1.0, "at_trained_length": 0.95},
                "S3+YaRN+DCA": {"at_2048": 1.0, "at_8192": s3_at_8192, "at_trained_length": 1.0},
                "S2": {"at_2048": 0.0, "at_8192": None}}
     rows = [ClaimRow("yarn_dca[flagship/passkey]", "YaRN + DCA give 4x context", "32K -> 128K",
@@ -42,6 +42,7 @@ def test_verdicts_figures_and_cells_over_runs(tmp_path):
     assert cell["values"] == {"tiny": 1.0, "tiny-seed1": 0.8, "tiny-seed2": 0.5}
     assert cell["mean"] == pytest.approx(2.3 / 3) and (cell["min"], cell["max"]) == (0.5, 1.0)
     assert "S2@8192" not in lc["cells"] and lc["cells"]["S2@2048"]["mean"] == 0.0  # None: not evaluated there
+    assert list(lc["cells"])[:4] == ["S3@512", "S3@2048", "S3@8192", "S3+YaRN+DCA@2048"]  # by length, not text
 
     out = tmp_path / "SPREAD.md"
     write_spread(dirs, out)

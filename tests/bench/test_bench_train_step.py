@@ -1,11 +1,12 @@
 """Training-step benchmark: our Qwen3 vs transformers' Qwen3ForCausalLM, same config, same batch.
 
 One step = forward + cross-entropy + backward + AdamW step (torch's fused kernel on both sides: ours
-through the stages' `build_optimizer`), fp32 on the CPU (and bf16 autocast
-where the CPU has native bf16). Both transformers attention implementations (eager and sdpa) are
-measured in the same run, so the printed ratio compares like with like on the same machine at the
-same moment. The step's model FLOPs are also reported as a fraction of this CPU's measured matmul
-peak. Results go to `runs/bench/train_step_<case>.json` as well as to pytest-benchmark.
+through the stages' `build_optimizer`), fp32 on the CPU (and bf16 autocast where the CPU has native
+bf16). Both transformers attention implementations (eager and sdpa) are measured in the same run,
+their steps and ours taking turns round by round, so the printed ratio (the median of the rounds'
+ratios) compares like with like on the same machine at the same moment. The step's model FLOPs are
+also reported as a fraction of this CPU's measured matmul peak. Results go to
+`runs/bench/train_step_<case>.json` as well as to pytest-benchmark.
 
 Run with `make bench`.
 """
@@ -70,6 +71,22 @@ def _median_seconds(fn) -> float:
     return statistics.median(times)
 
 
+def _interleaved_seconds(steps: dict) -> dict[str, list[float]]:
+    """Each step's seconds over ROUNDS rounds, the steps taking turns within a round (in a rotating order):
+    a shared machine's speed drifts over seconds, so each round compares steps timed a moment apart."""
+    names = list(steps)
+    for _ in range(WARMUP):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def _hf_model(cfg, attn_impl: str):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -89,17 +106,18 @@ def test_train_step_vs_transformers(benchmark, case):
     ours = Qwen3(cfg).train()
     opt = build_optimizer(ours, TrainConfig(steps=1, lr=1e-4))  # the stages' own (torch's fused AdamW)
 
-    results = {}
+    steps = {"ours": lambda: _ours_step(ours, opt, tokens)}
     for impl in ("eager", "sdpa"):
         hf = _hf_model(cfg, impl)
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)  # its best optimizer too
-        results[f"transformers_{impl}_s"] = _median_seconds(lambda: _hf_step(hf, hf_opt, tokens))
-        del hf, hf_opt
-    results["ours_s"] = _median_seconds(lambda: _ours_step(ours, opt, tokens))
+        steps[f"transformers_{impl}"] = lambda hf=hf, hf_opt=hf_opt: _hf_step(hf, hf_opt, tokens)
+    times = _interleaved_seconds(steps)
+    results = {f"{name}_s": statistics.median(t) for name, t in times.items()}
     benchmark.pedantic(_ours_step, args=(ours, opt, tokens), rounds=ROUNDS, warmup_rounds=1)
 
-    best_hf = min(results["transformers_eager_s"], results["transformers_sdpa_s"])
-    results["speedup_vs_best_transformers"] = best_hf / results["ours_s"]
+    # The ratio of each round (transformers' faster implementation over ours), then their median.
+    best_hf = [min(e, d) for e, d in zip(times["transformers_eager"], times["transformers_sdpa"])]
+    results["speedup_vs_best_transformers"] = statistics.median(b / o for b, o in zip(best_hf, times["ours"]))
     flops = train_step_flops(cfg, batch, seq)
     peak = matmul_peak_flops(torch.float32)
     results.update(

@@ -3,8 +3,9 @@ machines) is no verdict, so a row is read with its spread.
 
 Each run directory holds `claims/claims.json` (the pipeline writes it with REPORT.md); rows are matched
 by name. For every row: the verdict and the measured figure of each run, and how many runs reproduce it.
-Rows that carry a long-context `summary` (retrieval accuracy per condition and length) also get one line
-per cell: its value in each run, the mean and the range.
+Rows that carry a long-context `summary` (retrieval accuracy per condition and length: the suite's first
+row, S3 with ABF, carries the cells of every condition) also get one line per cell: its value in each run,
+the mean and the range.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def _verdict(row: ClaimRow | None) -> str:
 
 
 def _cells(row: ClaimRow) -> dict[str, float]:
-    """'condition@length' -> retrieval accuracy, from a long-context row's summary (else empty)."""
+    """'condition@length' -> retrieval accuracy, from a long-context row's summary (else empty); by
+    condition in the summary's order, then by length."""
     summary = row.details.get("summary")
     if not isinstance(summary, Mapping):
         return {}
@@ -49,9 +51,10 @@ def _cells(row: ClaimRow) -> dict[str, float]:
     for condition, values in summary.items():
         if not isinstance(values, Mapping):
             continue
-        for key, value in values.items():
-            if key.startswith("at_") and key[3:].isdigit() and isinstance(value, (int, float)):
-                cells[f"{condition}@{key[3:]}"] = float(value)
+        at = {int(k[3:]): v for k, v in values.items() if k.startswith("at_") and k[3:].isdigit()}
+        for length in sorted(at):
+            if isinstance(at[length], (int, float)):
+                cells[f"{condition}@{length}"] = float(at[length])
     return cells
 
 
