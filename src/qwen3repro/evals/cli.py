@@ -13,6 +13,7 @@ import click
 from ..config import ConfigError
 from ..devices import pipeline_device
 from . import longcontext as lc
+from .claims import spread as sp
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -120,8 +121,6 @@ def spread(runs, out, dry_run) -> None:
     """The claims of several runs side by side (RUNS: run directories, e.g. runs/tiny runs/tiny-seed1):
     each row's verdict and figure per run, how many runs reproduce it, and for long-context rows each
     retrieval cell's mean and range. Reads each run's claims/claims.json."""
-    from .claims import spread as sp
-
     loaded = sp.load_runs(runs)
     if dry_run:
         click.echo(json.dumps({"runs": [str(r) for r in runs], "out": str(out),

@@ -9,12 +9,12 @@ the mean and the range.
 """
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...files import RunFileError, atomic_write, write_json_atomic
-from .registry import load_rows
 from .row import ClaimRow
 
 CLAIMS_FILE = Path("claims") / "claims.json"
@@ -29,7 +29,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[ClaimRow]]:
             raise RunFileError(f"{path}: no claims in this run directory (run its pipeline first)")
         label = d.name if d.name not in runs else str(d)
         try:
-            runs[label] = load_rows(path)
+            runs[label] = [ClaimRow(**d) for d in json.loads(path.read_text(encoding="utf-8"))]
         except (ValueError, TypeError) as e:
             raise RunFileError(f"{path}: not a claims file ({e})") from e
     return runs
