@@ -45,7 +45,7 @@ def test_verdicts_figures_and_cells_over_runs(tmp_path):
     assert list(lc["cells"])[:4] == ["S3@512", "S3@2048", "S3@8192", "S3+YaRN+DCA@2048"]  # by length, not text
 
     out = tmp_path / "SPREAD.md"
-    write_spread(dirs, out)
+    write_spread(load_runs(dirs), dirs, out)
     text = out.read_text()
     assert "| YaRN + DCA give 4x context | yes | yes | no | 2 of 3 |" in text
     assert "| S3+YaRN+DCA@8192 | 100% | 80% | 50% | 77% | 50%-100% |" in text

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ from qwen3repro import kernels
 from qwen3repro.generate import THINKING_SAMPLING, generate
 from qwen3repro.models.qwen3 import Qwen3
 from qwen3repro.models.registry import get_model_config
+
+from .timing import interleaved
 
 pytestmark = pytest.mark.bench
 
@@ -58,23 +59,6 @@ def _hf_model(cfg, ours):
     return hf
 
 
-def _paired(run_a, run_b) -> list[tuple[float, float, float, float]]:
-    """ROUNDS pairs of runs, a and b back to back (a first in even rounds, b first in odd ones), after one
-    warm-up each: (a wall, a process-CPU, b wall, b process-CPU) seconds per pair. A shared machine's
-    speed drifts by up to 2x over a few seconds, so a ratio is taken within each pair, a moment apart."""
-    run_a()
-    run_b()
-    pairs = []
-    for r in range(ROUNDS):
-        timed = {}
-        for name, fn in (("a", run_a), ("b", run_b)) if r % 2 == 0 else (("b", run_b), ("a", run_a)):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            timed[name] = (time.perf_counter() - t0, time.process_time() - c0)
-        pairs.append((*timed["a"], *timed["b"]))
-    return pairs
-
-
 def test_generate_vs_transformers(benchmark):
     cfg = _config()
     torch.manual_seed(0)
@@ -98,7 +82,9 @@ def test_generate_vs_transformers(benchmark):
             )
         assert out.shape == (BATCH, PROMPT_LEN + NEW_TOKENS)
 
-    pairs = _paired(run_ours, run_hf)
+    # ROUNDS pairs, ours and transformers back to back (their order alternating), after one warm-up each.
+    times = interleaved({"ours": run_ours, "hf": run_hf}, ROUNDS, warmup=1)
+    pairs = [(*o, *h) for o, h in zip(times["ours"], times["hf"])]  # (ours wall, ours CPU, hf wall, hf CPU)
     ours_s, ours_cpu, hf_s, hf_cpu = (statistics.median(p[i] for p in pairs) for i in range(4))
     benchmark.pedantic(run_ours, rounds=ROUNDS, warmup_rounds=0)
     tokens = BATCH * NEW_TOKENS

@@ -27,6 +27,8 @@ from qwen3repro.models.registry import get_model_config
 from qwen3repro.perf import cpu_has_bf16, matmul_peak_flops, train_step_flops
 from qwen3repro.train.loop import TrainConfig, build_optimizer
 
+from .timing import interleaved
+
 pytestmark = pytest.mark.bench
 
 # (model, batch, seq): a compute-bound tiny config, the tiny flagship at its S1 shape (3 x 256, the
@@ -71,22 +73,6 @@ def _median_seconds(fn) -> float:
     return statistics.median(times)
 
 
-def _interleaved_seconds(steps: dict) -> dict[str, list[float]]:
-    """Each step's seconds over ROUNDS rounds, the steps taking turns within a round (in a rotating order):
-    a shared machine's speed drifts over seconds, so each round compares steps timed a moment apart."""
-    names = list(steps)
-    for _ in range(WARMUP):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def _hf_model(cfg, attn_impl: str):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -111,7 +97,7 @@ def test_train_step_vs_transformers(benchmark, case):
         hf = _hf_model(cfg, impl)
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)  # its best optimizer too
         steps[f"transformers_{impl}"] = lambda hf=hf, hf_opt=hf_opt: _hf_step(hf, hf_opt, tokens)
-    times = _interleaved_seconds(steps)
+    times = {name: [wall for wall, _ in t] for name, t in interleaved(steps, ROUNDS, WARMUP).items()}
     results = {f"{name}_s": statistics.median(t) for name, t in times.items()}
     benchmark.pedantic(_ours_step, args=(ours, opt, tokens), rounds=ROUNDS, warmup_rounds=1)
 

@@ -126,7 +126,7 @@ def spread(runs, out, dry_run) -> None:
         click.echo(json.dumps({"runs": [str(r) for r in runs], "out": str(out),
                                "rows": {label: [r.name for r in rows] for label, rows in loaded.items()}}, indent=2))
         return
-    records = sp.write_spread(runs, out)
+    records = sp.write_spread(loaded, runs, out)
     for rec in records:
         click.echo(f"{rec['name']}: reproduced in {rec['reproduced_in']} of {rec['measured_in']} "
                    f"({', '.join(rec['verdicts'].values())})")

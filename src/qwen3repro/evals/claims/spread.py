@@ -29,7 +29,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[ClaimRow]]:
             raise RunFileError(f"{path}: no claims in this run directory (run its pipeline first)")
         label = d.name if d.name not in runs else str(d)
         try:
-            runs[label] = [ClaimRow(**d) for d in json.loads(path.read_text(encoding="utf-8"))]
+            runs[label] = [ClaimRow(**row) for row in json.loads(path.read_text(encoding="utf-8"))]
         except (ValueError, TypeError) as e:
             raise RunFileError(f"{path}: not a claims file ({e})") from e
     return runs
@@ -114,9 +114,10 @@ def to_markdown(records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_spread(run_dirs: Sequence[str | Path], out: str | Path) -> list[dict[str, Any]]:
-    """Write `out` (Markdown) and the same records as JSON next to it (`.json`); returns the records."""
-    runs = load_runs(run_dirs)
+def write_spread(runs: Mapping[str, Sequence[ClaimRow]], run_dirs: Sequence[str | Path],
+                 out: str | Path) -> list[dict[str, Any]]:
+    """Write the spread of `runs` (`load_runs(run_dirs)`) to `out` (Markdown) and the same records as JSON
+    next to it (`.json`); returns the records."""
     records = spread(runs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
