@@ -1,8 +1,10 @@
 """The compiled decode kernels (qwen3repro.kernels) against the PyTorch operations they replace.
 
-* decode attention: a decode step with the kernel gives the logits of the same step without it
-  (teacher-forced tokens, padded prompts, steps across the kernel's 16-slot blocks, batch compaction,
-  group sizes 2 and 4);
+* the whole-step kernel and the per-layer attention kernel: a decode step with either gives the
+  logits of the same step as PyTorch operations (teacher-forced tokens, padded prompts, steps across
+  the kernels' 16-slot blocks, batch compaction, group sizes 2 and 4, widths that are and are not
+  multiples of the vector width, batches that fill the matrix products' register blocks and leave
+  every remainder, one to three threads);
 * top-k sampling: the kernel's token is the one the definition picks from the same noise (k largest,
   ties to the lower id; softmax at temperature T; top-p on the running mass; the exponential race;
   its frequencies are checked through `generate` in test_generate.py); min-p stays on PyTorch;
@@ -26,7 +28,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from qwen3repro import kernels
@@ -38,21 +40,28 @@ from qwen3repro.perf import cpuinfo
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
 
 
-def _model(group: int) -> Qwen3:
-    """micro (head_dim 16, 2 query heads per KV head), or a 4-per-KV-head variant with head_dim 32."""
+def _model(group: int, odd: bool = False) -> Qwen3:
+    """micro (head_dim 16, 2 query heads per KV head), or a 4-per-KV-head variant with head_dim 32;
+    `odd`: hidden, intermediate and vocabulary sizes that are not multiples of any vector width (every
+    matrix product's column remainder)."""
     cfg = get_model_config("micro")
     if group == 4:
         cfg = dataclasses.replace(cfg, num_attention_heads=4, num_key_value_heads=1, head_dim=32)
+    if odd:
+        cfg = dataclasses.replace(cfg, hidden_size=44, intermediate_size=75, vocab_size=509)
     torch.manual_seed(group)
     return Qwen3(cfg).eval()
 
 
 MODELS = {g: _model(g) for g in (2, 4)}
+ODD_MODEL = _model(2, odd=True)
 
 
-def _steps(model, prompts, feed, use_kernel: bool, keep_at: int | None = None):
+def _steps(model, prompts, feed, use_kernel: bool | str, keep_at: int | None = None, threads: int | None = None):
     """Prefill `prompts` (left-padded) and run len(feed) decode steps fed the tokens `feed[i]` [B];
-    returns the logits of every step. `keep_at`: drop every other row before that step (compaction)."""
+    returns the logits of every step. `use_kernel`: True or "step" (every kernel, the whole-step one
+    included), "attention" (the per-layer kernels, not the whole-step one), False (PyTorch operations).
+    `keep_at`: drop every other row before that step (compaction). `threads`: for the decode steps."""
     b, width = len(prompts), max(map(len, prompts))
     ids = torch.zeros(b, width, dtype=torch.long)
     mask = torch.zeros(b, width, dtype=torch.bool)
@@ -62,38 +71,53 @@ def _steps(model, prompts, feed, use_kernel: bool, keep_at: int | None = None):
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QWEN3REPRO_KERNELS", "1" if use_kernel else "0")
+        if use_kernel == "attention":
+            mp.setattr(kernels, "step_kernel", lambda *a: None)
         step = DenseDecodeStep(model, b, width + len(feed))
-    assert (step.kernel is not None) == use_kernel
+    assert (step.kernel is not None) == bool(use_kernel)
+    assert (step.step_kernel is not None) == (use_kernel in (True, "step"))
     out = [step.prefill(ids, positions, None if bool(mask.all()) else mask)]
     pos = torch.tensor([len(p) for p in prompts])
     rows = torch.arange(b)
-    for i, tokens in enumerate(feed):
-        if keep_at is not None and i == keep_at and len(rows) > 1:
-            keep = torch.arange(0, len(rows), 2)
-            step.reorder(keep)
-            rows, pos = rows[keep], pos[keep]
-        out.append(step(tokens[rows], pos))
-        pos = pos + 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or before)
+        for i, tokens in enumerate(feed):
+            if keep_at is not None and i == keep_at and len(rows) > 1:
+                keep = torch.arange(0, len(rows), 2)
+                step.reorder(keep)
+                rows, pos = rows[keep], pos[keep]
+            out.append(step(tokens[rows], pos))
+            pos = pos + 1
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
-@settings(max_examples=20)
+@settings(max_examples=30, deadline=None)
 @given(
-    group=st.sampled_from([2, 4]),
-    lengths=st.lists(st.integers(1, 21), min_size=1, max_size=5),
+    path=st.sampled_from(["step", "attention"]),
+    model=st.sampled_from(["group 2", "group 4", "odd widths"]),
+    lengths=st.one_of(st.lists(st.integers(1, 21), min_size=1, max_size=5),  # a few rows
+                      st.lists(st.integers(1, 6), min_size=6, max_size=40)),  # full register blocks and their rests
     n_steps=st.integers(1, 40),
     compact=st.booleans(),
+    threads=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_attention_kernel_matches_torch_ops(group, lengths, n_steps, compact, seed):
-    model = MODELS[group]
+# Every remainder of the matrix products' row blocks (8 rows with AVX-512, 6 with AVX2) in one thread's
+# share: 23 rows on one thread, 15 on each of two, then 7 or 8 after compaction.
+@example(path="step", model="odd widths", lengths=[2, 5] * 11 + [3], n_steps=4, compact=True, threads=1, seed=0)
+@example(path="step", model="group 4", lengths=[4, 1, 7] * 10, n_steps=4, compact=True, threads=2, seed=1)
+def test_compiled_decode_steps_match_torch_ops(path, model, lengths, n_steps, compact, threads, seed):
+    model = {"group 2": MODELS[2], "group 4": MODELS[4], "odd widths": ODD_MODEL}[model]
     rng = random.Random(seed)
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
     feed = [torch.tensor([rng.randrange(vocab) for _ in lengths]) for _ in range(n_steps)]
     keep_at = rng.randrange(n_steps) if compact else None
     with torch.inference_mode():
-        fast = _steps(model, prompts, feed, True, keep_at)
+        fast = _steps(model, prompts, feed, path, keep_at, threads)
         ref = _steps(model, prompts, feed, False, keep_at)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
@@ -213,6 +237,8 @@ def test_without_a_working_compiler_generation_falls_back(fresh_build, monkeypat
         assert kernels.sampling_kernel() is None
     with pytest.warns(UserWarning, match="PyTorch operations"):
         assert kernels.elementwise_kernel() is None
+    with pytest.warns(UserWarning, match="PyTorch operations"):
+        assert kernels.step_kernel(16, 2) is None
     model = MODELS[2]
     gens = generate(model, [[1, 2, 3], [4]], GREEDY, max_new_tokens=5, return_logprobs=True)
     monkeypatch.delenv("CC")
@@ -223,12 +249,15 @@ def test_without_a_working_compiler_generation_falls_back(fresh_build, monkeypat
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("QWEN3REPRO_KERNELS", "0")
     assert kernels.attention_kernel(16, 2) is None and kernels.sampling_kernel() is None
-    assert DenseDecodeStep(MODELS[2], 2, 8).kernel is None
+    assert kernels.step_kernel(16, 2) is None
+    step = DenseDecodeStep(MODELS[2], 2, 8)
+    assert step.kernel is None and step.step_kernel is None
 
 
 def test_unsupported_head_shapes_use_torch():
-    assert kernels.attention_kernel(24, 2) is None  # not a multiple of 16
-    assert kernels.attention_kernel(32, 17) is None  # more query heads per KV head than the kernel holds
+    for kernel in (kernels.attention_kernel, kernels.step_kernel):
+        assert kernel(24, 2) is None  # not a multiple of 16
+        assert kernel(32, 17) is None  # more query heads per KV head than the kernel holds
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -266,6 +295,48 @@ def test_elementwise_bind_refuses_bad_buffers():
         kernel.bind_swiglu(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="inter"):
         kernel.bind_swiglu(torch.zeros(2, 8), torch.zeros(2, 8))
+
+
+def _step_buffers(b=2, hk=1, g=2, d=16, t=32, hidden=32, inter=48, vocab=64, layers=2):
+    layer = lambda: dict(  # noqa: E731
+        w_qkv=torch.zeros(hidden, hk * (g + 2) * d), qk_norm=torch.ones(hk * (g + 1), d),
+        w_o=torch.zeros(hk * g * d, hidden), w_gu=torch.zeros(hidden, 2 * inter), w_down=torch.zeros(inter, hidden),
+        keys=torch.zeros(b * hk, d, t), values=torch.zeros(b * hk, t, d),
+        attn_norm_eps=1e-6, qk_norm_eps=1e-6, mlp_norm_eps=1e-6)
+    workspace = dict(x=torch.zeros(b, hidden), xn=torch.zeros(b, hidden), qkv=torch.zeros(b, hk * (g + 2) * d),
+                     scores=torch.zeros(b * hk, g, t), att=torch.zeros(b, hk * g * d), gu=torch.zeros(b, 2 * inter),
+                     act=torch.zeros(b, inter))
+    return dict(embed=torch.zeros(vocab, hidden), lm_head=torch.zeros(hidden, vocab), layers=[layer() for _ in range(layers)],
+                rope=torch.zeros(t, 1, d // 2, 2), bias=None, final_eps=1e-6, workspace=workspace, kv_heads=hk)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a["layers"][1].update(w_gu=torch.zeros(32, 90)), "layer 1 w_gu"),
+    (lambda a: a["layers"][0].update(keys=torch.zeros(2, 16, 30), values=torch.zeros(2, 30, 16)), "multiple of 16"),
+    (lambda a: a.update(lm_head=torch.zeros(64, 32)), "lm_head"),
+    (lambda a: a["workspace"].update(scores=torch.zeros(2, 3, 32)), "scores"),
+    (lambda a: a["workspace"].update(x=torch.zeros(2, 32, dtype=torch.float64)), "float32"),
+    (lambda a: a.update(embed=torch.zeros(32, 64).t()), "contiguous"),
+    (lambda a: a.update(bias=torch.zeros(2, 1, 16)), "bias"),
+])
+def test_step_bind_refuses_bad_buffers(change, message):
+    args = _step_buffers()
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        kernels.step_kernel(16, 2).bind(**args)
+
+
+def test_step_call_refuses_a_bad_slot_or_buffers():
+    call = kernels.step_kernel(16, 2).bind(**_step_buffers())
+    tokens, positions, logits = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.empty(2, 64)
+    call(tokens, positions, logits, 31, 2)
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="slot 32"):
+        call(tokens, positions, logits, 32, 1)
+    with pytest.raises(ValueError, match="int64"):
+        call(tokens.int(), positions, logits, 3, 1)
+    with pytest.raises(ValueError, match="logits"):
+        call(tokens, positions, torch.empty(2, 63), 3, 1)
 
 
 @settings(max_examples=20)
@@ -397,10 +468,33 @@ def test_the_sampler_never_keeps_the_slower_draw(fresh_build, monkeypatch, slowe
     assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
 
 
+@pytest.mark.parametrize("slowed", ["kernel", "operations"])
+def test_the_engine_never_keeps_the_slower_step(fresh_build, monkeypatch, slowed):
+    # The whole-step kernel against the per-operation step (with its own kernels as measured): either
+    # made slower by 2 ms a step is measured slower and not used; the tokens are the same either way.
+    monkeypatch.setenv("QWEN3REPRO_KERNELS", "auto")
+    if slowed == "kernel":
+        bind = kernels.StepKernel.bind
+        monkeypatch.setattr(kernels.StepKernel, "bind", lambda self, **k: _slowed(bind(self, **k)))
+    else:
+        monkeypatch.setattr(DenseDecodeStep, "_operations_step", _slowed(DenseDecodeStep._operations_step))
+    model = MODELS[2]
+    step = DenseDecodeStep(model, 4, 24)
+    assert (step.step_kernel is None) == (slowed == "kernel")
+    (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith("decode-step")]
+    assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
+    prompts = [[3, 14, 15], [9, 2, 6, 5], [3], [5, 8]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWEN3REPRO_KERNELS", "0")
+        ref = generate(model, prompts, GREEDY, max_new_tokens=6)
+    assert [g.token_ids for g in generate(model, prompts, GREEDY, max_new_tokens=6)] == [g.token_ids for g in ref]
+
+
 def test_forced_on_skips_the_measurement(fresh_build, monkeypatch):
     monkeypatch.setenv("QWEN3REPRO_KERNELS", "1")
     monkeypatch.setattr(kernels, "faster", lambda *a: pytest.fail("QWEN3REPRO_KERNELS=1 measures nothing"))
-    assert DenseDecodeStep(MODELS[2], 2, 8).kernel is not None
+    step = DenseDecodeStep(MODELS[2], 2, 8)
+    assert step.kernel is not None and step.step_kernel is not None
     from qwen3repro.generate import sampling
     assert sampling._sampling_kernel(2, 100, THINKING_SAMPLING, 1) is not None
     monkeypatch.setenv("QWEN3REPRO_KERNELS", "sometimes")
@@ -421,8 +515,9 @@ def test_every_instruction_set_build_matches_torch(fresh_build, monkeypatch, isa
         prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 17, 9)]
         feed = [torch.tensor([rng.randrange(vocab) for _ in prompts]) for _ in range(20)]
         with torch.inference_mode():
-            fast, ref = _steps(model, prompts, feed, True, 7), _steps(model, prompts, feed, False, 7)
-        for a, b in zip(fast, ref):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+            ref = _steps(model, prompts, feed, False, 7)
+            for path in ("step", "attention"):
+                for a, b in zip(_steps(model, prompts, feed, path, 7), ref):
+                    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     built = {p.name.split("-")[0] for p in fresh_build.glob("*.so")}
-    assert built == {"decode_attention", "decode_norm_swiglu"}
+    assert built == {"decode_attention", "decode_norm_swiglu", "decode_step"}

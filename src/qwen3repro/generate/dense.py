@@ -5,9 +5,11 @@ At rollout sizes a decode step is mostly per-operation overhead and memory traff
 that does not change between steps is prepared once: fused and norm-folded weights and a RoPE table
 (RoPE as one complex multiplication), kept across calls while the model's parameters are unchanged;
 per call the padding bias and a workspace; keys are kept transposed for the attention matmuls,
-which replace SDPA (slow on CPU for one query per row). On a CPU in float32, each layer's QK-norm,
-RoPE, cache writes and attention are one call of a compiled kernel, and so are each RMSNorm and
-SwiGLU (`qwen3repro.kernels`, built at first use with the system's C compiler, and used where measured
+which replace SDPA (slow on CPU for one query per row). On a CPU in float32 the whole step is one
+call of a compiled kernel (`decode_step.c`: each thread runs its share of the rows through every
+layer alone, its small matrix products included); where that is not faster, each layer's QK-norm,
+RoPE, cache writes and attention are one call, and so are each RMSNorm and SwiGLU
+(`qwen3repro.kernels`, built at first use with the system's C compiler, and each used where measured
 faster than the PyTorch operations here on this machine); without them, or with
 `QWEN3REPRO_KERNELS=0`, the PyTorch operations run, with the same results up to rounding. They are
 the reference the kernels are tested against (tests/test_kernels.py), and `Qwen3.forward` is the
@@ -144,6 +146,11 @@ class DenseDecodeStep:
       per row; padding is an additive bias built once (reordered with the rows) and sliced per step;
     * a decode step writes every intermediate into a preallocated workspace whose views (q, k, v,
       gate, up, ...) are made once per batch size (`_bind`), not at every step and layer;
+    * on a CPU in float32, the whole step can be one compiled call instead (`kernels.StepKernel`, used
+      where measured faster than the step above: `_step_is_faster`): the rows of a decode step are
+      independent until sampling, so each thread takes its share of them through every layer with no
+      barrier, and the small matrix products run in registers, where a library call per product
+      keeps one core busy and the other waiting;
     * the prompt prefill runs the same layers over the prompt tokens of a few rows at a time, with
       SDPA (causal, and the padding mask of `build_attention_mask`) as its attention; its last layer
       computes attention output and MLP for the last position only, the only one whose logits are read.
@@ -162,12 +169,14 @@ class DenseDecodeStep:
         self.rope = w.rope_table(max_len)
         self.max_len, self.length = max_len, 0
         proto = w.lm_head
-        # On a CPU in float32, a decode step's attention is one compiled call per layer (None: PyTorch ops).
-        self.kernel = None
+        # On a CPU in float32, a whole decode step is one compiled call (`step_kernel`), or else each
+        # layer's attention is one (`kernel`); None: PyTorch operations.
+        self.kernel = self.step_kernel = None
         if proto.device.type == "cpu" and proto.dtype == torch.float32:
             self.kernel = kernels.attention_kernel(w.d, w.g)
-        # The kernel reads keys a vector (16 slots) at a time: the buffers' length is rounded up to that.
-        lanes = kernels.LANES if self.kernel is not None else 1
+            self.step_kernel = kernels.step_kernel(w.d, w.g)
+        # The kernels read keys a vector (16 slots) at a time: the buffers' length is rounded up to that.
+        lanes = kernels.LANES if self.kernel is not None or self.step_kernel is not None else 1
         self.capacity = -(-max_len // lanes) * lanes
         n_layers = len(w.layers)
         self.keys = proto.new_empty(n_layers, batch_size * w.hk, w.d, self.capacity)
@@ -182,6 +191,9 @@ class DenseDecodeStep:
         if self.elementwise is not None and kernels.mode() == "auto" and not self._elementwise_is_faster():
             self.elementwise = None
         self._bind_elementwise()
+        # Last, the whole-step kernel against the per-operation step as chosen above.
+        if self.step_kernel is not None and kernels.mode() == "auto" and not self._step_is_faster():
+            self.step_kernel = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -232,7 +244,9 @@ class DenseDecodeStep:
         ws.gate, ws.up = ws.gu[:, :inter], ws.gu[:, inter:]
         ws.act = new(b, inter)  # silu(gate) · up
         ws.x = new(b, w.hidden)  # the residual stream, updated in place
+        ws.scores = new(b * hk, g, t)  # the compiled attention's weights
         self._attend = None  # the kernel's per-layer calls, bound to these buffers at the next step
+        self._step = None  # the whole-step kernel, bound to these buffers at the next step
         self._bind_elementwise()
 
     def _bind_elementwise(self) -> None:
@@ -268,6 +282,7 @@ class DenseDecodeStep:
             valid[..., :s] = attention_mask[:, None, None, :]
             bias = torch.zeros(valid.shape, dtype=self.keys.dtype, device=device)
             self.bias = bias.masked_fill_(~valid, float("-inf")).flatten(0, 1)
+            self._attend = self._step = None  # the kernels' calls, rebound with the bias at the first step
         rows = max(1, self._PREFILL_TOKENS // s)
         logits = [
             self._prefill_rows(r, input_ids[r: r + rows], positions[r: r + rows],
@@ -309,11 +324,24 @@ class DenseDecodeStep:
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """token, positions [B] -> last logits [B, V]; stores the token's keys/values at the next slot."""
-        w, ws = self.w, self.ws
         slot = self.length
         t = slot + 1
         if t > self.max_len:
             raise ValueError(f"cache overflow: {t} tokens do not fit in max_len={self.max_len}")
+        if self.step_kernel is not None:
+            if self._step is None:
+                self._step = self._bind_step()
+            logits = self.ws.x.new_empty(self.ws.x.shape[0], self.w.lm_head.shape[1])
+            self._step(token.contiguous(), positions.contiguous(), logits, slot, torch.get_num_threads())
+        else:
+            logits = self._operations_step(token, positions, slot)
+        self.length = t
+        return logits
+
+    def _operations_step(self, token: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
+        """A decode step as PyTorch operations per layer (with the attention, norm and SwiGLU kernels
+        where they were measured faster): what the whole-step kernel does in one call."""
+        w, ws, t = self.w, self.ws, slot + 1
         if self.kernel is not None:
             attend = self._attention_calls()
             ws.positions.copy_(positions)
@@ -341,7 +369,6 @@ class DenseDecodeStep:
             torch.mm(ws.xn, w_gu, out=ws.gu)
             self._swiglu(threads)
             ws.x.addmm_(ws.act, w_down)
-        self.length = t
         next(norms)(threads)
         return torch.mm(ws.xn, w.lm_head).float()
 
@@ -428,13 +455,53 @@ class DenseDecodeStep:
 
         return kernels.faster(key, candidates) == "kernel"
 
+    def _step_is_faster(self) -> bool:
+        """Whether the whole-step kernel beats the per-operation step (`_operations_step`, with the kernels
+        chosen for it) at this batch's shapes on this machine (`kernels.faster`, as `_kernel_is_faster`).
+
+        Timed as whole steps on this step's own workspace and buffers at a cache half full, before the
+        prefill: whatever the timing writes there is overwritten before it is read."""
+        w, ws = self.w, self.ws
+        b, threads = ws.x.shape[0], torch.get_num_threads()
+        key = (f"decode-step {self.step_kernel.name} layers={len(w.layers)} hidden={w.hidden} "
+               f"intermediate={ws.act.shape[1]} heads={w.h} kv_heads={w.hk} vocab={w.lm_head.shape[1]} "
+               f"batch={kernels.bucket(b)} length={kernels.bucket(self.max_len)} threads={threads}")
+        slot = self.max_len // 2
+
+        def candidates():
+            self.keys[..., : slot + 1].zero_()
+            self.values[:, :, : slot + 1].zero_()
+            tokens = torch.zeros(b, dtype=torch.long, device=ws.x.device)
+            positions = torch.full((b,), slot, dtype=torch.long, device=ws.x.device)
+            logits = ws.x.new_empty(b, w.lm_head.shape[1])
+            step = self._bind_step()
+            return {"kernel": lambda: step(tokens, positions, logits, slot, threads),
+                    "operations": lambda: self._operations_step(tokens, positions, slot)}
+
+        with torch.no_grad():  # the weights are parameters; a step built outside `generate` may not be in no_grad
+            choice = kernels.faster(key, candidates)
+        self._step = self._attend = None  # bound without the padding bias: rebind at the first step
+        return choice == "kernel"
+
+    def _bind_step(self):
+        """The whole-step kernel bound to this batch's weights, cache, padding bias and workspace."""
+        w, ws = self.w, self.ws
+        layers = [
+            dict(w_qkv=w_qkv, qk_norm=w_qk, w_o=w_o, w_gu=w_gu, w_down=w_down, keys=keys, values=values,
+                 attn_norm_eps=float(eps1), qk_norm_eps=qk_eps, mlp_norm_eps=float(eps2))
+            for (eps1, w_qkv, _, w_qk, w_o, eps2, w_gu, w_down, _), qk_eps, (keys, _, values)
+            in zip(w.layers, w.qk_eps, self.buffers)
+        ]
+        workspace = dict(x=ws.x, xn=ws.xn, qkv=ws.qkv, scores=ws.scores, att=ws.att_2d, gu=ws.gu, act=ws.act)
+        return self.step_kernel.bind(embed=w.embed, lm_head=w.lm_head, layers=layers, rope=torch.view_as_real(self.rope),
+                                     bias=self.bias, final_eps=float(w.final_eps), workspace=workspace, kv_heads=w.hk)
+
     def _attention_calls(self) -> list:
         """The compiled attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v) of each layer, bound
         to the current buffers (made at the first step after `_bind`; see `kernels.AttentionKernel`)."""
         if self._attend is None:
             w, ws = self.w, self.ws
             ws.positions = torch.empty(ws.qkv.shape[0], dtype=torch.long)
-            ws.scores = ws.qkv.new_empty(self.keys.shape[1], w.g, self.capacity)  # attention weights
             rope_pairs = torch.view_as_real(self.rope)  # [P, 1, D/2, 2]: (cos, sin) per frequency
             self._attend = [
                 self.kernel.bind(ws.qkv, w_qk, qk_eps, rope_pairs, ws.positions, keys, values, self.bias,

@@ -1,14 +1,15 @@
-"""Compiled CPU kernels for the generation engine's decode step: fused attention, RMSNorm and SwiGLU,
-and top-k sampling.
+"""Compiled CPU kernels for the generation engine's decode step: the whole step in one call, or its
+parts (fused attention, RMSNorm and SwiGLU), and top-k sampling.
 
 At rollout sizes a decode step on a CPU is mostly per-operation overhead: ~10 small tensor operations
 per layer for attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v), 4 per RMSNorm, 2 for
 SwiGLU and a dozen for top-k / top-p sampling, each costing microseconds of dispatch. The C files here
-do each of those in one call. They are compiled at first use with the system's C compiler (`$CC`, else `cc`), with
+do each of those in one call, and `decode_step.c` does a whole step (every layer's matrix products
+included) in one, each thread running its share of the rows through it alone. They are compiled at first use with the system's C compiler (`$CC`, else `cc`), with
 `-march=native` and OpenMP, into a per-user cache (`$QWEN3REPRO_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/qwen3repro/kernels`, else `~/.cache/qwen3repro/kernels`), named by a hash of the
 source, the flags, the compiler and the CPU, and loaded with `ctypes` (plain C: no Python or PyTorch
-headers, so a build takes well under a second). The attention kernel is compiled per head
+headers, so a build takes well under a second). The attention and step kernels are compiled per head
 dimension and group size, so its inner loops have constant trip counts.
 
 Without a working compiler (or with `QWEN3REPRO_KERNELS=0`) the loaders return None, once warning
@@ -44,7 +45,7 @@ import torch
 
 from ..perf import cpuinfo
 
-__all__ = ["attention_kernel", "elementwise_kernel", "sampling_kernel", "enabled", "mode", "cache_dir", "faster", "measured_choices"]
+__all__ = ["attention_kernel", "elementwise_kernel", "step_kernel", "sampling_kernel", "enabled", "mode", "cache_dir", "faster", "measured_choices"]
 
 _SOURCES = Path(__file__).resolve().parent
 LANES = 16  # the widest vector decode_attention.c uses (AVX-512's 16 floats): head dimension and cache length are multiples of it
@@ -264,6 +265,101 @@ class ElementwiseKernel:
         return call
 
 
+class StepLayer(ctypes.Structure):
+    """decode_step.c's `struct step_layer`: one layer's prepared weights, epsilons and KV cache."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("w_qkv", "qk_norm", "w_o", "w_gu", "w_down", "keys", "values")] + [
+        (name, ctypes.c_float) for name in ("attn_norm_eps", "qk_norm_eps", "mlp_norm_eps")]
+
+
+class StepArgs(ctypes.Structure):
+    """decode_step.c's `struct step_args`: the model, the cache and the workspace of one batch."""
+    _fields_ = ([(name, ctypes.c_int64) for name in ("batch", "hidden", "kv_heads", "inter", "vocab", "capacity", "n_layers")]
+                + [("layers", ctypes.POINTER(StepLayer))]
+                + [(name, ctypes.c_void_p) for name in ("embed", "lm_head", "rope", "bias")]
+                + [("final_norm_eps", ctypes.c_float)]
+                + [(name, ctypes.c_void_p) for name in ("x", "xn", "qkv", "scores", "att", "gu", "act")])
+
+
+class StepKernel:
+    """`decode_step.c` for one (head dimension, group size): a whole dense decode step in one call.
+
+    `bind` checks every buffer once and returns a call that takes only what changes between steps
+    (tokens, positions, the logits' buffer, the cache slot, the thread count), as `AttentionKernel.bind`."""
+
+    def __init__(self, lib: ctypes.CDLL, head_dim: int, group: int) -> None:
+        self.head_dim, self.group = head_dim, group
+        self.name = Path(lib._name).stem
+        fn = self._fn = lib.decode_step
+        p = ctypes.c_void_p
+        fn.argtypes = [ctypes.POINTER(StepArgs), p, p, p, ctypes.c_int64, ctypes.c_int]
+        fn.restype = None
+
+    def bind(self, *, embed, lm_head, layers, rope, bias, final_eps: float, workspace: dict, kv_heads: int):
+        """-> call(tokens, positions, logits, slot, threads): one decode step, logits [B, V] written.
+
+        embed [V, hidden]; lm_head [hidden, V]; layers: per layer a dict of w_qkv [hidden, Hk·(G+2)·D],
+        qk_norm [Hk·(G+1), D], w_o [Hk·G·D, hidden], w_gu [hidden, 2·inter], w_down [inter, hidden],
+        keys [B·Hk, D, T], values [B·Hk, T, D] and the floats attn_norm_eps, qk_norm_eps, mlp_norm_eps;
+        rope [P, ..., D/2, 2]; bias [B·Hk, ..., T] or None; workspace x, xn [B, hidden], qkv [B, Hk·(G+2)·D],
+        scores [B·Hk, G, T], att [B, Hk·G·D], gu [B, 2·inter], act [B, inter]. Float32 on the CPU,
+        contiguous; the call keeps references to them (C holds their addresses)."""
+        d, g, hk = self.head_dim, self.group, kv_heads
+        vocab, hidden = embed.shape
+        b = workspace["x"].shape[0]
+        inter = workspace["act"].shape[1]
+        t = layers[0]["keys"].shape[-1] if layers else 0
+        want = {  # name -> (tensor, shape)
+            "embed": (embed, (vocab, hidden)), "lm_head": (lm_head, (hidden, vocab)),
+            "x": (workspace["x"], (b, hidden)), "xn": (workspace["xn"], (b, hidden)),
+            "qkv": (workspace["qkv"], (b, hk * (g + 2) * d)), "scores": (workspace["scores"], (b * hk, g, t)),
+            "att": (workspace["att"], (b, hk * g * d)), "gu": (workspace["gu"], (b, 2 * inter)),
+            "act": (workspace["act"], (b, inter)),
+        }
+        for i, layer in enumerate(layers):
+            want.update({
+                f"layer {i} w_qkv": (layer["w_qkv"], (hidden, hk * (g + 2) * d)),
+                f"layer {i} qk_norm": (layer["qk_norm"], (hk * (g + 1), d)),
+                f"layer {i} w_o": (layer["w_o"], (hk * g * d, hidden)),
+                f"layer {i} w_gu": (layer["w_gu"], (hidden, 2 * inter)),
+                f"layer {i} w_down": (layer["w_down"], (inter, hidden)),
+                f"layer {i} keys": (layer["keys"], (b * hk, d, t)), f"layer {i} values": (layer["values"], (b * hk, t, d)),
+            })
+        problems = [f"{name}: {tuple(x.shape)} != {shape}" for name, (x, shape) in want.items() if tuple(x.shape) != shape]
+        tensors = [x for x, _ in want.values()] + [rope] + ([] if bias is None else [bias])
+        if not all(x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() for x in tensors):
+            problems.append("tensors must be float32 on the CPU, contiguous")
+        if rope.shape[-2:] != (d // 2, 2):
+            problems.append(f"rope pair: {tuple(rope.shape[-2:])} != {(d // 2, 2)}")
+        if bias is not None and bias.numel() != b * hk * t:
+            problems.append(f"bias: {bias.numel()} != {b * hk * t}")
+        if t % LANES:
+            problems.append(f"cache length {t} must be a multiple of {LANES}")
+        if problems:
+            raise ValueError("decode_step: " + "; ".join(problems))
+        c_layers = (StepLayer * len(layers))(*[
+            StepLayer(*(layer[k].data_ptr() for k in ("w_qkv", "qk_norm", "w_o", "w_gu", "w_down", "keys", "values")),
+                      layer["attn_norm_eps"], layer["qk_norm_eps"], layer["mlp_norm_eps"])
+            for layer in layers
+        ])
+        ws = workspace
+        args = StepArgs(b, hidden, hk, inter, vocab, t, len(layers), c_layers,
+                        embed.data_ptr(), lm_head.data_ptr(), rope.data_ptr(), None if bias is None else bias.data_ptr(),
+                        final_eps, *(ws[k].data_ptr() for k in ("x", "xn", "qkv", "scores", "att", "gu", "act")))
+        fn, pointer = self._fn, ctypes.byref(args)
+
+        def call(tokens: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor, slot: int, threads: int) -> None:
+            if not 0 <= slot < t:
+                raise ValueError(f"slot {slot} outside the cache [0, {t})")
+            if (tokens.dtype != torch.int64 or positions.dtype != torch.int64 or tokens.shape != (b,)
+                    or positions.shape != (b,) or not (tokens.is_contiguous() and positions.is_contiguous())
+                    or logits.dtype != torch.float32 or logits.shape != (b, vocab) or not logits.is_contiguous()):
+                raise ValueError(f"decode_step: tokens and positions must be int64 [{b}], logits float32 [{b}, {vocab}]")
+            fn(pointer, tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(), slot, threads)
+
+        call.tensors, call.args = tensors, (args, c_layers)  # the call holds its memory: C has the addresses
+        return call
+
+
 class SamplingKernel:
     """`sample_top_k.c`: next tokens [B] from logits [B, V], top-k, temperature, top-p and noise [B, k]."""
 
@@ -362,6 +458,14 @@ def attention_kernel(head_dim: int, group: int) -> AttentionKernel | None:
         return None
     lib = _build("decode_attention.c", (("HEAD_DIM", head_dim), ("GROUP", group)), isa())
     return None if lib is None else AttentionKernel(lib, head_dim, group)
+
+
+def step_kernel(head_dim: int, group: int) -> StepKernel | None:
+    """The whole-step decode kernel for this head shape, or None (as `attention_kernel`)."""
+    if not enabled() or head_dim % LANES or not 1 <= group <= 16 or head_dim > 512:
+        return None
+    lib = _build("decode_step.c", (("HEAD_DIM", head_dim), ("GROUP", group)), isa())
+    return None if lib is None else StepKernel(lib, head_dim, group)
 
 
 def elementwise_kernel() -> ElementwiseKernel | None:

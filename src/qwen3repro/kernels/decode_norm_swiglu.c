@@ -8,10 +8,9 @@
  *
  * Layouts: float32, rows of unit stride, `stride` floats apart.
  */
-#include <math.h>
 #include <stdint.h>
 
-#include "vector_math.h"
+#include "rows.h"
 
 /* Rows large enough to share among threads; below this a parallel region costs more than it saves. */
 #define PARALLEL_FLOATS (1 << 15)
@@ -20,22 +19,7 @@
 void rms_scale(const float *restrict x, float *restrict out, int64_t rows, int64_t n, float eps, int threads)
 {
     #pragma omp parallel for schedule(static) num_threads(threads) if (rows * n >= PARALLEL_FLOATS)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * n;
-        float *o = out + r * n;
-        vf acc = (vf){0};
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            const vf v = load(xr + i);
-            acc += v * v;
-        }
-        float ss = 0.f;
-        for (int l = 0; l < LANES; l++) ss += acc[l];
-        for (; i < n; i++) ss += xr[i] * xr[i];
-        const float s = 1.f / sqrtf(ss / (float)n + eps);
-        for (i = 0; i + LANES <= n; i += LANES) store(o + i, load(xr + i) * s);
-        for (; i < n; i++) o[i] = xr[i] * s;
-    }
+    for (int64_t r = 0; r < rows; r++) rms_row(x + r * n, out + r * n, n, eps);
 }
 
 /* out[r, i] = silu(gu[r, i]) · gu[r, inter + i] = gate / (1 + exp(-gate)) · up, for i < inter; the
@@ -43,14 +27,5 @@ void rms_scale(const float *restrict x, float *restrict out, int64_t rows, int64
 void swiglu(const float *restrict gu, float *restrict out, int64_t rows, int64_t inter, int threads)
 {
     #pragma omp parallel for schedule(static) num_threads(threads) if (rows * inter >= PARALLEL_FLOATS)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *gate = gu + r * 2 * inter, *up = gate + inter;
-        float *o = out + r * inter;
-        int64_t i = 0;
-        for (; i + LANES <= inter; i += LANES) {
-            const vf g = load(gate + i);
-            store(o + i, g / (1.0f + vexp(-g)) * load(up + i));
-        }
-        for (; i < inter; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-    }
+    for (int64_t r = 0; r < rows; r++) swiglu_row(gu + r * 2 * inter, gu + r * 2 * inter + inter, out + r * inter, inter);
 }
