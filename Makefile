@@ -58,12 +58,19 @@ tiny-pipeline: $(STAMP)
 small-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline small --device $(DEVICE)
 
-# The long-context rows over three training seeds: runs/tiny (seed 0) and the flagship's S1-S3 again with
-# seeds 1 and 2 (tiny/tiny-seed1.toml, tiny-seed2.toml), each row's verdict and cells side by side.
+# The claims over three training seeds, each row's verdict and figures side by side with runs/tiny (seed 0):
+# the long-context rows with the flagship's S1-S3 again under seeds 1 and 2 (tiny/tiny-seed1.toml,
+# tiny-seed2.toml: runs/SPREAD.md), and the post-training and distillation rows with those stages again
+# under seeds 1 and 2 from tiny's pretrained models (tiny/tiny-post-seed1.toml, tiny-post-seed2.toml:
+# runs/SPREAD-post-training.md).
 seeds: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline tiny-seed1 --device $(DEVICE)
 	$(VENV)/bin/qwen3repro pipeline tiny-seed2 --device $(DEVICE)
-	$(VENV)/bin/qwen3repro eval spread runs/tiny runs/tiny-seed1 runs/tiny-seed2 --out runs/SPREAD.md
+	$(VENV)/bin/qwen3repro eval spread runs/tiny runs/tiny-seed1 runs/tiny-seed2 --shared --out runs/SPREAD.md
+	$(VENV)/bin/qwen3repro pipeline tiny-post-seed1 --device $(DEVICE)
+	$(VENV)/bin/qwen3repro pipeline tiny-post-seed2 --device $(DEVICE)
+	$(VENV)/bin/qwen3repro eval spread runs/tiny runs/tiny-post-seed1 runs/tiny-post-seed2 --shared \
+		--out runs/SPREAD-post-training.md
 
 micro-pipeline: $(STAMP)
 	$(VENV)/bin/qwen3repro pipeline micro --device $(DEVICE)

@@ -95,6 +95,23 @@ def test_dry_run_describes_every_stage():
     assert "rope_theta = 1000000.0" in text  # S3's ABF
 
 
+@pytest.mark.parametrize("seed_scale, pretraining_seeded", [
+    ("tiny-seed1", True), ("tiny-seed2", True), ("tiny-post-seed1", False), ("tiny-post-seed2", False)])
+def test_seed_scales_copy_what_they_share_with_tiny(seed_scale, pretraining_seeded):
+    # `make seeds`: a seed scale reruns only the stages its seed changes and copies the rest from runs/tiny
+    # (`reuse`), which works only while their lineages equal tiny's; the seeded stages must differ.
+    tiny, seeded = build_plan("tiny"), build_plan(seed_scale)
+    assert seeded.settings.reuse == "tiny"
+    pretraining = {"tokenizer", "s1", "s2", "s3"}
+    for node in seeded.nodes:
+        stage = node.key.split("/")[-1]
+        same = expected_hash(node) == expected_hash(tiny.node(node.key))
+        if stage == "tokenizer" or (stage in pretraining) != pretraining_seeded:
+            assert same, f"{seed_scale}: {node.key} would be retrained, not copied from tiny"
+        else:
+            assert not same and node.config.seed != 0, f"{seed_scale}: {node.key} is not reseeded"
+
+
 def test_cut_stage_resumes_and_stale_output_is_moved_aside(micro_run):
     plan, _ = micro_run
     s2 = plan.node("student/s2").out_dir

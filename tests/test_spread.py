@@ -78,3 +78,23 @@ def test_cli_writes_the_table_and_dry_run_writes_nothing(tmp_path):
     result = CliRunner().invoke(main, ["eval", "spread", *dirs, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "reproduced in 2 of 2" in result.output and out.exists()
+
+
+def test_shared_compares_only_the_rows_every_run_holds(tmp_path):
+    # A full run beside seed runs that measure some of its claims: --shared leaves out the rows only the
+    # full run holds; with no row held by every run there is nothing to write, and nothing is written.
+    grpo = ClaimRow("grpo[flagship]", "GRPO improves reasoning", "+", "pass@1 0.30 -> 0.41", True)
+    dirs = [_run(tmp_path, "tiny", 1.0, True, [grpo]), _run(tmp_path, "tiny-seed1", 0.8, True)]
+    assert [r["name"] for r in spread(load_runs(dirs))] == ["yarn_dca[flagship/passkey]", "grpo[flagship]"]
+    assert [r["name"] for r in spread(load_runs(dirs), shared=True)] == ["yarn_dca[flagship/passkey]"]
+    out = tmp_path / "SPREAD.md"
+    result = CliRunner().invoke(main, ["eval", "spread", *map(str, dirs), "--out", str(out), "--shared"])
+    assert result.exit_code == 0, result.output
+    assert "GRPO" not in out.read_text() and "YaRN + DCA" in out.read_text()
+    lone = ClaimRow("fusion[flagship]", "fusion", "-", "x", True)
+    other = tmp_path / "other"
+    (other / CLAIMS_FILE).parent.mkdir(parents=True)
+    (other / CLAIMS_FILE).write_text(json.dumps([asdict(lone)]))
+    result = CliRunner().invoke(main, ["eval", "spread", str(dirs[0]), str(other), "--out", str(tmp_path / "S.md"), "--shared"])
+    assert result.exit_code == 2 and "nothing to compare" in result.output
+    assert not (tmp_path / "S.md").exists()

@@ -116,17 +116,20 @@ def longcontext(s2, s3, trained_length, tokenizer, out, suite, lengths, n_per_le
 @click.argument("runs", nargs=-1, required=True, type=_DIR)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/SPREAD.md"),
               show_default=True, help="The Markdown table to write (the same records go to its .json twin).")
+@click.option("--shared", is_flag=True,
+              help="Only the rows every run holds (e.g. a full run beside seed runs that measure some of its claims).")
 @click.option("--dry-run", is_flag=True, help="Print the runs and the rows each one holds as JSON, and exit.")
-def spread(runs, out, dry_run) -> None:
+def spread(runs, out, shared, dry_run) -> None:
     """The claims of several runs side by side (RUNS: run directories, e.g. runs/tiny runs/tiny-seed1):
     each row's verdict and figure per run, how many runs reproduce it, and for long-context rows each
     retrieval cell's mean and range. Reads each run's claims/claims.json."""
     loaded = sp.load_runs(runs)
     if dry_run:
-        click.echo(json.dumps({"runs": [str(r) for r in runs], "out": str(out),
-                               "rows": {label: [r.name for r in rows] for label, rows in loaded.items()}}, indent=2))
+        click.echo(json.dumps({"runs": [str(r) for r in runs], "out": str(out), "shared": shared,
+                               "rows": {label: [r.name for r in rows] for label, rows in loaded.items()},
+                               "compared": [rec["name"] for rec in sp.spread(loaded, shared)]}, indent=2))
         return
-    records = sp.write_spread(loaded, runs, out)
+    records = sp.write_spread(loaded, runs, out, shared)
     for rec in records:
         click.echo(f"{rec['name']}: reproduced in {rec['reproduced_in']} of {rec['measured_in']} "
                    f"({', '.join(rec['verdicts'].values())})")

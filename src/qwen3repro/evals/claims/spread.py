@@ -58,14 +58,17 @@ def _cells(row: ClaimRow) -> dict[str, float]:
     return cells
 
 
-def spread(runs: Mapping[str, Sequence[ClaimRow]]) -> list[dict[str, Any]]:
+def spread(runs: Mapping[str, Sequence[ClaimRow]], shared: bool = False) -> list[dict[str, Any]]:
     """One record per row name (in the first run's order, then any others): verdicts, measured figures
-    and, for long-context rows, each cell's values, mean and range over the runs."""
+    and, for long-context rows, each cell's values, mean and range over the runs. `shared`: only the
+    rows every run holds (seed runs that measure some of a full run's claims, beside that run)."""
     labels = list(runs)
     names: list[str] = []
     for rows in runs.values():
         names += [r.name for r in rows if r.name not in names]
     by_run = {label: {r.name: r for r in rows} for label, rows in runs.items()}
+    if shared:
+        names = [n for n in names if all(n in by_run[label] for label in labels)]
     out = []
     for name in names:
         rows = {label: by_run[label].get(name) for label in labels}
@@ -115,10 +118,12 @@ def to_markdown(records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> 
 
 
 def write_spread(runs: Mapping[str, Sequence[ClaimRow]], run_dirs: Sequence[str | Path],
-                 out: str | Path) -> list[dict[str, Any]]:
-    """Write the spread of `runs` (`load_runs(run_dirs)`) to `out` (Markdown) and the same records as JSON
-    next to it (`.json`); returns the records."""
-    records = spread(runs)
+                 out: str | Path, shared: bool = False) -> list[dict[str, Any]]:
+    """Write the spread of `runs` (`load_runs(run_dirs)`; `shared` as `spread`) to `out` (Markdown) and
+    the same records as JSON next to it (`.json`); returns the records."""
+    records = spread(runs, shared)
+    if not records:
+        raise RunFileError(f"no claim row is held by every run of {', '.join(runs)}: nothing to compare")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = to_markdown(records, list(runs))
