@@ -417,20 +417,27 @@ def test_faster_measures_once_and_keeps_the_choice_on_disk(fresh_build, monkeypa
     assert kernels.faster("op shape=1", candidates) == "quick" and len(calls) == 3
 
 
-@pytest.mark.parametrize("slowed", ["kernel", "torch"])
-def test_the_engine_never_keeps_the_slower_attention(fresh_build, monkeypatch, slowed):
+@pytest.mark.parametrize("part, slowed", [("attention", "kernel"), ("attention", "torch"),
+                                           ("step", "kernel"), ("step", "operations")])
+def test_the_engine_never_keeps_the_slower_decode_path(fresh_build, monkeypatch, part, slowed):
     # Whichever path is made slower (by 2 ms a call, far beyond the timing noise), the engine measures
-    # it and decodes with the other; its tokens are the same either way.
+    # it and decodes with the other; its tokens are the same either way. `attention`: the per-layer
+    # attention kernel against its PyTorch operations; `step`: the whole-step kernel against the
+    # per-operation step (with its own kernels as measured).
     monkeypatch.setenv("QWEN3REPRO_KERNELS", "auto")
+    kernel_class, other, attribute, key = {
+        "attention": (kernels.AttentionKernel, "_torch_attention", "kernel", "decode-attention"),
+        "step": (kernels.StepKernel, "_operations_step", "step_kernel", "decode-step"),
+    }[part]
     if slowed == "kernel":
-        bind = kernels.AttentionKernel.bind
-        monkeypatch.setattr(kernels.AttentionKernel, "bind", lambda self, *a, **k: _slowed(bind(self, *a, **k)))
+        bind = kernel_class.bind
+        monkeypatch.setattr(kernel_class, "bind", lambda self, *a, **k: _slowed(bind(self, *a, **k)))
     else:
-        monkeypatch.setattr(DenseDecodeStep, "_torch_attention", _slowed(DenseDecodeStep._torch_attention))
+        monkeypatch.setattr(DenseDecodeStep, other, _slowed(getattr(DenseDecodeStep, other)))
     model = MODELS[2]
     step = DenseDecodeStep(model, 4, 24)
-    assert (step.kernel is None) == (slowed == "kernel")
-    (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith("decode-attention")]
+    assert (getattr(step, attribute) is None) == (slowed == "kernel")
+    (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith(key)]
     assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
     prompts = [[3, 14, 15], [9, 2, 6, 5], [3], [5, 8]]
     with pytest.MonkeyPatch.context() as mp:
@@ -466,28 +473,6 @@ def test_the_sampler_never_keeps_the_slower_draw(fresh_build, monkeypatch, slowe
     assert (chosen is None) == (slowed == "kernel")
     (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith("sample-top-k")]
     assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
-
-
-@pytest.mark.parametrize("slowed", ["kernel", "operations"])
-def test_the_engine_never_keeps_the_slower_step(fresh_build, monkeypatch, slowed):
-    # The whole-step kernel against the per-operation step (with its own kernels as measured): either
-    # made slower by 2 ms a step is measured slower and not used; the tokens are the same either way.
-    monkeypatch.setenv("QWEN3REPRO_KERNELS", "auto")
-    if slowed == "kernel":
-        bind = kernels.StepKernel.bind
-        monkeypatch.setattr(kernels.StepKernel, "bind", lambda self, **k: _slowed(bind(self, **k)))
-    else:
-        monkeypatch.setattr(DenseDecodeStep, "_operations_step", _slowed(DenseDecodeStep._operations_step))
-    model = MODELS[2]
-    step = DenseDecodeStep(model, 4, 24)
-    assert (step.step_kernel is None) == (slowed == "kernel")
-    (record,) = [r for k, r in kernels.measured_choices().items() if k.startswith("decode-step")]
-    assert record["choice"] != slowed and record["seconds"][slowed] > record["seconds"][record["choice"]]
-    prompts = [[3, 14, 15], [9, 2, 6, 5], [3], [5, 8]]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QWEN3REPRO_KERNELS", "0")
-        ref = generate(model, prompts, GREEDY, max_new_tokens=6)
-    assert [g.token_ids for g in generate(model, prompts, GREEDY, max_new_tokens=6)] == [g.token_ids for g in ref]
 
 
 def test_forced_on_skips_the_measurement(fresh_build, monkeypatch):

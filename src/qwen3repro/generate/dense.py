@@ -164,6 +164,9 @@ class DenseDecodeStep:
     # and a large batch of prompts needs no large temporary buffers.
     _PREFILL_TOKENS = 256
 
+    # No gradients: the prepared weights are derived from parameters, and the measurements below run
+    # steps, which write into buffers with `out=` (a step may be built outside `generate`'s inference mode).
+    @torch.no_grad()
     def __init__(self, model, batch_size: int, max_len: int) -> None:
         w = self.w = _dense_weights(model)
         self.rope = w.rope_table(max_len)
@@ -478,8 +481,7 @@ class DenseDecodeStep:
             return {"kernel": lambda: step(tokens, positions, logits, slot, threads),
                     "operations": lambda: self._operations_step(tokens, positions, slot)}
 
-        with torch.no_grad():  # the weights are parameters; a step built outside `generate` may not be in no_grad
-            choice = kernels.faster(key, candidates)
+        choice = kernels.faster(key, candidates)
         self._step = self._attend = None  # bound without the padding bias: rebind at the first step
         return choice == "kernel"
 
