@@ -14,7 +14,8 @@ DEVICE ?= cpu
 help:
 	@echo "make tiny-pipeline   run the tiny replication end to end (writes runs/tiny/); DEVICE=cuda runs it on one GPU"
 	@echo "make small-pipeline  tiny's pretraining + ~6x longer post-training (writes runs/small/, ~1 h after tiny)"
-	@echo "make seeds           the long-context rows over 3 training seeds (after tiny-pipeline; ~35 min): runs/SPREAD.md"
+	@echo "make seeds           long-context and post-training rows over 3 training seeds (after tiny-pipeline; ~65 min):"
+	@echo "                     runs/SPREAD.md, runs/SPREAD-post-training.md"
 	@echo "make test            CPU test suite (what CI runs)"
 	@echo "make bench           benchmarks (pytest-benchmark), ratios against transformers"
 	@echo "make clean           remove runs/ and caches (keeps .venv)"
