@@ -247,7 +247,7 @@ class DenseDecodeStep:
         ws.gate, ws.up = ws.gu[:, :inter], ws.gu[:, inter:]
         ws.act = new(b, inter)  # silu(gate) · up
         ws.x = new(b, w.hidden)  # the residual stream, updated in place
-        ws.scores = new(b * hk, g, t)  # the compiled attention's weights
+        ws.scores = None  # the compiled attention's weights [B·Hk, G, T], made by the first binding that needs them
         self._attend = None  # the kernel's per-layer calls, bound to these buffers at the next step
         self._step = None  # the whole-step kernel, bound to these buffers at the next step
         self._bind_elementwise()
@@ -494,9 +494,17 @@ class DenseDecodeStep:
             for (eps1, w_qkv, _, w_qk, w_o, eps2, w_gu, w_down, _), qk_eps, (keys, _, values)
             in zip(w.layers, w.qk_eps, self.buffers)
         ]
-        workspace = dict(x=ws.x, xn=ws.xn, qkv=ws.qkv, scores=ws.scores, att=ws.att_2d, gu=ws.gu, act=ws.act)
+        workspace = dict(x=ws.x, xn=ws.xn, qkv=ws.qkv, scores=self._scores(), att=ws.att_2d, gu=ws.gu, act=ws.act)
         return self.step_kernel.bind(embed=w.embed, lm_head=w.lm_head, layers=layers, rope=torch.view_as_real(self.rope),
                                      bias=self.bias, final_eps=float(w.final_eps), workspace=workspace, kv_heads=w.hk)
+
+    def _scores(self) -> torch.Tensor:
+        """The compiled attention's weights [B·Hk, G, T] (both kernels' workspace), made at first use: the
+        PyTorch path never needs them (a layer's keys times G/D: large for a large batch and cache)."""
+        ws = self.ws
+        if ws.scores is None:
+            ws.scores = ws.qkv.new_empty(self.keys.shape[1], self.w.g, self.capacity)
+        return ws.scores
 
     def _attention_calls(self) -> list:
         """The compiled attention (QK-norm, RoPE, cache writes, q·kᵀ, softmax, p·v) of each layer, bound
@@ -507,7 +515,7 @@ class DenseDecodeStep:
             rope_pairs = torch.view_as_real(self.rope)  # [P, 1, D/2, 2]: (cos, sin) per frequency
             self._attend = [
                 self.kernel.bind(ws.qkv, w_qk, qk_eps, rope_pairs, ws.positions, keys, values, self.bias,
-                                 ws.scores, ws.att, w.hk)
+                                 self._scores(), ws.att, w.hk)
                 for (_, _, _, w_qk, *_), qk_eps, (keys, _, values) in zip(w.layers, w.qk_eps, self.buffers)
             ]
         return self._attend
